@@ -1,0 +1,35 @@
+"""The study as one DAG: prepare_data -> random_init / pretrain / teacher_swap -> knn, linprobe -> report.
+
+    snakemake --cores 2                         # the default study (params/base.yaml)
+    snakemake --cores 2 --config preset=tiny    # a preset from params/presets/
+Every rule calls a stage CLI, `python -m pipeline.stages.<rule>`; dvc.yaml runs the same commands.
+"""
+from snakemake.utils import validate
+
+from pipeline import config as params_config
+from pipeline import layout
+
+config.setdefault("preset", "default")
+PARAMS = params_config.load(config["preset"])   # strict: a bad key or value stops here, before any job
+validate(PARAMS, "params/schema.yaml")
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    stage=r"\d+",
+    method="|".join(layout.SINGLE_STAGE_METHODS),
+    weights="|".join(WEIGHTS),
+
+
+
+include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,

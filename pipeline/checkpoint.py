@@ -1,0 +1,106 @@
+"""Checkpoint files: safetensors weights with a provenance sidecar, atomic writes, verified loads.
+
+- Weights (and the prepared dataset) are safetensors files, never pickles. Beside each one lies
+  `<name>.json`: what made it (node, method, stage, params hash, code version, model config) and the
+  sha256 of the weights file, so provenance survives copying and corruption is detected before use.
+- Resumable training state (optimiser, RNG, schedule position, ...) is a torch file loaded with
+  weights_only=True; it holds only tensors and plain Python values.
+- Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target:
+  a killed or failing write never leaves a partial file under the final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+from pipeline.layout import sidecar
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path), fsync, then rename tmp_path to path. The temp file is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path | str, obj: dict) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def read_json(path: Path | str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"missing file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path} is not valid JSON: {e}") from None
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Write tensors as safetensors and meta (+ sha256) as the sidecar JSON. Returns the sidecar dict."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    meta = dict(meta, sha256=sha256_file(path), file=path.name)
+    write_json(sidecar(path), meta)
+    return meta
+
+
+def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file and its sidecar; a hash mismatch or unreadable file is a PipelineError.
+
+    A file without a sidecar (an external checkpoint) is loaded unverified, with empty metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"missing file: {path}")
+    meta = read_json(sidecar(path)) if sidecar(path).is_file() else {}
+    if meta.get("sha256") and meta["sha256"] != sha256_file(path):
+        raise PipelineError(f"{path} is corrupt: its sha256 does not match {sidecar(path)}")
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PipelineError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def save_state(path: Path | str, state: dict) -> None:
+    """Resumable training state (tensors, numbers, strings, lists, dicts only)."""
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_state(path: Path | str) -> dict | None:
+    """The saved state, or None when there is none or it cannot be read (the caller starts fresh)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: never trust it, start fresh
+        print(f"warning: ignoring unreadable resume state {path}: {e}", flush=True)
+        return None

@@ -1,0 +1,52 @@
+"""What every stage CLI shares: --preset/--set, strict params, fail-fast checks, one-line errors.
+
+A stage module defines `add_args(parser)`, `check(params, args)` (fast validation of its inputs, before
+any work) and `work(params, args)` (the node itself), then calls `stage_main(...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import yaml
+
+from pipeline import checkpoint, config, launch
+from pipeline.errors import PipelineError
+
+
+def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
+               node_id: Callable, argv: list[str] | None = None, compute: bool = True) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", help="params/presets/<name>.yaml (default: default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param, e.g. --set pretrain.epochs=3 (repeatable)")
+    parser.add_argument("--params", dest="files", action="append", default=[], metavar="FILE",
+                        help="a YAML file of overrides, merged after the preset (repeatable)")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        params = config.load(args.preset, args.overrides, args.files)
+        check(params, args)
+        if compute:
+            launch.run(work, params, args, node_id(args))
+        else:
+            work(params, args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write_params(path, params: dict, sections: list[str]) -> None:
+    """The resolved params a node used, written beside its outputs."""
+    text = yaml.safe_dump({s: params[s] for s in sections}, sort_keys=False)
+    checkpoint.atomic_write(path, lambda p: p.write_text(text))
+
+
+def stage_index(text: str) -> int:
+    """--stage value: 'stage1' (the node key used by Snakemake and DVC) or '1'."""
+    try:
+        return int(text.removeprefix("stage"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a stage such as stage0 or 0") from None

@@ -1,0 +1,126 @@
+"""Params: params/base.yaml + params/presets/<preset>.yaml (+ key=value overrides), strictly validated.
+
+The resolved params are plain data (yaml.safe_load; never evaluated). Validation has two layers, both run
+before any work: the JSON schema in params/schema.yaml (types, ranges, unknown keys; the Snakefile checks
+the same schema) and the cross-field checks below (sizes that must divide, paths that must exist).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from pipeline.errors import PipelineError
+
+PARAMS_DIR = Path("params")
+BASE = PARAMS_DIR / "base.yaml"
+SCHEMA = PARAMS_DIR / "schema.yaml"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"missing params file: {path}") from None
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge: mappings merge key by key, any other value replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (PARAMS_DIR / "presets").glob("*.yaml"))
+
+
+def parse_override(item: str) -> dict:
+    """'pretrain.epochs=3' -> {'pretrain': {'epochs': 3}} (the value is parsed as YAML data)."""
+    if "=" not in item:
+        raise PipelineError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    for key in reversed(dotted.split(".")):
+        value = {key: value}
+    return value
+
+
+def load(preset: str = "default", overrides: list[str] = (), files: list[Path] = (), base: Path = BASE) -> dict:
+    """Resolve base <- preset <- files <- overrides and validate; PipelineError (one line) on any problem."""
+    params = _read_yaml(base)
+    preset_file = PARAMS_DIR / "presets" / f"{preset}.yaml"
+    if not preset_file.is_file():
+        raise PipelineError(f"unknown preset {preset!r}; known presets: {', '.join(presets())}")
+    params = merge(params, _read_yaml(preset_file))
+    for path in files:
+        params = merge(params, _read_yaml(Path(path)))
+    for item in overrides:
+        params = merge(params, parse_override(item))
+    source = " + ".join([str(base), f"preset {preset}"] + [str(f) for f in files] + list(overrides))
+    validate(params, source=source)
+    return params
+
+
+def validate(params: dict, source: str = "params") -> None:
+    schema = _read_yaml(SCHEMA)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(params))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "top level"
+        raise PipelineError(f"invalid params ({source}): {where}: {error.message}")
+    for problem in _cross_field_problems(params):
+        raise PipelineError(f"invalid params ({source}): {problem}")
+
+
+def _cross_field_problems(p: dict):
+    d, m, t = p["data"], p["model"], p["pretrain"]
+    if d["img_size"] % m["patch_size"]:
+        yield f"model.patch_size {m['patch_size']} does not divide data.img_size {d['img_size']}"
+    if m["embed_dim"] % m["num_heads"]:
+        yield f"model.num_heads {m['num_heads']} does not divide model.embed_dim {m['embed_dim']}"
+    if m["decoder_dim"] % m["decoder_heads"]:
+        yield f"model.decoder_heads {m['decoder_heads']} does not divide model.decoder_dim {m['decoder_dim']}"
+    num_patches = (d["img_size"] // m["patch_size"]) ** 2
+    if int(num_patches * (1 - t["mask_ratio"])) < 1:
+        yield f"pretrain.mask_ratio {t['mask_ratio']} leaves no visible patch of {num_patches}"
+    if t["crop_scale"][0] > t["crop_scale"][1]:
+        yield f"pretrain.crop_scale {t['crop_scale']} must be [low, high] with low <= high"
+    if d["dataset"] in ("imagefolder", "cifar"):
+        if not d["path"]:
+            yield f"data.path is required for dataset {d['dataset']}"
+        elif not Path(d["path"]).is_dir():
+            yield f"data.path {d['path']} does not exist or is not a folder"
+    stages = list(p["dbot"]["stages"])
+    if stages != [f"stage{k}" for k in range(len(stages))]:
+        yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"
+    import timm  # late: only needed here, and slow to import
+
+    if not timm.is_model(m["arch"]):
+        yield f"model.arch {m['arch']!r} is not a timm model name"
+
+
+def section_hash(params: dict, sections: list[str]) -> str:
+    """A short stable hash of the named top-level sections (what a node's result depends on)."""
+    blob = json.dumps({s: params[s] for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tracking_uri(params: dict) -> str:
+    import os
+
+    return params["tracking"]["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

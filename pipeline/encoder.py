@@ -1,0 +1,151 @@
+"""The ViT encoder shared by every method: an adapter over `timm.create_model`.
+
+- Student mode: `forward(x, ids_keep)` embeds all patches, keeps only the visible ones (+cls) and runs
+  the blocks on them (MAE's asymmetric encoder).
+- Teacher / evaluation mode: `forward(x)` runs on the full image.
+- `return_blocks` also returns chosen block outputs (before the final norm), e.g. dBOT's target layer.
+Positions are MAE's fixed 2-D sin-cos embedding (frozen); weights use MAE's initialisation.
+The state dict is the plain timm VisionTransformer's, so any timm ViT state dict loads into it.
+"""
+from __future__ import annotations
+
+
+import timm
+import torch
+from torch import nn
+
+
+def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions, (1 + grid*grid, dim) with a zero row for cls (MAE's layout)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):  # MAE: first half encodes w, second half h
+        out = coord[:, None] * omega[None, :]
+        parts += [torch.sin(out), torch.cos(out)]
+    pos = torch.cat([parts[0], parts[1], parts[2], parts[3]], dim=1).float()
+    return torch.cat([torch.zeros(1, dim), pos]) if cls_token else pos
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE init: xavier-uniform Linear (and patch conv as a Linear), zero bias, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, model: dict, img_size: int, in_chans: int, depth: int | None = None):
+        super().__init__()
+        self.config = dict(model, img_size=img_size, in_chans=in_chans,
+                           depth=model["depth"] if depth is None else depth)
+        self.vit = timm.create_model(
+            model["arch"], pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
+            patch_size=model["patch_size"], embed_dim=model["embed_dim"],
+            depth=self.config["depth"], num_heads=model["num_heads"])
+        self.grid = img_size // model["patch_size"]
+        self.num_patches = self.grid * self.grid
+        self.embed_dim = model["embed_dim"]
+        init_mae_weights(self.vit)
+        nn.init.normal_(self.vit.cls_token, std=0.02)
+        self.vit.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid)[None])
+        self.vit.pos_embed.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                return_blocks: tuple[int, ...] = ()):
+        """x (B, C, H, W); ids_keep (B, K) visible patch indices or None for all.
+
+        Returns tokens (B, 1+K, D) after the final norm, and, if return_blocks is given,
+        a dict {block index: (B, 1+K, D) output of that block, before the final norm}.
+        """
+        vit = self.vit
+        tokens = vit.patch_embed(x) + vit.pos_embed[:, 1:]            # (B, L, D)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        h = torch.cat([cls, tokens], dim=1)
+        blocks = {}
+        for i, block in enumerate(vit.blocks):
+            h = block(h)
+            if i in return_blocks or i - len(vit.blocks) in return_blocks:
+                blocks[i] = h
+        h = vit.norm(h)
+        return (h, blocks) if return_blocks else h
+
+    def features(self, x: torch.Tensor, kind: str = "cls") -> torch.Tensor:
+        """(B, D) image features: the cls token after the final norm, or the mean of patch tokens."""
+        h = self(x)
+        return h[:, 0] if kind == "cls" else h[:, 1:].mean(dim=1)
+
+
+def build_encoder(model: dict, img_size: int, in_chans: int, seed: int,
+                  depth: int | None = None) -> Encoder:
+    """A freshly initialised encoder; the same seed gives bit-identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Encoder(model, img_size, in_chans, depth)
+
+
+def flops_per_token_block(dim: int, tokens: int) -> float:
+    """Forward multiply-adds x2 of one pre-norm ViT block on `tokens` tokens of width `dim`."""
+    linear = 2 * tokens * (3 * dim * dim + dim * dim + 8 * dim * dim)
+    attention = 2 * 2 * tokens * tokens * dim
+    return float(linear + attention)
+
+
+def encoder_flops(dim: int, depth: int, tokens: int) -> float:
+    return depth * flops_per_token_block(dim, tokens)
+
+
+
+
+def save_encoder(path, encoder: Encoder, meta: dict) -> dict:
+    """Write the encoder's timm state dict as safetensors, with its model config in the sidecar."""
+    from pipeline.checkpoint import save_tensors
+
+    return save_tensors(path, encoder.vit.state_dict(), dict(meta, model=encoder.config))
+
+
+def load_encoder(path, params: dict, in_chans: int) -> tuple[Encoder, dict]:
+    """An Encoder holding the weights of `path` (verified); a mismatch is a one-line PipelineError.
+
+    The architecture is the one recorded in the file's sidecar, else the study's own model params.
+    """
+    from pipeline.checkpoint import load_tensors
+    from pipeline.errors import PipelineError
+
+    tensors, meta = load_tensors(path)
+    model = meta.get("model") or dict(params["model"], img_size=params["data"]["img_size"], in_chans=in_chans)
+    try:
+        enc = Encoder(model, model["img_size"], model["in_chans"], model.get("depth"))
+    except Exception as e:
+        raise PipelineError(f"{path}: cannot build the encoder its metadata describes ({e})") from None
+    problems = _state_mismatch(enc.vit.state_dict(), tensors)
+    if problems:
+        raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
+    enc.vit.load_state_dict(tensors)
+    return enc, meta
+
+
+def _state_mismatch(expected: dict, got: dict) -> str:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in got and got[k].shape != v.shape]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if items:
+            parts.append(f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+    return "; ".join(parts)

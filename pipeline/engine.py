@@ -1,0 +1,180 @@
+"""The one training loop: AdamW, per-step warm-up + cosine, clipping, bf16 autocast, resumable state.
+
+Every random draw of a step (crop, flip, mask) comes from a generator seeded by (seed, global step), and
+the epoch's sample order from one seeded by (seed, epoch). So a run resumed from any saved step replays
+exactly the same batches and masks: on CPU it ends bit-identical to an uninterrupted run.
+
+The state (model incl. teacher, optimiser, step, running epoch sums, history, tracking run id) is
+saved atomically at every epoch end and at least every `checkpoint_every_min` minutes, only while the
+loss is finite. A non-finite loss stops the run with an error; the last good state stays on disk.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.data import augment
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float                   # peak lr, after warm-up
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    clip_grad: float | None
+    bf16: bool
+    crop_scale: tuple[float, float]
+    hflip: bool
+    checkpoint_every_min: float
+    seed: int
+    config_hash: str            # a saved state is only resumed if it was made with the same hash
+    desc: str = "train"         # progress bar label
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]                         # one dict per epoch: epoch, loss, lr, images_per_s, seconds
+    images_seen: int
+    wall_s: float
+    extra: dict = field(default_factory=dict)   # values the caller stored in the state (e.g. run id)
+
+
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
+    """Per-step lr: linear warm-up from 0, then half-cosine to min_lr (as MAE, indexed by global step)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    steps = torch.arange(total, dtype=torch.float64)
+    cos = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + torch.cos(math.pi * (steps - warm) / max(1, total - warm)))
+    return torch.where(steps < warm, cfg.lr * steps / max(1, warm), cos)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and 1-D params (timm's convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+
+
+def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
+          state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
+          extra: dict | None = None, device: str | None = None) -> TrainResult:
+    """Train `model` (forward(imgs, generator) -> (loss, outputs)) on uint8 images (N, C, H, W)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n = images.shape[0]
+    bs = min(cfg.batch_size, n)
+    spe = n // bs
+    lrs = lr_schedule(cfg, spe)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    st = _resume(state_path, cfg, model, opt, extra or {})
+    total = cfg.epochs * spe
+    bar = tqdm(total=total * bs, initial=st["step"] * bs, unit="img", unit_scale=True, desc=cfg.desc,
+               file=sys.stderr, mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
+    last_save, t_epoch, step = time.monotonic(), time.monotonic(), st["step"]
+    model.train()
+    while step < total:
+        epoch, pos = divmod(step, spe)
+        order = epoch_order(n, cfg.seed, epoch)
+        idx = order[pos * bs:(pos + 1) * bs]
+        loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device)
+        st["loss_sum"] += loss.detach().float().cpu()
+        step += 1
+        st["step"] = step
+        bar.update(bs)
+        if step % spe == 0:
+            _end_epoch(st, epoch, spe, bs, lrs[step - 1].item(), time.monotonic() - t_epoch, state_path, model, opt, on_epoch)
+            t_epoch = last_save = time.monotonic()
+        elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:
+            _save(st, state_path, model, opt)
+            last_save = time.monotonic()
+    bar.close()
+    return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"])
+
+
+def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str) -> torch.Tensor:
+    gen = step_generator(cfg.seed, step)
+    x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
+    x = normalize_float(x, mean, std).to(device, non_blocking=True)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss, _ = model(x, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
+    opt.step()
+    return loss
+
+
+def normalize_float(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images in [0, 1] (B, C, H, W) -> standardised with the dataset's channel mean/std."""
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch) -> None:
+    loss = (st["loss_sum"] / spe).item()
+    if not math.isfinite(loss):
+        raise PipelineError(f"non-finite loss ({loss}) in epoch {epoch}; the last good state is kept "
+                            f"in {state_path}; lower the lr or turn off bf16")
+    metrics = {"epoch": epoch, "loss": loss, "lr": lr, "seconds": seconds,
+               "images_per_s": spe * bs / max(seconds, 1e-9)}
+    st["history"].append(metrics)
+    st["images_seen"] += spe * bs
+    st["wall_s"] += seconds
+    st["loss_sum"] = torch.zeros(())
+    on_epoch(metrics)
+    _save(st, state_path, model, opt)
+
+
+def _save(st: dict, state_path: Path, model: nn.Module, opt) -> None:
+    if not torch.isfinite(st["loss_sum"]):
+        return  # never overwrite the last good state with a diverged one
+    checkpoint.save_state(state_path, dict(st, model=model.state_dict(), optimizer=opt.state_dict()))
+
+
+def _resume(state_path: Path, cfg: TrainConfig, model, opt, extra: dict) -> dict:
+    fresh = {"step": 0, "loss_sum": torch.zeros(()), "history": [], "images_seen": 0, "wall_s": 0.0,
+             "config_hash": cfg.config_hash, "extra": dict(extra)}
+    saved = checkpoint.load_state(state_path)
+    if saved is None:
+        return fresh
+    if saved.get("config_hash") != cfg.config_hash:
+        print(f"note: not resuming {state_path}: it was made with other params "
+              f"({saved.get('config_hash')} != {cfg.config_hash}); starting fresh", file=sys.stderr)
+        return fresh
+    model.load_state_dict(saved.pop("model"))
+    opt.load_state_dict(saved.pop("optimizer"))
+    print(f"resuming {state_path} at step {saved['step']}", file=sys.stderr)
+    return saved
+
+
+def saved_extra(state_path: Path, config_hash: str) -> dict:
+    """The caller's values (e.g. the tracking run id) from a resumable state, if it would be resumed."""
+    saved = checkpoint.load_state(state_path)
+    return saved["extra"] if saved and saved.get("config_hash") == config_hash else {}

@@ -1,0 +1,49 @@
+"""dBOT (Liu et al., ICLR 2024): masked feature distillation from bootstrapped teachers.
+
+One stage: a freshly initialised student (MAE encoder on visible tokens + decoder with a feature head)
+regresses a frozen teacher's last-block features of the full image, per-token standardised, with
+smooth-L1 (beta 2) over the masked tokens and the cls token. Stage 0's teacher is a copy of a random
+initialisation; stage k's teacher is stage k-1's student (made by the teacher_swap node).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline import losses
+from pipeline.decoder import Decoder
+from pipeline.encoder import build_encoder
+from pipeline.masking import random_masking
+from pipeline.teacher import FrozenTeacher
+
+
+class DBOT(nn.Module):
+    def __init__(self, params: dict, in_chans: int, seed: int, teacher: FrozenTeacher):
+        super().__init__()
+        m, d, cfg = params["model"], params["data"], params["dbot"]
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"],
+                                   m["decoder_depth"], m["decoder_heads"], teacher.width)
+        self.teacher = teacher
+        self.mask_ratio = params["pretrain"]["mask_ratio"]
+        self.beta = cfg["beta"]
+        self.target_norm = cfg["target_norm"]
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator):
+        """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, 1+L, D_t), "mask": (B, L)})."""
+        mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio,
+                              generator).to(imgs.device)
+        target = self.teacher.targets(imgs)                              # (B, 1+L, D_t)
+        if self.target_norm:
+            target = losses.standardize_tokens(target)
+        pred = self.decoder(self.encoder(imgs, mask.ids_keep), mask.ids_restore)
+        loss = losses.smooth_l1(pred, target, losses.with_cls(mask.mask), self.beta)
+        return loss, {"pred": pred, "mask": mask.mask}
+
+
+def build(params: dict, in_chans: int, seed: int, teacher: FrozenTeacher | None = None) -> DBOT:
+    if teacher is None:
+        raise ValueError("dbot needs a teacher (made by the teacher_swap node)")
+    return DBOT(params, in_chans, seed, teacher)

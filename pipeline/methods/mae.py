@@ -1,0 +1,42 @@
+"""MAE (He et al. 2021): reconstruct the pixels of randomly masked patches from the visible ones.
+
+Target: per-patch normalised pixels (norm_pix_loss); loss: MSE averaged over masked patches only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline import losses
+from pipeline.decoder import Decoder
+from pipeline.encoder import build_encoder
+from pipeline.masking import random_masking
+
+
+class MAE(nn.Module):
+    def __init__(self, params: dict, in_chans: int, seed: int):
+        super().__init__()
+        m, d = params["model"], params["data"]
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        self.patch = m["patch_size"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"],
+                                   m["decoder_depth"], m["decoder_heads"], self.patch ** 2 * in_chans)
+        self.mask_ratio = params["pretrain"]["mask_ratio"]
+        self.norm_pix = params["mae"]["norm_pix_loss"]
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator):
+        """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, L, p*p*C), "mask": (B, L)})."""
+        mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio,
+                              generator).to(imgs.device)
+        latent = self.encoder(imgs, mask.ids_keep)
+        pred = self.decoder(latent, mask.ids_restore)[:, 1:]        # drop the cls position
+        target = losses.patchify(imgs, self.patch)
+        if self.norm_pix:
+            target = losses.normalize_patches(target)
+        return losses.mse(pred, target, mask.mask), {"pred": pred, "mask": mask.mask}
+
+
+def build(params: dict, in_chans: int, seed: int, teacher=None) -> MAE:
+    return MAE(params, in_chans, seed)

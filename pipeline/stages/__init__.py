@@ -1,0 +1,1 @@
+"""One CLI per DAG node: `python -m pipeline.stages.<node> --preset NAME [...]`."""

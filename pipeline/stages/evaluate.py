@@ -1,0 +1,59 @@
+"""Shared body of the evaluation nodes (knn, linprobe): load data and weights, extract frozen features,
+run the protocol, write results/<protocol>/<weights>/metrics.json, log the child run."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pipeline import data, layout
+from pipeline.checkpoint import write_json
+from pipeline.encoder import load_encoder
+from pipeline.errors import PipelineError
+from pipeline.evaluation import extract_features
+from pipeline.node import tracked
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--weights", required=True,
+                        help="weights id: random_init, mae, dbot_stage<k> (see pipeline/layout.py)")
+
+
+def check(params: dict, args) -> None:
+    known = layout.all_weights(params)
+    if args.weights not in known:
+        raise PipelineError(f"unknown weights {args.weights!r}; this study has {', '.join(known)}")
+    for path in (layout.DATASET, layout.weights_path(args.weights)):
+        if not path.is_file():
+            raise PipelineError(f"missing input {path}: run the node that makes it first")
+
+
+def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
+    """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
+    settings = params[protocol]
+    prep = data.load_prepared()
+    path = layout.weights_path(args.weights)
+    encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+    encoder.to("cuda" if torch.cuda.is_available() else "cpu")
+    info = layout.describe_weights(args.weights)
+    weights = {"id": args.weights, "method": info["method"], "stage": info["stage"],
+               "evaluated": "random" if info["method"] == "random" else "student",
+               "path": str(path), "sha256": meta.get("sha256")}
+    out = layout.eval_metrics(protocol, args.weights)
+    with tracked(params, info["chain"], f"{protocol}@{args.weights}", out.parent, ["seed", protocol],
+                 {"weights": args.weights, "evaluated": weights["evaluated"], "protocol": protocol,
+                  "weights_sha256": weights["sha256"]}) as run:
+        kind = settings["feature"]
+        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, desc=f"{protocol} train")
+        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, desc=f"{protocol} val")
+        metrics, history = protocol_fn(params, train_f, prep.train_y, val_f, prep.val_y, len(prep.class_names))
+        result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics}
+        if history:
+            result["history"] = history
+            for h in history:
+                run.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+        write_json(out, result)
+        run.log_metrics(metrics)
+        run.log_artifacts(out)
+    print(f"{protocol}@{args.weights}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
+    return result

@@ -1,0 +1,26 @@
+"""knn: weighted k-NN accuracy of a frozen encoder -> results/knn/<weights>/metrics.json.
+
+Cosine similarity between val and train features, the k nearest (k=20) vote with weight exp(sim / T)
+(T=0.07), as DINO's protocol. Features: knn.feature (cls token after the final norm, or mean of patches).
+Tiny run: python -m pipeline.stages.knn --preset tiny --weights mae
+"""
+from pipeline.cli import stage_main
+from pipeline.evaluation import knn_scores, topk_accuracy
+from pipeline.stages.evaluate import add_args, check, evaluate
+
+
+def protocol(params, train_f, train_y, val_f, val_y, num_classes):
+    s = params["knn"]
+    return topk_accuracy(knn_scores(train_f, train_y, val_f, s["k"], s["temperature"], num_classes), val_y), None
+
+
+def work(params: dict, args) -> None:
+    evaluate(params, args, "knn", protocol)
+
+
+def main(argv=None) -> None:
+    stage_main("knn", __doc__, add_args, check, work, lambda a: f"knn@{a.weights}", argv)
+
+
+if __name__ == "__main__":
+    main()

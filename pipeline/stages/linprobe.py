@@ -1,0 +1,28 @@
+"""linprobe: linear-probe accuracy of a frozen encoder -> results/linprobe/<weights>/metrics.json.
+
+MAE's protocol on frozen features (encoder in eval mode, computed once, no augmentation): a BatchNorm
+without affine parameters followed by a linear layer, trained for linprobe.epochs with SGD + cosine lr;
+top-1/top-5 on the val split after the last epoch, with the per-epoch curve in "history".
+Tiny run: python -m pipeline.stages.linprobe --preset tiny --weights mae
+"""
+from pipeline.cli import stage_main
+from pipeline.evaluation import linear_probe
+from pipeline.stages.evaluate import add_args, check, evaluate
+
+
+def protocol(params, train_f, train_y, val_f, val_y, num_classes):
+    s = params["linprobe"]
+    return linear_probe(train_f, train_y, val_f, val_y, num_classes, s["epochs"], s["batch_size"], s["lr"],
+                        s["momentum"], s["weight_decay"], params["seed"])
+
+
+def work(params: dict, args) -> None:
+    evaluate(params, args, "linprobe", protocol)
+
+
+def main(argv=None) -> None:
+    stage_main("linprobe", __doc__, add_args, check, work, lambda a: f"linprobe@{a.weights}", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""pretrain: train one method's student -> results/pretrain/<method>/ (dBOT: results/pretrain_dbot/stage<k>/).
+
+Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch) and params.yaml. Resumable:
+state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
+rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
+Tiny runs: python -m pipeline.stages.pretrain --preset tiny --method mae
+           python -m pipeline.stages.pretrain_dbot --preset tiny --stage stage0
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+
+from pipeline import data, engine, layout
+from pipeline.checkpoint import read_json, write_json
+from pipeline.cli import stage_index, stage_main
+from pipeline.config import section_hash
+from pipeline.encoder import load_encoder, save_encoder
+from pipeline.errors import PipelineError
+from pipeline.methods import METHODS, NEEDS_TEACHER
+from pipeline.node import tracked
+from pipeline.teacher import FrozenTeacher
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--stage", type=stage_index, default=0, help="dBOT stage (chain position)")
+
+
+def node_id(args) -> str:
+    return f"pretrain_dbot@stage{args.stage}" if args.method == "dbot" else f"pretrain@{args.method}"
+
+
+def weights_id(args) -> str:
+    return f"dbot_stage{args.stage}" if args.method == "dbot" else args.method
+
+
+def settings(params: dict, args) -> dict:
+    """The pre-training settings of this node: pretrain.*, with a dBOT stage's own epochs and blr."""
+    s = dict(params["pretrain"])
+    if args.method == "dbot":
+        s.update(params["dbot"]["stages"][f"stage{args.stage}"])
+    return s
+
+
+def check(params: dict, args) -> None:
+    if args.method not in METHODS:
+        raise PipelineError(f"unknown method {args.method!r}; known: {', '.join(METHODS)}")
+    if args.method == "dbot" and f"stage{args.stage}" not in params["dbot"]["stages"]:
+        raise PipelineError(f"--stage {args.stage}: dbot.stages has only {', '.join(params['dbot']['stages'])}")
+    for path in [layout.DATASET] + ([layout.teacher_path(args.stage)] if args.method in NEEDS_TEACHER else []):
+        if not path.is_file():
+            raise PipelineError(f"missing input {path}: run the node that makes it first")
+
+
+def work(params: dict, args) -> None:
+    prep = data.load_prepared()
+    dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
+    in_chans, seed = prep.train_x.shape[1], params["seed"] + args.stage   # a fresh student per stage
+    teacher, teacher_meta = None, {}
+    if args.method in NEEDS_TEACHER:
+        enc, teacher_meta = load_encoder(layout.teacher_path(args.stage), params, in_chans)
+        teacher = FrozenTeacher(enc, params["dbot"]["teacher_final_norm"])
+    model = METHODS[args.method](params, in_chans, seed, teacher)
+    sections = ["seed", "data", "model", "pretrain", args.method]
+    s = settings(params, args)
+    cfg = engine.TrainConfig(
+        epochs=s["epochs"], batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256, min_lr=s["min_lr"],
+        warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], bf16=s["bf16"],
+        crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=s["checkpoint_every_min"], seed=seed,
+        config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
+        desc=node_id(args))
+    state = layout.resume_dir(node_id(args)) / "state.pt"
+    out = layout.pretrain_dir(args.method, args.stage if args.method == "dbot" else None)
+    tags = {"method": args.method, "stage": args.stage, "weights": weights_id(args), "evaluated": "student",
+            "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
+    with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
+                 engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
+        result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state,
+                              on_epoch=lambda m: run.log_metrics(m, step=m["epoch"]), extra={"run_id": run.run_id})
+        _write_outputs(out, model, result, args, cfg, teacher_meta)
+        run.log_metrics({"final_loss": result.history[-1]["loss"], "wall_s": result.wall_s})
+        run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))
+    shutil.rmtree(state.parent, ignore_errors=True)
+    print(f"{node_id(args)}: final loss {result.history[-1]['loss']:.4f}, {result.images_seen} images "
+          f"in {result.wall_s:.1f} s -> {out}")
+
+
+def _write_outputs(out, model, result, args, cfg, teacher_meta) -> None:
+    meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": args.stage,
+            "weights": weights_id(args), "params_hash": cfg.config_hash, "seed": cfg.seed,
+            "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
+    save_encoder(out / "encoder.safetensors", model.encoder, meta)
+    final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s}
+    write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights")},
+                                      "epochs": result.history, "final": final})
+
+
+def main(argv=None, method: str | None = None) -> None:
+    name = "pretrain_dbot" if method == "dbot" else "pretrain"
+    if method:
+        argv = ["--method", method] + (argv if argv is not None else sys.argv[1:])
+    stage_main(name, __doc__, add_args, check, work, node_id, argv)
+
+
+if __name__ == "__main__":
+    main()

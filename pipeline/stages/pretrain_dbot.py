@@ -1,0 +1,9 @@
+"""pretrain_dbot: one stage of the dBOT chain (the pretrain node with --method dbot).
+
+Stage k's student is freshly initialised (seed + k) and distils the teacher made by teacher_swap@stage<k>.
+Tiny run: python -m pipeline.stages.pretrain_dbot --preset tiny --stage stage0
+"""
+from pipeline.stages.pretrain import main
+
+if __name__ == "__main__":
+    main(method="dbot")

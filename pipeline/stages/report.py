@@ -1,0 +1,36 @@
+"""report: every metrics file of the study -> results/summary.csv (long format), summary.md, plots/*.png.
+
+Tiny run: python -m pipeline.stages.report --preset tiny
+"""
+from pipeline import layout
+from pipeline.cli import stage_main
+from pipeline.errors import PipelineError
+from pipeline.node import tracked
+from pipeline.report import build_report
+
+
+def inputs(params: dict) -> tuple[list, list]:
+    evals = [layout.eval_metrics(p, w) for p in ("knn", "linprobe") for w in layout.all_weights(params)]
+    return layout.pretrain_metrics(params), evals
+
+
+def check(params: dict, args) -> None:
+    missing = [str(p) for group in inputs(params) for p in group if not p.is_file()]
+    if missing:
+        raise PipelineError(f"missing metrics files: {', '.join(missing)}; run the study first")
+
+
+def work(params: dict, args) -> None:
+    pretrain, evals = inputs(params)
+    with tracked(params, "report", "report", layout.RESULTS, ["study", "seed"]) as run:
+        table = build_report(pretrain, evals, layout.RESULTS)
+        run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
+    print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
+
+
+def main(argv=None) -> None:
+    stage_main("report", __doc__, lambda p: None, check, work, lambda a: "report", argv, compute=False)
+
+
+if __name__ == "__main__":
+    main()

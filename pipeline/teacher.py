@@ -1,0 +1,30 @@
+"""Teachers: networks whose outputs are the student's targets. They never receive gradients.
+
+FrozenTeacher (dBOT): a fixed snapshot, either a random initialisation, the previous stage's student,
+or any compatible checkpoint. It sees the full image; its target is the last block's output, before
+(or, as an option, after) the final norm.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.encoder import Encoder
+
+
+class FrozenTeacher(nn.Module):
+    def __init__(self, encoder: Encoder, final_norm: bool = False):
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.final_norm = final_norm
+        self.width = encoder.embed_dim
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)   # always in eval mode, whatever the student does
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) full image -> (B, 1+L, D_teacher) features, as a normal (non-inference) tensor."""
+        with torch.inference_mode():
+            normed, blocks = self.encoder(x, return_blocks=(-1,))
+            out = normed if self.final_norm else blocks[len(self.encoder.vit.blocks) - 1]
+        return out.clone()

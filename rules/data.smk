@@ -1,0 +1,41 @@
+"""prepare_data and random_init.
+
+Inputs: the dataset named by params data.* (embedded ones need no file).
+Outputs: results/prepare_data/dataset.{safetensors,json}; results/random_init/encoder.{safetensors,json}.
+"""
+
+
+rule prepare_data:
+    output:
+        data="results/prepare_data/dataset.safetensors",
+        meta="results/prepare_data/dataset.json",
+    params:
+        preset=config["preset"],
+        node=node_params("seed", "data"),
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/logs/prepare_data.log",
+    benchmark:
+        "results/benchmarks/prepare_data.tsv"
+    shell:
+        "python -m pipeline.stages.prepare_data --preset {params.preset} > {log} 2>&1"
+
+
+rule random_init:
+    input:
+        data="results/prepare_data/dataset.safetensors",
+    output:
+        weights="results/random_init/encoder.safetensors",
+        meta="results/random_init/encoder.json",
+    params:
+        preset=config["preset"],
+        node=node_params("seed", "data", "model"),
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/logs/random_init.log",
+    benchmark:
+        "results/benchmarks/random_init.tsv"
+    shell:
+        "python -m pipeline.stages.random_init --preset {params.preset} > {log} 2>&1"

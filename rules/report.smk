@@ -1,0 +1,27 @@
+"""report: every metrics file of the study -> results/summary.{csv,md} and results/plots/*.png.
+
+Inputs: results/pretrain*/**/metrics.json, results/{knn,linprobe}/<weights>/metrics.json.
+Outputs: results/summary.csv, results/summary.md, results/plots/pretrain_loss.png, results/plots/chain_accuracy.png.
+"""
+
+
+rule report:
+    input:
+        pretrain=[str(p) for p in layout.pretrain_metrics(PARAMS)],
+        knn=expand("results/knn/{weights}/metrics.json", weights=WEIGHTS),
+        linprobe=expand("results/linprobe/{weights}/metrics.json", weights=WEIGHTS),
+    output:
+        csv="results/summary.csv",
+        md="results/summary.md",
+        loss=report("results/plots/pretrain_loss.png", category="pre-training"),
+        chain=report("results/plots/chain_accuracy.png", category="evaluation"),
+    params:
+        preset=config["preset"],
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/logs/report.log",
+    benchmark:
+        "results/benchmarks/report.tsv"
+    shell:
+        "python -m pipeline.stages.report --preset {params.preset} > {log} 2>&1"

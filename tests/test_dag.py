@@ -1,0 +1,49 @@
+"""The Snakefile and dvc.yaml describe the same nodes with the same commands; Snakemake lints clean."""
+import re
+
+from dvc.repo import Repo
+
+from conftest import run_cli
+
+
+def snakemake_commands(preset="default") -> set[tuple[str, str]]:
+    proc = run_cli("snakemake", "--dry-run", "--printshellcmds", "--forceall", "--config", f"preset={preset}")
+    out = proc.stdout + proc.stderr
+    commands, rule = set(), None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+        elif line.startswith("Shell command: python"):
+            commands.add((rule, line.removeprefix("Shell command: ").split(" > ")[0].strip()))
+    return commands
+
+
+def dvc_commands(workdir) -> set[tuple[str, str]]:
+    run_cli("dvc", "init", "--no-scm", "-q")
+    with Repo(str(workdir)) as repo:
+        return {(stage.name.split("@")[0], stage.cmd) for stage in repo.index.stages}
+
+
+def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
+    smk = snakemake_commands()
+    dvc = dvc_commands(workdir)
+    assert smk == dvc
+    assert {rule for rule, _ in smk} == {"prepare_data", "random_init", "pretrain", "teacher_swap",
+                                         "pretrain_dbot", "knn", "linprobe", "report"}
+    assert len(smk) == 1 + 1 + 1 + 3 + 3 + 5 + 5 + 1
+
+
+def test_every_node_has_its_stage_module_and_results_folder(workdir):
+    from pathlib import Path
+
+    for rule, cmd in snakemake_commands():
+        module = cmd.split()[2]
+        assert module == f"pipeline.stages.{rule}"
+        assert Path(module.replace(".", "/") + ".py").is_file()
+
+
+def test_snakemake_lint_is_clean(workdir):
+    proc = run_cli("snakemake", "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr

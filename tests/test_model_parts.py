@@ -1,0 +1,109 @@
+"""Unit tests of the shared model parts: encoder adapter, decoder, masking, losses, frozen teacher."""
+import pytest
+import torch
+
+from pipeline import losses
+from pipeline.decoder import Decoder
+from pipeline.encoder import build_encoder, load_encoder, save_encoder, sincos_2d
+from pipeline.errors import PipelineError
+from pipeline.masking import random_masking
+from pipeline.teacher import FrozenTeacher
+
+MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_encoder_visible_tokens_match_full_image_on_the_kept_positions():
+    enc = build_encoder(MODEL, 8, 1, seed=0).eval()
+    x = torch.randn(3, 1, 8, 8)
+    mask = random_masking(3, enc.num_patches, 0.75, torch.Generator().manual_seed(0))
+    vis = enc(x, mask.ids_keep)
+    assert vis.shape == (3, 1 + 4, 32)
+    # with one block, attention mixes tokens, so compare the patch embedding stage instead:
+    tokens = enc.vit.patch_embed(x) + enc.vit.pos_embed[:, 1:]
+    kept = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, 32))
+    assert torch.equal(kept[0, 0], tokens[0, mask.ids_keep[0, 0]])
+
+
+def test_encoder_returns_chosen_blocks_and_features():
+    enc = build_encoder(MODEL, 8, 1, seed=0).eval()
+    x = torch.randn(2, 1, 8, 8)
+    out, blocks = enc(x, return_blocks=(0, -1))
+    assert set(blocks) == {0, 1} and out.shape == (2, 17, 32)
+    assert torch.allclose(enc.vit.norm(blocks[1]), out)
+    assert enc.features(x, "cls").shape == (2, 32)
+    assert torch.allclose(enc.features(x, "mean"), out[:, 1:].mean(1))
+
+
+def test_same_seed_same_init_and_frozen_sincos_positions():
+    a, b, c = (build_encoder(MODEL, 8, 1, seed=s) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.vit.blocks[0].attn.qkv.weight, c.vit.blocks[0].attn.qkv.weight)
+    assert torch.equal(a.vit.pos_embed[0], sincos_2d(32, 4)) and not a.vit.pos_embed.requires_grad
+
+
+def test_decoder_restores_grid_order():
+    dec = Decoder(grid=4, in_dim=32, dim=16, depth=1, heads=2, out_dim=12)
+    mask = random_masking(2, 16, 0.75, torch.Generator().manual_seed(1))
+    out = dec(torch.randn(2, 5, 32), mask.ids_restore)
+    assert out.shape == (2, 17, 12)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+def test_random_masking_counts_and_consistency(ratio):
+    m = random_masking(4, 16, ratio, torch.Generator().manual_seed(0))
+    keep = int(16 * (1 - ratio))
+    assert m.ids_keep.shape == (4, keep)
+    assert (m.mask.sum(1) == 16 - keep).all()
+    assert (torch.gather(m.mask, 1, m.ids_keep) == 0).all()          # kept = unmasked
+    shuffled = torch.cat([m.ids_keep, torch.gather(torch.argsort(m.ids_restore, 1), 1,
+                          torch.arange(keep, 16).expand(4, -1))], 1)
+    assert (torch.sort(shuffled, 1).values == torch.arange(16)).all()
+    again = random_masking(4, 16, ratio, torch.Generator().manual_seed(0))
+    assert torch.equal(m.ids_keep, again.ids_keep)
+
+
+def test_patchify_roundtrip_and_norm():
+    x = torch.randn(2, 3, 8, 8)
+    p = losses.patchify(x, 2)
+    assert p.shape == (2, 16, 12)
+    assert torch.equal(losses.unpatchify(p, 2, 3), x)
+    n = losses.normalize_patches(p)
+    assert torch.allclose(n.mean(-1), torch.zeros(2, 16), atol=1e-5)
+    assert torch.allclose(n.var(-1), torch.ones(2, 16), atol=1e-3)
+
+
+def test_losses_only_count_masked_tokens():
+    pred, target = torch.zeros(1, 4, 3), torch.tensor([[[1.0] * 3, [2.0] * 3, [3.0] * 3, [4.0] * 3]])
+    mask = torch.tensor([[1.0, 0, 0, 1]])
+    assert losses.mse(pred, target, mask).item() == pytest.approx((1 + 16) / 2)
+    # smooth-L1 with beta 2: |d|<2 -> 0.5 d^2 / 2, else |d| - 1
+    assert losses.smooth_l1(pred, target, mask, beta=2.0).item() == pytest.approx((0.25 + 3) / 2)
+    assert losses.with_cls(mask).tolist() == [[1.0, 1, 0, 0, 1]]
+    s = losses.standardize_tokens(torch.randn(2, 5, 8) * 3 + 1)
+    assert torch.allclose(s.mean(-1), torch.zeros(2, 5), atol=1e-5)
+
+
+def test_frozen_teacher_gets_no_gradient_and_stays_in_eval():
+    teacher = FrozenTeacher(build_encoder(MODEL, 8, 1, seed=0))
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    t = teacher.targets(torch.randn(2, 1, 8, 8))
+    assert t.shape == (2, 17, 32) and not t.requires_grad and not t.is_inference()
+
+
+def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
+    enc = build_encoder(MODEL, 8, 1, seed=3)
+    save_encoder(tmp_path / "e.safetensors", enc, {"node": "test"})
+    params = {"model": MODEL, "data": {"img_size": 8}}
+    loaded, meta = load_encoder(tmp_path / "e.safetensors", params, 1)
+    assert meta["node"] == "test"
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), loaded.state_dict().values()))
+    from safetensors.torch import save_file
+
+    wide = build_encoder(dict(MODEL, embed_dim=64), 8, 1, seed=0)
+    save_file(wide.vit.state_dict(), str(tmp_path / "external.safetensors"))   # no sidecar: study's arch
+    with pytest.raises(PipelineError, match="does not fit the encoder architecture: shape: cls_token"):
+        load_encoder(tmp_path / "external.safetensors", params, 1)
+    torch.save(enc.vit.state_dict(), tmp_path / "pickle.safetensors")
+    with pytest.raises(PipelineError, match="not a readable safetensors file"):
+        load_encoder(tmp_path / "pickle.safetensors", params, 1)
