@@ -1,0 +1,162 @@
+"""The study's comparison: every metrics.json -> a long-format table, summary.csv, summary.md and plots.
+
+- summary.csv: one row per (weights, protocol, metric); columns method, stage, weights, protocol, metric,
+  value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
+  pre-training rows (protocol "pretrain") hold final_loss, wall_s and images_seen. stage is empty for the
+  random floor; settings is the protocol settings as compact JSON (empty for pre-training rows).
+- summary.md: one row per encoder (random floor, single-stage methods, dBOT stages ascending) with top-1
+  percentages, final pre-training loss and wall time, under a paragraph naming the evaluation settings.
+- plots/pretrain_loss.png and plots/chain_accuracy.png (see pipeline.plots).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import plots
+from pipeline.checkpoint import atomic_write, read_json
+from pipeline.errors import PipelineError
+from pipeline.layout import SINGLE_STAGE_METHODS
+
+COLUMNS = ["method", "stage", "weights", "protocol", "metric", "value", "settings"]
+PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"))
+PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2}
+PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear probe"}
+MISSING = "—"
+
+
+def _require(doc: dict, path: Path, *keys: str) -> None:
+    """Raise a PipelineError naming path when doc lacks one of keys."""
+    absent = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+    if absent:
+        raise PipelineError(f"{path} is not a metrics file of this pipeline: missing key(s) {', '.join(absent)}")
+
+
+def _number(value, path: Path, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{path}: {what} is not a number ({value!r})") from None
+
+
+def pretrain_rows(doc: dict, path: Path) -> list[dict]:
+    """The pre-training rows (final_loss, wall_s, images_seen) of one pre-training metrics.json."""
+    _require(doc, path, "method", "stage", "weights", "epochs", "final")
+    _require(doc["final"], path, *(key for _, key in PRETRAIN_METRICS))
+    for epoch in doc["epochs"]:
+        _require(epoch, path, "epoch", "loss")
+    base = {"method": doc["method"], "stage": doc["stage"], "weights": doc["weights"], "protocol": "pretrain"}
+    return [dict(base, metric=name, value=_number(doc["final"][key], path, f"final.{key}"), settings="")
+            for name, key in PRETRAIN_METRICS]
+
+
+def eval_rows(doc: dict, path: Path) -> list[dict]:
+    """One row per metric of one evaluation metrics.json (knn or linprobe)."""
+    _require(doc, path, "protocol", "settings", "weights", "metrics")
+    _require(doc["weights"], path, "id", "method", "stage")
+    if not isinstance(doc["settings"], dict) or not isinstance(doc["metrics"], dict):
+        raise PipelineError(f"{path}: settings and metrics must be JSON objects")
+    w, settings = doc["weights"], json.dumps(doc["settings"], sort_keys=True, separators=(",", ":"))
+    base = {"method": w["method"], "stage": w["stage"], "weights": w["id"], "protocol": doc["protocol"]}
+    return [dict(base, metric=m, value=_number(v, path, f"metrics.{m}"), settings=settings)
+            for m, v in doc["metrics"].items()]
+
+
+def weights_key(weights: str) -> tuple:
+    """Sort key of a weights id: random floor, single-stage methods, dBOT stages ascending, then the rest."""
+    if weights == "random_init":
+        return (0, 0, "")
+    if weights in SINGLE_STAGE_METHODS:
+        return (1, SINGLE_STAGE_METHODS.index(weights), "")
+    if weights.startswith("dbot_stage") and weights.removeprefix("dbot_stage").isdigit():
+        return (2, int(weights.removeprefix("dbot_stage")), "")
+    return (3, 0, weights)
+
+
+def long_table(pretrain_docs: list[tuple[Path, dict]], eval_docs: list[tuple[Path, dict]]) -> pd.DataFrame:
+    """The long-format table of all rows, sorted by weights, protocol, metric; duplicates are an error."""
+    rows = [r for p, d in pretrain_docs for r in pretrain_rows(d, p)]
+    rows += [r for p, d in eval_docs for r in eval_rows(d, p)]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    dup = table[table.duplicated(["weights", "protocol", "metric"], keep=False)]
+    if not dup.empty:
+        first = dup.iloc[0]
+        raise PipelineError(f"two metrics files give {first.protocol}/{first.metric} of {first.weights}")
+    table["stage"] = pd.array([None if pd.isna(s) else int(s) for s in table["stage"]], dtype="Int64")
+    table["value"] = table["value"].astype(float)
+    order = table.assign(_w=table["weights"].map(weights_key),
+                         _p=table["protocol"].map(lambda p: PROTOCOL_ORDER.get(p, 9)))
+    return table.loc[order.sort_values(["_w", "_p", "protocol", "metric"]).index].reset_index(drop=True)
+
+
+def _value(table: pd.DataFrame, weights: str, protocol: str, metric: str) -> float | None:
+    hit = table.loc[(table.weights == weights) & (table.protocol == protocol) & (table.metric == metric), "value"]
+    return None if hit.empty else float(hit.iloc[0])
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return MISSING if value is None else format(scale * value, spec)
+
+
+def summary_rows(table: pd.DataFrame) -> list[list[str]]:
+    """One formatted markdown row per weights id, in weights_key order."""
+    rows = []
+    for weights in sorted(table["weights"].unique(), key=weights_key):
+        first = table[table.weights == weights].iloc[0]
+        stage = "" if pd.isna(first.stage) else str(int(first.stage))
+        rows.append([weights, str(first.method), stage,
+                     _fmt(_value(table, weights, "knn", "top1"), ".1f", 100),
+                     _fmt(_value(table, weights, "linprobe", "top1"), ".1f", 100),
+                     _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
+                     _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f")])
+    return rows
+
+
+def settings_sentence(table: pd.DataFrame) -> str:
+    """'k-NN: k=20, ...; linear probe: ...' from the settings column (all variants listed when they differ)."""
+    parts = []
+    for protocol in sorted(set(table.protocol) - {"pretrain"}, key=lambda p: (PROTOCOL_ORDER.get(p, 9), p)):
+        variants = sorted(set(table.loc[table.protocol == protocol, "settings"]))
+        text = " | ".join(", ".join(f"{k}={v}" for k, v in json.loads(s).items()) for s in variants)
+        note = " (differs between encoders)" if len(variants) > 1 else ""
+        parts.append(f"{PROTOCOL_NAMES.get(protocol, protocol)}: {text}{note}")
+    return "; ".join(parts) if parts else "none"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """summary.md: a header paragraph and one table row per encoder."""
+    header = ["weights", "method", "stage", "k-NN top-1 (%)", "linear top-1 (%)",
+              "final pre-train loss", "pre-train wall (s)"]
+    intro = ("# Study summary\n\n"
+             "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen: the "
+             "random-init encoder is the floor, MAE the single-stage baseline, and dbot_stage<k> the student of "
+             "dBOT stage k (whose teacher is the student of stage k-1). Final pre-train loss is the mean loss of "
+             "the last pre-training epoch (methods regress different targets, so losses compare only within a "
+             f"method); wall time is the summed epoch time of the node. Evaluation settings: "
+             f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
+             "format with all metrics is summary.csv.\n\n")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * 2 + ["--:"] * 5) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table)]
+    return intro + "\n".join(lines) + "\n"
+
+
+def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
+    """(path, parsed JSON) for each file; a missing or unreadable file is a PipelineError naming it."""
+    return [(Path(f), read_json(f)) for f in files]
+
+
+def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results")) -> pd.DataFrame:
+    """Read all metrics files, write out_dir/summary.csv, summary.md and plots/*.png; return the long table.
+
+    Every input is read and checked before anything is written.
+    """
+    pretrain_docs, eval_docs = _read_all(pretrain_files), _read_all(eval_files)
+    table = long_table(pretrain_docs, eval_docs)
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / "summary.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(table)))
+    plots.pretrain_loss([d for _, d in pretrain_docs], out_dir / "plots" / "pretrain_loss.png")
+    plots.chain_accuracy(table, out_dir / "plots" / "chain_accuracy.png")
+    return table

@@ -1,0 +1,61 @@
+"""A pre-training node killed with SIGKILL mid-epoch and run again ends bit-identical to an
+uninterrupted run, continuing its MLflow run instead of starting a second one."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+ARGS = ["--preset", "tiny", "--set", "pretrain.epochs=12", "--set", "pretrain.checkpoint_every_min=0"]
+
+
+def prepare(workdir):
+    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny")
+
+
+def kill_mid_epoch(state, steps_per_epoch=11):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = torch.load(state, weights_only=True)["step"]
+        except Exception:
+            step = 0
+        if step > steps_per_epoch and step % steps_per_epoch:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return step
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("the run ended before it could be killed mid-epoch")
+
+
+def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory):
+    prepare(workdir)
+    state = workdir / "results/.resume/pretrain@mae/state.pt"
+    killed_at = kill_mid_epoch(state)
+    assert not (workdir / "results/pretrain/mae/encoder.safetensors").exists()
+    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS)
+    resumed = load_file(workdir / "results/pretrain/mae/encoder.safetensors")
+
+    os.rename(workdir / "results/pretrain", workdir / "results/pretrain_killed")
+    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS,
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/other.db"})
+    reference = load_file(workdir / "results/pretrain/mae/encoder.safetensors")
+    assert killed_at > 0 and resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              "attributes.run_name = 'pretrain@mae'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == list(range(12))

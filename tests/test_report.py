@@ -1,0 +1,106 @@
+"""The report: long-format CSV, markdown summary and plots from fake metrics files."""
+import json
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.report import COLUMNS, build_report
+
+KNN = {"k": 20, "temperature": 0.07, "feature": "cls"}
+LINPROBE = {"epochs": 30, "batch_size": 256, "lr": 0.1, "feature": "cls"}
+# weights id -> (method, stage, knn top1, linprobe top1); the random floor is not pre-trained
+ENCODERS = {"random_init": ("random", None, 0.123, 0.2049), "mae": ("mae", 0, 0.5, 0.6),
+            "dbot_stage0": ("dbot", 0, 0.61, 0.7), "dbot_stage1": ("dbot", 1, 0.66, 0.745),
+            "dbot_stage2": ("dbot", 2, 0.931, 0.8)}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _pretrain_doc(weights, method, stage):
+    epochs = [{"epoch": e, "loss": 0.5 - 0.05 * e - 0.01 * stage, "lr": 1e-4, "images_per_s": 800.0,
+               "seconds": 5.0} for e in range(4)]
+    return {"node": "pretrain_dbot" if method == "dbot" else "pretrain", "method": method, "stage": stage,
+            "weights": weights, "epochs": epochs,
+            "final": {"loss": epochs[-1]["loss"], "images_seen": 40000, "wall_s": 20.0 + stage}}
+
+
+def _eval_doc(protocol, weights, method, stage, top1):
+    doc = {"protocol": protocol, "settings": KNN if protocol == "knn" else LINPROBE,
+           "weights": {"id": weights, "method": method, "stage": stage,
+                       "evaluated": "random" if method == "random" else "student",
+                       "path": f"results/x/{weights}/encoder.safetensors", "sha256": "0" * 64},
+           "metrics": {"top1": top1, "top5": 0.99}}
+    if protocol == "linprobe":
+        doc["history"] = [{"epoch": 0, "train_loss": 1.2, "val_top1": top1}]
+    return doc
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    pretrain, evals = [], []
+    for weights, (method, stage, knn, lin) in ENCODERS.items():
+        if method != "random":
+            pretrain.append(_write(tmp_path / "in" / "pretrain" / weights / "metrics.json",
+                                   _pretrain_doc(weights, method, stage)))
+        for protocol, top1 in (("knn", knn), ("linprobe", lin)):
+            evals.append(_write(tmp_path / "in" / protocol / weights / "metrics.json",
+                                _eval_doc(protocol, weights, method, stage, top1)))
+    return pretrain, evals
+
+
+def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
+    out = tmp_path / "results"
+    table = build_report(*inputs, out)
+
+    csv = pd.read_csv(out / "summary.csv")
+    assert list(csv.columns) == COLUMNS and list(table.columns) == COLUMNS
+    assert len(csv) == 4 * 3 + 5 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
+    assert list(csv.weights.drop_duplicates()) == list(ENCODERS)
+    top1 = csv[csv.metric == "top1"].set_index(["weights", "protocol"]).value
+    assert top1["dbot_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
+    pre = csv[csv.protocol == "pretrain"].set_index(["weights", "metric"]).value
+    assert pre["dbot_stage1", "wall_s"] == 21.0 and pre["mae", "images_seen"] == 40000
+    assert pre["dbot_stage2", "final_loss"] == pytest.approx(0.5 - 0.15 - 0.02)
+    assert set(csv.metric[csv.protocol == "pretrain"]) == {"final_loss", "wall_s", "images_seen"}
+    assert csv.stage[csv.weights == "random_init"].isna().all() and set(csv.stage.dropna()) == {0, 1, 2}
+    assert json.loads(csv.settings[csv.protocol == "knn"].iloc[0]) == KNN
+    assert str(table.stage.dtype) == "Int64"
+
+    md = (out / "summary.md").read_text()
+    assert all(w in md for w in ENCODERS)
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[1:]] == list(ENCODERS)   # floor, mae, stages ascending
+    assert "| dbot_stage2 | dbot | 2 | 93.1 | 80.0 | 0.3300 | 22.0 |" in md
+    assert "| random_init | random |  | 12.3 | 20.5 | — | — |" in md
+    assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
+
+    for name in ("pretrain_loss", "chain_accuracy"):
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(png).shape[0] > 100
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_missing_or_bad_input_is_a_pipeline_error_naming_the_file(tmp_path, inputs):
+    pretrain, evals = inputs
+    gone = evals[3]
+    gone.unlink()
+    with pytest.raises(PipelineError, match=f"missing file: {gone}"):
+        build_report(pretrain, evals, tmp_path / "results")
+    _write(gone, {"protocol": "knn", "metrics": {}})
+    with pytest.raises(PipelineError, match=f"{gone} is not a metrics file.*settings"):
+        build_report(pretrain, evals, tmp_path / "results")
+    assert not (tmp_path / "results").exists()                 # nothing written before all inputs are checked
+
+
+def test_duplicate_metrics_are_rejected(tmp_path, inputs):
+    pretrain, evals = inputs
+    with pytest.raises(PipelineError, match="two metrics files give knn/top1 of random_init"):
+        build_report(pretrain, evals + evals[:1], tmp_path / "results")
