@@ -34,7 +34,7 @@ IMAGES = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=torch
 def test_lr_schedule_warmup_then_cosine():
     lrs = engine.lr_schedule(cfg(epochs=10, warmup_epochs=2), steps_per_epoch=5)
     assert len(lrs) == 50 and lrs[0] == 0
-    assert lrs[10] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-4, rel=0.05)
+    assert lrs[10] == pytest.approx(1e-2) and 1e-4 <= lrs[-1] < 2e-4
     assert (lrs[:10].diff() > 0).all() and (lrs[10:].diff() <= 0).all()
 
 
