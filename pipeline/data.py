@@ -313,11 +313,12 @@ def load_prepared(path: Path = layout.DATASET) -> Prepared:
 
 # ---- batched transforms ----------------------------------------------------------------------------------
 
-def normalize(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) or (C, H, W) -> float32 (x / 255 - mean) / std, per channel."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
-    return (x_uint8.float() / 255 - m) / s
+def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (0..255) or float (0..1) images (B, C, H, W) or (C, H, W) -> float32 (x - mean) / std per channel."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
 
 
 def augment(x_uint8: torch.Tensor, generator: torch.Generator, crop_scale: tuple[float, float],

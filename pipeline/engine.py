@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.data import augment
+from pipeline.data import augment, normalize
 from pipeline.errors import PipelineError
 
 
@@ -117,7 +117,7 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
 def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str) -> torch.Tensor:
     gen = step_generator(cfg.seed, step)
     x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
-    x = normalize_float(x, mean, std).to(device, non_blocking=True)
+    x = normalize(x, mean, std).to(device, non_blocking=True)
     for group in opt.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -128,13 +128,6 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
         nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
     opt.step()
     return loss
-
-
-def normalize_float(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Images in [0, 1] (B, C, H, W) -> standardised with the dataset's channel mean/std."""
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch) -> None:

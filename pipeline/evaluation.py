@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.data import normalize
 from pipeline.encoder import Encoder
 
 
@@ -20,13 +21,11 @@ from pipeline.encoder import Encoder
 def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str,
                      batch_size: int = 512, desc: str = "features") -> torch.Tensor:
     """uint8 images (N, C, H, W) -> (N, D) float features."""
-    from pipeline.engine import normalize_float
-
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2):
-        x = normalize_float(images[i:i + batch_size].float() / 255, mean, std).to(device)
+        x = normalize(images[i:i + batch_size], mean, std).to(device)
         out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
 
