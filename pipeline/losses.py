@@ -1,4 +1,8 @@
-"""Targets and losses, each a mean over masked tokens (optionally with the cls token)."""
+"""Targets and losses, each a (weighted) mean over masked tokens (optionally with the cls token).
+
+Token weights are a 0/1 mask (MAE, dBOT) or real-valued (BootMAE's centre weighting); one code path,
+`weighted_mean`, serves both.
+"""
 from __future__ import annotations
 
 import torch
@@ -27,25 +31,81 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps) ** 0.5
 
 
+def normalize_patches_per_channel(patches: torch.Tensor, channels: int, eps: float = 1e-6) -> torch.Tensor:
+    """BootMAE's pixel target: per-patch standardisation done separately for each colour channel.
+
+    patches (B, L, p*p*C) in `patchify`'s layout, where the channel is the fastest-varying index.
+    """
+    b, n, d = patches.shape
+    per_channel = patches.reshape(b, n, d // channels, channels).transpose(-1, -2)   # (B, L, C, p*p)
+    return normalize_patches(per_channel, eps).transpose(-1, -2).reshape(b, n, d)
+
+
 def standardize_tokens(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-token standardisation over channels: layer norm without affine parameters."""
+    """Per-token standardisation over channels: the "layer norm without affine" that BootMAE, SdAE
+    and dBOT apply to feature targets (and BootMAE/SdAE to predictions)."""
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+def center_weights(mask: torch.Tensor, grid: int) -> torch.Tensor:
+    """BootMAE's centre weighting: each masked token weighs the masked share of its 3x3 neighbourhood.
+
+    mask (B, L) float, 1 = masked, tokens in row-major grid order -> weights (B, L). The token itself
+    counts; cells outside the grid count in neither numerator nor denominator. Tokens deep inside a
+    masked block weigh 1, tokens on its edge less; visible tokens weigh 0.
+    """
+    grid_mask = mask.reshape(-1, 1, grid, grid)
+    share = F.avg_pool2d(grid_mask, 3, stride=1, padding=1, count_include_pad=False)
+    return (share * grid_mask).reshape(mask.shape)
+
+
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """sum(per_token * weights) / sum(weights); per_token, weights (B, L). All-zero weights give 0."""
+    return (per_token * weights).sum() / weights.sum().clamp_min(eps)
+
+
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of per_token (B, L) over the tokens where mask (B, L) is 1."""
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    """Mean of per_token (B, L) over the tokens where the 0/1 mask (B, L) is 1."""
+    return weighted_mean(per_token, mask)
 
 
-def mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """pred, target (B, L, D); mask (B, L). Mean squared error per token, averaged over masked tokens."""
-    return masked_mean(((pred.float() - target.float()) ** 2).mean(dim=-1), mask)
+def mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """pred, target (B, L, D); weights (B, L): a 0/1 mask or real weights. Per-token MSE, weighted mean."""
+    return weighted_mean(((pred.float() - target.float()) ** 2).mean(dim=-1), weights)
 
 
-def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """Huber loss with threshold beta, mean over channels, averaged over masked tokens."""
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """Huber loss with threshold beta, mean over channels, weighted mean over tokens (weights as in `mse`)."""
     per = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta).mean(dim=-1)
-    return masked_mean(per, mask)
+    return weighted_mean(per, weights)
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                axis: str = "channels") -> torch.Tensor:
+    """1 - cosine similarity of pred and target (B, N, D); weights (B, N): a 0/1 mask or real weights.
+
+    axis="channels": cosine per token across channels, then the weighted mean over tokens.
+    axis="tokens": SdAE's repository quirk, cosine along dim=1 of its (B, N_masked, D) tensors, i.e.
+    per channel across the tokens, giving (B, D), averaged over batch and channels. Here the tokens
+    with weight > 0 play the part of SdAE's masked tokens (the others are zeroed, which drops them
+    from the dot product and both norms exactly); the weight values themselves are ignored.
+    """
+    pred, target = pred.float(), target.float()
+    if axis == "channels":
+        return weighted_mean(1 - F.cosine_similarity(pred, target, dim=-1), weights)
+    if axis == "tokens":
+        keep = (weights > 0).to(pred.dtype)[..., None]
+        return (1 - F.cosine_similarity(pred * keep, target * keep, dim=1)).mean()
+    raise ValueError(f"cosine_loss axis must be 'channels' or 'tokens', got {axis!r}")
+
+
+def ramp(step: int, total_steps: int, ramp_fraction: float, start: float = 0.0, end: float = 1.0) -> float:
+    """A loss weight going linearly from start to end over the first ramp_fraction of training, then
+    constant at end (BootMAE's feature-loss weight: 0 -> 1 over the first 25%). Fraction 0 -> always end."""
+    ramp_steps = ramp_fraction * total_steps
+    if ramp_steps <= 0:
+        return end
+    return start + (end - start) * min(step / ramp_steps, 1.0)
 
 
 def with_cls(mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,11 @@
-"""Maskers: pure functions of (batch size, number of patches, ratio, generator) -> a Mask."""
+"""Maskers: pure functions of (batch size, number of patches, ratio, generator) -> a Mask.
+
+Random (MAE), block-wise (BEiT) and hybrid (BootMAE) maskers, and SdAE's multi-fold split of a Mask. Every
+random draw comes from the generator, so the same seed gives the same mask; all are vectorised over the batch
+(block masking loops over a bounded number of attempts, never over samples)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,3 +31,82 @@ def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return Mask(ids_shuffle[:, :keep], ids_restore, mask)
+
+
+def mask_from_bool(hidden: torch.Tensor) -> Mask:
+    """(B, L) bool, True = hidden, the same count per row -> Mask (visible, then hidden, each by grid index)."""
+    counts = hidden.sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"every row needs the same number of hidden patches, got {sorted(set(counts.tolist()))}")
+    ids_shuffle = torch.argsort(hidden.to(torch.uint8), dim=1, stable=True)
+    keep = hidden.shape[1] - int(counts[0])
+    return Mask(ids_shuffle[:, :keep], torch.argsort(ids_shuffle, dim=1), hidden.float())
+
+
+def block_masking_grid(batch: int, grid: int, num_masked: int, generator: torch.Generator, min_block: int = 16,
+                       aspect: tuple[float, float] = (0.3, 1 / 0.3), max_attempts: int = 64) -> torch.Tensor:
+    """BEiT's block-wise masking, (B, grid*grid) bool with at most num_masked True per row.
+
+    Each attempt draws, for every sample, a rectangle of area uniform in [min(min_block, remaining), remaining]
+    and log-uniform aspect ratio in `aspect` (sides rounded, clamped to [1, grid]) at a random position; it is
+    accepted only if it hides new patches and the total stays <= num_masked (BEiT's rule). After
+    max_attempts a row may still be short of num_masked.
+    """
+    rows = torch.arange(grid)
+    hidden = torch.zeros(batch, grid, grid, dtype=torch.bool)
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    for _ in range(max_attempts):
+        remaining = num_masked - hidden.sum(dim=(1, 2))
+        if not (remaining > 0).any():
+            break
+        u_area, u_aspect, u_top, u_left = torch.rand(4, batch, generator=generator, dtype=torch.float64)
+        lo = remaining.clamp(max=min_block)
+        area = (lo + u_area * (remaining - lo)).clamp(min=1)   # finished rows: any area, rejected below
+        ratio = torch.exp(log_lo + u_aspect * (log_hi - log_lo))
+        h = torch.sqrt(area * ratio).round().long().clamp(1, grid)
+        w = torch.sqrt(area / ratio).round().long().clamp(1, grid)
+        top = (u_top * (grid - h + 1)).long()
+        left = (u_left * (grid - w + 1)).long()
+        in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+        in_cols = (rows >= left[:, None]) & (rows < (left + w)[:, None])
+        rect = in_rows[:, :, None] & in_cols[:, None, :]
+        new = (rect & ~hidden).sum(dim=(1, 2))
+        accept = (new > 0) & (new <= remaining)
+        hidden |= rect & accept[:, None, None]
+    return hidden.flatten(1)
+
+
+def hybrid_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator,
+                   block_ratio: float = 0.5, min_block: int = 16) -> Mask:
+    """BootMAE's masking: BEiT blocks hiding up to int(L * block_ratio) patches (never more than the masked
+    count), then random patches among the rest, up to exactly as many hidden as `random_masking`
+    (L - int(L * (1 - ratio))), since a Mask needs the same number of visible patches in every row."""
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"block masking needs a square patch grid, got {num_patches} patches")
+    masked = num_patches - int(num_patches * (1 - ratio))
+    blocks = block_masking_grid(batch, grid, min(int(num_patches * block_ratio), masked), generator, min_block)
+    score = torch.rand(batch, num_patches, generator=generator).masked_fill(blocks, -1.0)  # blocks sort first
+    ids = torch.argsort(score, dim=1)[:, :masked]
+    return mask_from_bool(torch.zeros_like(blocks).scatter(1, ids, True))
+
+
+def block_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator,
+                  min_block: int = 16) -> Mask:
+    """BEiT's block-wise masking with as many hidden patches as `random_masking`. BEiT's blocks may fall
+    short of the target, so they are topped up with random patches to make the count exact: this is
+    `hybrid_masking` with the whole masked count as the block target."""
+    return hybrid_masking(batch, num_patches, ratio, generator, block_ratio=1.0, min_block=min_block)
+
+
+def multifold_split(mask: Mask, folds: int, generator: torch.Generator) -> torch.Tensor:
+    """SdAE's multi-fold masking: each sample's hidden patches in random order, split into `folds` disjoint
+    folds of equal size -> (B, folds, masked // folds) patch indices. The caller runs each fold as its own
+    teacher sequence: `.flatten(0, 1)` gives (B*folds, n) ids_keep for the encoder (images repeated)."""
+    batch, num_patches = mask.ids_restore.shape
+    masked = num_patches - mask.ids_keep.shape[1]
+    if folds < 1 or masked % folds:
+        raise ValueError(f"{masked} masked patches cannot be split into {folds} folds of equal size")
+    hidden_ids = torch.argsort(mask.ids_restore, dim=1)[:, mask.ids_keep.shape[1]:]   # shuffled order, masked part
+    order = torch.argsort(torch.rand(batch, masked, generator=generator), dim=1).to(hidden_ids.device)
+    return torch.gather(hidden_ids, 1, order).view(batch, folds, masked // folds)

@@ -1,0 +1,148 @@
+"""Unit tests of the EMA teacher and its momentum schedules."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.ema import EMATeacher, momentum_from_time_constant, momentum_schedule, repo_rcmae_schedule
+
+
+def linear(w: float, b: float) -> nn.Linear:
+    layer = nn.Linear(1, 1)
+    with torch.no_grad():
+        layer.weight.fill_(w)
+        layer.bias.fill_(b)
+    return layer
+
+
+def net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_update_is_the_ema_formula():
+    student = linear(1.0, -2.0)
+    teacher = EMATeacher(student)
+    for w, b, m in ((3.0, 0.5, 0.75), (-1.0, 4.0, 0.5)):   # dyadic values: float32 arithmetic is exact
+        student.weight.data.fill_(w)
+        student.bias.data.fill_(b)
+        teacher.update(student, m)
+    expected_w = 0.5 * (0.75 * 1.0 + (1 - 0.75) * 3.0) + (1 - 0.5) * -1.0
+    expected_b = 0.5 * (0.75 * -2.0 + (1 - 0.75) * 0.5) + (1 - 0.5) * 4.0
+    assert (teacher.module.weight.item(), teacher.module.bias.item()) == (expected_w, expected_b)
+    assert (student.weight.item(), student.bias.item()) == (-1.0, 4.0)
+
+
+def test_update_copies_buffers_and_stays_in_eval_mode():
+    student = net(0)
+    teacher = EMATeacher(student)
+    student.train()(torch.randn(8, 3))      # moves the student's BatchNorm running stats
+    teacher.train()
+    teacher.update(student, 0.99)
+    assert not teacher.training and not teacher.module[1].training
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)
+
+
+def test_teacher_gets_no_gradient_and_its_output_is_a_constant():
+    student = net(0)
+    teacher = EMATeacher(student)
+    x = torch.randn(5, 3)
+    target = teacher(x)
+    assert not target.requires_grad and not target.is_inference()
+    ((student(x) - target) ** 2).mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_tuple_and_dict_outputs_are_cloned():
+    class Two(nn.Module):
+        def forward(self, x):
+            return x * 2, {"a": x + 1}
+
+    out, extra = EMATeacher(Two())(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0)) and not extra["a"].is_inference()
+
+
+def test_init_copy_equals_source_and_random_equals_fresh():
+    source, fresh = net(0), net(1)
+    copied = EMATeacher(source)
+    assert all(torch.equal(a, b) for a, b in zip(copied.module.state_dict().values(), source.state_dict().values()))
+    assert copied.module is not source
+    random = EMATeacher(source, init="random", fresh=fresh)
+    assert all(torch.equal(a, b) for a, b in zip(random.module.parameters(), net(1).parameters()))
+    assert all(not p.requires_grad for p in random.parameters())
+
+
+def test_mismatches_are_value_errors():
+    with pytest.raises(ValueError, match="names differ"):
+        EMATeacher(nn.Linear(2, 2)).update(nn.Sequential(nn.Linear(2, 2)), 0.9)
+    with pytest.raises(ValueError, match="shapes differ"):
+        EMATeacher(nn.Linear(2, 2), init="random", fresh=nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="fresh"):
+        EMATeacher(nn.Linear(2, 2), init="random")
+
+
+def test_state_dict_round_trip_restores_the_teacher_exactly():
+    class Method(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.student = net(seed)
+            self.teacher = EMATeacher(self.student)
+
+    a = Method(0)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in a.student.parameters():
+                p.add_(torch.randn_like(p))
+        a.teacher.update(a.student, 0.9)
+    b = Method(1)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(a.teacher.state_dict().values(), b.teacher.state_dict().values()))
+    assert not torch.equal(a.teacher.module[0].weight, a.student[0].weight)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_endpoints_and_monotonic(kind):
+    m = momentum_schedule(kind, 0.996, 1.0, epochs=5, steps_per_epoch=7)
+    assert m.dtype == torch.float64 and m.shape == (35,)
+    assert m[0].item() == 0.996 and m[-1].item() == 1.0
+    assert (m.diff() > 0).all()
+
+
+def test_cosine_matches_byol_formula_and_constant_ignores_end():
+    m = momentum_schedule("cosine", 0.99, 1.0, epochs=2, steps_per_epoch=5)
+    t = torch.arange(10, dtype=torch.float64)
+    assert torch.allclose(m, 1.0 - (1.0 - 0.99) * (torch.cos(math.pi * t / 9) + 1) / 2, atol=1e-15)
+    assert (momentum_schedule("constant", 0.99, 1.0, 3, 4) == 0.99).all()
+
+
+def test_per_epoch_schedule_is_constant_within_an_epoch():
+    m = momentum_schedule("cosine", 0.9, 1.0, epochs=4, steps_per_epoch=6, per_epoch=True).view(4, 6)
+    assert (m == m[:, :1]).all()
+    assert m[0, 0].item() == 0.9 and m[-1, 0].item() == 1.0 and (m[:, 0].diff() > 0).all()
+
+
+def test_single_step_or_epoch_stays_at_start_and_unknown_kind_is_an_error():
+    assert momentum_schedule("cosine", 0.9, 1.0, 1, 1).tolist() == [0.9]
+    assert momentum_schedule("linear", 0.9, 1.0, 1, 3, per_epoch=True).tolist() == [0.9] * 3
+    with pytest.raises(ValueError, match="cosine, linear, constant"):
+        momentum_schedule("step", 0.9, 1.0, 2, 2)
+
+
+def test_repo_rcmae_schedule_restarts_every_epoch_and_stays_near_start():
+    epochs, spe, start, end = 100, 50, 0.996, 1.0
+    m = repo_rcmae_schedule(start, end, epochs, spe)
+    per_epoch = m.view(epochs, spe)
+    assert (per_epoch == per_epoch[0]).all() and (per_epoch[0].diff() > 0).all()
+    assert m[0].item() == start and m.max() == m[spe - 1]
+    # t / T < 1 / epochs, so m - start < (end - start) * sin^2(pi / (2 epochs)), i.e. < 1e-6 here
+    assert m.max() < start + (end - start) * math.sin(math.pi / (2 * epochs)) ** 2 < start + 1e-6
+    assert momentum_schedule("cosine", start, end, epochs, spe)[-1] == end
+
+
+def test_time_constant_helper():
+    m = momentum_from_time_constant(2.5, 40)
+    assert abs(m ** 100 - math.exp(-1)) < 1e-9
+    with pytest.raises(ValueError):
+        momentum_from_time_constant(0, 40)

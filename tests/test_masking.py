@@ -1,0 +1,115 @@
+"""Unit tests of the maskers: counts, the Mask contract the encoder and decoder rely on, determinism,
+block contiguity, and SdAE's multi-fold split."""
+import functools
+
+import pytest
+import torch
+
+from pipeline.encoder import build_encoder
+from pipeline.masking import (block_masking, block_masking_grid, hybrid_masking, mask_from_bool, multifold_split,
+                              random_masking)
+
+MASKERS = {
+    "random": random_masking,
+    "block": block_masking,
+    "hybrid": hybrid_masking,
+    "hybrid_small_blocks": functools.partial(hybrid_masking, block_ratio=0.2, min_block=4),
+}
+SETTINGS = [(7, 0.75, 3), (14, 0.75, 4), (14, 0.4, 2), (4, 0.5, 5)]   # (grid, ratio, batch)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def hidden_neighbours(hidden: torch.Tensor, grid: int) -> float:
+    """Mean number of hidden 4-neighbours of a hidden patch."""
+    h = hidden.view(-1, grid, grid).float()
+    n = torch.zeros_like(h)
+    n[:, 1:] += h[:, :-1]
+    n[:, :-1] += h[:, 1:]
+    n[:, :, 1:] += h[:, :, :-1]
+    n[:, :, :-1] += h[:, :, 1:]
+    return ((n * h).sum() / h.sum()).item()
+
+
+@pytest.mark.parametrize("name", MASKERS)
+@pytest.mark.parametrize("grid,ratio,batch", SETTINGS)
+def test_mask_contract(name, grid, ratio, batch):
+    length = grid * grid
+    keep = int(length * (1 - ratio))
+    m = MASKERS[name](batch, length, ratio, gen(0))
+    assert m.ids_keep.shape == (batch, keep) and m.ids_restore.shape == m.mask.shape == (batch, length)
+    assert (m.mask.sum(dim=1) == length - keep).all()
+    ids_shuffle = torch.argsort(m.ids_restore, dim=1)         # [visible, masked] in patch indices
+    assert torch.equal(ids_shuffle[:, :keep], m.ids_keep)
+    assert torch.equal(ids_shuffle.sort(dim=1).values, torch.arange(length).expand(batch, -1))
+    assert (torch.gather(m.mask, 1, m.ids_keep) == 0).all()
+    assert (torch.gather(m.mask, 1, ids_shuffle[:, keep:]) == 1).all()
+    # decoder contract: gathering cat([visible tokens, masked tokens]) by ids_restore gives grid order
+    tokens = torch.arange(length).expand(batch, -1)
+    visible = torch.gather(tokens, 1, m.ids_keep)
+    masked = torch.gather(tokens, 1, ids_shuffle[:, keep:])
+    assert torch.equal(torch.gather(torch.cat([visible, masked], dim=1), 1, m.ids_restore), tokens)
+
+
+@pytest.mark.parametrize("name", MASKERS)
+def test_same_seed_same_mask_different_seed_different_mask(name):
+    a, b, c = (MASKERS[name](4, 196, 0.75, gen(s)) for s in (0, 0, 1))
+    assert torch.equal(a.ids_keep, b.ids_keep) and torch.equal(a.ids_restore, b.ids_restore)
+    assert not torch.equal(a.mask, c.mask)
+
+
+def test_mask_from_bool_round_trips_random_masking():
+    m = random_masking(5, 49, 0.75, gen(3))
+    back = mask_from_bool(m.mask.bool())
+    assert torch.equal(back.mask, m.mask)
+    assert torch.equal(back.ids_keep, m.ids_keep.sort(dim=1).values)
+    with pytest.raises(ValueError, match="same number"):
+        mask_from_bool(torch.tensor([[True, False], [True, True]]))
+
+
+def test_block_masking_makes_contiguous_blocks():
+    grid = 14
+    random = random_masking(64, grid * grid, 0.4, gen(0)).mask.bool()
+    block = block_masking(64, grid * grid, 0.4, gen(0)).mask.bool()
+    assert hidden_neighbours(block, grid) > hidden_neighbours(random, grid) + 1.0   # about 3.3 vs 1.5
+
+
+@pytest.mark.parametrize("grid,num_masked", [(14, 78), (7, 36), (7, 5), (4, 3)])
+def test_pure_blocks_never_exceed_the_target(grid, num_masked):
+    hidden = block_masking_grid(16, grid, num_masked, gen(0))   # min_block 16 is clamped on small grids
+    counts = hidden.sum(dim=1)
+    assert hidden.shape == (16, grid * grid) and (counts <= num_masked).all() and (counts > 0).all()
+
+
+def test_hybrid_only_adds_random_patches_to_its_blocks():
+    blocks = block_masking_grid(4, 14, 98, gen(7))
+    hybrid = hybrid_masking(4, 196, 0.75, gen(7), block_ratio=0.5).mask.bool()
+    assert (hybrid | blocks).equal(hybrid) and (hybrid.sum(1) > blocks.sum(1)).all()
+
+
+def test_multifold_split_partitions_the_masked_set():
+    m = random_masking(3, 196, 0.75, gen(0))                  # 147 masked = 3 folds of 49
+    folds = multifold_split(m, 3, gen(1))
+    assert folds.shape == (3, 3, 49) and folds.dtype == torch.long
+    hidden = torch.argsort(m.ids_restore, dim=1)[:, 49:].sort(dim=1).values
+    assert torch.equal(folds.flatten(1).sort(dim=1).values, hidden)    # disjoint, union = masked set
+    assert torch.equal(folds, multifold_split(m, 3, gen(1)))
+    assert not torch.equal(folds, multifold_split(m, 3, gen(2)))
+
+
+def test_multifold_split_error_when_not_divisible():
+    m = random_masking(2, 196, 0.75, gen(0))
+    with pytest.raises(ValueError, match="147 masked patches .* 2 folds"):
+        multifold_split(m, 2, gen(0))
+
+
+def test_folds_run_through_the_encoder_as_separate_sequences():
+    enc = build_encoder(dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=1, num_heads=2),
+                        8, 1, seed=0).eval()
+    m = random_masking(2, enc.num_patches, 0.5, gen(0))       # 8 masked = 2 folds of 4
+    folds = multifold_split(m, 2, gen(0))
+    x = torch.randn(2, 1, 8, 8)
+    out = enc(x.repeat_interleave(2, dim=0), folds.flatten(0, 1))
+    assert out.shape == (4, 1 + 4, 32)
