@@ -105,6 +105,12 @@ def _cross_field_problems(p: dict):
             yield f"data.path is required for dataset {d['dataset']}"
         elif not Path(d["path"]).is_dir():
             yield f"data.path {d['path']} does not exist or is not a folder"
+    masked = num_patches - int(num_patches * (1 - t["mask_ratio"]))
+    if p["sdae"]["folds"] > masked:
+        yield f"sdae.folds {p['sdae']['folds']} exceeds the {masked} masked patches"
+    for method in ("sdae", "rcmae", "bootmae"):
+        if p[method]["momentum"]["update"] == "epoch" and p[method]["momentum"]["schedule"] == "repo":
+            yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"

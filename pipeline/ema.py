@@ -67,8 +67,12 @@ class EMATeacher(nn.Module):
 
     def forward(self, *args, **kw):
         """The teacher's outputs, as normal (non-inference) tensors that carry no graph."""
+        return self.call("forward", *args, **kw)
+
+    def call(self, name: str, *args, **kw):
+        """Run the teacher's method `name` (e.g. RC-MAE's `reconstruct`) as `forward` does."""
         with torch.inference_mode():
-            out = self.module(*args, **kw)
+            out = getattr(self.module, name)(*args, **kw)
         return _cloned(out)
 
 
@@ -111,3 +115,62 @@ def momentum_from_time_constant(tau_epochs: float, steps_per_epoch: int) -> floa
     if tau_epochs <= 0 or steps_per_epoch <= 0:
         raise ValueError(f"need tau_epochs > 0 and steps_per_epoch > 0, got {tau_epochs}, {steps_per_epoch}")
     return math.exp(-1.0 / (tau_epochs * steps_per_epoch))
+
+
+def momentum_from_tau(tau_epochs: float | None, updates_per_epoch: int) -> float:
+    """`momentum_from_time_constant`, with tau None meaning a frozen teacher (momentum 1)."""
+    return 1.0 if tau_epochs is None else momentum_from_time_constant(tau_epochs, updates_per_epoch)
+
+
+class EMASchedule:
+    """The momentum of every optimiser step, from a method's `momentum` params:
+
+        {schedule: cosine | linear | constant | repo, tau_epochs: [start, end], update: step | epoch}
+
+    The start and end momenta are those of EMAs with the given time constants in epochs (None = 1.0).
+    update "step" applies the EMA after every optimiser step; "epoch" once per epoch, after its last
+    step, with the epoch's momentum (SdAE). "repo" is RC-MAE's official within-epoch indexing.
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def start(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Build the per-step momenta once the engine knows the run's length."""
+        per_epoch = self.spec["update"] == "epoch"
+        epochs, updates = total_steps // steps_per_epoch, (1 if per_epoch else steps_per_epoch)
+        start, end = (momentum_from_tau(t, updates) for t in self.spec["tau_epochs"])
+        if self.spec["schedule"] == "repo":
+            self.momenta = repo_rcmae_schedule(start, end, epochs, steps_per_epoch)
+        else:
+            self.momenta = momentum_schedule(self.spec["schedule"], start, end, epochs, steps_per_epoch, per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+
+    def momentum(self, step: int) -> float | None:
+        """The momentum to apply after optimiser step `step`, or None when no update is due."""
+        if self.spec["update"] == "epoch" and (step + 1) % self.steps_per_epoch:
+            return None
+        return float(self.momenta[step])
+
+
+class EMAMethod(nn.Module):
+    """Base of the methods with an EMA teacher (SdAE, RC-MAE, BootMAE).
+
+    A subclass sets `self.teacher` (an EMATeacher), `self.ema_schedule` (an EMASchedule) and
+    `self.evaluate_weights` ("student" or "teacher"), and defines `ema_source()` (the student part the
+    teacher follows) and `teacher_encoder` (the teacher's Encoder). The engine calls `start_schedule`
+    once and `after_step` after every optimiser step.
+    """
+
+    def start_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        self.ema_schedule.start(steps_per_epoch, total_steps)
+        self.total_steps = total_steps
+
+    def after_step(self, step: int) -> None:
+        momentum = self.ema_schedule.momentum(step)
+        if momentum is not None:
+            self.teacher.update(self.ema_source(), momentum)
+
+    def evaluated_encoder(self) -> nn.Module:
+        """The encoder whose weights the pretrain node writes: the student's or the EMA teacher's."""
+        return self.teacher_encoder if self.evaluate_weights == "teacher" else self.encoder

@@ -81,7 +81,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
           state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
           extra: dict | None = None, device: str | None = None) -> TrainResult:
-    """Train `model` (forward(imgs, generator) -> (loss, outputs)) on uint8 images (N, C, H, W)."""
+    """Train `model` on uint8 images (N, C, H, W): forward(imgs, generator, step) -> (loss, outputs).
+
+    Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
+    `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     n = images.shape[0]
@@ -91,6 +95,8 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     st = _resume(state_path, cfg, model, opt, extra or {})
     total = cfg.epochs * spe
+    if hasattr(model, "start_schedule"):
+        model.start_schedule(spe, total)   # methods with step-dependent parts (EMA momenta, loss ramps)
     bar = tqdm(total=total * bs, initial=st["step"] * bs, unit="img", unit_scale=True, desc=cfg.desc,
                file=sys.stderr, mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
     last_save, t_epoch, step = time.monotonic(), time.monotonic(), st["step"]
@@ -121,12 +127,14 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
     for group in opt.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss, _ = model(x, gen)
+        loss, _ = model(x, gen, step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad:
         nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
     opt.step()
+    if hasattr(model, "after_step"):
+        model.after_step(step)             # e.g. the EMA teacher's update
     return loss
 
 

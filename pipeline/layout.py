@@ -5,7 +5,7 @@ A node's outputs live in results/<node>/<key>/; resumable training state lives i
 which no node declares as an output (Snakemake and DVC delete declared outputs before a rerun).
 
 Weights ids name every evaluable encoder: "random_init" (the random floor), "<method>" for single-stage
-methods ("mae"), and "dbot_stage<k>" for the stages of the dBOT chain.
+methods ("mae", "sdae", "rcmae", "bootmae"), and "dbot_stage<k>" for the stages of the dBOT chain.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
 PLOTS_DIR = RESULTS / "plots"
 
-SINGLE_STAGE_METHODS = ("mae",)   # methods whose whole pre-training is one `pretrain` node
+SINGLE_STAGE_METHODS = ("mae", "sdae", "rcmae", "bootmae")   # methods whose pre-training is one `pretrain` node
 
 
 def sidecar(path: Path | str) -> Path:

@@ -48,15 +48,13 @@ def standardize_tokens(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def center_weights(mask: torch.Tensor, grid: int) -> torch.Tensor:
-    """BootMAE's centre weighting: each masked token weighs the masked share of its 3x3 neighbourhood.
-
-    mask (B, L) float, 1 = masked, tokens in row-major grid order -> weights (B, L). The token itself
-    counts; cells outside the grid count in neither numerator nor denominator. Tokens deep inside a
-    masked block weigh 1, tokens on its edge less; visible tokens weigh 0.
-    """
+    """BootMAE's centre weighting (`--weight_mask`): a masked token weighs 1 + the masked share of its 3x3
+    neighbourhood (itself included, cells outside the grid count as visible, i.e. always divided by 9),
+    so in [1 + 1/9, 2]: tokens deep inside a masked block weigh more than those on its edge. Visible
+    tokens weigh 0. mask (B, L) float, 1 = masked, tokens in row-major grid order -> weights (B, L)."""
     grid_mask = mask.reshape(-1, 1, grid, grid)
-    share = F.avg_pool2d(grid_mask, 3, stride=1, padding=1, count_include_pad=False)
-    return (share * grid_mask).reshape(mask.shape)
+    share = F.avg_pool2d(grid_mask, 3, stride=1, padding=1, count_include_pad=True)
+    return ((1 + share) * grid_mask).reshape(mask.shape)
 
 
 def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

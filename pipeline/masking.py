@@ -101,12 +101,15 @@ def block_masking(batch: int, num_patches: int, ratio: float, generator: torch.G
 
 def multifold_split(mask: Mask, folds: int, generator: torch.Generator) -> torch.Tensor:
     """SdAE's multi-fold masking: each sample's hidden patches in random order, split into `folds` disjoint
-    folds of equal size -> (B, folds, masked // folds) patch indices. The caller runs each fold as its own
-    teacher sequence: `.flatten(0, 1)` gives (B*folds, n) ids_keep for the encoder (images repeated)."""
+    folds of equal size -> (B, folds, masked // folds) patch indices. As in the official code, a remainder
+    (masked % folds patches, drawn at random) is dropped: those patches get no teacher target. The caller
+    runs each fold as its own teacher sequence: `.flatten(0, 1)` gives (B*folds, n) ids_keep for the
+    encoder (images repeated)."""
     batch, num_patches = mask.ids_restore.shape
     masked = num_patches - mask.ids_keep.shape[1]
-    if folds < 1 or masked % folds:
-        raise ValueError(f"{masked} masked patches cannot be split into {folds} folds of equal size")
+    if not 1 <= folds <= masked:
+        raise ValueError(f"{masked} masked patches cannot be split into {folds} folds")
+    per_fold = masked // folds
     hidden_ids = torch.argsort(mask.ids_restore, dim=1)[:, mask.ids_keep.shape[1]:]   # shuffled order, masked part
     order = torch.argsort(torch.rand(batch, masked, generator=generator), dim=1).to(hidden_ids.device)
-    return torch.gather(hidden_ids, 1, order).view(batch, folds, masked // folds)
+    return torch.gather(hidden_ids, 1, order[:, :folds * per_fold]).view(batch, folds, per_fold)

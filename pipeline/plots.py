@@ -4,7 +4,8 @@ atomically as PNG files.
 - pretrain_loss(docs, path): pre-training loss per epoch from the pre-training metrics.json dicts; the dBOT
   stages are drawn one after the other on one epoch axis, MAE (and any other single-stage method) from epoch 1.
 - chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage from the long-format
-  summary table of pipeline.report, with MAE and the random floor as labelled dashed horizontal lines.
+  summary table of pipeline.report, with the single-stage methods and the random floor as labelled dashed
+  horizontal lines.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from matplotlib.figure import Figure
 from pipeline.checkpoint import atomic_write
 
 PANELS = (("knn", "k-NN top-1"), ("linprobe", "Linear-probe top-1"))
-BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "random_init": ("random init (floor)", "tab:gray")}
+BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "sdae": ("SdAE", "tab:green"), "rcmae": ("RC-MAE", "tab:red"),
+                  "bootmae": ("BootMAE", "tab:purple"), "random_init": ("random init (floor)", "tab:gray")}
 
 
 def save_png(fig: Figure, path: Path | str, dpi: int = 120) -> None:
@@ -43,8 +45,9 @@ def pretrain_loss(docs: list[dict], path: Path | str) -> None:
             ax.axvline(offset + 0.5, color="0.7", ls=":", lw=1)
         offset += len(doc["epochs"])
     for doc in (d for d in docs if d["method"] != "dbot"):
+        label, color = BASELINE_STYLE.get(doc["method"], (_label(doc), "black"))
         ax.plot([e["epoch"] + 1 for e in doc["epochs"]], [e["loss"] for e in doc["epochs"]],
-                marker="s", ms=3, color="black", ls="--", label=_label(doc))
+                marker="s", ms=3, color=color, ls="--", label=label)
     ax.set_xlabel("epoch (dBOT stages run consecutively: stage k's teacher is stage k-1's student)")
     ax.set_ylabel("pre-training loss")
     ax.set_title("Pre-training loss (losses of different methods have different targets and scales)")

@@ -16,7 +16,7 @@ class Tiny(nn.Module):
         self.lin = nn.Linear(16, 4)
         self.scale = scale
 
-    def forward(self, x, gen):
+    def forward(self, x, gen, step=0):
         noise = torch.rand(x.shape[0], 4, generator=gen)
         return ((self.lin(x.flatten(1)) - noise) ** 2).mean() * self.scale, {}
 
@@ -61,11 +61,11 @@ def test_resume_from_any_step_is_bit_identical(tmp_path):
     model, calls = Tiny(), {"n": 0}
     original = model.forward
 
-    def dies_at_step_7(x, gen):
+    def dies_at_step_7(x, gen, step):
         calls["n"] += 1
         if calls["n"] == 8:
             raise Crash
-        return original(x, gen)
+        return original(x, gen, step)
 
     model.forward = dies_at_step_7
     with pytest.raises(Crash):

@@ -99,10 +99,15 @@ def test_multifold_split_partitions_the_masked_set():
     assert not torch.equal(folds, multifold_split(m, 3, gen(2)))
 
 
-def test_multifold_split_error_when_not_divisible():
-    m = random_masking(2, 196, 0.75, gen(0))
-    with pytest.raises(ValueError, match="147 masked patches .* 2 folds"):
-        multifold_split(m, 2, gen(0))
+def test_multifold_split_drops_the_remainder_at_random():
+    m = random_masking(4, 49, 0.75, gen(0))                    # 37 masked: 3 folds of 12, one patch dropped
+    folds = multifold_split(m, 3, gen(0))
+    assert folds.shape == (4, 3, 12)
+    hidden = [set(torch.nonzero(row).flatten().tolist()) for row in m.mask]
+    for row, h in zip(folds.flatten(1).tolist(), hidden):
+        assert len(set(row)) == 36 and set(row) < h
+    with pytest.raises(ValueError, match="37 masked patches cannot be split into 38 folds"):
+        multifold_split(m, 38, gen(0))
 
 
 def test_folds_run_through_the_encoder_as_separate_sequences():

@@ -4,7 +4,7 @@ import torch
 
 from pipeline import config
 from pipeline.encoder import build_encoder
-from pipeline.methods import METHODS, NEEDS_TEACHER
+from pipeline.methods import EMA_METHODS, METHODS, NEEDS_TEACHER
 from pipeline.teacher import FrozenTeacher
 
 
@@ -65,3 +65,63 @@ def test_dbot_loss_counts_cls_and_masked_tokens_only(params):
     per = torch.nn.functional.smooth_l1_loss(out["pred"], target, reduction="none", beta=2.0).mean(-1)
     weights = torch.cat([torch.ones(2, 1), out["mask"]], 1)
     assert loss.item() == pytest.approx(((per * weights).sum() / weights.sum()).item(), rel=1e-5)
+
+
+def _by_name(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(EMA_METHODS))
+def test_ema_teacher_gets_no_gradient_and_follows_the_student_by_its_momentum(name, params):
+    model = make(name, params)
+    model.start_schedule(steps_per_epoch=2, total_steps=6)
+    loss, _ = model(torch.randn(4, 1, 8, 8), torch.Generator().manual_seed(0), 0)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    opt.step()                                                         # the student moves, the teacher not yet
+    teacher, student = _by_name(model.teacher.module), _by_name(model.ema_source())
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    momentum = model.ema_schedule.momentum(1)                          # step 1 ends epoch 0: due in every mode
+    assert 0 < momentum < 1
+    model.after_step(1)
+    for k, v in model.teacher.module.named_parameters():
+        assert torch.allclose(v, momentum * teacher[k] + (1 - momentum) * student[k], atol=1e-6), k
+
+
+def test_sdae_updates_its_teacher_once_per_epoch(params):
+    model = make("sdae", params)
+    model.start_schedule(steps_per_epoch=3, total_steps=9)
+    assert [model.ema_schedule.momentum(s) is not None for s in range(9)] == [False, False, True] * 3
+
+
+def test_rcmae_teacher_sees_the_students_mask_and_starts_as_its_copy(params):
+    model = make("rcmae", params)
+    _, out = model(torch.randn(4, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert out["consistency_loss"].item() < 1e-10                     # same weights, same mask: same output
+    assert model.evaluated_encoder() is model.teacher.module.encoder  # evaluate_weights: teacher
+
+
+def test_sdae_teacher_sees_only_masked_patches_in_disjoint_folds(params):
+    model = make("sdae", params)
+    _, out = model(torch.randn(4, 1, 8, 8), torch.Generator().manual_seed(0))
+    folds, mask = out["folds"], out["mask"]
+    assert folds.shape == (4, 3, 4)                                    # 12 masked of 16 = 3 folds of 4
+    for sample_folds, sample_mask in zip(folds, mask):
+        ids = sample_folds.flatten()
+        assert len(set(ids.tolist())) == 12 and (sample_mask[ids] == 1).all()
+
+
+def test_sdae_teacher_starts_from_its_own_random_init(params):
+    model = make("sdae", params)
+    teacher, student = _by_name(model.teacher.module), _by_name(model.encoder)
+    assert not torch.equal(teacher["vit.blocks.0.attn.qkv.weight"], student["vit.blocks.0.attn.qkv.weight"])
+
+
+def test_bootmae_ramps_the_feature_weight_and_masks_in_blocks(params):
+    model = make("bootmae", params)
+    model.start_schedule(steps_per_epoch=10, total_steps=100)
+    assert [model.feature_weight(s) for s in (0, 25, 99)] == [0.0, 1.0, 1.0]
+    assert model.feature_weight(10) == pytest.approx(0.4)
+    _, out = model(torch.randn(4, 1, 8, 8), torch.Generator().manual_seed(0), 10)
+    assert (out["mask"].sum(1) == 12).all() and torch.isfinite(out["feature_loss"])

@@ -96,26 +96,29 @@ def test_per_channel_patch_norm():
 
 
 def test_center_weights_hand_computed():
+    """BootMAE: 1 + (masked cells of the 3x3 neighbourhood, zero-padded) / 9 on masked tokens, 0 elsewhere."""
     mask = torch.tensor([[1.0, 1, 1, 0],
                          [1, 1, 1, 0],
                          [1, 1, 1, 0],
                          [0, 0, 0, 1]])
-    expected = torch.tensor([[1, 1, 4 / 6, 0],
-                             [1, 1, 6 / 9, 0],
-                             [4 / 6, 6 / 9, 5 / 9, 0],
-                             [0, 0, 0, 2 / 4]])
+    masked_neighbours = torch.tensor([[4.0, 6, 4, 0],
+                                      [6, 9, 6, 0],
+                                      [4, 6, 5, 0],
+                                      [0, 0, 0, 2]])
+    expected = mask * (1 + masked_neighbours / 9)
     masks = torch.stack([mask.flatten(), 1 - mask.flatten()])      # and its complement
     w = losses.center_weights(masks, grid=4)
     assert w.shape == (2, 16)
     assert torch.allclose(w[0], expected.flatten())
+    assert w[0, 5].item() == pytest.approx(2.0)                    # (1, 1): the centre of a 3x3 masked block
     assert (w[masks == 0] == 0).all()
-    assert w[1, 3].item() == pytest.approx(2 / 4)                # corner (0, 3): 2 of its 4 cells are masked
+    assert w[1, 3].item() == pytest.approx(1 + 2 / 9)              # corner (0, 3): itself and (1, 3) masked
 
 
 def test_center_weights_zero_on_visible_tokens():
     m = random_masking(3, 16, 0.75, torch.Generator().manual_seed(0)).mask
     w = losses.center_weights(m, 4)
-    assert (w[m == 0] == 0).all() and (w[m == 1] >= 1 / 9).all() and (w <= 1).all()
+    assert (w[m == 0] == 0).all() and (w[m == 1] >= 1 + 1 / 9 - 1e-6).all() and (w <= 2 + 1e-6).all()
 
 
 def test_weighted_mean_of_a_mask_is_the_masked_mean_and_losses_unchanged():

@@ -31,7 +31,7 @@ class DBOT(nn.Module):
         self.beta = cfg["beta"]
         self.target_norm = cfg["target_norm"]
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator):
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
         """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, 1+L, D_t), "mask": (B, L)})."""
         mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio,
                               generator).to(imgs.device)

@@ -10,7 +10,7 @@ from torch import nn
 from pipeline import losses
 from pipeline.decoder import Decoder
 from pipeline.encoder import build_encoder
-from pipeline.masking import random_masking
+from pipeline.masking import Mask, random_masking
 
 
 class MAE(nn.Module):
@@ -26,17 +26,21 @@ class MAE(nn.Module):
         self.mask_ratio = params["pretrain"]["mask_ratio"]
         self.norm_pix = params["mae"]["norm_pix_loss"]
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator):
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
         """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, L, p*p*C), "mask": (B, L)})."""
         mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio,
                               generator).to(imgs.device)
-        latent = self.encoder(imgs, mask.ids_keep)
-        pred = self.decoder(latent, mask.ids_restore)[:, 1:]        # drop the cls position
-        target = losses.patchify(imgs, self.patch)
-        if self.norm_pix:
-            target = losses.normalize_patches(target)
-        return losses.mse(pred, target, mask.mask), {"pred": pred, "mask": mask.mask}
+        pred = self.reconstruct(imgs, mask)
+        return losses.mse(pred, self.target(imgs), mask.mask), {"pred": pred, "mask": mask.mask}
 
+    def reconstruct(self, imgs: torch.Tensor, mask: Mask) -> torch.Tensor:
+        """Predicted pixels of every patch (B, L, p*p*C) from the visible patches of `mask`."""
+        return self.decoder(self.encoder(imgs, mask.ids_keep), mask.ids_restore)[:, 1:]   # drop cls
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The pixel target (B, L, p*p*C): patches, per-patch normalised if norm_pix_loss."""
+        target = losses.patchify(imgs, self.patch)
+        return losses.normalize_patches(target) if self.norm_pix else target
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> MAE:
     return MAE(params, in_chans, seed)

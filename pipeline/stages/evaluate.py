@@ -37,7 +37,7 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")
     info = layout.describe_weights(args.weights)
     weights = {"id": args.weights, "method": info["method"], "stage": info["stage"],
-               "evaluated": "random" if info["method"] == "random" else "student",
+               "evaluated": "random" if info["method"] == "random" else meta.get("evaluated", "student"),
                "path": str(path), "sha256": meta.get("sha256")}
     out = layout.eval_metrics(protocol, args.weights)
     with tracked(params, info["chain"], f"{protocol}@{args.weights}", out.parent, ["seed", protocol],

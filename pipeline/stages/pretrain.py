@@ -72,13 +72,14 @@ def work(params: dict, args) -> None:
         desc=node_id(args))
     state = layout.resume_dir(node_id(args)) / "state.pt"
     out = layout.pretrain_dir(args.method, args.stage if args.method == "dbot" else None)
-    tags = {"method": args.method, "stage": args.stage, "weights": weights_id(args), "evaluated": "student",
+    evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
+    tags = {"method": args.method, "stage": args.stage, "weights": weights_id(args), "evaluated": evaluated,
             "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
     with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state,
                               on_epoch=lambda m: run.log_metrics(m, step=m["epoch"]), extra={"run_id": run.run_id})
-        _write_outputs(out, model, result, args, cfg, teacher_meta)
+        _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated)
         run.log_metrics({"final_loss": result.history[-1]["loss"], "wall_s": result.wall_s})
         run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))
     shutil.rmtree(state.parent, ignore_errors=True)
@@ -86,11 +87,12 @@ def work(params: dict, args) -> None:
           f"in {result.wall_s:.1f} s -> {out}")
 
 
-def _write_outputs(out, model, result, args, cfg, teacher_meta) -> None:
+def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str) -> None:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": args.stage,
-            "weights": weights_id(args), "params_hash": cfg.config_hash, "seed": cfg.seed,
+            "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
-    save_encoder(out / "encoder.safetensors", model.encoder, meta)
+    encoder = model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
+    save_encoder(out / "encoder.safetensors", encoder, meta)
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights")},
                                       "epochs": result.history, "final": final})

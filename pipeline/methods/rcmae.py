@@ -1,0 +1,52 @@
+"""RC-MAE (Lee et al., ICLR 2023): MAE with a mean teacher that reconstructs the same masked image.
+
+The teacher is an EMA of the whole MAE (encoder + decoder), started as a copy of the student. It sees
+the student's own mask; its pixel reconstruction is a second target: loss = MAE loss + gamma *
+MSE(student, teacher reconstruction) over the masked patches. `evaluate_weights` picks which encoder
+the node writes (the official code probes and fine-tunes the teacher).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline import losses
+from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
+from pipeline.masking import random_masking
+from pipeline.methods.mae import MAE
+
+
+class RCMAE(EMAMethod):
+    def __init__(self, params: dict, in_chans: int, seed: int):
+        super().__init__()
+        cfg = params["rcmae"]
+        self.student = MAE(params, in_chans, seed)
+        self.teacher = EMATeacher(self.student)
+        self.ema_schedule = EMASchedule(cfg["momentum"])
+        self.gamma = cfg["consistency_weight"]
+        self.evaluate_weights = cfg["evaluate_weights"]
+
+    @property
+    def encoder(self):
+        return self.student.encoder
+
+    @property
+    def teacher_encoder(self):
+        return self.teacher.module.encoder
+
+    def ema_source(self):
+        return self.student
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
+        """imgs (B, C, H, W) normalised -> (loss, {"pred", "mask", "mae_loss", "consistency_loss"})."""
+        mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.student.mask_ratio,
+                              generator).to(imgs.device)
+        pred = self.student.reconstruct(imgs, mask)
+        teacher_pred = self.teacher.call("reconstruct", imgs, mask)           # the same mask (RC-MAE-S)
+        mae_loss = losses.mse(pred, self.student.target(imgs), mask.mask)
+        consistency = losses.mse(pred, teacher_pred, mask.mask)
+        return mae_loss + self.gamma * consistency, {"pred": pred, "mask": mask.mask, "mae_loss": mae_loss,
+                                                     "consistency_loss": consistency}
+
+
+def build(params: dict, in_chans: int, seed: int, teacher=None) -> RCMAE:
+    return RCMAE(params, in_chans, seed)

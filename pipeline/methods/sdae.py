@@ -1,0 +1,59 @@
+"""SdAE (Chen et al., ECCV 2022): self-distilled MAE with multi-fold masking.
+
+The student (MAE encoder on the visible patches + a decoder with a feature head) predicts an EMA
+teacher's features of the masked patches. The teacher never sees the visible patches: the masked set
+is split into `folds` disjoint folds, each run as its own sequence (+cls); its targets are the final-norm
+outputs, per-token standardised. Loss: 1 - cosine (per token across channels, or the official code's
+cosine across the tokens of a fold: `cosine_axis`). The EMA follows the student encoder once per epoch
+by default; the teacher starts from its own random init (as the code) or from a copy of the student.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline import losses
+from pipeline.decoder import Decoder
+from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
+from pipeline.encoder import build_encoder
+from pipeline.masking import multifold_split, random_masking
+
+
+class SdAE(EMAMethod):
+    def __init__(self, params: dict, in_chans: int, seed: int):
+        super().__init__()
+        m, d, cfg = params["model"], params["data"], params["sdae"]
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
+                                   m["decoder_heads"], m["embed_dim"])
+        fresh = build_encoder(m, d["img_size"], in_chans, seed + 2) if cfg["teacher_init"] == "random" else None
+        self.teacher = EMATeacher(self.encoder, cfg["teacher_init"].replace("student", "copy"), fresh)
+        self.ema_schedule = EMASchedule(cfg["momentum"])
+        self.evaluate_weights = cfg["evaluate_weights"]
+        self.mask_ratio = params["pretrain"]["mask_ratio"]
+        self.folds, self.cosine_axis = cfg["folds"], cfg["cosine_axis"]
+
+    @property
+    def teacher_encoder(self):
+        return self.teacher.module
+
+    def ema_source(self):
+        return self.encoder
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
+        """imgs (B, C, H, W) normalised -> (loss, {"pred": (B*F, n, D), "mask": (B, L), "folds": (B, F, n)})."""
+        mask = random_masking(imgs.shape[0], self.encoder.num_patches, self.mask_ratio, generator).to(imgs.device)
+        folds = multifold_split(mask, self.folds, generator).to(imgs.device)          # (B, F, n)
+        b, f, n = folds.shape
+        target = self.teacher(imgs.repeat_interleave(f, dim=0), folds.flatten(0, 1))[:, 1:]   # (B*F, n, D)
+        target = losses.standardize_tokens(target)
+        pred = self.decoder(self.encoder(imgs, mask.ids_keep), mask.ids_restore)[:, 1:]        # (B, L, D)
+        pred = torch.gather(pred, 1, folds.view(b, f * n, 1).expand(-1, -1, pred.shape[-1]))
+        pred = pred.view(b * f, n, -1)                                         # the teacher's fold layout
+        loss = losses.cosine_loss(pred, target, torch.ones(b * f, n, device=imgs.device), self.cosine_axis)
+        return loss, {"pred": pred, "mask": mask.mask, "folds": folds}
+
+
+def build(params: dict, in_chans: int, seed: int, teacher=None) -> SdAE:
+    return SdAE(params, in_chans, seed)
