@@ -17,21 +17,15 @@ import torch
 
 from pipeline import config, engine
 from pipeline.checkpoint import write_json
-from pipeline.encoder import build_encoder, encoder_flops
+from pipeline.compute import flops_per_image
+from pipeline.encoder import build_encoder
 from pipeline.layout import RESULTS
-from pipeline.methods import METHODS, NEEDS_TEACHER
+from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.teacher import FrozenTeacher
 
 
 def step_flops(params: dict, method: str) -> float:
-    """Analytic FLOPs of one training image: 3x (encoder on visible + decoder on all) + teacher forward."""
-    m, d, ratio = params["model"], params["data"], params["pretrain"]["mask_ratio"]
-    num = (d["img_size"] // m["patch_size"]) ** 2
-    visible = int(num * (1 - ratio))
-    student = encoder_flops(m["embed_dim"], m["depth"], 1 + visible)
-    student += encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + num)
-    teacher = encoder_flops(m["embed_dim"], m["depth"], 1 + num) if method in NEEDS_TEACHER else 0.0
-    return 3 * student + teacher
+    return flops_per_image(params, method)["train"]
 
 
 def time_method(params: dict, method: str, bf16: bool, steps: int, warmup: int = 3) -> float:
@@ -40,16 +34,19 @@ def time_method(params: dict, method: str, bf16: bool, steps: int, warmup: int =
     teacher = None
     if method in NEEDS_TEACHER:
         teacher = FrozenTeacher(build_encoder(params["model"], d["img_size"], d["channels"], seed=1))
-    model = METHODS[method](params, d["channels"], 0, teacher).train()
+    labels = {"num_classes": 10} if method in NEEDS_LABELS else {}
+    model = METHODS[method](params, d["channels"], 0, teacher, **labels).train()
     cfg = engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=1e-4, min_lr=0, warmup_epochs=0,
                              weight_decay=0.05, clip_grad=t["clip_grad"], bf16=bf16, crop_scale=t["crop_scale"],
                              hflip=t["hflip"], checkpoint_every_min=1e9, seed=0, config_hash="bench")
     opt = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     images = torch.randint(0, 256, (t["batch_size"], d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
+    batch_labels = {"labels": torch.arange(t["batch_size"]) % 10} if method in NEEDS_LABELS else {}
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        engine._step(model, opt, images, [0.5] * d["channels"], [0.25] * d["channels"], cfg, 1e-4, i, "cpu")
+        engine._step(model, opt, images, [0.5] * d["channels"], [0.25] * d["channels"], cfg, 1e-4, i, "cpu",
+                     batch_labels)
         times.append(time.perf_counter() - start)
     return sorted(times[warmup:])[steps // 2]
 
@@ -72,7 +69,7 @@ def main(argv=None) -> None:
                          "images_per_s": batch / step, "step_ratio_to_mae": step / mae_step,
                          "flop_ratio_to_mae": step_flops(params, method) / step_flops(params, "mae"),
                          "gflops_per_s": step_flops(params, method) * batch / step / 1e9})
-            print(f"{method:6s} {rows[-1]['precision']}: {rows[-1]['images_per_s']:8.1f} img/s  "
+            print(f"{method:10s} {rows[-1]['precision']}: {rows[-1]['images_per_s']:8.1f} img/s  "
                   f"step {1000 * step:7.1f} ms  ratio to mae {rows[-1]['step_ratio_to_mae']:.2f} "
                   f"(FLOPs {rows[-1]['flop_ratio_to_mae']:.2f})  {rows[-1]['gflops_per_s']:.1f} GFLOP/s", flush=True)
     out = RESULTS / "bench" / "bench.json"

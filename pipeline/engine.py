@@ -80,11 +80,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
           state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
-          extra: dict | None = None, device: str | None = None) -> TrainResult:
+          extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None) -> TrainResult:
     """Train `model` on uint8 images (N, C, H, W): forward(imgs, generator, step) -> (loss, outputs).
 
     Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
-    `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py).
+    `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py). A model with
+    `needs_labels` also gets the batch's `labels` (N,) as a keyword.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -105,7 +106,8 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         epoch, pos = divmod(step, spe)
         order = epoch_order(n, cfg.seed, epoch)
         idx = order[pos * bs:(pos + 1) * bs]
-        loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device)
+        batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
+        loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
         st["loss_sum"] += loss.detach().float().cpu()
         step += 1
         st["step"] = step
@@ -120,14 +122,15 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"])
 
 
-def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str) -> torch.Tensor:
+def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
+          batch_labels: dict) -> torch.Tensor:
     gen = step_generator(cfg.seed, step)
     x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
     x = normalize(x, mean, std).to(device, non_blocking=True)
     for group in opt.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss, _ = model(x, gen, step)
+        loss, _ = model(x, gen, step, **batch_labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad:

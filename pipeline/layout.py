@@ -28,11 +28,18 @@ def sidecar(path: Path | str) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def pretrain_node(method: str, stage: int = 0) -> str:
+    """Node id of a training node: pretrain@<method>, pretrain_dbot@stage<k>, or supervised."""
+    if method == "dbot":
+        return f"pretrain_dbot@stage{stage}"
+    return "supervised" if method == "supervised" else f"pretrain@{method}"
+
+
 def pretrain_dir(method: str, stage: int | None = None) -> Path:
-    """results/pretrain/<method>/ or, for dBOT, results/pretrain_dbot/stage<k>/."""
+    """results/pretrain/<method>/, results/pretrain_dbot/stage<k>/ (dBOT) or results/supervised/."""
     if method == "dbot":
         return RESULTS / "pretrain_dbot" / f"stage{stage}"
-    return RESULTS / "pretrain" / method
+    return RESULTS / "supervised" if method == "supervised" else RESULTS / "pretrain" / method
 
 
 def teacher_path(stage: int) -> Path:
@@ -59,14 +66,14 @@ def dbot_stages(params: dict) -> list[int]:
 
 
 def all_weights(params: dict) -> list[str]:
-    """Every weights id the study evaluates: the random floor, single-stage methods, dBOT stages."""
-    ids = ["random_init"] + [m for m in SINGLE_STAGE_METHODS]
+    """Every weights id the study evaluates: the random floor, single-stage methods, supervised, dBOT stages."""
+    ids = ["random_init"] + [m for m in SINGLE_STAGE_METHODS] + ["supervised"]
     return ids + [f"dbot_stage{k}" for k in dbot_stages(params)]
 
 
 def pretrain_metrics(params: dict) -> list[Path]:
     """metrics.json of every pre-training node of the study."""
-    paths = [pretrain_dir(m) / "metrics.json" for m in SINGLE_STAGE_METHODS]
+    paths = [pretrain_dir(m) / "metrics.json" for m in SINGLE_STAGE_METHODS + ("supervised",)]
     return paths + [pretrain_dir("dbot", k) / "metrics.json" for k in dbot_stages(params)]
 
 

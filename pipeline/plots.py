@@ -3,6 +3,8 @@ atomically as PNG files.
 
 - pretrain_loss(docs, path): pre-training loss per epoch from the pre-training metrics.json dicts; the dBOT
   stages are drawn one after the other on one epoch axis, MAE (and any other single-stage method) from epoch 1.
+- accuracy_vs_compute(table, flops, path): top-1 against the training FLOPs that produced each encoder, so
+  methods compare at equal compute as well as at equal epochs.
 - chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage from the long-format
   summary table of pipeline.report, with the single-stage methods and the random floor as labelled dashed
   horizontal lines.
@@ -19,7 +21,8 @@ from pipeline.checkpoint import atomic_write
 
 PANELS = (("knn", "k-NN top-1"), ("linprobe", "Linear-probe top-1"))
 BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "sdae": ("SdAE", "tab:green"), "rcmae": ("RC-MAE", "tab:red"),
-                  "bootmae": ("BootMAE", "tab:purple"), "random_init": ("random init (floor)", "tab:gray")}
+                  "bootmae": ("BootMAE", "tab:purple"), "supervised": ("supervised", "black"),
+                  "random_init": ("random init (floor)", "tab:gray")}
 
 
 def save_png(fig: Figure, path: Path | str, dpi: int = 120) -> None:
@@ -76,4 +79,28 @@ def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
         ax.legend(fontsize="small")
     axes[0].set_ylabel("top-1 accuracy (%)")
     fig.suptitle("Accuracy along the dBOT chain")
+    save_png(fig, path)
+
+
+def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path | str) -> None:
+    """Two panels (k-NN, linear probe): top-1 (%) vs training PFLOPs; the dBOT chain joined by a line."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, len(PANELS), sharey=True)
+    top1 = table[table["metric"] == "top1"]
+    for ax, (protocol, title) in zip(axes, PANELS):
+        rows = top1[(top1["protocol"] == protocol) & top1["weights"].isin(list(flops))]
+        chain = rows[rows["method"] == "dbot"].sort_values("stage")
+        ax.plot([flops[w] / 1e15 for w in chain["weights"]], 100 * chain["value"].to_numpy(dtype=float),
+                marker="o", color="tab:blue", label="dBOT (stage 0, 1, ...)")
+        for _, row in rows[rows["method"] != "dbot"].iterrows():
+            label, color = BASELINE_STYLE.get(row["weights"], (row["weights"], "black"))
+            ax.scatter(flops[row["weights"]] / 1e15, 100 * float(row["value"]), color=color, marker="s", label=label)
+        for value in top1.loc[(top1["protocol"] == protocol) & (top1["weights"] == "random_init"), "value"]:
+            ax.axhline(100 * value, ls="--", color="tab:gray", label=f"random init (floor): {100 * value:.1f}%")
+        ax.set_xlabel("training compute (PFLOP, analytic)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    fig.suptitle("Accuracy against training compute")
     save_png(fig, path)

@@ -21,7 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.layout import SINGLE_STAGE_METHODS
 
 COLUMNS = ["method", "stage", "weights", "protocol", "metric", "value", "settings"]
-PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"))
+PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
+                    ("train_flops", "train_flops"))
 PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2}
 PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear probe"}
 MISSING = "—"
@@ -42,7 +43,7 @@ def _number(value, path: Path, what: str) -> float:
 
 
 def pretrain_rows(doc: dict, path: Path) -> list[dict]:
-    """The pre-training rows (final_loss, wall_s, images_seen) of one pre-training metrics.json."""
+    """The pre-training rows (final_loss, wall_s, images_seen, train_flops) of one pre-training metrics.json."""
     _require(doc, path, "method", "stage", "weights", "epochs", "final")
     _require(doc["final"], path, *(key for _, key in PRETRAIN_METRICS))
     for epoch in doc["epochs"]:
@@ -100,6 +101,18 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return MISSING if value is None else format(scale * value, spec)
 
 
+def chain_flops(table: pd.DataFrame) -> dict[str, float]:
+    """weights id -> training FLOPs that produced it: its own node's, plus every earlier dBOT stage's."""
+    rows = table[(table.protocol == "pretrain") & (table.metric == "train_flops")]
+    own = dict(zip(rows.weights, rows.value.astype(float)))
+    stages = sorted((int(w.removeprefix("dbot_stage")), v) for w, v in own.items() if w.startswith("dbot_stage"))
+    total = 0.0
+    for k, value in stages:
+        total += value
+        own[f"dbot_stage{k}"] = total
+    return own
+
+
 def summary_rows(table: pd.DataFrame) -> list[list[str]]:
     """One formatted markdown row per weights id, in weights_key order."""
     rows = []
@@ -110,7 +123,8 @@ def summary_rows(table: pd.DataFrame) -> list[list[str]]:
                      _fmt(_value(table, weights, "knn", "top1"), ".1f", 100),
                      _fmt(_value(table, weights, "linprobe", "top1"), ".1f", 100),
                      _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
-                     _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f")])
+                     _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f"),
+                     _fmt(chain_flops(table).get(weights), ".2f", 1e-15)])
     return rows
 
 
@@ -128,16 +142,17 @@ def settings_sentence(table: pd.DataFrame) -> str:
 def markdown(table: pd.DataFrame) -> str:
     """summary.md: a header paragraph and one table row per encoder."""
     header = ["weights", "method", "stage", "k-NN top-1 (%)", "linear top-1 (%)",
-              "final pre-train loss", "pre-train wall (s)"]
+              "final pre-train loss", "pre-train wall (s)", "train compute (PFLOP)"]
     intro = ("# Study summary\n\n"
              "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen: the "
              "random-init encoder is the floor, MAE the single-stage baseline, and dbot_stage<k> the student of "
              "dBOT stage k (whose teacher is the student of stage k-1). Final pre-train loss is the mean loss of "
              "the last pre-training epoch (methods regress different targets, so losses compare only within a "
-             f"method); wall time is the summed epoch time of the node. Evaluation settings: "
+             f"method); wall time is the summed epoch time of the node; train compute is the analytic FLOPs of "
+             "training (pipeline.compute), summed along the dBOT chain up to that stage. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
              "format with all metrics is summary.csv.\n\n")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * 2 + ["--:"] * 5) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * 2 + ["--:"] * 6) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table)]
     return intro + "\n".join(lines) + "\n"
 
@@ -159,4 +174,5 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
     atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(table)))
     plots.pretrain_loss([d for _, d in pretrain_docs], out_dir / "plots" / "pretrain_loss.png")
     plots.chain_accuracy(table, out_dir / "plots" / "chain_accuracy.png")
+    plots.accuracy_vs_compute(table, chain_flops(table), out_dir / "plots" / "accuracy_vs_compute.png")
     return table

@@ -1,7 +1,7 @@
-"""Pre-training: pretrain (single-stage methods), teacher_swap and pretrain_dbot (the dBOT chain).
+"""Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chain).
 
 Inputs: results/prepare_data/dataset.safetensors; dBOT stage k also results/teacher_swap/stage<k>/teacher.safetensors.
-Outputs: results/pretrain/<method>/ and results/pretrain_dbot/stage<k>/: encoder.{safetensors,json}, metrics.json;
+Outputs: results/pretrain/<method>/, results/supervised/ and results/pretrain_dbot/stage<k>/: encoder.{safetensors,json}, metrics.json;
 results/teacher_swap/stage<k>/teacher.{safetensors,json}.
 """
 
@@ -25,6 +25,27 @@ rule pretrain:
         "results/benchmarks/pretrain/{method}.tsv"
     shell:
         "python -m pipeline.stages.pretrain --preset {params.preset} --method {wildcards.method} > {log} 2>&1"
+
+
+rule supervised:
+    input:
+        data="results/prepare_data/dataset.safetensors",
+    output:
+        weights="results/supervised/encoder.safetensors",
+        meta="results/supervised/encoder.json",
+        metrics="results/supervised/metrics.json",
+    params:
+        preset=config["preset"],
+        node=node_params("seed", "data", "model", "pretrain", "supervised"),
+    threads: 2
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/logs/supervised.log",
+    benchmark:
+        "results/benchmarks/supervised.tsv"
+    shell:
+        "python -m pipeline.stages.supervised --preset {params.preset} > {log} 2>&1"
 
 
 rule teacher_swap:

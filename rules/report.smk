@@ -15,6 +15,7 @@ rule report:
         md="results/summary.md",
         loss=report("results/plots/pretrain_loss.png", category="pre-training"),
         chain=report("results/plots/chain_accuracy.png", category="evaluation"),
+        compute=report("results/plots/accuracy_vs_compute.png", category="evaluation"),
     params:
         preset=config["preset"],
     conda:

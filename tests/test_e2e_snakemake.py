@@ -14,7 +14,8 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     run_cli("snakemake", "--cores", "2", "--config", "preset=tiny")
     table = pd.read_csv("results/summary.csv")
     assert {"method", "stage", "weights", "protocol", "metric", "value"} <= set(table.columns)
-    weights = {"random_init", "mae", "dbot_stage0", "dbot_stage1", "dbot_stage2"}
+    weights = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised", "dbot_stage0", "dbot_stage1",
+               "dbot_stage2"}
     for protocol in ("knn", "linprobe"):
         rows = table[(table.protocol == protocol) & (table.metric == "top1")]
         assert set(rows.weights) == weights and rows.value.between(0, 1).all()
@@ -23,15 +24,19 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     knn = json.loads((workdir / "results/knn/dbot_stage1/metrics.json").read_text())
     assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls"}
     assert knn["weights"]["evaluated"] == "student" and len(knn["weights"]["sha256"]) == 64
+    rcmae = json.loads((workdir / "results/linprobe/rcmae/metrics.json").read_text())
+    assert rcmae["weights"]["evaluated"] == "teacher"                 # rcmae.evaluate_weights, recorded
     swap = json.loads((workdir / "results/teacher_swap/stage1/teacher.json").read_text())
     assert swap["source"] == "results/pretrain_dbot/stage0/encoder.safetensors" and swap["source_node"] == "pretrain_dbot"
     assert (workdir / "results/benchmarks/pretrain/mae.tsv").is_file()
+    flops = table[(table.protocol == "pretrain") & (table.metric == "train_flops")].set_index("weights").value
+    assert flops["bootmae"] > flops["mae"] > 0 and flops["dbot_stage0"] > 0   # compute accounting per node
     assert not (workdir / "results/.resume/pretrain@mae").exists()
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = {r.data.tags["chain"]: r.info.run_id for r in runs if r.data.tags.get("role") == "chain"}
-    assert {"mae", "dbot", "random_init"} <= set(parents)
+    assert {"mae", "sdae", "rcmae", "bootmae", "dbot", "random_init"} <= set(parents)
     dbot_children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["dbot"]}
     assert {"pretrain_dbot@stage0", "teacher_swap@stage2", "knn@dbot_stage2", "linprobe@dbot_stage1"} <= dbot_children
     stage2 = next(r for r in runs if r.info.run_name == "pretrain_dbot@stage2")

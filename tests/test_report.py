@@ -28,7 +28,8 @@ def _pretrain_doc(weights, method, stage):
                "seconds": 5.0} for e in range(4)]
     return {"node": "pretrain_dbot" if method == "dbot" else "pretrain", "method": method, "stage": stage,
             "weights": weights, "epochs": epochs,
-            "final": {"loss": epochs[-1]["loss"], "images_seen": 40000, "wall_s": 20.0 + stage}}
+            "final": {"loss": epochs[-1]["loss"], "images_seen": 40000, "wall_s": 20.0 + stage,
+                      "train_flops": 1e15 * (1 + stage)}}
 
 
 def _eval_doc(protocol, weights, method, stage, top1):
@@ -61,14 +62,14 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
 
     csv = pd.read_csv(out / "summary.csv")
     assert list(csv.columns) == COLUMNS and list(table.columns) == COLUMNS
-    assert len(csv) == 4 * 3 + 5 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
+    assert len(csv) == 4 * 4 + 5 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
     assert list(csv.weights.drop_duplicates()) == list(ENCODERS)
     top1 = csv[csv.metric == "top1"].set_index(["weights", "protocol"]).value
     assert top1["dbot_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
     pre = csv[csv.protocol == "pretrain"].set_index(["weights", "metric"]).value
     assert pre["dbot_stage1", "wall_s"] == 21.0 and pre["mae", "images_seen"] == 40000
     assert pre["dbot_stage2", "final_loss"] == pytest.approx(0.5 - 0.15 - 0.02)
-    assert set(csv.metric[csv.protocol == "pretrain"]) == {"final_loss", "wall_s", "images_seen"}
+    assert set(csv.metric[csv.protocol == "pretrain"]) == {"final_loss", "wall_s", "images_seen", "train_flops"}
     assert csv.stage[csv.weights == "random_init"].isna().all() and set(csv.stage.dropna()) == {0, 1, 2}
     assert json.loads(csv.settings[csv.protocol == "knn"].iloc[0]) == KNN
     assert str(table.stage.dtype) == "Int64"
@@ -77,11 +78,13 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     assert all(w in md for w in ENCODERS)
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in lines[1:]] == list(ENCODERS)   # floor, mae, stages ascending
-    assert "| dbot_stage2 | dbot | 2 | 93.1 | 80.0 | 0.3300 | 22.0 |" in md
-    assert "| random_init | random |  | 12.3 | 20.5 | — | — |" in md
+    # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6 PFLOP up to stage 2
+    assert "| dbot_stage2 | dbot | 2 | 93.1 | 80.0 | 0.3300 | 22.0 | 6.00 |" in md
+    assert "| mae | mae | 0 | 50.0 | 60.0 | 0.3500 | 20.0 | 1.00 |" in md
+    assert "| random_init | random |  | 12.3 | 20.5 | — | — | — |" in md
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
 
-    for name in ("pretrain_loss", "chain_accuracy"):
+    for name in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert matplotlib.image.imread(png).shape[0] > 100

@@ -1,6 +1,7 @@
 """pretrain: train one method's student -> results/pretrain/<method>/ (dBOT: results/pretrain_dbot/stage<k>/).
 
-Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch) and params.yaml. Resumable:
+Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch; images seen, wall time and
+analytic training FLOPs, pipeline.compute) and params.yaml. Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
 rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
 Tiny runs: python -m pipeline.stages.pretrain --preset tiny --method mae
@@ -14,10 +15,11 @@ import sys
 from pipeline import data, engine, layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import stage_index, stage_main
+from pipeline.compute import flops_per_image
 from pipeline.config import section_hash
 from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
-from pipeline.methods import METHODS, NEEDS_TEACHER
+from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.node import tracked
 from pipeline.teacher import FrozenTeacher
 
@@ -28,7 +30,7 @@ def add_args(parser) -> None:
 
 
 def node_id(args) -> str:
-    return f"pretrain_dbot@stage{args.stage}" if args.method == "dbot" else f"pretrain@{args.method}"
+    return layout.pretrain_node(args.method, args.stage)
 
 
 def weights_id(args) -> str:
@@ -36,10 +38,13 @@ def weights_id(args) -> str:
 
 
 def settings(params: dict, args) -> dict:
-    """The pre-training settings of this node: pretrain.*, with a dBOT stage's own epochs and blr."""
+    """The pre-training settings of this node: pretrain.*, with a dBOT stage's own epochs and blr, and
+    supervised's own epochs."""
     s = dict(params["pretrain"])
     if args.method == "dbot":
         s.update(params["dbot"]["stages"][f"stage{args.stage}"])
+    if args.method == "supervised":
+        s["epochs"] = params["supervised"]["epochs"]
     return s
 
 
@@ -61,7 +66,8 @@ def work(params: dict, args) -> None:
     if args.method in NEEDS_TEACHER:
         enc, teacher_meta = load_encoder(layout.teacher_path(args.stage), params, in_chans)
         teacher = FrozenTeacher(enc, params["dbot"]["teacher_final_norm"])
-    model = METHODS[args.method](params, in_chans, seed, teacher)
+    labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
+    model = METHODS[args.method](params, in_chans, seed, teacher, **labels)
     sections = ["seed", "data", "model", "pretrain", args.method]
     s = settings(params, args)
     cfg = engine.TrainConfig(
@@ -78,28 +84,33 @@ def work(params: dict, args) -> None:
     with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state,
-                              on_epoch=lambda m: run.log_metrics(m, step=m["epoch"]), extra={"run_id": run.run_id})
-        _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated)
-        run.log_metrics({"final_loss": result.history[-1]["loss"], "wall_s": result.wall_s})
+                              on_epoch=lambda m: run.log_metrics(m, step=m["epoch"]), extra={"run_id": run.run_id},
+                              labels=prep.train_y)
+        final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params)
+        run.log_metrics({"final_loss": final["loss"], "wall_s": final["wall_s"], "images_seen": final["images_seen"],
+                         "train_flops": final["train_flops"]})
         run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))
     shutil.rmtree(state.parent, ignore_errors=True)
     print(f"{node_id(args)}: final loss {result.history[-1]['loss']:.4f}, {result.images_seen} images "
           f"in {result.wall_s:.1f} s -> {out}")
 
 
-def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str) -> None:
+def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> None:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": args.stage,
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
     encoder = model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
     save_encoder(out / "encoder.safetensors", encoder, meta)
-    final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s}
+    flops = flops_per_image(params, args.method)
+    final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
+             "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights")},
                                       "epochs": result.history, "final": final})
+    return final
 
 
 def main(argv=None, method: str | None = None) -> None:
-    name = "pretrain_dbot" if method == "dbot" else "pretrain"
+    name = layout.pretrain_node(method, 0).split("@")[0] if method else "pretrain"
     if method:
         argv = ["--method", method] + (argv if argv is not None else sys.argv[1:])
     stage_main(name, __doc__, add_args, check, work, node_id, argv)

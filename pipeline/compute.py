@@ -1,0 +1,47 @@
+"""Analytic training compute of each method, per image: what the report and the benchmark compare.
+
+Counts the matmul FLOPs (2 x multiply-adds) of the transformer blocks (pipeline.encoder.encoder_flops):
+the student's forward + backward (3 x forward) and the teacher's forward (no backward). Patch embedding,
+heads and norms are left out: they are under 2% of a step at every preset here.
+"""
+from __future__ import annotations
+
+from pipeline.encoder import encoder_flops, flops_per_token_block
+
+
+def token_counts(params: dict) -> tuple[int, int, int]:
+    """(patches L, visible V, masked M) of one image under the study's mask ratio."""
+    m, d = params["model"], params["data"]
+    num = (d["img_size"] // m["patch_size"]) ** 2
+    visible = int(num * (1 - params["pretrain"]["mask_ratio"]))
+    return num, visible, num - visible
+
+
+def cross_attention_flops(dim: int, depth: int, queries: int, context: int, context_dim: int) -> float:
+    """Extra FLOPs of `depth` cross-attention sublayers (BootMAE's target-aware decoder)."""
+    projections = 2 * (queries * 2 * dim * dim + context * (context_dim * dim + 2 * dim * dim))
+    return depth * (projections + 2 * 2 * queries * context * dim)
+
+
+def flops_per_image(params: dict, method: str) -> dict[str, float]:
+    """{"student_forward", "teacher_forward", "train"} FLOPs of one training image; train = 3 x student + teacher."""
+    m = params["model"]
+    num, visible, masked = token_counts(params)
+    enc_visible = encoder_flops(m["embed_dim"], m["depth"], 1 + visible)
+    enc_full = encoder_flops(m["embed_dim"], m["depth"], 1 + num)
+    decoder = encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + num)
+    if method == "supervised":
+        student, teacher = enc_full, 0.0
+    elif method == "bootmae":
+        cross = cross_attention_flops(m["decoder_dim"], m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"])
+        student, teacher = enc_visible + 2 * (decoder + cross), enc_full
+    else:
+        student = enc_visible + decoder
+        teacher = {"mae": 0.0, "dbot": enc_full, "rcmae": enc_visible + decoder,
+                   "sdae": _fold_flops(m, masked, params["sdae"]["folds"])}[method]
+    return {"student_forward": student, "teacher_forward": teacher, "train": 3 * student + teacher}
+
+
+def _fold_flops(m: dict, masked: int, folds: int) -> float:
+    """SdAE's teacher: `folds` sequences of (masked // folds) + cls tokens each."""
+    return folds * m["depth"] * flops_per_token_block(m["embed_dim"], 1 + masked // folds)

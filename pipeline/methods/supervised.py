@@ -1,0 +1,39 @@
+"""Supervised training of the same ViT with labels: the "DeiT-like" teacher of dBOT's teacher-swap study
+and a reference line in the report.
+
+The encoder sees the full (augmented) image; a linear head on the cls token after the final norm is
+trained with label-smoothed cross-entropy. Not a masked-image-modelling method: the engine passes it the
+labels of the batch (`needs_labels`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.encoder import build_encoder
+
+
+class Supervised(nn.Module):
+    needs_labels = True
+
+    def __init__(self, params: dict, in_chans: int, seed: int, num_classes: int):
+        super().__init__()
+        m, d = params["model"], params["data"]
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.head = nn.Linear(m["embed_dim"], num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.label_smoothing = params["supervised"]["label_smoothing"]
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0, labels=None):
+        """imgs (B, C, H, W) normalised, labels (B,) -> (loss, {"logits": (B, classes)})."""
+        logits = self.head(self.encoder.features(imgs, "cls"))
+        return F.cross_entropy(logits.float(), labels.to(logits.device), label_smoothing=self.label_smoothing), \
+            {"logits": logits}
+
+
+def build(params: dict, in_chans: int, seed: int, teacher=None, num_classes: int = 10) -> Supervised:
+    return Supervised(params, in_chans, seed, num_classes)
