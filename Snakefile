@@ -27,6 +27,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"
+include: "rules/analyze.smk"
 include: "rules/report.smk"
 
 

@@ -70,19 +70,23 @@ class Encoder(nn.Module):
         Returns tokens (B, 1+K, D) after the final norm, and, if return_blocks is given,
         a dict {block index: (B, 1+K, D) output of that block, before the final norm}.
         """
+        h = self.embed(x, ids_keep)
+        blocks = {}
+        for i, block in enumerate(self.vit.blocks):
+            h = block(h)
+            if i in return_blocks or i - len(self.vit.blocks) in return_blocks:
+                blocks[i] = h
+        h = self.vit.norm(h)
+        return (h, blocks) if return_blocks else h
+
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens entering the first block (B, 1+K, D): cls, then the (visible) patch embeddings + positions."""
         vit = self.vit
         tokens = vit.patch_embed(x) + vit.pos_embed[:, 1:]            # (B, L, D)
         if ids_keep is not None:
             tokens = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        h = torch.cat([cls, tokens], dim=1)
-        blocks = {}
-        for i, block in enumerate(vit.blocks):
-            h = block(h)
-            if i in return_blocks or i - len(vit.blocks) in return_blocks:
-                blocks[i] = h
-        h = vit.norm(h)
-        return (h, blocks) if return_blocks else h
+        return torch.cat([cls, tokens], dim=1)
 
     def features(self, x: torch.Tensor, kind: str = "cls") -> torch.Tensor:
         """(B, D) image features: the cls token after the final norm, or the mean of patch tokens."""

@@ -60,6 +60,11 @@ def eval_metrics(protocol: str, weights: str) -> Path:
     return RESULTS / protocol / weights / "metrics.json"
 
 
+def analysis_path(weights: str) -> Path:
+    """results/analyze/<weights>/analysis.json."""
+    return RESULTS / "analyze" / weights / "analysis.json"
+
+
 def dbot_stages(params: dict) -> list[int]:
     """Stage indices of the dBOT chain, from params dbot.stages (keys stage0, stage1, ...)."""
     return [int(k.removeprefix("stage")) for k in params["dbot"]["stages"]]

@@ -14,13 +14,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from pipeline import plots
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
 from pipeline.layout import SINGLE_STAGE_METHODS
 
-COLUMNS = ["method", "stage", "weights", "protocol", "metric", "value", "settings"]
+COLUMNS = ["method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
                     ("train_flops", "train_flops"))
 PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2}
@@ -49,7 +50,7 @@ def pretrain_rows(doc: dict, path: Path) -> list[dict]:
     for epoch in doc["epochs"]:
         _require(epoch, path, "epoch", "loss")
     base = {"method": doc["method"], "stage": doc["stage"], "weights": doc["weights"], "protocol": "pretrain"}
-    return [dict(base, metric=name, value=_number(doc["final"][key], path, f"final.{key}"), settings="")
+    return [dict(base, evaluated="", metric=name, value=_number(doc["final"][key], path, f"final.{key}"), settings="")
             for name, key in PRETRAIN_METRICS]
 
 
@@ -61,7 +62,8 @@ def eval_rows(doc: dict, path: Path) -> list[dict]:
         raise PipelineError(f"{path}: settings and metrics must be JSON objects")
     w, settings = doc["weights"], json.dumps(doc["settings"], sort_keys=True, separators=(",", ":"))
     base = {"method": w["method"], "stage": w["stage"], "weights": w["id"], "protocol": doc["protocol"]}
-    return [dict(base, metric=m, value=_number(v, path, f"metrics.{m}"), settings=settings)
+    return [dict(base, evaluated=w.get("evaluated", ""), metric=m, value=_number(v, path, f"metrics.{m}"),
+                 settings=settings)
             for m, v in doc["metrics"].items()]
 
 
@@ -119,12 +121,13 @@ def summary_rows(table: pd.DataFrame) -> list[list[str]]:
     for weights in sorted(table["weights"].unique(), key=weights_key):
         first = table[table.weights == weights].iloc[0]
         stage = "" if pd.isna(first.stage) else str(int(first.stage))
-        rows.append([weights, str(first.method), stage,
+        evaluated = table.loc[(table.weights == weights) & (table.evaluated != ""), "evaluated"]
+        rows.append([weights, str(first.method), stage, evaluated.iloc[0] if len(evaluated) else "",
                      _fmt(_value(table, weights, "knn", "top1"), ".1f", 100),
                      _fmt(_value(table, weights, "linprobe", "top1"), ".1f", 100),
                      _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
                      _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f"),
-                     _fmt(chain_flops(table).get(weights), ".2f", 1e-15)])
+                     _fmt(chain_flops(table).get(weights), ".1f", 1e-12)])
     return rows
 
 
@@ -141,18 +144,21 @@ def settings_sentence(table: pd.DataFrame) -> str:
 
 def markdown(table: pd.DataFrame) -> str:
     """summary.md: a header paragraph and one table row per encoder."""
-    header = ["weights", "method", "stage", "k-NN top-1 (%)", "linear top-1 (%)",
-              "final pre-train loss", "pre-train wall (s)", "train compute (PFLOP)"]
+    header = ["weights", "method", "stage", "evaluated", "k-NN top-1 (%)", "linear top-1 (%)",
+              "final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"]
     intro = ("# Study summary\n\n"
              "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen: the "
-             "random-init encoder is the floor, MAE the single-stage baseline, and dbot_stage<k> the student of "
-             "dBOT stage k (whose teacher is the student of stage k-1). Final pre-train loss is the mean loss of "
+             "random-init encoder is the floor; mae, sdae, rcmae and bootmae are single-stage methods (for the "
+             "methods with an EMA teacher, `evaluated` says whether the student or the teacher was evaluated, as "
+             "their evaluate_weights param says); "
+             "supervised is the same ViT trained with labels; dbot_stage<k> is the student of dBOT stage k (whose "
+             "teacher is the student of stage k-1). Final pre-train loss is the mean loss of "
              "the last pre-training epoch (methods regress different targets, so losses compare only within a "
              f"method); wall time is the summed epoch time of the node; train compute is the analytic FLOPs of "
              "training (pipeline.compute), summed along the dBOT chain up to that stage. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
              "format with all metrics is summary.csv.\n\n")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] * 2 + ["--:"] * 6) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * 5) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table)]
     return intro + "\n".join(lines) + "\n"
 
@@ -162,12 +168,24 @@ def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
     return [(Path(f), read_json(f)) for f in files]
 
 
-def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results")) -> pd.DataFrame:
+def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
+    """Attention distance and singular-value share of every analysed encoder, side by side."""
+    from pipeline import analysis   # late: pulls in the model code, which the tables alone do not need
+
+    docs = sorted(docs, key=lambda d: weights_key(d["weights"]["id"]))
+    analysis.plot_attention_distance({d["weights"]["id"]: torch.tensor(d["attention_distance"]) for d in docs},
+                                     plots_dir / "attention_distance.png")
+    analysis.plot_singular_value_share({d["weights"]["id"]: torch.tensor(d["singular_value_share"]) for d in docs},
+                                       plots_dir / "singular_value_share.png")
+
+
+def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results"),
+                 analysis_files: list[Path] = ()) -> pd.DataFrame:
     """Read all metrics files, write out_dir/summary.csv, summary.md and plots/*.png; return the long table.
 
     Every input is read and checked before anything is written.
     """
-    pretrain_docs, eval_docs = _read_all(pretrain_files), _read_all(eval_files)
+    pretrain_docs, eval_docs, analysis_docs = _read_all(pretrain_files), _read_all(eval_files), _read_all(analysis_files)
     table = long_table(pretrain_docs, eval_docs)
     out_dir = Path(out_dir)
     atomic_write(out_dir / "summary.csv", lambda p: table.to_csv(p, index=False))
@@ -175,4 +193,6 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
     plots.pretrain_loss([d for _, d in pretrain_docs], out_dir / "plots" / "pretrain_loss.png")
     plots.chain_accuracy(table, out_dir / "plots" / "chain_accuracy.png")
     plots.accuracy_vs_compute(table, chain_flops(table), out_dir / "plots" / "accuracy_vs_compute.png")
+    if analysis_docs:
+        _analysis_plots([d for _, d in analysis_docs], out_dir / "plots")
     return table

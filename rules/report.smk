@@ -10,12 +10,16 @@ rule report:
         pretrain=[str(p) for p in layout.pretrain_metrics(PARAMS)],
         knn=expand("results/knn/{weights}/metrics.json", weights=WEIGHTS),
         linprobe=expand("results/linprobe/{weights}/metrics.json", weights=WEIGHTS),
+        analyze=expand("results/analyze/{weights}/analysis.json", weights=WEIGHTS),
+        cka="results/cka/cka.json",
     output:
         csv="results/summary.csv",
         md="results/summary.md",
         loss=report("results/plots/pretrain_loss.png", category="pre-training"),
         chain=report("results/plots/chain_accuracy.png", category="evaluation"),
         compute=report("results/plots/accuracy_vs_compute.png", category="evaluation"),
+        distance=report("results/plots/attention_distance.png", category="analyses"),
+        singular=report("results/plots/singular_value_share.png", category="analyses"),
     params:
         preset=config["preset"],
     conda:

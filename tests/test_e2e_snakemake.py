@@ -19,7 +19,12 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     for protocol in ("knn", "linprobe"):
         rows = table[(table.protocol == protocol) & (table.metric == "top1")]
         assert set(rows.weights) == weights and rows.value.between(0, 1).all()
-    for png in ("pretrain_loss", "chain_accuracy"):
+    analysis = json.loads((workdir / "results/analyze/dbot_stage1/analysis.json").read_text())
+    assert len(analysis["attention_distance"]) == 2 and len(analysis["attention_distance"][0]) == 2  # depth x heads
+    assert all(0 < s <= 1 for s in analysis["singular_value_share"])
+    cka = json.loads((workdir / "results/cka/cka.json").read_text())
+    assert len(cka["pairs"]) == 8 * 7 // 2 and all(0 <= v <= 1 + 1e-6 for v in cka["pairs"]["mae vs sdae"])
+    for png in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute", "attention_distance", "singular_value_share"):
         assert (workdir / "results" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     knn = json.loads((workdir / "results/knn/dbot_stage1/metrics.json").read_text())
     assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls"}

@@ -78,10 +78,10 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     assert all(w in md for w in ENCODERS)
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in lines[1:]] == list(ENCODERS)   # floor, mae, stages ascending
-    # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6 PFLOP up to stage 2
-    assert "| dbot_stage2 | dbot | 2 | 93.1 | 80.0 | 0.3300 | 22.0 | 6.00 |" in md
-    assert "| mae | mae | 0 | 50.0 | 60.0 | 0.3500 | 20.0 | 1.00 |" in md
-    assert "| random_init | random |  | 12.3 | 20.5 | — | — | — |" in md
+    # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6000 TFLOP up to stage 2
+    assert "| dbot_stage2 | dbot | 2 | student | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
+    assert "| mae | mae | 0 | student | 50.0 | 60.0 | 0.3500 | 20.0 | 1000.0 |" in md
+    assert "| random_init | random |  | random | 12.3 | 20.5 | — | — | — |" in md
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
 
     for name in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute"):

@@ -1,5 +1,8 @@
 """report: every metrics file of the study -> results/summary.csv (long format), summary.md, plots/*.png.
 
+Plots: pre-training loss, accuracy along the dBOT chain, accuracy against compute, and the analyses of
+every encoder side by side (mean attention distance per layer and head, singular-value share per layer).
+
 Tiny run: python -m pipeline.stages.report --preset tiny
 """
 from pipeline import layout
@@ -9,9 +12,9 @@ from pipeline.node import tracked
 from pipeline.report import build_report
 
 
-def inputs(params: dict) -> tuple[list, list]:
+def inputs(params: dict) -> tuple[list, list, list]:
     evals = [layout.eval_metrics(p, w) for p in ("knn", "linprobe") for w in layout.all_weights(params)]
-    return layout.pretrain_metrics(params), evals
+    return layout.pretrain_metrics(params), evals, [layout.analysis_path(w) for w in layout.all_weights(params)]
 
 
 def check(params: dict, args) -> None:
@@ -21,9 +24,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
-    pretrain, evals = inputs(params)
+    pretrain, evals, analyses = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seed"]) as run:
-        table = build_report(pretrain, evals, layout.RESULTS)
+        table = build_report(pretrain, evals, layout.RESULTS, analyses)
         run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
     print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
 
