@@ -59,48 +59,52 @@ def pretrain_loss(docs: list[dict], path: Path | str) -> None:
     save_png(fig, path)
 
 
-def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
-    """Two panels (k-NN, linear probe): top-1 (%) vs dBOT stage, MAE and the random floor as dashed lines."""
+def _top1_panels(table: pd.DataFrame, draw, xlabel: str, suptitle: str, path: Path | str) -> None:
+    """Two panels (k-NN, linear probe) of top-1 (%): draw(ax, rows) plots one protocol's top-1 rows."""
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, len(PANELS), sharey=True)
     top1 = table[table["metric"] == "top1"]
     for ax, (protocol, title) in zip(axes, PANELS):
-        rows = top1[top1["protocol"] == protocol]
-        chain = rows[rows["method"] == "dbot"].sort_values("stage")
+        draw(ax, top1[top1["protocol"] == protocol])
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    fig.suptitle(suptitle)
+    save_png(fig, path)
+
+
+def _chain(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["method"] == "dbot"].sort_values("stage")
+
+
+def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
+    """Top-1 (%) vs dBOT stage, the other encoders as labelled dashed lines."""
+    def draw(ax, rows):
+        chain = _chain(rows)
         stages = [int(s) for s in chain["stage"]]
         ax.plot(stages, 100 * chain["value"].to_numpy(dtype=float), marker="o", color="tab:blue", label="dBOT")
         for weights, (label, color) in BASELINE_STYLE.items():
             for value in rows.loc[rows["weights"] == weights, "value"]:
                 ax.axhline(100 * value, ls="--", color=color, label=f"{label}: {100 * value:.1f}%")
         ax.set_xticks(stages)
-        ax.set_xlabel("dBOT stage")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    axes[0].set_ylabel("top-1 accuracy (%)")
-    fig.suptitle("Accuracy along the dBOT chain")
-    save_png(fig, path)
+
+    _top1_panels(table, draw, "dBOT stage", "Accuracy along the dBOT chain", path)
 
 
 def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path | str) -> None:
-    """Two panels (k-NN, linear probe): top-1 (%) vs training PFLOPs; the dBOT chain joined by a line."""
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, len(PANELS), sharey=True)
-    top1 = table[table["metric"] == "top1"]
-    for ax, (protocol, title) in zip(axes, PANELS):
-        rows = top1[(top1["protocol"] == protocol) & top1["weights"].isin(list(flops))]
-        chain = rows[rows["method"] == "dbot"].sort_values("stage")
+    """Top-1 (%) vs training PFLOPs; the dBOT chain joined by a line, the random floor dashed."""
+    def draw(ax, rows):
+        floor = rows.loc[rows["weights"] == "random_init", "value"]
+        rows = rows[rows["weights"].isin(list(flops))]
+        chain = _chain(rows)
         ax.plot([flops[w] / 1e15 for w in chain["weights"]], 100 * chain["value"].to_numpy(dtype=float),
                 marker="o", color="tab:blue", label="dBOT (stage 0, 1, ...)")
         for _, row in rows[rows["method"] != "dbot"].iterrows():
             label, color = BASELINE_STYLE.get(row["weights"], (row["weights"], "black"))
             ax.scatter(flops[row["weights"]] / 1e15, 100 * float(row["value"]), color=color, marker="s", label=label)
-        for value in top1.loc[(top1["protocol"] == protocol) & (top1["weights"] == "random_init"), "value"]:
+        for value in floor:
             ax.axhline(100 * value, ls="--", color="tab:gray", label=f"random init (floor): {100 * value:.1f}%")
-        ax.set_xlabel("training compute (PFLOP, analytic)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    axes[0].set_ylabel("top-1 accuracy (%)")
-    fig.suptitle("Accuracy against training compute")
-    save_png(fig, path)
+
+    _top1_panels(table, draw, "training compute (PFLOP, analytic)", "Accuracy against training compute", path)
