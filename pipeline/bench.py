@@ -40,6 +40,8 @@ def time_method(params: dict, method: str, bf16: bool, steps: int, warmup: int =
                              weight_decay=0.05, clip_grad=t["clip_grad"], bf16=bf16, crop_scale=t["crop_scale"],
                              hflip=t["hflip"], checkpoint_every_min=1e9, seed=0, config_hash="bench")
     opt = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    if hasattr(model, "start_schedule"):
+        model.start_schedule(warmup + steps, warmup + steps)     # one epoch: EMA updates as in training
     images = torch.randint(0, 256, (t["batch_size"], d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
     batch_labels = {"labels": torch.arange(t["batch_size"]) % 10} if method in NEEDS_LABELS else {}
     times = []
@@ -51,7 +53,7 @@ def time_method(params: dict, method: str, bf16: bool, steps: int, warmup: int =
     return sorted(times[warmup:])[steps // 2]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
@@ -73,8 +75,10 @@ def main(argv=None) -> None:
                   f"step {1000 * step:7.1f} ms  ratio to mae {rows[-1]['step_ratio_to_mae']:.2f} "
                   f"(FLOPs {rows[-1]['flop_ratio_to_mae']:.2f})  {rows[-1]['gflops_per_s']:.1f} GFLOP/s", flush=True)
     out = RESULTS / "bench" / "bench.json"
-    write_json(out, {"preset": args.preset, "batch_size": batch, "threads": torch.get_num_threads(), "rows": rows})
+    result = {"preset": args.preset, "batch_size": batch, "threads": torch.get_num_threads(), "rows": rows}
+    write_json(out, result)
     print(json.dumps({"written": str(out)}))
+    return result
 
 
 if __name__ == "__main__":
