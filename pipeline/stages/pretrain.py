@@ -95,7 +95,7 @@ def work(params: dict, args) -> None:
           f"in {result.wall_s:.1f} s -> {out}")
 
 
-def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> None:
+def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> dict:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": args.stage,
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
