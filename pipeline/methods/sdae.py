@@ -27,8 +27,10 @@ class SdAE(EMAMethod):
             torch.manual_seed(seed + 1)
             self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
                                    m["decoder_heads"], m["embed_dim"])
-        fresh = build_encoder(m, d["img_size"], in_chans, seed + 2) if cfg["teacher_init"] == "random" else None
-        self.teacher = EMATeacher(self.encoder, cfg["teacher_init"].replace("student", "copy"), fresh)
+        if cfg["teacher_init"] == "random":     # its own random init, as the official code
+            self.teacher = EMATeacher(self.encoder, "random", build_encoder(m, d["img_size"], in_chans, seed + 2))
+        else:                                    # "student": a copy of the student
+            self.teacher = EMATeacher(self.encoder, "copy")
         self.ema_schedule = EMASchedule(cfg["momentum"])
         self.evaluate_weights = cfg["evaluate_weights"]
         self.mask_ratio = params["pretrain"]["mask_ratio"]
