@@ -1,4 +1,5 @@
-"""The study as one DAG: prepare_data -> random_init / pretrain / teacher_swap -> knn, linprobe -> report.
+"""The study as one DAG: prepare_data -> random_init / pretrain / supervised / teacher_swap <-> pretrain_dbot
+-> knn, linprobe, analyze, cka -> report.
 
     snakemake --cores 2                         # the default study (params/base.yaml)
     snakemake --cores 2 --config preset=tiny    # a preset from params/presets/
@@ -18,7 +19,7 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    stage=r"\d+",
+    key="|".join(DBOT_KEYS),
     method="|".join(layout.SINGLE_STAGE_METHODS),
     weights="|".join(WEIGHTS),
 

@@ -171,21 +171,33 @@ def plot_singular_value_share(table: dict[str, torch.Tensor], path: Path | str) 
     save_png(fig, path)
 
 
-def plot_cka(matrix: torch.Tensor | dict[str | tuple[str, str], torch.Tensor], path: Path | str) -> None:
-    """Linear CKA vs layer: one (depth,) tensor, or one line per pair of encoders (key "a vs b" or (a, b))."""
-    lines = matrix if isinstance(matrix, dict) else {"CKA": matrix}
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+def _cka_lines(ax, lines: dict, title: str) -> None:
     for pair, cka in lines.items():
         cka = cka.detach().cpu()
         label = " vs ".join(pair) if isinstance(pair, tuple) else pair
         ax.plot(torch.arange(1, len(cka) + 1), cka, marker="o", ms=3, label=label)
     _layer_axis(ax)
-    ax.set_ylabel("linear CKA")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Layer-wise similarity of patch-token features")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def plot_cka(matrix: torch.Tensor | dict[str | tuple[str, str], torch.Tensor], path: Path | str,
+             stage_means: dict[str, torch.Tensor] | None = None) -> None:
+    """Linear CKA vs layer: one (depth,) tensor, or one line per pair of encoders (key "a vs b" or (a, b)).
+
+    stage_means (the teacher-swap study): per stage, the mean CKA over the pairs of students of different
+    chains, drawn in a first panel: do students from different teachers grow alike stage by stage?
+    """
+    lines = matrix if isinstance(matrix, dict) else {"CKA": matrix}
+    fig = Figure(figsize=(12 if stage_means else 6, 4))
+    axes = fig.subplots(1, 2 if stage_means else 1, squeeze=False)[0]
+    if stage_means:
+        _cka_lines(axes[0], {f"stage {k}": v for k, v in stage_means.items()},
+                   "Teacher-swap study: mean CKA between chains")
+    _cka_lines(axes[-1], lines, "Layer-wise similarity of patch-token features")
+    axes[0].set_ylabel("linear CKA")
     save_png(fig, path)
 
 

@@ -44,9 +44,12 @@ def write_params(path, params: dict, sections: list[str]) -> None:
     checkpoint.atomic_write(path, lambda p: p.write_text(text))
 
 
-def stage_index(text: str) -> int:
-    """--stage value: 'stage1' (the node key used by Snakemake and DVC) or '1'."""
+def dbot_key(text: str) -> str:
+    """--stage value of the dBOT nodes: '<chain>_stage<k>', e.g. random_stage1 (their Snakemake/DVC key)."""
+    from pipeline.layout import parse_dbot_key
+
     try:
-        return int(text.removeprefix("stage"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a stage such as stage0 or 0") from None
+        parse_dbot_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

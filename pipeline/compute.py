@@ -23,12 +23,20 @@ def cross_attention_flops(dim: int, depth: int, queries: int, context: int, cont
     return depth * (projections + 2 * 2 * queries * context * dim)
 
 
-def flops_per_image(params: dict, method: str) -> dict[str, float]:
-    """{"student_forward", "teacher_forward", "train"} FLOPs of one training image; train = 3 x student + teacher."""
+def flops_per_image(params: dict, method: str, teacher: dict | None = None) -> dict[str, float]:
+    """{"student_forward", "teacher_forward", "train"} FLOPs of one training image; train = 3 x student + teacher.
+
+    teacher: the model config of dBOT's frozen teacher when it differs from the student (a wider or deeper
+    external checkpoint); by default the teacher is the student's architecture.
+    """
     m = params["model"]
     num, visible, masked = token_counts(params)
     enc_visible = encoder_flops(m["embed_dim"], m["depth"], 1 + visible)
     enc_full = encoder_flops(m["embed_dim"], m["depth"], 1 + num)
+    if teacher:
+        full_teacher = encoder_flops(teacher["embed_dim"], teacher["depth"], 1 + num)
+    else:
+        full_teacher = enc_full
     decoder = encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + num)
     if method == "supervised":
         student, teacher = enc_full, 0.0
@@ -37,7 +45,7 @@ def flops_per_image(params: dict, method: str) -> dict[str, float]:
         student, teacher = enc_visible + 2 * (decoder + cross), enc_full
     else:
         student = enc_visible + decoder
-        teacher = {"mae": 0.0, "dbot": enc_full, "rcmae": enc_visible + decoder,
+        teacher = {"mae": 0.0, "dbot": full_teacher, "rcmae": enc_visible + decoder,
                    "sdae": _fold_flops(m, masked, params["sdae"]["folds"])}[method]
     return {"student_forward": student, "teacher_forward": teacher, "train": 3 * student + teacher}
 

@@ -114,6 +114,12 @@ def _cross_field_problems(p: dict):
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"
+    from pipeline.layout import TEACHER_SOURCES
+
+    for chain, source in p["dbot"]["chains"].items():
+        if source not in TEACHER_SOURCES and not Path(source).is_file():
+            yield (f"dbot.chains.{chain}: {source!r} is neither a weights id of this study "
+                   f"({', '.join(TEACHER_SOURCES)}) nor an existing file")
     import timm  # late: only needed here, and slow to import
 
     if not timm.is_model(m["arch"]):

@@ -125,13 +125,14 @@ def save_encoder(path, encoder: Encoder, meta: dict) -> dict:
 def load_encoder(path, params: dict, in_chans: int) -> tuple[Encoder, dict]:
     """An Encoder holding the weights of `path` (verified); a mismatch is a one-line PipelineError.
 
-    The architecture is the one recorded in the file's sidecar, else the study's own model params.
+    The architecture is the one recorded in the file's sidecar, else read from the tensor shapes (an external
+    timm ViT state dict; see infer_model).
     """
     from pipeline.checkpoint import load_tensors
     from pipeline.errors import PipelineError
 
     tensors, meta = load_tensors(path)
-    model = meta.get("model") or dict(params["model"], img_size=params["data"]["img_size"], in_chans=in_chans)
+    model = meta.get("model") or infer_model(tensors, params, in_chans)
     try:
         enc = Encoder(model, model["img_size"], model["in_chans"], model.get("depth"))
     except Exception as e:
@@ -141,6 +142,23 @@ def load_encoder(path, params: dict, in_chans: int) -> tuple[Encoder, dict]:
         raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
     enc.vit.load_state_dict(tensors)
     return enc, meta
+
+
+def infer_model(tensors: dict, params: dict, in_chans: int) -> dict:
+    """The encoder config of a bare timm ViT state dict, from its shapes: width, depth, patch size, image size
+    and channels. Heads cannot be read from shapes: the study's own count at the study's width, else timm's
+    convention of 64-wide heads (ViT-Ti/S/B/L). Unknown layouts fall back to the study's model params."""
+    model = dict(params["model"], img_size=params["data"]["img_size"], in_chans=in_chans)
+    try:
+        proj = tensors["patch_embed.proj.weight"]                     # (D, C, p, p)
+        width, patch = proj.shape[0], proj.shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
+        grid = int(round((tensors["pos_embed"].shape[1] - 1) ** 0.5))
+    except (KeyError, ValueError, IndexError):
+        return model
+    heads = model["num_heads"] if width == model["embed_dim"] else max(1, width // 64)
+    return dict(model, embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, img_size=grid * patch,
+                in_chans=proj.shape[1])
 
 
 def _state_mismatch(expected: dict, got: dict) -> str:

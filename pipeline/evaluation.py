@@ -1,7 +1,7 @@
 """Evaluation protocols on a frozen encoder: weighted k-NN and a linear probe with MAE's BN head.
 
 Features are computed once, with the encoder in eval mode and no augmentation: the cls token after the
-final norm, or the mean of the patch tokens (`feature`).
+final norm, or the mean of the patch tokens (`feature`), in fp32 or under bf16 autocast (`bf16`).
 """
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from pipeline.encoder import Encoder
 
 
 @torch.inference_mode()
-def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str,
+def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str, bf16: bool = False,
                      batch_size: int = 512, desc: str = "features") -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> (N, D) float features."""
+    """uint8 images (N, C, H, W) -> (N, D) float32 features (computed under bf16 autocast if bf16)."""
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2):
         x = normalize(images[i:i + batch_size], mean, std).to(device)
-        out.append(encoder.features(x, kind).float().cpu())
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
 
 

@@ -1,13 +1,15 @@
 """Plots of the study, drawn with matplotlib's Agg canvas (no pyplot, no global backend state) and written
 atomically as PNG files.
 
-- pretrain_loss(docs, path): pre-training loss per epoch from the pre-training metrics.json dicts; the dBOT
-  stages are drawn one after the other on one epoch axis, MAE (and any other single-stage method) from epoch 1.
+- pretrain_loss(docs, path): pre-training loss per epoch from the pre-training metrics.json dicts; each dBOT
+  chain's stages are drawn one after the other on one epoch axis, single-stage methods from epoch 1.
 - accuracy_vs_compute(table, flops, path): top-1 against the training FLOPs that produced each encoder, so
   methods compare at equal compute as well as at equal epochs.
-- chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage from the long-format
-  summary table of pipeline.report, with the single-stage methods and the random floor as labelled dashed
-  horizontal lines.
+- chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage, one line per chain, from
+  the long-format summary table of pipeline.report, with the single-stage methods and the random floor as
+  labelled dashed horizontal lines.
+- swap_study(rows, spread, path): the teacher-swap study: top-1 per chain and stage (from the teacher on), and
+  the spread across teachers per stage.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.checkpoint import atomic_write
+from pipeline.layout import parse_dbot_key
 
 PANELS = (("knn", "k-NN top-1"), ("linprobe", "Linear-probe top-1"))
 BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "sdae": ("SdAE", "tab:green"), "rcmae": ("RC-MAE", "tab:red"),
                   "bootmae": ("BootMAE", "tab:purple"), "supervised": ("supervised", "black"),
                   "random_init": ("random init (floor)", "tab:gray")}
+CHAIN_COLORS = ("tab:blue", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "navy")
 
 
 def save_png(fig: Figure, path: Path | str, dpi: int = 120) -> None:
@@ -31,24 +35,37 @@ def save_png(fig: Figure, path: Path | str, dpi: int = 120) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
-def _label(doc: dict) -> str:
-    return f"dBOT stage {doc['stage']}" if doc["method"] == "dbot" else str(doc["method"]).upper()
+def _chain_name(weights: str) -> str:
+    """dbot_<chain>_stage<k> -> <chain>."""
+    return parse_dbot_key(weights.removeprefix("dbot_"))[0]
+
+
+def _chains(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The dBOT rows of a table, per chain (in order of appearance), stages ascending."""
+    dbot = rows[rows["method"] == "dbot"]
+    names = list(dict.fromkeys(_chain_name(w) for w in dbot["weights"]))
+    return {c: dbot[dbot["weights"].map(_chain_name) == c].sort_values("stage") for c in names}
 
 
 def pretrain_loss(docs: list[dict], path: Path | str) -> None:
-    """Loss vs epoch, one line per pre-training node; dBOT stages consecutive (stage boundaries dotted)."""
+    """Loss vs epoch, one line per pre-training node; each dBOT chain's stages consecutive (boundaries dotted)."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    chain = sorted((d for d in docs if d["method"] == "dbot"), key=lambda d: d["stage"])
-    offset = 0
-    for doc in chain:
-        epochs = [offset + e["epoch"] + 1 for e in doc["epochs"]]
-        ax.plot(epochs, [e["loss"] for e in doc["epochs"]], marker="o", ms=3, label=_label(doc))
-        if offset:
-            ax.axvline(offset + 0.5, color="0.7", ls=":", lw=1)
-        offset += len(doc["epochs"])
+    dbot = [d for d in docs if d["method"] == "dbot"]
+    boundaries = set()
+    for i, chain in enumerate(dict.fromkeys(_chain_name(d["weights"]) for d in dbot)):
+        offset, color = 0, CHAIN_COLORS[i % len(CHAIN_COLORS)]
+        for doc in sorted((d for d in dbot if _chain_name(d["weights"]) == chain), key=lambda d: d["stage"]):
+            epochs = [offset + e["epoch"] + 1 for e in doc["epochs"]]
+            ax.plot(epochs, [e["loss"] for e in doc["epochs"]], marker="o", ms=3, color=color,
+                    label=f"dBOT chain {chain}" if offset == 0 else None)
+            if offset:
+                boundaries.add(offset + 0.5)
+            offset += len(doc["epochs"])
+    for x in boundaries:
+        ax.axvline(x, color="0.7", ls=":", lw=1)
     for doc in (d for d in docs if d["method"] != "dbot"):
-        label, color = BASELINE_STYLE.get(doc["method"], (_label(doc), "black"))
+        label, color = BASELINE_STYLE.get(doc["method"], (str(doc["method"]).upper(), "black"))
         ax.plot([e["epoch"] + 1 for e in doc["epochs"]], [e["loss"] for e in doc["epochs"]],
                 marker="s", ms=3, color=color, ls="--", label=label)
     ax.set_xlabel("epoch (dBOT stages run consecutively: stage k's teacher is stage k-1's student)")
@@ -75,20 +92,18 @@ def _top1_panels(table: pd.DataFrame, draw, xlabel: str, suptitle: str, path: Pa
     save_png(fig, path)
 
 
-def _chain(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows[rows["method"] == "dbot"].sort_values("stage")
-
-
 def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
-    """Top-1 (%) vs dBOT stage, the other encoders as labelled dashed lines."""
+    """Top-1 (%) vs dBOT stage, one line per chain, the other encoders as labelled dashed lines."""
     def draw(ax, rows):
-        chain = _chain(rows)
-        stages = [int(s) for s in chain["stage"]]
-        ax.plot(stages, 100 * chain["value"].to_numpy(dtype=float), marker="o", color="tab:blue", label="dBOT")
+        stages = set()
+        for i, (name, chain) in enumerate(_chains(rows).items()):
+            stages |= {int(s) for s in chain["stage"]}
+            ax.plot([int(s) for s in chain["stage"]], 100 * chain["value"].to_numpy(dtype=float), marker="o",
+                    color=CHAIN_COLORS[i % len(CHAIN_COLORS)], label=f"dBOT chain {name}")
         for weights, (label, color) in BASELINE_STYLE.items():
             for value in rows.loc[rows["weights"] == weights, "value"]:
                 ax.axhline(100 * value, ls="--", color=color, label=f"{label}: {100 * value:.1f}%")
-        ax.set_xticks(stages)
+        ax.set_xticks(sorted(stages))
 
     _top1_panels(table, draw, "dBOT stage", "Accuracy along the dBOT chain", path)
 
@@ -98,9 +113,9 @@ def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path
     def draw(ax, rows):
         floor = rows.loc[rows["weights"] == "random_init", "value"]
         rows = rows[rows["weights"].isin(list(flops))]
-        chain = _chain(rows)
-        ax.plot([flops[w] / 1e15 for w in chain["weights"]], 100 * chain["value"].to_numpy(dtype=float),
-                marker="o", color="tab:blue", label="dBOT (stage 0, 1, ...)")
+        for i, (name, chain) in enumerate(_chains(rows).items()):
+            ax.plot([flops[w] / 1e15 for w in chain["weights"]], 100 * chain["value"].to_numpy(dtype=float),
+                    marker="o", color=CHAIN_COLORS[i % len(CHAIN_COLORS)], label=f"dBOT chain {name} (stage 0, 1, ...)")
         for _, row in rows[rows["method"] != "dbot"].iterrows():
             label, color = BASELINE_STYLE.get(row["weights"], (row["weights"], "black"))
             ax.scatter(flops[row["weights"]] / 1e15, 100 * float(row["value"]), color=color, marker="s", label=label)
@@ -108,3 +123,37 @@ def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path
             ax.axhline(100 * value, ls="--", color="tab:gray", label=f"random init (floor): {100 * value:.1f}%")
 
     _top1_panels(table, draw, "training compute (PFLOP, analytic)", "Accuracy against training compute", path)
+
+
+def swap_study(rows: pd.DataFrame, spread: pd.DataFrame, path: Path | str) -> None:
+    """Top: top-1 (%) per chain from its teacher through the stages (k-NN, linear). Bottom: the spread across
+    teachers per stage (sample std and max - min, points)."""
+    from pipeline.swap_study import stage_order
+
+    stages = sorted(rows["stage"].unique(), key=stage_order)
+    xs = {s: i for i, s in enumerate(stages)}
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, len(PANELS), sharex=True)
+    for col, (protocol, title) in enumerate(PANELS):
+        ax = axes[0][col]
+        own = rows[rows["protocol"] == protocol]
+        for i, chain in enumerate(dict.fromkeys(own["chain"])):
+            r = own[own["chain"] == chain].sort_values("stage", key=lambda s: s.map(stage_order))
+            ax.plot([xs[s] for s in r["stage"]], 100 * r["top1"].to_numpy(dtype=float), marker="o",
+                    color=CHAIN_COLORS[i % len(CHAIN_COLORS)], label=f"teacher: {chain}")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        ax = axes[1][col]
+        sp = spread[spread["protocol"] == protocol]
+        for name, style in (("std", "o-"), ("range", "s--")):
+            ax.plot([xs[s] for s in sp["stage"]], 100 * sp[name].to_numpy(dtype=float), style,
+                    label="std" if name == "std" else "max - min")
+        ax.set_xticks(range(len(stages)), [str(s) for s in stages])
+        ax.set_xlabel("stage (teacher = the stage-0 teacher itself)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[1][0].set_ylabel("spread across teachers (points)")
+    fig.suptitle("Teacher-swap study: dBOT students from different teachers, stage by stage")
+    save_png(fig, path)

@@ -4,9 +4,11 @@
   value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
   pre-training rows (protocol "pretrain") hold final_loss, wall_s and images_seen. stage is empty for the
   random floor; settings is the protocol settings as compact JSON (empty for pre-training rows).
-- summary.md: one row per encoder (random floor, single-stage methods, dBOT stages ascending) with top-1
-  percentages, final pre-training loss and wall time, under a paragraph naming the evaluation settings.
-- plots/pretrain_loss.png and plots/chain_accuracy.png (see pipeline.plots).
+- summary.md: one row per encoder (random floor, single-stage methods, dBOT chains stage by stage) with top-1
+  percentages, final pre-training loss and wall time, under a paragraph naming the evaluation settings; then
+  the teacher-swap study (pipeline.swap_study), also written as swap_study.csv (per chain) and
+  swap_spread.csv (spread across teachers per stage).
+- plots/*.png (see pipeline.plots).
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import plots
+from pipeline import plots, swap_study
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
-from pipeline.layout import SINGLE_STAGE_METHODS
+from pipeline.layout import SINGLE_STAGE_METHODS, parse_dbot_key
 
 COLUMNS = ["method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
@@ -68,13 +70,18 @@ def eval_rows(doc: dict, path: Path) -> list[dict]:
 
 
 def weights_key(weights: str) -> tuple:
-    """Sort key of a weights id: random floor, single-stage methods, dBOT stages ascending, then the rest."""
+    """Sort key of a weights id: random floor, single-stage methods, dBOT chains (the random-teacher chain
+    first, then by name) with stages ascending, then the rest."""
     if weights == "random_init":
         return (0, 0, "")
     if weights in SINGLE_STAGE_METHODS:
         return (1, SINGLE_STAGE_METHODS.index(weights), "")
-    if weights.startswith("dbot_stage") and weights.removeprefix("dbot_stage").isdigit():
-        return (2, int(weights.removeprefix("dbot_stage")), "")
+    if weights.startswith("dbot_"):
+        try:
+            chain, stage = parse_dbot_key(weights.removeprefix("dbot_"))
+        except ValueError:
+            return (3, 0, weights)
+        return (2, f"{chain != 'random':d}{chain}", stage)
     return (3, 0, weights)
 
 
@@ -103,21 +110,23 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return MISSING if value is None else format(scale * value, spec)
 
 
-def chain_flops(table: pd.DataFrame) -> dict[str, float]:
-    """weights id -> training FLOPs that produced it: its own node's, plus every earlier dBOT stage's."""
+def chain_flops(table: pd.DataFrame, chains: dict[str, str] | None = None) -> dict[str, float]:
+    """weights id -> training FLOPs that produced it: its own node's, plus every earlier stage's of its dBOT
+    chain, plus the training of the chain's stage-0 teacher where the study trained it (chains: dbot.chains)."""
     rows = table[(table.protocol == "pretrain") & (table.metric == "train_flops")]
     own = dict(zip(rows.weights, rows.value.astype(float)))
-    stages = sorted((int(w.removeprefix("dbot_stage")), v) for w, v in own.items() if w.startswith("dbot_stage"))
-    total = 0.0
-    for k, value in stages:
-        total += value
-        own[f"dbot_stage{k}"] = total
+    stages = sorted((parse_dbot_key(w.removeprefix("dbot_")), v) for w, v in own.items() if w.startswith("dbot_"))
+    totals = {}
+    for (chain, k), value in stages:
+        start = own.get((chains or {}).get(chain), 0.0)
+        totals[chain] = totals.get(chain, start) + value
+        own[f"dbot_{chain}_stage{k}"] = totals[chain]
     return own
 
 
-def summary_rows(table: pd.DataFrame) -> list[list[str]]:
+def summary_rows(table: pd.DataFrame, chains: dict[str, str] | None = None) -> list[list[str]]:
     """One formatted markdown row per weights id, in weights_key order."""
-    rows = []
+    flops, rows = chain_flops(table, chains), []
     for weights in sorted(table["weights"].unique(), key=weights_key):
         first = table[table.weights == weights].iloc[0]
         stage = "" if pd.isna(first.stage) else str(int(first.stage))
@@ -127,7 +136,7 @@ def summary_rows(table: pd.DataFrame) -> list[list[str]]:
                      _fmt(_value(table, weights, "linprobe", "top1"), ".1f", 100),
                      _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
                      _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f"),
-                     _fmt(chain_flops(table).get(weights), ".1f", 1e-12)])
+                     _fmt(flops.get(weights), ".1f", 1e-12)])
     return rows
 
 
@@ -142,7 +151,7 @@ def settings_sentence(table: pd.DataFrame) -> str:
     return "; ".join(parts) if parts else "none"
 
 
-def markdown(table: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
     """summary.md: a header paragraph and one table row per encoder."""
     header = ["weights", "method", "stage", "evaluated", "k-NN top-1 (%)", "linear top-1 (%)",
               "final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"]
@@ -151,16 +160,19 @@ def markdown(table: pd.DataFrame) -> str:
              "random-init encoder is the floor; mae, sdae, rcmae and bootmae are single-stage methods (for the "
              "methods with an EMA teacher, `evaluated` says whether the student or the teacher was evaluated, as "
              "their evaluate_weights param says); "
-             "supervised is the same ViT trained with labels; dbot_stage<k> is the student of dBOT stage k (whose "
-             "teacher is the student of stage k-1). Final pre-train loss is the mean loss of "
+             "supervised is the same ViT trained with labels; dbot_<chain>_stage<k> is the student of stage k of the "
+             "dBOT chain <chain> (stage 0's teacher is the chain's teacher, stage k's the student of stage k-1). "
+             "Final pre-train loss is the mean loss of "
              "the last pre-training epoch (methods regress different targets, so losses compare only within a "
              f"method); wall time is the summed epoch time of the node; train compute is the analytic FLOPs of "
-             "training (pipeline.compute), summed along the dBOT chain up to that stage. Evaluation settings: "
+             "training (pipeline.compute), summed along a dBOT chain up to that stage, with the training of its stage-0 "
+             "teacher when the study made it. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
              "format with all metrics is summary.csv.\n\n")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * 5) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table)]
-    return intro + "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table, chains)]
+    swap = swap_study.markdown(swap_study.chain_rows(table, chains), chains) if chains else ""
+    return intro + "\n".join(lines) + "\n" + swap
 
 
 def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
@@ -180,8 +192,10 @@ def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
 
 
 def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results"),
-                 analysis_files: list[Path] = ()) -> pd.DataFrame:
-    """Read all metrics files, write out_dir/summary.csv, summary.md and plots/*.png; return the long table.
+                 analysis_files: list[Path] = (), chains: dict[str, str] | None = None) -> pd.DataFrame:
+    """Read all metrics files, write out_dir/summary.csv, summary.md, swap_study.csv, swap_spread.csv and
+    plots/*.png; return
+    the long table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study.
 
     Every input is read and checked before anything is written.
     """
@@ -189,10 +203,15 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
     table = long_table(pretrain_docs, eval_docs)
     out_dir = Path(out_dir)
     atomic_write(out_dir / "summary.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(table)))
+    atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(table, chains)))
+    swap_rows = swap_study.chain_rows(table, chains or {})
+    atomic_write(out_dir / "swap_study.csv", lambda p: swap_rows.to_csv(p, index=False))
+    atomic_write(out_dir / "swap_spread.csv", lambda p: swap_study.spread(swap_rows).to_csv(p, index=False))
     plots.pretrain_loss([d for _, d in pretrain_docs], out_dir / "plots" / "pretrain_loss.png")
     plots.chain_accuracy(table, out_dir / "plots" / "chain_accuracy.png")
-    plots.accuracy_vs_compute(table, chain_flops(table), out_dir / "plots" / "accuracy_vs_compute.png")
+    plots.accuracy_vs_compute(table, chain_flops(table, chains), out_dir / "plots" / "accuracy_vs_compute.png")
+    if not swap_rows.empty:
+        plots.swap_study(swap_rows, swap_study.spread(swap_rows), out_dir / "plots" / "swap_study.png")
     if analysis_docs:
         _analysis_plots([d for _, d in analysis_docs], out_dir / "plots")
     return table

@@ -29,13 +29,13 @@ rule analyze:
 rule cka:
     input:
         data="results/prepare_data/dataset.safetensors",
-        weights=[str(layout.weights_path(w)) for w in WEIGHTS if w != "random_init"],
+        weights=[str(layout.weights_path(w)) for w in WEIGHTS],
     output:
         cka="results/cka/cka.json",
         plot=report("results/cka/cka.png", category="analyses"),
     params:
         preset=config["preset"],
-        node=node_params("seed", "analyze"),
+        node=node_params("seed", "analyze", "dbot"),
     conda:
         "envs/pipeline.yaml"
     log:

@@ -4,7 +4,7 @@ Inputs: PARAMS (resolved params) and config["preset"] from the Snakefile. Output
 """
 import json
 
-DBOT_STAGES = layout.dbot_stages(PARAMS)
+DBOT_KEYS = layout.dbot_keys(PARAMS)
 WEIGHTS = layout.all_weights(PARAMS)
 
 
@@ -12,23 +12,23 @@ def node_params(*keys):
     """The params a node reads, as one string: Snakemake reruns the node when it changes."""
 
     def get(wildcards):
+        fields = dict(wildcards)
+        if "key" in fields:                     # a dBOT node: {chain} and {stage} come from its key
+            fields["chain"], fields["stage"] = layout.parse_dbot_key(fields["key"])
         out = {}
         for key in keys:
             value = PARAMS
-            for part in key.format(**wildcards).split("."):
+            for part in key.format(**fields).split("."):
                 value = value[part]
-            out[key.format(**wildcards)] = value
+            out[key.format(**fields)] = value
         return json.dumps(out, sort_keys=True)
 
     return get
 
 
 def teacher_source(wildcards):
-    """Stage 0: params dbot.stage0_teacher (the random init by default); stage k: stage k-1's student."""
-    stage = int(wildcards.stage)
-    if stage == 0:
-        return PARAMS["dbot"]["stage0_teacher"]
-    return str(layout.weights_path(f"dbot_stage{stage - 1}"))
+    """Stage 0: the chain's entry in params dbot.chains; stage k: stage k-1's student of the same chain."""
+    return layout.teacher_source(PARAMS, wildcards.key)
 
 
 def weights_file(wildcards):

@@ -1,9 +1,14 @@
-"""Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chain).
+"""Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chains).
 
-Inputs: results/prepare_data/dataset.safetensors; dBOT stage k also results/teacher_swap/stage<k>/teacher.safetensors.
-Outputs: results/pretrain/<method>/, results/supervised/ and results/pretrain_dbot/stage<k>/: encoder.{safetensors,json}, metrics.json;
-results/teacher_swap/stage<k>/teacher.{safetensors,json}.
+A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the teacher-swap study).
+Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also results/teacher_swap/<key>/teacher.safetensors.
+Outputs: results/pretrain/<method>/, results/supervised/ and results/pretrain_dbot/<key>/: encoder.{safetensors,json},
+metrics.json; results/teacher_swap/<key>/teacher.{safetensors,json}.
+Training nodes take half the cores: two small single-thread trainings side by side outrun one on two threads.
 """
+
+TRAIN_THREADS = max(1, workflow.cores // 2)
+
 
 
 rule pretrain:
@@ -16,7 +21,7 @@ rule pretrain:
     params:
         preset=config["preset"],
         node=node_params("seed", "data", "model", "pretrain", "{method}"),
-    threads: 2
+    threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
@@ -37,7 +42,7 @@ rule supervised:
     params:
         preset=config["preset"],
         node=node_params("seed", "data", "model", "pretrain", "supervised"),
-    threads: 2
+    threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
@@ -52,39 +57,39 @@ rule teacher_swap:
     input:
         source=teacher_source,
     output:
-        weights="results/teacher_swap/stage{stage}/teacher.safetensors",
-        meta="results/teacher_swap/stage{stage}/teacher.json",
+        weights="results/teacher_swap/{key}/teacher.safetensors",
+        meta="results/teacher_swap/{key}/teacher.json",
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "dbot.stage0_teacher"),
+        node=node_params("data", "model", "dbot.chains.{chain}"),
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/teacher_swap/stage{stage}.log",
+        "results/logs/teacher_swap/{key}.log",
     benchmark:
-        "results/benchmarks/teacher_swap/stage{stage}.tsv"
+        "results/benchmarks/teacher_swap/{key}.tsv"
     shell:
-        "python -m pipeline.stages.teacher_swap --preset {params.preset} --stage stage{wildcards.stage} > {log} 2>&1"
+        "python -m pipeline.stages.teacher_swap --preset {params.preset} --stage {wildcards.key} > {log} 2>&1"
 
 
 rule pretrain_dbot:
     input:
         data="results/prepare_data/dataset.safetensors",
-        teacher="results/teacher_swap/stage{stage}/teacher.safetensors",
+        teacher="results/teacher_swap/{key}/teacher.safetensors",
     output:
-        weights="results/pretrain_dbot/stage{stage}/encoder.safetensors",
-        meta="results/pretrain_dbot/stage{stage}/encoder.json",
-        metrics="results/pretrain_dbot/stage{stage}/metrics.json",
+        weights="results/pretrain_dbot/{key}/encoder.safetensors",
+        meta="results/pretrain_dbot/{key}/encoder.json",
+        metrics="results/pretrain_dbot/{key}/metrics.json",
     params:
         preset=config["preset"],
         node=node_params("seed", "data", "model", "pretrain", "dbot.beta", "dbot.target_norm",
                          "dbot.teacher_final_norm", "dbot.stages.stage{stage}"),
-    threads: 2
+    threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/pretrain_dbot/stage{stage}.log",
+        "results/logs/pretrain_dbot/{key}.log",
     benchmark:
-        "results/benchmarks/pretrain_dbot/stage{stage}.tsv"
+        "results/benchmarks/pretrain_dbot/{key}.tsv"
     shell:
-        "python -m pipeline.stages.pretrain_dbot --preset {params.preset} --stage stage{wildcards.stage} > {log} 2>&1"
+        "python -m pipeline.stages.pretrain_dbot --preset {params.preset} --stage {wildcards.key} > {log} 2>&1"

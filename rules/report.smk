@@ -1,7 +1,7 @@
 """report: every metrics file of the study -> results/summary.{csv,md} and results/plots/*.png.
 
 Inputs: results/pretrain*/**/metrics.json, results/{knn,linprobe}/<weights>/metrics.json.
-Outputs: results/summary.csv, results/summary.md, results/plots/pretrain_loss.png, results/plots/chain_accuracy.png.
+Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv, results/plots/*.png.
 """
 
 
@@ -20,8 +20,12 @@ rule report:
         compute=report("results/plots/accuracy_vs_compute.png", category="evaluation"),
         distance=report("results/plots/attention_distance.png", category="analyses"),
         singular=report("results/plots/singular_value_share.png", category="analyses"),
+        swap=report("results/plots/swap_study.png", category="evaluation"),
+        swap_csv="results/swap_study.csv",
+        spread_csv="results/swap_spread.csv",
     params:
         preset=config["preset"],
+        node=node_params("dbot.chains"),
     conda:
         "envs/pipeline.yaml"
     log:

@@ -31,9 +31,9 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
     assert smk == dvc
     assert {rule for rule, _ in smk} == {"prepare_data", "random_init", "pretrain", "supervised", "teacher_swap",
                                          "pretrain_dbot", "knn", "linprobe", "analyze", "cka", "report"}
-    # data, floor, 4 single-stage methods, supervised, dBOT swaps and stages x3, 9 weights x (knn, linprobe,
-    # analyze), cka, report
-    assert len(smk) == 1 + 1 + 4 + 1 + 3 + 3 + 9 * 3 + 1 + 1
+    # data, floor, 4 single-stage methods, supervised, (swap, stage) x 3 chains x 3 stages, 15 weights x (knn,
+    # linprobe, analyze), cka, report
+    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 3 + 1 + 1
 
 
 def test_every_node_has_its_stage_module_and_results_folder(workdir):

@@ -91,10 +91,15 @@ def test_ema_teacher_gets_no_gradient_and_follows_the_student_by_its_momentum(na
         assert torch.allclose(v, momentum * teacher[k] + (1 - momentum) * student[k], atol=1e-6), k
 
 
-def test_sdae_updates_its_teacher_once_per_epoch(params):
+def test_sdae_updates_its_teacher_once_per_epoch_when_asked(params):
+    params = dict(params, sdae=dict(params["sdae"], momentum=dict(params["sdae"]["momentum"], update="epoch")))
     model = make("sdae", params)
     model.start_schedule(steps_per_epoch=3, total_steps=9)
     assert [model.ema_schedule.momentum(s) is not None for s in range(9)] == [False, False, True] * 3
+    params["sdae"]["momentum"]["update"] = "step"                        # the default: after every step
+    model = make("sdae", params)
+    model.start_schedule(steps_per_epoch=3, total_steps=9)
+    assert all(model.ema_schedule.momentum(s) is not None for s in range(9))
 
 
 def test_rcmae_teacher_sees_the_students_mask_and_starts_as_its_copy(params):
@@ -114,10 +119,12 @@ def test_sdae_teacher_sees_only_masked_patches_in_disjoint_folds(params):
         assert len(set(ids.tolist())) == 12 and (sample_mask[ids] == 1).all()
 
 
-def test_sdae_teacher_starts_from_its_own_random_init(params):
-    model = make("sdae", params)
-    teacher, student = _by_name(model.teacher.module), _by_name(model.encoder)
-    assert not torch.equal(teacher["vit.blocks.0.attn.qkv.weight"], student["vit.blocks.0.attn.qkv.weight"])
+def test_sdae_teacher_init_random_or_student(params):
+    key = "vit.blocks.0.attn.qkv.weight"
+    for init, same in (("random", False), ("student", True)):        # the official code's, and the default
+        model = make("sdae", dict(params, sdae=dict(params["sdae"], teacher_init=init)))
+        teacher, student = _by_name(model.teacher.module), _by_name(model.encoder)
+        assert torch.equal(teacher[key], student[key]) == same, init
 
 
 def test_bootmae_ramps_the_feature_weight_and_masks_in_blocks(params):

@@ -100,10 +100,16 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), loaded.state_dict().values()))
     from safetensors.torch import save_file
 
-    wide = build_encoder(dict(MODEL, embed_dim=64), 8, 1, seed=0)
-    save_file(wide.vit.state_dict(), str(tmp_path / "external.safetensors"))   # no sidecar: study's arch
-    with pytest.raises(PipelineError, match="does not fit the encoder architecture: shape: cls_token"):
-        load_encoder(tmp_path / "external.safetensors", params, 1)
+    # an external timm state dict (no sidecar): its width, depth, patch and image size are read from the shapes
+    wide = build_encoder(dict(MODEL, embed_dim=64, depth=3, num_heads=1), 8, 1, seed=0)   # 64-wide heads as timm
+    save_file(wide.vit.state_dict(), str(tmp_path / "external.safetensors"))
+    loaded, meta = load_encoder(tmp_path / "external.safetensors", params, 1)
+    assert meta == {} and (loaded.embed_dim, len(loaded.vit.blocks), loaded.grid) == (64, 3, wide.grid)
+    assert torch.equal(loaded(torch.ones(1, 1, 8, 8)), wide(torch.ones(1, 1, 8, 8)))
+    state = {k: v for k, v in wide.vit.state_dict().items() if k != "norm.weight"}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(PipelineError, match="does not fit the encoder architecture: missing: norm.weight"):
+        load_encoder(tmp_path / "partial.safetensors", params, 1)
     torch.save(enc.vit.state_dict(), tmp_path / "pickle.safetensors")
     with pytest.raises(PipelineError, match="not a readable safetensors file"):
         load_encoder(tmp_path / "pickle.safetensors", params, 1)

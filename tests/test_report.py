@@ -12,8 +12,11 @@ KNN = {"k": 20, "temperature": 0.07, "feature": "cls"}
 LINPROBE = {"epochs": 30, "batch_size": 256, "lr": 0.1, "feature": "cls"}
 # weights id -> (method, stage, knn top1, linprobe top1); the random floor is not pre-trained
 ENCODERS = {"random_init": ("random", None, 0.123, 0.2049), "mae": ("mae", 0, 0.5, 0.6),
-            "dbot_stage0": ("dbot", 0, 0.61, 0.7), "dbot_stage1": ("dbot", 1, 0.66, 0.745),
-            "dbot_stage2": ("dbot", 2, 0.931, 0.8)}
+            "dbot_random_stage0": ("dbot", 0, 0.61, 0.7), "dbot_random_stage1": ("dbot", 1, 0.66, 0.745),
+            "dbot_random_stage2": ("dbot", 2, 0.931, 0.8),
+            "dbot_mae_stage0": ("dbot", 0, 0.71, 0.75), "dbot_mae_stage1": ("dbot", 1, 0.69, 0.76),
+            "dbot_mae_stage2": ("dbot", 2, 0.92, 0.81)}
+CHAINS = {"random": "random_init", "mae": "mae"}          # the teacher-swap study: two chains
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,17 +61,17 @@ def inputs(tmp_path):
 
 def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     out = tmp_path / "results"
-    table = build_report(*inputs, out)
+    table = build_report(*inputs, out, chains=CHAINS)
 
     csv = pd.read_csv(out / "summary.csv")
     assert list(csv.columns) == COLUMNS and list(table.columns) == COLUMNS
-    assert len(csv) == 4 * 4 + 5 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
+    assert len(csv) == 7 * 4 + 8 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
     assert list(csv.weights.drop_duplicates()) == list(ENCODERS)
     top1 = csv[csv.metric == "top1"].set_index(["weights", "protocol"]).value
-    assert top1["dbot_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
+    assert top1["dbot_random_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
     pre = csv[csv.protocol == "pretrain"].set_index(["weights", "metric"]).value
-    assert pre["dbot_stage1", "wall_s"] == 21.0 and pre["mae", "images_seen"] == 40000
-    assert pre["dbot_stage2", "final_loss"] == pytest.approx(0.5 - 0.15 - 0.02)
+    assert pre["dbot_random_stage1", "wall_s"] == 21.0 and pre["mae", "images_seen"] == 40000
+    assert pre["dbot_random_stage2", "final_loss"] == pytest.approx(0.5 - 0.15 - 0.02)
     assert set(csv.metric[csv.protocol == "pretrain"]) == {"final_loss", "wall_s", "images_seen", "train_flops"}
     assert csv.stage[csv.weights == "random_init"].isna().all() and set(csv.stage.dropna()) == {0, 1, 2}
     assert json.loads(csv.settings[csv.protocol == "knn"].iloc[0]) == KNN
@@ -77,14 +80,26 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     md = (out / "summary.md").read_text()
     assert all(w in md for w in ENCODERS)
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in lines[1:]] == list(ENCODERS)   # floor, mae, stages ascending
-    # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6000 TFLOP up to stage 2
-    assert "| dbot_stage2 | dbot | 2 | student | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
+    summary = lines[1:1 + len(ENCODERS)]
+    assert [line.split("|")[1].strip() for line in summary] == list(ENCODERS)   # floor, mae, chains (random first)
+    # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6000 TFLOP up to stage 2; the mae
+    # chain also counts its teacher's training (1 PFLOP)
+    assert "| dbot_random_stage2 | dbot | 2 | student | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
+    assert "| dbot_mae_stage2 | dbot | 2 | student | 92.0 | 81.0 | 0.3300 | 22.0 | 7000.0 |" in md
     assert "| mae | mae | 0 | student | 50.0 | 60.0 | 0.3500 | 20.0 | 1000.0 |" in md
     assert "| random_init | random |  | random | 12.3 | 20.5 | — | — | — |" in md
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
 
-    for name in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute"):
+    # the teacher-swap study: per stage each chain's k-NN / linear top-1, then the spread across teachers
+    assert "| teacher | 12.3 / 20.5 | 50.0 / 60.0 | 26.7 | 37.7 | 27.9 | 39.5 |" in md
+    assert "| 2 | 93.1 / 80.0 | 92.0 / 81.0 | 0.8 | 1.1 | 0.7 | 1.0 |" in md
+    spread = pd.read_csv(out / "swap_spread.csv").set_index(["stage", "protocol"])
+    assert list(spread.index.get_level_values(0).unique()) == ["teacher", "0", "1", "2"]
+    assert spread.loc[("2", "knn"), "range"] == pytest.approx(0.011)
+    assert spread.loc[("0", "linprobe"), "std"] == pytest.approx(0.05 / 2 ** 0.5)
+    assert len(pd.read_csv(out / "swap_study.csv")) == 4 * 2 * 2         # (teacher + 3 stages) x chains x protocols
+
+    for name in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute", "swap_study"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert matplotlib.image.imread(png).shape[0] > 100

@@ -16,7 +16,7 @@ from pipeline.node import tracked
 
 def add_args(parser) -> None:
     parser.add_argument("--weights", required=True,
-                        help="weights id: random_init, mae, dbot_stage<k> (see pipeline/layout.py)")
+                        help="weights id: random_init, mae, ..., dbot_<chain>_stage<k> (see pipeline/layout.py)")
 
 
 def check(params: dict, args) -> None:
@@ -43,9 +43,9 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     with tracked(params, info["chain"], f"{protocol}@{args.weights}", out.parent, ["seed", protocol],
                  {"weights": args.weights, "evaluated": weights["evaluated"], "protocol": protocol,
                   "weights_sha256": weights["sha256"]}) as run:
-        kind = settings["feature"]
-        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, desc=f"{protocol} train")
-        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, desc=f"{protocol} val")
+        kind, bf16 = settings["feature"], settings["bf16"]
+        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, bf16, desc=f"{protocol} train")
+        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, bf16, desc=f"{protocol} val")
         metrics, history = protocol_fn(params, train_f, prep.train_y, val_f, prep.val_y, len(prep.class_names))
         result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics}
         if history:

@@ -1,11 +1,11 @@
-"""pretrain: train one method's student -> results/pretrain/<method>/ (dBOT: results/pretrain_dbot/stage<k>/).
+"""pretrain: train one method's student -> results/pretrain/<method>/ (dBOT: results/pretrain_dbot/<chain>_stage<k>/).
 
 Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch; images seen, wall time and
 analytic training FLOPs, pipeline.compute) and params.yaml. Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
 rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
 Tiny runs: python -m pipeline.stages.pretrain --preset tiny --method mae
-           python -m pipeline.stages.pretrain_dbot --preset tiny --stage stage0
+           python -m pipeline.stages.pretrain_dbot --preset tiny --stage random_stage0
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 from pipeline import data, engine, layout
 from pipeline.checkpoint import read_json, write_json
-from pipeline.cli import stage_index, stage_main
+from pipeline.cli import dbot_key, stage_main
 from pipeline.compute import flops_per_image
 from pipeline.config import section_hash
 from pipeline.encoder import load_encoder, save_encoder
@@ -26,7 +26,8 @@ from pipeline.teacher import FrozenTeacher
 
 def add_args(parser) -> None:
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--stage", type=stage_index, default=0, help="dBOT stage (chain position)")
+    parser.add_argument("--stage", type=dbot_key, default=None,
+                        help="dBOT only: the node key <chain>_stage<k>, e.g. random_stage1")
 
 
 def node_id(args) -> str:
@@ -34,7 +35,12 @@ def node_id(args) -> str:
 
 
 def weights_id(args) -> str:
-    return f"dbot_stage{args.stage}" if args.method == "dbot" else args.method
+    return layout.dbot_weights(args.stage) if args.method == "dbot" else args.method
+
+
+def stage_number(args) -> int:
+    """Position in the dBOT chain (0 for every other method)."""
+    return layout.parse_dbot_key(args.stage)[1] if args.method == "dbot" else 0
 
 
 def settings(params: dict, args) -> dict:
@@ -42,7 +48,7 @@ def settings(params: dict, args) -> dict:
     supervised's own epochs."""
     s = dict(params["pretrain"])
     if args.method == "dbot":
-        s.update(params["dbot"]["stages"][f"stage{args.stage}"])
+        s.update(params["dbot"]["stages"][f"stage{stage_number(args)}"])
     if args.method == "supervised":
         s["epochs"] = params["supervised"]["epochs"]
     return s
@@ -51,8 +57,10 @@ def settings(params: dict, args) -> dict:
 def check(params: dict, args) -> None:
     if args.method not in METHODS:
         raise PipelineError(f"unknown method {args.method!r}; known: {', '.join(METHODS)}")
-    if args.method == "dbot" and f"stage{args.stage}" not in params["dbot"]["stages"]:
-        raise PipelineError(f"--stage {args.stage}: dbot.stages has only {', '.join(params['dbot']['stages'])}")
+    if args.method == "dbot" and args.stage not in layout.dbot_keys(params):
+        raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
+    if args.method != "dbot" and args.stage is not None:
+        raise PipelineError(f"--stage is for dbot only, not {args.method}")
     for path in [layout.DATASET] + ([layout.teacher_path(args.stage)] if args.method in NEEDS_TEACHER else []):
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
@@ -61,7 +69,7 @@ def check(params: dict, args) -> None:
 def work(params: dict, args) -> None:
     prep = data.load_prepared()
     dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
-    in_chans, seed = prep.train_x.shape[1], params["seed"] + args.stage   # a fresh student per stage
+    in_chans, seed = prep.train_x.shape[1], params["seed"] + stage_number(args)   # a fresh student per stage
     teacher, teacher_meta = None, {}
     if args.method in NEEDS_TEACHER:
         enc, teacher_meta = load_encoder(layout.teacher_path(args.stage), params, in_chans)
@@ -77,9 +85,9 @@ def work(params: dict, args) -> None:
         config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
         desc=node_id(args))
     state = layout.resume_dir(node_id(args)) / "state.pt"
-    out = layout.pretrain_dir(args.method, args.stage if args.method == "dbot" else None)
+    out = layout.pretrain_dir(args.method, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
-    tags = {"method": args.method, "stage": args.stage, "weights": weights_id(args), "evaluated": evaluated,
+    tags = {"method": args.method, "stage": stage_number(args), "weights": weights_id(args), "evaluated": evaluated,
             "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
     with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
@@ -96,12 +104,12 @@ def work(params: dict, args) -> None:
 
 
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> dict:
-    meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": args.stage,
+    meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
     encoder = model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
     save_encoder(out / "encoder.safetensors", encoder, meta)
-    flops = flops_per_image(params, args.method)
+    flops = flops_per_image(params, args.method, teacher_meta.get("model"))
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights")},

@@ -1,7 +1,8 @@
 """report: every metrics file of the study -> results/summary.csv (long format), summary.md, plots/*.png.
 
-Plots: pre-training loss, accuracy along the dBOT chain, accuracy against compute, and the analyses of
-every encoder side by side (mean attention distance per layer and head, singular-value share per layer).
+Plots: pre-training loss, accuracy along the dBOT chains, the teacher-swap study (accuracy per chain and
+stage, spread across teachers), accuracy against compute, and the analyses of every encoder side by side
+(mean attention distance per layer and head, singular-value share per layer).
 
 Tiny run: python -m pipeline.stages.report --preset tiny
 """
@@ -26,7 +27,7 @@ def check(params: dict, args) -> None:
 def work(params: dict, args) -> None:
     pretrain, evals, analyses = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seed"]) as run:
-        table = build_report(pretrain, evals, layout.RESULTS, analyses)
+        table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"])
         run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
     print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
 
