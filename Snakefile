@@ -20,6 +20,7 @@ include: "rules/common.smk"
 
 wildcard_constraints:
     key="|".join(DBOT_KEYS),
+    seed=r"\d+",
     method="|".join(layout.SINGLE_STAGE_METHODS),
     weights="|".join(WEIGHTS),
 

@@ -1,7 +1,9 @@
 """What every stage CLI shares: --preset/--set, strict params, fail-fast checks, one-line errors.
 
 A stage module defines `add_args(parser)`, `check(params, args)` (fast validation of its inputs, before
-any work) and `work(params, args)` (the node itself), then calls `stage_main(...)`.
+any work) and `work(params, args)` (the node itself), then calls `stage_main(...)`. Nodes that run once
+per seed of the study (all but prepare_data and report) take `--seed S` (default: the first of params
+seeds); their params hold it as params["seed"].
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pipeline.errors import PipelineError
 
 
 def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
-               node_id: Callable, argv: list[str] | None = None, compute: bool = True) -> None:
+               node_id: Callable, argv: list[str] | None = None, compute: bool = True, per_seed: bool = True) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", help="params/presets/<name>.yaml (default: default)")
@@ -24,10 +26,18 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
                         help="override one param, e.g. --set pretrain.epochs=3 (repeatable)")
     parser.add_argument("--params", dest="files", action="append", default=[], metavar="FILE",
                         help="a YAML file of overrides, merged after the preset (repeatable)")
+    if per_seed:
+        parser.add_argument("--seed", type=int, default=None,
+                            help="which of the study's seeds (params seeds) this node runs for (default: the first)")
     add_args(parser)
     args = parser.parse_args(argv)
     try:
         params = config.load(args.preset, args.overrides, args.files)
+        if per_seed and args.seed is not None:
+            params = config.with_seed(params, args.seed)
+        if not per_seed:                       # a node of the whole study (prepare_data, report)
+            params = {k: v for k, v in params.items() if k != "seed"}
+        args.seed = params.get("seed")
         check(params, args)
         if compute:
             launch.run(work, params, args, node_id(args))

@@ -73,8 +73,25 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
     for item in overrides:
         params = merge(params, parse_override(item))
     source = " + ".join([str(base), f"preset {preset}"] + [str(f) for f in files] + list(overrides))
+    if "seed" in params:
+        raise PipelineError(f"invalid params ({source}): seed is not a params key; the study's seeds are `seeds: [..]` "
+                            "and each node gets its own with --seed")
     validate(params, source=source)
-    return params
+    return with_seed(params, params["seeds"][0])
+
+
+def student_seed(params: dict, stage: int = 0) -> int:
+    """The init/mask/augmentation seed of one training node: 1000 x the study seed + the dBOT stage, so stage
+    k and seed S never share a seed with another stage or seed (random_init uses stage 0's: dBOT's stage-0
+    teacher is a frozen copy of the stage-0 student's own initialisation)."""
+    return 1000 * params["seed"] + stage
+
+
+def with_seed(params: dict, seed: int) -> dict:
+    """params for one node of the study: params["seed"] = seed, which must be one of params seeds."""
+    if seed not in params["seeds"]:
+        raise PipelineError(f"seed {seed} is not one of this study's seeds {params['seeds']}")
+    return dict(params, seed=seed)
 
 
 def validate(params: dict, source: str = "params") -> None:
@@ -111,6 +128,8 @@ def _cross_field_problems(p: dict):
     for method in ("sdae", "rcmae", "bootmae"):
         if p[method]["momentum"]["update"] == "epoch" and p[method]["momentum"]["schedule"] == "repo":
             yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
+    if p["bootmae"]["probe_block"] is not None and p["bootmae"]["probe_block"] > m["depth"]:
+        yield f"bootmae.probe_block {p['bootmae']['probe_block']} exceeds model.depth {m['depth']}"
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"

@@ -9,6 +9,7 @@ The state dict is the plain timm VisionTransformer's, so any timm ViT state dict
 """
 from __future__ import annotations
 
+import copy
 
 import timm
 import torch
@@ -93,6 +94,16 @@ class Encoder(nn.Module):
         h = self(x)
         return h[:, 0] if kind == "cls" else h[:, 1:].mean(dim=1)
 
+    def truncated(self, depth: int) -> "Encoder":
+        """A copy with only the first `depth` blocks (then the final norm), e.g. BootMAE's probe on an
+        intermediate block; the state dict is that of a timm ViT of depth `depth`."""
+        if not 1 <= depth <= len(self.vit.blocks):
+            raise ValueError(f"cannot keep {depth} of {len(self.vit.blocks)} blocks")
+        out = copy.deepcopy(self)
+        out.vit.blocks = out.vit.blocks[:depth]
+        out.config = dict(self.config, depth=depth)
+        return out
+
 
 def build_encoder(model: dict, img_size: int, in_chans: int, seed: int,
                   depth: int | None = None) -> Encoder:
@@ -111,8 +122,6 @@ def flops_per_token_block(dim: int, tokens: int) -> float:
 
 def encoder_flops(dim: int, depth: int, tokens: int) -> float:
     return depth * flops_per_token_block(dim, tokens)
-
-
 
 
 def save_encoder(path, encoder: Encoder, meta: dict) -> dict:

@@ -1,13 +1,22 @@
-"""Where every node writes: one function per output, used by the stage CLIs, the Snakefile and the report.
+"""Where every node writes: one function per output, used by the stage CLIs, the Snakefile, dvc.yaml's
+generator and the report.
 
 All paths are relative to the working directory (the repository root, or a copy of it in tests).
-A node's outputs live in results/<node>/<key>/; resumable training state lives in results/.resume/,
-which no node declares as an output (Snakemake and DVC delete declared outputs before a rerun).
+The study runs once per seed (params seeds). prepare_data (one split for every seed) writes
+results/prepare_data/; the report (across seeds) writes results/summary.*, results/swap_*.csv and
+results/plots/; every other node writes results/seed<S>/<node>/<key>/. Resumable training state lives in
+results/.resume/<node id>/, which no node declares as an output (Snakemake and DVC delete declared outputs
+before a rerun).
 
-Weights ids name every evaluable encoder: "random_init" (the random floor), "<method>" for single-stage
-methods ("mae", "sdae", "rcmae", "bootmae"), "supervised", and "dbot_<chain>_stage<k>" for stage k of the
-dBOT chain <chain> (params dbot.chains: the teacher-swap study). A dBOT node's key is "<chain>_stage<k>":
-pretrain_dbot@random_stage1 writes results/pretrain_dbot/random_stage1/, weights id dbot_random_stage1.
+Node ids, used as MLflow run names, DVC stage names and resume folders: "<node>@seed<S>-<key>", e.g.
+pretrain@seed0-mae, pretrain_dbot@seed0-random_stage1, knn@seed1-dbot_mae_stage2; "<node>@seed<S>" for
+nodes without a key (random_init, supervised, cka); "prepare_data" and "report".
+
+Weights ids name every evaluable encoder of one seed: "random_init" (the random floor), "<method>" for
+single-stage methods ("mae", "sdae", "rcmae", "bootmae"), "supervised", and "dbot_<chain>_stage<k>" for stage
+k of the dBOT chain <chain> (params dbot.chains: the teacher-swap study). A dBOT node's key is
+"<chain>_stage<k>": pretrain_dbot@seed0-random_stage1 writes results/seed0/pretrain_dbot/random_stage1/,
+weights id dbot_random_stage1.
 """
 from __future__ import annotations
 
@@ -17,7 +26,6 @@ from pathlib import Path
 RESULTS = Path("results")
 DATA_DIR = RESULTS / "prepare_data"
 DATASET = DATA_DIR / "dataset.safetensors"          # uint8 images + int64 labels; meta in dataset.json
-RANDOM_INIT_DIR = RESULTS / "random_init"
 RESUME_DIR = RESULTS / ".resume"
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
@@ -33,8 +41,18 @@ def sidecar(path: Path | str) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def seed_dir(seed: int) -> Path:
+    """results/seed<S>/: every output of one seed of the study."""
+    return RESULTS / f"seed{seed}"
+
+
+def node_id(node: str, seed: int, key: str | None = None) -> str:
+    """'<node>@seed<S>-<key>' (or '<node>@seed<S>'): the name of one per-seed node everywhere."""
+    return f"{node}@seed{seed}" + (f"-{key}" if key else "")
+
+
 def dbot_key(chain: str, stage: int) -> str:
-    """Key of a dBOT node: '<chain>_stage<k>' (the Snakemake wildcard, the DVC foreach key, the folder)."""
+    """Key of a dBOT node: '<chain>_stage<k>'."""
     return f"{chain}_stage{stage}"
 
 
@@ -50,51 +68,55 @@ def dbot_weights(key: str) -> str:
     return f"dbot_{key}"
 
 
-def pretrain_node(method: str, key: str | None = None) -> str:
-    """Node id of a training node: pretrain@<method>, pretrain_dbot@<chain>_stage<k>, or supervised."""
+def pretrain_node(method: str, seed: int, key: str | None = None) -> str:
+    """Node id of a training node: pretrain@seed<S>-<method>, pretrain_dbot@seed<S>-<key> or supervised@seed<S>."""
     if method == "dbot":
-        return f"pretrain_dbot@{key}"
-    return "supervised" if method == "supervised" else f"pretrain@{method}"
+        return node_id("pretrain_dbot", seed, key)
+    return node_id("supervised", seed) if method == "supervised" else node_id("pretrain", seed, method)
 
 
-def pretrain_dir(method: str, key: str | None = None) -> Path:
-    """results/pretrain/<method>/, results/pretrain_dbot/<chain>_stage<k>/ (dBOT) or results/supervised/."""
+def pretrain_dir(method: str, seed: int, key: str | None = None) -> Path:
+    """results/seed<S>/ + pretrain/<method>/, pretrain_dbot/<key>/ (dBOT) or supervised/."""
     if method == "dbot":
-        return RESULTS / "pretrain_dbot" / key
-    return RESULTS / "supervised" if method == "supervised" else RESULTS / "pretrain" / method
+        return seed_dir(seed) / "pretrain_dbot" / key
+    return seed_dir(seed) / ("supervised" if method == "supervised" else f"pretrain/{method}")
 
 
-def teacher_path(key: str) -> Path:
-    return RESULTS / "teacher_swap" / key / "teacher.safetensors"
+def teacher_path(key: str, seed: int) -> Path:
+    return seed_dir(seed) / "teacher_swap" / key / "teacher.safetensors"
 
 
-def weights_path(weights: str) -> Path:
-    """Encoder weights file of a weights id."""
+def weights_path(weights: str, seed: int) -> Path:
+    """Encoder weights file of a weights id of one seed."""
     if weights == "random_init":
-        return RANDOM_INIT_DIR / "encoder.safetensors"
+        return seed_dir(seed) / "random_init" / "encoder.safetensors"
     if weights.startswith("dbot_"):
-        return pretrain_dir("dbot", weights.removeprefix("dbot_")) / "encoder.safetensors"
-    return pretrain_dir(weights) / "encoder.safetensors"
+        return pretrain_dir("dbot", seed, weights.removeprefix("dbot_")) / "encoder.safetensors"
+    return pretrain_dir(weights, seed) / "encoder.safetensors"
 
 
-def teacher_source(params: dict, key: str) -> str:
-    """The file teacher_swap@<key> copies: for stage 0 the chain's dbot.chains entry (a weights id of the study,
-    or a path), for stage k the student of stage k-1 of the same chain."""
+def teacher_source(params: dict, key: str, seed: int) -> str:
+    """The file teacher_swap@seed<S>-<key> copies: for stage 0 the chain's dbot.chains entry (a weights id of
+    the same seed, or a path), for stage k the student of stage k-1 of the same chain and seed."""
     chain, stage = parse_dbot_key(key)
     if stage > 0:
-        return str(weights_path(dbot_weights(dbot_key(chain, stage - 1))))
+        return str(weights_path(dbot_weights(dbot_key(chain, stage - 1)), seed))
     source = params["dbot"]["chains"][chain]
-    return str(weights_path(source)) if source in TEACHER_SOURCES else source
+    return str(weights_path(source, seed)) if source in TEACHER_SOURCES else source
 
 
-def eval_metrics(protocol: str, weights: str) -> Path:
-    """results/<protocol>/<weights>/metrics.json for protocol in (knn, linprobe)."""
-    return RESULTS / protocol / weights / "metrics.json"
+def eval_metrics(protocol: str, weights: str, seed: int) -> Path:
+    """results/seed<S>/<protocol>/<weights>/metrics.json for protocol in (knn, linprobe)."""
+    return seed_dir(seed) / protocol / weights / "metrics.json"
 
 
-def analysis_path(weights: str) -> Path:
-    """results/analyze/<weights>/analysis.json."""
-    return RESULTS / "analyze" / weights / "analysis.json"
+def analysis_path(weights: str, seed: int) -> Path:
+    """results/seed<S>/analyze/<weights>/analysis.json."""
+    return seed_dir(seed) / "analyze" / weights / "analysis.json"
+
+
+def cka_path(seed: int) -> Path:
+    return seed_dir(seed) / "cka" / "cka.json"
 
 
 def dbot_stages(params: dict) -> list[int]:
@@ -108,20 +130,21 @@ def dbot_keys(params: dict) -> list[str]:
 
 
 def all_weights(params: dict) -> list[str]:
-    """Every weights id the study evaluates: the random floor, single-stage methods, supervised, dBOT stages."""
+    """Every weights id one seed of the study evaluates: the random floor, single-stage methods, supervised,
+    dBOT stages."""
     ids = ["random_init"] + [m for m in SINGLE_STAGE_METHODS] + ["supervised"]
     return ids + [dbot_weights(key) for key in dbot_keys(params)]
 
 
-def pretrain_metrics(params: dict) -> list[Path]:
-    """metrics.json of every pre-training node of the study."""
-    paths = [pretrain_dir(m) / "metrics.json" for m in SINGLE_STAGE_METHODS + ("supervised",)]
-    return paths + [pretrain_dir("dbot", key) / "metrics.json" for key in dbot_keys(params)]
+def pretrain_metrics(params: dict, seed: int) -> list[Path]:
+    """metrics.json of every pre-training node of one seed."""
+    paths = [pretrain_dir(m, seed) / "metrics.json" for m in SINGLE_STAGE_METHODS + ("supervised",)]
+    return paths + [pretrain_dir("dbot", seed, key) / "metrics.json" for key in dbot_keys(params)]
 
 
-def resume_dir(node_id: str) -> Path:
-    """Resumable state of a node, e.g. results/.resume/pretrain_dbot@random_stage1/."""
-    return RESUME_DIR / node_id
+def resume_dir(node: str) -> Path:
+    """Resumable state of a node (by node id), e.g. results/.resume/pretrain_dbot@seed0-random_stage1/."""
+    return RESUME_DIR / node
 
 
 def describe_weights(weights: str) -> dict:

@@ -1,11 +1,12 @@
 """The study's comparison: every metrics.json -> a long-format table, summary.csv, summary.md and plots.
 
-- summary.csv: one row per (weights, protocol, metric); columns method, stage, weights, protocol, metric,
-  value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
+- summary.csv: one row per (seed, weights, protocol, metric); columns seed, method, stage, weights,
+  evaluated, protocol, metric, value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
   pre-training rows (protocol "pretrain") hold final_loss, wall_s and images_seen. stage is empty for the
   random floor; settings is the protocol settings as compact JSON (empty for pre-training rows).
 - summary.md: one row per encoder (random floor, single-stage methods, dBOT chains stage by stage) with top-1
-  percentages, final pre-training loss and wall time, under a paragraph naming the evaluation settings; then
+  percentages (mean ± std over seeds), final pre-training loss and wall time, under a paragraph naming the
+  evaluation settings; then the comparisons marked against the seed spread (pipeline.seed_stats); then
   the teacher-swap study (pipeline.swap_study), also written as swap_study.csv (per chain) and
   swap_spread.csv (spread across teachers per stage).
 - plots/*.png (see pipeline.plots).
@@ -18,12 +19,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import plots, swap_study
+from pipeline import plots, seed_stats, swap_study
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
 from pipeline.layout import SINGLE_STAGE_METHODS, parse_dbot_key
 
-COLUMNS = ["method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
+COLUMNS = ["seed", "method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
                     ("train_flops", "train_flops"))
 PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2}
@@ -47,11 +48,12 @@ def _number(value, path: Path, what: str) -> float:
 
 def pretrain_rows(doc: dict, path: Path) -> list[dict]:
     """The pre-training rows (final_loss, wall_s, images_seen, train_flops) of one pre-training metrics.json."""
-    _require(doc, path, "method", "stage", "weights", "epochs", "final")
+    _require(doc, path, "seed", "method", "stage", "weights", "epochs", "final")
     _require(doc["final"], path, *(key for _, key in PRETRAIN_METRICS))
     for epoch in doc["epochs"]:
         _require(epoch, path, "epoch", "loss")
-    base = {"method": doc["method"], "stage": doc["stage"], "weights": doc["weights"], "protocol": "pretrain"}
+    base = {"seed": doc["seed"], "method": doc["method"], "stage": doc["stage"], "weights": doc["weights"],
+            "protocol": "pretrain"}
     return [dict(base, evaluated="", metric=name, value=_number(doc["final"][key], path, f"final.{key}"), settings="")
             for name, key in PRETRAIN_METRICS]
 
@@ -59,11 +61,12 @@ def pretrain_rows(doc: dict, path: Path) -> list[dict]:
 def eval_rows(doc: dict, path: Path) -> list[dict]:
     """One row per metric of one evaluation metrics.json (knn or linprobe)."""
     _require(doc, path, "protocol", "settings", "weights", "metrics")
-    _require(doc["weights"], path, "id", "method", "stage")
+    _require(doc["weights"], path, "id", "method", "stage", "seed")
     if not isinstance(doc["settings"], dict) or not isinstance(doc["metrics"], dict):
         raise PipelineError(f"{path}: settings and metrics must be JSON objects")
     w, settings = doc["weights"], json.dumps(doc["settings"], sort_keys=True, separators=(",", ":"))
-    base = {"method": w["method"], "stage": w["stage"], "weights": w["id"], "protocol": doc["protocol"]}
+    base = {"seed": w["seed"], "method": w["method"], "stage": w["stage"], "weights": w["id"],
+            "protocol": doc["protocol"]}
     return [dict(base, evaluated=w.get("evaluated", ""), metric=m, value=_number(v, path, f"metrics.{m}"),
                  settings=settings)
             for m, v in doc["metrics"].items()]
@@ -86,23 +89,24 @@ def weights_key(weights: str) -> tuple:
 
 
 def long_table(pretrain_docs: list[tuple[Path, dict]], eval_docs: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """The long-format table of all rows, sorted by weights, protocol, metric; duplicates are an error."""
+    """The long-format table of all rows, sorted by weights, protocol, metric, seed; duplicates are an error."""
     rows = [r for p, d in pretrain_docs for r in pretrain_rows(d, p)]
     rows += [r for p, d in eval_docs for r in eval_rows(d, p)]
     table = pd.DataFrame(rows, columns=COLUMNS)
-    dup = table[table.duplicated(["weights", "protocol", "metric"], keep=False)]
+    dup = table[table.duplicated(["seed", "weights", "protocol", "metric"], keep=False)]
     if not dup.empty:
         first = dup.iloc[0]
-        raise PipelineError(f"two metrics files give {first.protocol}/{first.metric} of {first.weights}")
+        raise PipelineError(f"two metrics files give {first.protocol}/{first.metric} of {first.weights} "
+                            f"(seed {first.seed})")
     table["stage"] = pd.array([None if pd.isna(s) else int(s) for s in table["stage"]], dtype="Int64")
     table["value"] = table["value"].astype(float)
     order = table.assign(_w=table["weights"].map(weights_key),
                          _p=table["protocol"].map(lambda p: PROTOCOL_ORDER.get(p, 9)))
-    return table.loc[order.sort_values(["_w", "_p", "protocol", "metric"]).index].reset_index(drop=True)
+    return table.loc[order.sort_values(["_w", "_p", "protocol", "metric", "seed"]).index].reset_index(drop=True)
 
 
-def _value(table: pd.DataFrame, weights: str, protocol: str, metric: str) -> float | None:
-    hit = table.loc[(table.weights == weights) & (table.protocol == protocol) & (table.metric == metric), "value"]
+def _value(table: pd.DataFrame, weights: str, protocol: str, metric: str, column: str = "value") -> float | None:
+    hit = table.loc[(table.weights == weights) & (table.protocol == protocol) & (table.metric == metric), column]
     return None if hit.empty else float(hit.iloc[0])
 
 
@@ -125,15 +129,17 @@ def chain_flops(table: pd.DataFrame, chains: dict[str, str] | None = None) -> di
 
 
 def summary_rows(table: pd.DataFrame, chains: dict[str, str] | None = None) -> list[list[str]]:
-    """One formatted markdown row per weights id, in weights_key order."""
+    """One formatted markdown row per weights id, in weights_key order, from the seed-mean table."""
     flops, rows = chain_flops(table, chains), []
     for weights in sorted(table["weights"].unique(), key=weights_key):
         first = table[table.weights == weights].iloc[0]
         stage = "" if pd.isna(first.stage) else str(int(first.stage))
         evaluated = table.loc[(table.weights == weights) & (table.evaluated != ""), "evaluated"]
         rows.append([weights, str(first.method), stage, evaluated.iloc[0] if len(evaluated) else "",
-                     _fmt(_value(table, weights, "knn", "top1"), ".1f", 100),
-                     _fmt(_value(table, weights, "linprobe", "top1"), ".1f", 100),
+                     str(int(table.loc[table.weights == weights, "seeds"].max())),
+                     seed_stats.fmt_mean(_value(table, weights, "knn", "top1"), _value(table, weights, "knn", "top1", "std")),
+                     seed_stats.fmt_mean(_value(table, weights, "linprobe", "top1"),
+                                         _value(table, weights, "linprobe", "top1", "std")),
                      _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
                      _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f"),
                      _fmt(flops.get(weights), ".1f", 1e-12)])
@@ -152,11 +158,13 @@ def settings_sentence(table: pd.DataFrame) -> str:
 
 
 def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
-    """summary.md: a header paragraph and one table row per encoder."""
-    header = ["weights", "method", "stage", "evaluated", "k-NN top-1 (%)", "linear top-1 (%)",
+    """summary.md from the seed-mean table: a header paragraph, one table row per encoder, the comparisons
+    against the seed spread, and the teacher-swap study."""
+    header = ["weights", "method", "stage", "evaluated", "seeds", "k-NN top-1 (%)", "linear top-1 (%)",
               "final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"]
     intro = ("# Study summary\n\n"
-             "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen: the "
+             "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen (mean over "
+             "the study's seeds, ± their sample standard deviation when there are several): the "
              "random-init encoder is the floor; mae, sdae, rcmae and bootmae are single-stage methods (for the "
              "methods with an EMA teacher, `evaluated` says whether the student or the teacher was evaluated, as "
              "their evaluate_weights param says); "
@@ -169,10 +177,12 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "teacher when the study made it. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
              "format with all metrics is summary.csv.\n\n")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * 5) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * 6) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table, chains)]
+    stages = sorted(int(s) for s in table.loc[table.method == "dbot", "stage"].dropna().unique())
+    compared = seed_stats.markdown(table, chains or {}, stages)
     swap = swap_study.markdown(swap_study.chain_rows(table, chains), chains) if chains else ""
-    return intro + "\n".join(lines) + "\n" + swap
+    return intro + "\n".join(lines) + "\n" + compared + swap
 
 
 def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
@@ -193,23 +203,25 @@ def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
 
 def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results"),
                  analysis_files: list[Path] = (), chains: dict[str, str] | None = None) -> pd.DataFrame:
-    """Read all metrics files, write out_dir/summary.csv, summary.md, swap_study.csv, swap_spread.csv and
-    plots/*.png; return
-    the long table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study.
+    """Read all metrics files (every seed), write out_dir/summary.csv (per seed), summary.md, swap_study.csv,
+    swap_spread.csv and plots/*.png (means over seeds; the loss curves of the first seed); return the long
+    table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study.
 
     Every input is read and checked before anything is written.
     """
     pretrain_docs, eval_docs, analysis_docs = _read_all(pretrain_files), _read_all(eval_files), _read_all(analysis_files)
     table = long_table(pretrain_docs, eval_docs)
+    mean = seed_stats.seed_mean(table)
     out_dir = Path(out_dir)
     atomic_write(out_dir / "summary.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(table, chains)))
-    swap_rows = swap_study.chain_rows(table, chains or {})
+    atomic_write(out_dir / "summary.md", lambda p: p.write_text(markdown(mean, chains)))
+    swap_rows = swap_study.chain_rows(mean, chains or {})
     atomic_write(out_dir / "swap_study.csv", lambda p: swap_rows.to_csv(p, index=False))
     atomic_write(out_dir / "swap_spread.csv", lambda p: swap_study.spread(swap_rows).to_csv(p, index=False))
-    plots.pretrain_loss([d for _, d in pretrain_docs], out_dir / "plots" / "pretrain_loss.png")
-    plots.chain_accuracy(table, out_dir / "plots" / "chain_accuracy.png")
-    plots.accuracy_vs_compute(table, chain_flops(table, chains), out_dir / "plots" / "accuracy_vs_compute.png")
+    first_seed = min(d["seed"] for _, d in pretrain_docs) if pretrain_docs else None
+    plots.pretrain_loss([d for _, d in pretrain_docs if d["seed"] == first_seed], out_dir / "plots" / "pretrain_loss.png")
+    plots.chain_accuracy(mean, out_dir / "plots" / "chain_accuracy.png")
+    plots.accuracy_vs_compute(mean, chain_flops(mean, chains), out_dir / "plots" / "accuracy_vs_compute.png")
     if not swap_rows.empty:
         plots.swap_study(swap_rows, swap_study.spread(swap_rows), out_dir / "plots" / "swap_study.png")
     if analysis_docs:

@@ -1,4 +1,4 @@
-"""MLflow adapter: one experiment per study, a parent run per method chain, a child run per node.
+"""MLflow adapter: one experiment per study, a parent run per method chain and seed, a child run per node.
 
 Only this module talks to MLflow. Runs are made through MlflowClient (no global "active run"), so a
 resumed node continues its own run by id instead of starting a duplicate. Default store: a local
@@ -70,21 +70,25 @@ class NodeRun:
             self.client = MlflowClient(tracking_uri(params))
             exp = self.client.get_experiment_by_name(params["study"])
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(params["study"])
-            parent = self._parent(chain)
+            seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
+            parent = self._parent(chain, seed)
         if run_id is None:
             tags = {**environment_tags(), **{k: str(v) for k, v in tags.items()},
-                    "mlflow.parentRunId": parent, "chain": chain, "node": node_id, "seed": str(params["seed"])}
+                    "mlflow.parentRunId": parent, "chain": chain, "node": node_id, "seed": seed}
             run_id = self.client.create_run(self.experiment_id, run_name=node_id, tags=tags).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
 
-    def _parent(self, chain: str) -> str:
-        runs = self.client.search_runs([self.experiment_id], f"tags.chain = '{chain}' and tags.role = 'chain'",
-                                       max_results=1)
+    def _parent(self, chain: str, seed: str) -> str:
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.chain = '{chain}' and tags.seed = '{seed}' and tags.role = 'chain'",
+            max_results=1)
         if runs:
             return runs[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=chain, tags={"chain": chain, "role": "chain"})
+        name = chain if seed == "all" else f"{chain} seed{seed}"
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"chain": chain, "seed": seed, "role": "chain"})
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 

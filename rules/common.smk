@@ -1,9 +1,11 @@
 """Helpers shared by every .smk file: params of a node (its rerun trigger) and wildcard -> path maps.
 
 Inputs: PARAMS (resolved params) and config["preset"] from the Snakefile. Outputs: none.
+Per-seed nodes write under results/seed{seed}/ (the {seed} wildcard runs over params seeds).
 """
 import json
 
+SEEDS = PARAMS["seeds"]
 DBOT_KEYS = layout.dbot_keys(PARAMS)
 WEIGHTS = layout.all_weights(PARAMS)
 
@@ -28,8 +30,13 @@ def node_params(*keys):
 
 def teacher_source(wildcards):
     """Stage 0: the chain's entry in params dbot.chains; stage k: stage k-1's student of the same chain."""
-    return layout.teacher_source(PARAMS, wildcards.key)
+    return layout.teacher_source(PARAMS, wildcards.key, int(wildcards.seed))
 
 
 def weights_file(wildcards):
-    return str(layout.weights_path(wildcards.weights))
+    return str(layout.weights_path(wildcards.weights, int(wildcards.seed)))
+
+
+def seed_weights(wildcards):
+    """Every encoder of one seed (cka's inputs)."""
+    return [str(layout.weights_path(w, int(wildcards.seed))) for w in WEIGHTS]

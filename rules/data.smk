@@ -1,7 +1,7 @@
-"""prepare_data and random_init.
+"""prepare_data (one split for every seed) and random_init (per seed).
 
 Inputs: the dataset named by params data.* (embedded ones need no file).
-Outputs: results/prepare_data/dataset.{safetensors,json}; results/random_init/encoder.{safetensors,json}.
+Outputs: results/prepare_data/dataset.{safetensors,json}; results/seed<S>/random_init/encoder.{safetensors,json}.
 """
 
 
@@ -11,7 +11,7 @@ rule prepare_data:
         meta="results/prepare_data/dataset.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "data"),
+        node=node_params("data"),
     conda:
         "envs/pipeline.yaml"
     log:
@@ -26,16 +26,16 @@ rule random_init:
     input:
         data="results/prepare_data/dataset.safetensors",
     output:
-        weights="results/random_init/encoder.safetensors",
-        meta="results/random_init/encoder.json",
+        weights="results/seed{seed}/random_init/encoder.safetensors",
+        meta="results/seed{seed}/random_init/encoder.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "data", "model"),
+        node=node_params("data", "model"),
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/random_init.log",
+        "results/seed{seed}/logs/random_init.log",
     benchmark:
-        "results/benchmarks/random_init.tsv"
+        "results/seed{seed}/benchmarks/random_init.tsv"
     shell:
-        "python -m pipeline.stages.random_init --preset {params.preset} > {log} 2>&1"
+        "python -m pipeline.stages.random_init --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"

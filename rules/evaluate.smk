@@ -1,7 +1,7 @@
 """Evaluation of every encoder of the study: knn and linprobe.
 
 Inputs: results/prepare_data/dataset.safetensors and the weights file of {weights} (layout.weights_path).
-Outputs: results/knn/{weights}/metrics.json, results/linprobe/{weights}/metrics.json.
+Outputs (per seed): results/seed<S>/knn/<weights>/metrics.json, results/seed<S>/linprobe/<weights>/metrics.json.
 """
 
 
@@ -10,18 +10,18 @@ rule knn:
         data="results/prepare_data/dataset.safetensors",
         weights=weights_file,
     output:
-        metrics="results/knn/{weights}/metrics.json",
+        metrics="results/seed{seed}/knn/{weights}/metrics.json",
     params:
         preset=config["preset"],
         node=node_params("knn"),
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/knn/{weights}.log",
+        "results/seed{seed}/logs/knn/{weights}.log",
     benchmark:
-        "results/benchmarks/knn/{weights}.tsv"
+        "results/seed{seed}/benchmarks/knn/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.knn --preset {params.preset} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.knn --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule linprobe:
@@ -29,15 +29,15 @@ rule linprobe:
         data="results/prepare_data/dataset.safetensors",
         weights=weights_file,
     output:
-        metrics="results/linprobe/{weights}/metrics.json",
+        metrics="results/seed{seed}/linprobe/{weights}/metrics.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "linprobe"),
+        node=node_params("linprobe"),
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/linprobe/{weights}.log",
+        "results/seed{seed}/logs/linprobe/{weights}.log",
     benchmark:
-        "results/benchmarks/linprobe/{weights}.tsv"
+        "results/seed{seed}/benchmarks/linprobe/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.linprobe --preset {params.preset} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.linprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"

@@ -1,9 +1,9 @@
 """Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chains).
 
 A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the teacher-swap study).
-Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also results/teacher_swap/<key>/teacher.safetensors.
-Outputs: results/pretrain/<method>/, results/supervised/ and results/pretrain_dbot/<key>/: encoder.{safetensors,json},
-metrics.json; results/teacher_swap/<key>/teacher.{safetensors,json}.
+Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also its teacher_swap output.
+Outputs (per seed, under results/seed<S>/): pretrain/<method>/, supervised/ and pretrain_dbot/<key>/:
+encoder.{safetensors,json}, metrics.json; teacher_swap/<key>/teacher.{safetensors,json}.
 Training nodes take half the cores: two small single-thread trainings side by side outrun one on two threads.
 """
 
@@ -15,81 +15,81 @@ rule pretrain:
     input:
         data="results/prepare_data/dataset.safetensors",
     output:
-        weights="results/pretrain/{method}/encoder.safetensors",
-        meta="results/pretrain/{method}/encoder.json",
-        metrics="results/pretrain/{method}/metrics.json",
+        weights="results/seed{seed}/pretrain/{method}/encoder.safetensors",
+        meta="results/seed{seed}/pretrain/{method}/encoder.json",
+        metrics="results/seed{seed}/pretrain/{method}/metrics.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "data", "model", "pretrain", "{method}"),
+        node=node_params("data", "model", "pretrain", "{method}"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/pretrain/{method}.log",
+        "results/seed{seed}/logs/pretrain/{method}.log",
     benchmark:
-        "results/benchmarks/pretrain/{method}.tsv"
+        "results/seed{seed}/benchmarks/pretrain/{method}.tsv"
     shell:
-        "python -m pipeline.stages.pretrain --preset {params.preset} --method {wildcards.method} > {log} 2>&1"
+        "python -m pipeline.stages.pretrain --preset {params.preset} --seed {wildcards.seed} --method {wildcards.method} > {log} 2>&1"
 
 
 rule supervised:
     input:
         data="results/prepare_data/dataset.safetensors",
     output:
-        weights="results/supervised/encoder.safetensors",
-        meta="results/supervised/encoder.json",
-        metrics="results/supervised/metrics.json",
+        weights="results/seed{seed}/supervised/encoder.safetensors",
+        meta="results/seed{seed}/supervised/encoder.json",
+        metrics="results/seed{seed}/supervised/metrics.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "data", "model", "pretrain", "supervised"),
+        node=node_params("data", "model", "pretrain", "supervised"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/supervised.log",
+        "results/seed{seed}/logs/supervised.log",
     benchmark:
-        "results/benchmarks/supervised.tsv"
+        "results/seed{seed}/benchmarks/supervised.tsv"
     shell:
-        "python -m pipeline.stages.supervised --preset {params.preset} > {log} 2>&1"
+        "python -m pipeline.stages.supervised --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"
 
 
 rule teacher_swap:
     input:
         source=teacher_source,
     output:
-        weights="results/teacher_swap/{key}/teacher.safetensors",
-        meta="results/teacher_swap/{key}/teacher.json",
+        weights="results/seed{seed}/teacher_swap/{key}/teacher.safetensors",
+        meta="results/seed{seed}/teacher_swap/{key}/teacher.json",
     params:
         preset=config["preset"],
         node=node_params("data", "model", "dbot.chains.{chain}"),
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/teacher_swap/{key}.log",
+        "results/seed{seed}/logs/teacher_swap/{key}.log",
     benchmark:
-        "results/benchmarks/teacher_swap/{key}.tsv"
+        "results/seed{seed}/benchmarks/teacher_swap/{key}.tsv"
     shell:
-        "python -m pipeline.stages.teacher_swap --preset {params.preset} --stage {wildcards.key} > {log} 2>&1"
+        "python -m pipeline.stages.teacher_swap --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"
 
 
 rule pretrain_dbot:
     input:
         data="results/prepare_data/dataset.safetensors",
-        teacher="results/teacher_swap/{key}/teacher.safetensors",
+        teacher="results/seed{seed}/teacher_swap/{key}/teacher.safetensors",
     output:
-        weights="results/pretrain_dbot/{key}/encoder.safetensors",
-        meta="results/pretrain_dbot/{key}/encoder.json",
-        metrics="results/pretrain_dbot/{key}/metrics.json",
+        weights="results/seed{seed}/pretrain_dbot/{key}/encoder.safetensors",
+        meta="results/seed{seed}/pretrain_dbot/{key}/encoder.json",
+        metrics="results/seed{seed}/pretrain_dbot/{key}/metrics.json",
     params:
         preset=config["preset"],
-        node=node_params("seed", "data", "model", "pretrain", "dbot.beta", "dbot.target_norm",
+        node=node_params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm",
                          "dbot.teacher_final_norm", "dbot.stages.stage{stage}"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
     log:
-        "results/logs/pretrain_dbot/{key}.log",
+        "results/seed{seed}/logs/pretrain_dbot/{key}.log",
     benchmark:
-        "results/benchmarks/pretrain_dbot/{key}.tsv"
+        "results/seed{seed}/benchmarks/pretrain_dbot/{key}.tsv"
     shell:
-        "python -m pipeline.stages.pretrain_dbot --preset {params.preset} --stage {wildcards.key} > {log} 2>&1"
+        "python -m pipeline.stages.pretrain_dbot --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"

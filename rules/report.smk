@@ -1,17 +1,18 @@
-"""report: every metrics file of the study -> results/summary.{csv,md} and results/plots/*.png.
+"""report: every metrics file of the study, across seeds -> results/summary.{csv,md} and results/plots/*.png.
 
-Inputs: results/pretrain*/**/metrics.json, results/{knn,linprobe}/<weights>/metrics.json.
+Inputs (every seed S): results/seed<S>/{pretrain,supervised,pretrain_dbot}/**/metrics.json,
+results/seed<S>/{knn,linprobe}/<weights>/metrics.json, results/seed<S>/cka/cka.json; the first seed's analyses.
 Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv, results/plots/*.png.
 """
 
 
 rule report:
     input:
-        pretrain=[str(p) for p in layout.pretrain_metrics(PARAMS)],
-        knn=expand("results/knn/{weights}/metrics.json", weights=WEIGHTS),
-        linprobe=expand("results/linprobe/{weights}/metrics.json", weights=WEIGHTS),
-        analyze=expand("results/analyze/{weights}/analysis.json", weights=WEIGHTS),
-        cka="results/cka/cka.json",
+        pretrain=[str(p) for s in SEEDS for p in layout.pretrain_metrics(PARAMS, s)],
+        knn=expand("results/seed{seed}/knn/{weights}/metrics.json", seed=SEEDS, weights=WEIGHTS),
+        linprobe=expand("results/seed{seed}/linprobe/{weights}/metrics.json", seed=SEEDS, weights=WEIGHTS),
+        analyze=expand("results/seed{seed}/analyze/{weights}/analysis.json", seed=SEEDS[:1], weights=WEIGHTS),
+        cka=expand("results/seed{seed}/cka/cka.json", seed=SEEDS),
     output:
         csv="results/summary.csv",
         md="results/summary.md",
@@ -25,7 +26,7 @@ rule report:
         spread_csv="results/swap_spread.csv",
     params:
         preset=config["preset"],
-        node=node_params("dbot.chains"),
+        node=node_params("seeds", "dbot.chains"),
     conda:
         "envs/pipeline.yaml"
     log:

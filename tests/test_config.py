@@ -41,8 +41,18 @@ def test_there_are_many_invalid_cases():
 def test_overrides_parse_as_data_not_code():
     p = config.load("tiny", ["pretrain.epochs=5"])
     assert p["pretrain"]["epochs"] == 5
-    with pytest.raises(PipelineError, match="seed: \"__import__\\('os'\\).getpid\\(\\)\" is not of type 'integer'"):
-        config.load("tiny", ["seed=__import__('os').getpid()"])
+    with pytest.raises(PipelineError, match="data.split_seed: \"__import__\\('os'\\).getpid\\(\\)\" is not of type 'integer'"):
+        config.load("tiny", ["data.split_seed=__import__('os').getpid()"])
+
+
+def test_seeds_are_a_list_and_each_node_runs_one_of_them():
+    p = config.load("tiny", ["seeds=[3, 5]"])
+    assert p["seeds"] == [3, 5] and p["seed"] == 3                     # a node's seed: the first unless --seed
+    assert config.with_seed(p, 5)["seed"] == 5 and config.student_seed(config.with_seed(p, 5), 2) == 5002
+    with pytest.raises(PipelineError, match=r"seed 4 is not one of this study's seeds \[3, 5\]"):
+        config.with_seed(p, 4)
+    with pytest.raises(PipelineError, match="seed is not a params key; the study's seeds are `seeds"):
+        config.load("tiny", ["seed=1"])
 
 
 def test_unknown_preset():

@@ -1,5 +1,6 @@
 """The Snakefile and dvc.yaml describe the same nodes with the same commands; Snakemake lints clean."""
 import re
+from pathlib import Path
 
 from dvc.repo import Repo
 
@@ -25,6 +26,12 @@ def dvc_commands(workdir) -> set[tuple[str, str]]:
         return {(stage.name.split("@")[0], stage.cmd) for stage in repo.index.stages}
 
 
+def test_committed_dvc_yaml_is_the_generated_one():
+    from pipeline import dvc_yaml
+
+    assert Path("dvc.yaml").read_text() == dvc_yaml.render("default"), "regenerate: python -m pipeline.dvc_yaml > dvc.yaml"
+
+
 def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
     smk = snakemake_commands()
     dvc = dvc_commands(workdir)
@@ -37,8 +44,6 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
 
 
 def test_every_node_has_its_stage_module_and_results_folder(workdir):
-    from pathlib import Path
-
     for rule, cmd in snakemake_commands():
         module = cmd.split()[2]
         assert module == f"pipeline.stages.{rule}"
@@ -49,3 +54,18 @@ def test_snakemake_lint_is_clean(workdir):
     proc = run_cli("snakemake", "--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
+    """params seeds [0, 1]: one prepare_data and one report; analyze for the first seed (the report draws it);
+    every other node twice, with --seed 0 and --seed 1."""
+    from pipeline import dvc_yaml
+
+    (workdir / "params/presets/two_seeds.yaml").write_text("seeds: [0, 1]\n")
+    (workdir / "dvc.yaml").write_text(dvc_yaml.render("two_seeds"))
+    smk = snakemake_commands("two_seeds")
+    assert smk == dvc_commands(workdir)
+    per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze")]
+    assert len(smk) == 2 + 15 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 2 + 1)
+    assert sorted(c for c in per_seed if "--seed 0" in c) == sorted(c.replace("--seed 1", "--seed 0")
+                                                                    for c in per_seed if "--seed 1" in c)

@@ -23,21 +23,21 @@ def edit(path, old, new):
 def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     """On the tiny preset, the random-teacher dBOT chain and MAE's evaluations (a subset of the DAG, to keep
     the test short: dvc repro runs one stage at a time; tests/test_dag.py checks the whole DAG's commands)."""
-    edit(workdir / "dvc.yaml", "  - preset: default", "  - preset: tiny")
+    edit(workdir / "dvc.yaml", "\n- preset: default\n", "\n- preset: tiny\n")
     run_cli("git", "init", "-q")
     run_cli("dvc", "init", "-q")
-    targets = ["knn@dbot_random_stage2", "linprobe@dbot_random_stage2", "linprobe@mae"]
+    targets = ["knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"]
     first = repro(*targets)
-    assert first == {"prepare_data", "random_init", "pretrain@mae", "linprobe@mae"} | {
-        f"{node}@random_stage{k}" for node in ("teacher_swap", "pretrain_dbot") for k in range(3)} | {
-        "knn@dbot_random_stage2", "linprobe@dbot_random_stage2"}
+    assert first == {"prepare_data", "random_init@seed0", "pretrain@seed0-mae", "linprobe@seed0-mae"} | {
+        f"{node}@seed0-random_stage{k}" for node in ("teacher_swap", "pretrain_dbot") for k in range(3)} | {
+        "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     assert "up to date" in run_cli("dvc", "status", *targets).stdout.lower()
 
     edit(workdir / "params/base.yaml", "  lr: 0.1 ", "  lr: 0.05 ")
-    assert repro(*targets) == {"linprobe@dbot_random_stage2", "linprobe@mae"}
+    assert repro(*targets) == {"linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
 
     edit(workdir / "params/base.yaml", "stage1: {epochs: 4, blr: 1.5e-3}", "stage1: {epochs: 4, blr: 3.0e-3}")
-    assert repro(*targets) == {"pretrain_dbot@random_stage1", "teacher_swap@random_stage2",
-                               "pretrain_dbot@random_stage2", "knn@dbot_random_stage2", "linprobe@dbot_random_stage2"}
+    assert repro(*targets) == {"pretrain_dbot@seed0-random_stage1", "teacher_swap@seed0-random_stage2",
+                               "pretrain_dbot@seed0-random_stage2", "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     metrics = run_cli("dvc", "metrics", "show").stdout
-    assert "results/knn/dbot_random_stage2/metrics.json" in metrics
+    assert "results/seed0/knn/dbot_random_stage2/metrics.json" in metrics

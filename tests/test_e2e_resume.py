@@ -41,21 +41,21 @@ def kill_mid_epoch(state, steps_per_epoch=11):
 
 def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory):
     prepare(workdir)
-    state = workdir / "results/.resume/pretrain@mae/state.pt"
+    state = workdir / "results/.resume/pretrain@seed0-mae/state.pt"
     killed_at = kill_mid_epoch(state)
-    assert not (workdir / "results/pretrain/mae/encoder.safetensors").exists()
+    assert not (workdir / "results/seed0/pretrain/mae/encoder.safetensors").exists()
     run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS)
-    resumed = load_file(workdir / "results/pretrain/mae/encoder.safetensors")
+    resumed = load_file(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
 
-    os.rename(workdir / "results/pretrain", workdir / "results/pretrain_killed")
+    os.rename(workdir / "results/seed0/pretrain", workdir / "results/seed0/pretrain_killed")
     run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS,
             env={"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/other.db"})
-    reference = load_file(workdir / "results/pretrain/mae/encoder.safetensors")
+    reference = load_file(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
     assert killed_at > 0 and resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
-                              "attributes.run_name = 'pretrain@mae'")
+                              "attributes.run_name = 'pretrain@seed0-mae'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == list(range(12))

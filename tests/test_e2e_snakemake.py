@@ -20,10 +20,10 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     for protocol in ("knn", "linprobe"):
         rows = table[(table.protocol == protocol) & (table.metric == "top1")]
         assert set(rows.weights) == weights and rows.value.between(0, 1).all()
-    analysis = json.loads((workdir / "results/analyze/dbot_random_stage1/analysis.json").read_text())
+    analysis = json.loads((workdir / "results/seed0/analyze/dbot_random_stage1/analysis.json").read_text())
     assert len(analysis["attention_distance"]) == 2 and len(analysis["attention_distance"][0]) == 2  # depth x heads
     assert all(0 < s <= 1 for s in analysis["singular_value_share"])
-    cka = json.loads((workdir / "results/cka/cka.json").read_text())
+    cka = json.loads((workdir / "results/seed0/cka/cka.json").read_text())
     # first chain's consecutive stages (2) + 5 trained encoders vs its last stage + 3 chain pairs x (teachers + 3 stages)
     assert len(cka["pairs"]) == 2 + 5 + 3 * 4 and set(cka["swap"]) == {"teacher", "0", "1", "2"}
     assert all(0 <= v <= 1 + 1e-6 for v in cka["pairs"]["dbot_mae_stage2 vs dbot_supervised_stage2"])
@@ -33,28 +33,28 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     for png in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute", "attention_distance", "singular_value_share",
                 "swap_study"):
         assert (workdir / "results" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
-    knn = json.loads((workdir / "results/knn/dbot_random_stage1/metrics.json").read_text())
+    knn = json.loads((workdir / "results/seed0/knn/dbot_random_stage1/metrics.json").read_text())
     assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls", "bf16": True}
     assert knn["weights"]["evaluated"] == "student" and len(knn["weights"]["sha256"]) == 64
-    rcmae = json.loads((workdir / "results/linprobe/rcmae/metrics.json").read_text())
+    rcmae = json.loads((workdir / "results/seed0/linprobe/rcmae/metrics.json").read_text())
     assert rcmae["weights"]["evaluated"] == "teacher"                 # rcmae.evaluate_weights, recorded
-    swap = json.loads((workdir / "results/teacher_swap/mae_stage1/teacher.json").read_text())
-    assert swap["source"] == "results/pretrain_dbot/mae_stage0/encoder.safetensors" and swap["source_node"] == "pretrain_dbot"
-    swap = json.loads((workdir / "results/teacher_swap/supervised_stage0/teacher.json").read_text())
-    assert swap["source"] == "results/supervised/encoder.safetensors" and swap["source_method"] == "supervised"
-    assert (workdir / "results/benchmarks/pretrain/mae.tsv").is_file()
+    swap = json.loads((workdir / "results/seed0/teacher_swap/mae_stage1/teacher.json").read_text())
+    assert swap["source"] == "results/seed0/pretrain_dbot/mae_stage0/encoder.safetensors" and swap["source_node"] == "pretrain_dbot"
+    swap = json.loads((workdir / "results/seed0/teacher_swap/supervised_stage0/teacher.json").read_text())
+    assert swap["source"] == "results/seed0/supervised/encoder.safetensors" and swap["source_method"] == "supervised"
+    assert (workdir / "results/seed0/benchmarks/pretrain/mae.tsv").is_file()
     flops = table[(table.protocol == "pretrain") & (table.metric == "train_flops")].set_index("weights").value
     assert flops["bootmae"] > flops["mae"] > 0 and flops["dbot_random_stage0"] > 0   # compute accounting per node
-    assert not (workdir / "results/.resume/pretrain@mae").exists()
+    assert not (workdir / "results/.resume/pretrain@seed0-mae").exists()
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = {r.data.tags["chain"]: r.info.run_id for r in runs if r.data.tags.get("role") == "chain"}
     assert {"mae", "sdae", "rcmae", "bootmae", "random_init"} | {f"dbot_{c}" for c in chains} <= set(parents)
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["dbot_mae"]}
-    assert {"teacher_swap@mae_stage0", "pretrain_dbot@mae_stage0", "teacher_swap@mae_stage2", "knn@dbot_mae_stage2",
-            "linprobe@dbot_mae_stage1"} <= children
-    stage2 = next(r for r in runs if r.info.run_name == "pretrain_dbot@random_stage2")
+    assert {"teacher_swap@seed0-mae_stage0", "pretrain_dbot@seed0-mae_stage0", "teacher_swap@seed0-mae_stage2",
+            "knn@seed0-dbot_mae_stage2", "linprobe@seed0-dbot_mae_stage1"} <= children
+    stage2 = next(r for r in runs if r.info.run_name == "pretrain_dbot@seed0-random_stage2")
     assert stage2.data.params["pretrain.mask_ratio"] == "0.75" and "dataset_hash" in stage2.data.tags
     assert len(client.get_metric_history(stage2.info.run_id, "loss")) == 1
 

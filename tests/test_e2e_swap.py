@@ -29,16 +29,16 @@ def test_chain_from_a_wider_deeper_external_timm_checkpoint(workdir):
         stage("pretrain_dbot", "--stage", f"external_stage{k}", *chain)
     stage("knn", "--weights", "dbot_external_stage2", *chain)
 
-    made = json.loads((workdir / "results/teacher_swap/external_stage0/teacher.json").read_text())
+    made = json.loads((workdir / "results/seed0/teacher_swap/external_stage0/teacher.json").read_text())
     assert made["source_node"] == "external" and (made["model"]["embed_dim"], made["model"]["depth"]) == (64, 3)
-    student = json.loads((workdir / "results/pretrain_dbot/external_stage0/encoder.json").read_text())
+    student = json.loads((workdir / "results/seed0/pretrain_dbot/external_stage0/encoder.json").read_text())
     assert (student["model"]["embed_dim"], student["model"]["depth"]) == (32, 2)    # the student keeps its size
-    next_teacher = json.loads((workdir / "results/teacher_swap/external_stage1/teacher.json").read_text())
-    assert next_teacher["source"] == "results/pretrain_dbot/external_stage0/encoder.safetensors"
-    flops = [json.loads((workdir / f"results/pretrain_dbot/external_stage{k}/metrics.json").read_text())
+    next_teacher = json.loads((workdir / "results/seed0/teacher_swap/external_stage1/teacher.json").read_text())
+    assert next_teacher["source"] == "results/seed0/pretrain_dbot/external_stage0/encoder.safetensors"
+    flops = [json.loads((workdir / f"results/seed0/pretrain_dbot/external_stage{k}/metrics.json").read_text())
              ["final"]["flops_per_image"] for k in (0, 1)]
     assert flops[0] > flops[1]                  # stage 0 pays for the larger teacher's forward, stage 1 does not
-    knn = json.loads((workdir / "results/knn/dbot_external_stage2/metrics.json").read_text())
+    knn = json.loads((workdir / "results/seed0/knn/dbot_external_stage2/metrics.json").read_text())
     assert knn["weights"]["method"] == "dbot" and 0 <= knn["metrics"]["top1"] <= 1
 
 
@@ -49,4 +49,4 @@ def test_an_external_teacher_that_is_a_pickle_is_refused_before_anything_is_writ
                  f"dbot.chains.external={workdir / 'pickled.safetensors'}", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "not a readable safetensors file" in proc.stderr
-    assert not (workdir / "results/teacher_swap").exists()
+    assert not (workdir / "results/seed0/teacher_swap").exists()

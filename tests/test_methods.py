@@ -153,3 +153,20 @@ def test_supervised_learns_labels_through_the_engine(params, tmp_path):
     with torch.no_grad():
         _, out = model.eval()((images.float() / 255 - 0.45) / 0.3, gen, 0, labels=labels)
     assert (out["logits"].argmax(1) == labels).float().mean() == 1.0
+
+
+def test_bootmae_probe_block_writes_the_encoder_cut_after_that_block(params, tmp_path):
+    from pipeline.encoder import load_encoder, save_encoder
+
+    full = make("bootmae", params)
+    cut = METHODS["bootmae"](config.merge(params, {"bootmae": {"probe_block": 1}}), 1, 0)
+    assert full.evaluated_encoder() is full.encoder                      # null: the whole student
+    enc = cut.evaluated_encoder()
+    assert len(enc.vit.blocks) == 1 and enc.config["depth"] == 1 and len(cut.encoder.vit.blocks) == 2
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():                      # the cut encoder = the student's first block, then its final norm
+        _, blocks = cut.encoder(x, return_blocks=(0,))
+        assert torch.allclose(enc(x), cut.encoder.vit.norm(blocks[0]))
+    save_encoder(tmp_path / "cut.safetensors", enc, {})
+    loaded, _ = load_encoder(tmp_path / "cut.safetensors", params, 1)
+    assert loaded.config["depth"] == 1

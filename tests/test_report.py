@@ -26,18 +26,18 @@ def _write(path, obj):
     return path
 
 
-def _pretrain_doc(weights, method, stage):
+def _pretrain_doc(weights, method, stage, seed=0):
     epochs = [{"epoch": e, "loss": 0.5 - 0.05 * e - 0.01 * stage, "lr": 1e-4, "images_per_s": 800.0,
                "seconds": 5.0} for e in range(4)]
-    return {"node": "pretrain_dbot" if method == "dbot" else "pretrain", "method": method, "stage": stage,
+    return {"node": "pretrain_dbot" if method == "dbot" else "pretrain", "method": method, "stage": stage, "seed": seed,
             "weights": weights, "epochs": epochs,
             "final": {"loss": epochs[-1]["loss"], "images_seen": 40000, "wall_s": 20.0 + stage,
                       "train_flops": 1e15 * (1 + stage)}}
 
 
-def _eval_doc(protocol, weights, method, stage, top1):
+def _eval_doc(protocol, weights, method, stage, top1, seed=0):
     doc = {"protocol": protocol, "settings": KNN if protocol == "knn" else LINPROBE,
-           "weights": {"id": weights, "method": method, "stage": stage,
+           "weights": {"id": weights, "method": method, "stage": stage, "seed": seed,
                        "evaluated": "random" if method == "random" else "student",
                        "path": f"results/x/{weights}/encoder.safetensors", "sha256": "0" * 64},
            "metrics": {"top1": top1, "top5": 0.99}}
@@ -46,17 +46,22 @@ def _eval_doc(protocol, weights, method, stage, top1):
     return doc
 
 
-@pytest.fixture
-def inputs(tmp_path):
+def _inputs(root, seed=0, shift=0.0):
+    """Metrics files of one seed: ENCODERS' top-1, plus shift (the seed's deviation)."""
     pretrain, evals = [], []
     for weights, (method, stage, knn, lin) in ENCODERS.items():
         if method != "random":
-            pretrain.append(_write(tmp_path / "in" / "pretrain" / weights / "metrics.json",
-                                   _pretrain_doc(weights, method, stage)))
+            pretrain.append(_write(root / f"seed{seed}" / "pretrain" / weights / "metrics.json",
+                                   _pretrain_doc(weights, method, stage, seed)))
         for protocol, top1 in (("knn", knn), ("linprobe", lin)):
-            evals.append(_write(tmp_path / "in" / protocol / weights / "metrics.json",
-                                _eval_doc(protocol, weights, method, stage, top1)))
+            evals.append(_write(root / f"seed{seed}" / protocol / weights / "metrics.json",
+                                _eval_doc(protocol, weights, method, stage, top1 + shift, seed)))
     return pretrain, evals
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return _inputs(tmp_path / "in")
 
 
 def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
@@ -66,7 +71,7 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     csv = pd.read_csv(out / "summary.csv")
     assert list(csv.columns) == COLUMNS and list(table.columns) == COLUMNS
     assert len(csv) == 7 * 4 + 8 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
-    assert list(csv.weights.drop_duplicates()) == list(ENCODERS)
+    assert list(csv.weights.drop_duplicates()) == list(ENCODERS) and set(csv.seed) == {0}
     top1 = csv[csv.metric == "top1"].set_index(["weights", "protocol"]).value
     assert top1["dbot_random_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
     pre = csv[csv.protocol == "pretrain"].set_index(["weights", "metric"]).value
@@ -84,15 +89,17 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     assert [line.split("|")[1].strip() for line in summary] == list(ENCODERS)   # floor, mae, chains (random first)
     # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6000 TFLOP up to stage 2; the mae
     # chain also counts its teacher's training (1 PFLOP)
-    assert "| dbot_random_stage2 | dbot | 2 | student | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
-    assert "| dbot_mae_stage2 | dbot | 2 | student | 92.0 | 81.0 | 0.3300 | 22.0 | 7000.0 |" in md
-    assert "| mae | mae | 0 | student | 50.0 | 60.0 | 0.3500 | 20.0 | 1000.0 |" in md
-    assert "| random_init | random |  | random | 12.3 | 20.5 | — | — | — |" in md
+    assert "| dbot_random_stage2 | dbot | 2 | student | 1 | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
+    assert "| dbot_mae_stage2 | dbot | 2 | student | 1 | 92.0 | 81.0 | 0.3300 | 22.0 | 7000.0 |" in md
+    assert "| mae | mae | 0 | student | 1 | 50.0 | 60.0 | 0.3500 | 20.0 | 1000.0 |" in md
+    assert "| random_init | random |  | random | 1 | 12.3 | 20.5 | — | — | — |" in md
+    # comparisons: one seed, so no difference is marked as within the seed spread
+    assert "One seed: no seed spread" in md and "| dbot_random_stage1 vs dbot_random_stage0 | +5.0 | +4.5 |" in md
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
 
     # the teacher-swap study: per stage each chain's k-NN / linear top-1, then the spread across teachers
-    assert "| teacher | 12.3 / 20.5 | 50.0 / 60.0 | 26.7 | 37.7 | 27.9 | 39.5 |" in md
-    assert "| 2 | 93.1 / 80.0 | 92.0 / 81.0 | 0.8 | 1.1 | 0.7 | 1.0 |" in md
+    assert "| teacher | 12.3 / 20.5 | 50.0 / 60.0 | 26.7 | 37.7 | — | 27.9 | 39.5 | — |" in md
+    assert "| 2 | 93.1 / 80.0 | 92.0 / 81.0 | 0.8 | 1.1 | — | 0.7 | 1.0 | — |" in md
     spread = pd.read_csv(out / "swap_spread.csv").set_index(["stage", "protocol"])
     assert list(spread.index.get_level_values(0).unique()) == ["teacher", "0", "1", "2"]
     assert spread.loc[("2", "knn"), "range"] == pytest.approx(0.011)
@@ -122,3 +129,22 @@ def test_duplicate_metrics_are_rejected(tmp_path, inputs):
     pretrain, evals = inputs
     with pytest.raises(PipelineError, match="two metrics files give knn/top1 of random_init"):
         build_report(pretrain, evals + evals[:1], tmp_path / "results")
+
+
+def test_several_seeds_give_mean_std_and_mark_differences_within_the_seed_spread(tmp_path):
+    # seed 0 as ENCODERS, seed 1 two points higher everywhere: std over seeds = 2 / sqrt(2) = 1.41 points
+    pretrain, evals = _inputs(tmp_path / "in", seed=0)
+    more = _inputs(tmp_path / "in", seed=1, shift=0.02)
+    table = build_report(pretrain + more[0], evals + more[1], tmp_path / "results", chains=CHAINS)
+    assert set(table.seed) == {0, 1} and len(table) == 2 * (7 * 4 + 8 * 2 * 2)
+    md = (tmp_path / "results" / "summary.md").read_text()
+    assert "| dbot_random_stage2 | dbot | 2 | student | 2 | 94.1 ± 1.4 | 81.0 ± 1.4 |" in md
+    assert "2 seeds: a difference marked ≈ is within the seed spread" in md
+    # mae chain stage 2 vs 1: k-NN +23.0, linear +5.0 (beyond the 1.4-point spread); stage 1 vs 0: k-NN -2.0
+    # (beyond it), linear +1.0 (within it)
+    assert "| dbot_mae_stage2 vs dbot_mae_stage1 | +23.0 | +5.0 |" in md
+    assert "| dbot_mae_stage1 vs dbot_mae_stage0 | -2.0 | +1.0 ≈ |" in md
+    # swap study at stage 2: the teachers' spread (0.8 / 0.7 points) is within the seed spread (1.4)
+    assert "| 2 | 94.1 / 81.0 | 93.0 / 82.0 | 0.8 ≈ | 1.1 | 1.4 | 0.7 ≈ | 1.0 | 1.4 |" in md
+    spread = pd.read_csv(tmp_path / "results" / "swap_spread.csv").set_index(["stage", "protocol"])
+    assert spread.loc[("0", "knn"), "seed_std"] == pytest.approx(0.02 / 2 ** 0.5)

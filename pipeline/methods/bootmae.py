@@ -44,6 +44,12 @@ class BootMAE(EMAMethod):
     def ema_source(self):
         return self.encoder
 
+    def evaluated_encoder(self):
+        """The student or teacher encoder (evaluate_weights), truncated after block probe_block when it is set
+        (the official linear probe reads block 10 of 12)."""
+        encoder, block = super().evaluated_encoder(), self.cfg["probe_block"]
+        return encoder if block is None else encoder.truncated(block)
+
     def feature_weight(self, step: int) -> float:
         if self.total_steps is None:
             return self.cfg["feature_weight"]

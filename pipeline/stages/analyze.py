@@ -1,4 +1,4 @@
-"""analyze: representation analyses of one encoder -> results/analyze/<weights>/analysis.json + attention_heads.png.
+"""analyze: representation analyses of one encoder -> results/seed<S>/analyze/<weights>/{analysis.json,attention_heads.png}.
 
 As the dBOT repository's analyses: mean attention distance per layer and head, and the share of the top-k
 singular values of each layer's normalised patch-token matrix, on the first `analyze.images` validation
@@ -15,28 +15,32 @@ from pipeline.stages.evaluate import add_args, check
 
 def work(params: dict, args) -> None:
     prep = data.load_prepared()
-    encoder, meta = load_encoder(layout.weights_path(args.weights), params, prep.train_x.shape[1])
+    encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params, prep.train_x.shape[1])
     images = data.normalize(prep.val_x[:params["analyze"]["images"]], prep.mean, prep.std)
-    out = layout.analysis_path(args.weights)
+    out = layout.analysis_path(args.weights, args.seed)
     info = layout.describe_weights(args.weights)
-    with tracked(params, info["chain"], f"analyze@{args.weights}", out.parent, ["seed", "analyze"],
+    with tracked(params, info["chain"], node(args), out.parent, ["seed", "analyze"],
                  {"weights": args.weights, "weights_sha256": meta.get("sha256")}) as run:
         distance = analysis.mean_attention_distance(encoder, images)
         share = analysis.singular_value_share(encoder, images, params["analyze"]["top_k"])
         analysis.plot_attention_heads(encoder, images[0], out.parent / "attention_heads.png")
-        write_json(out, {"weights": {"id": args.weights, "method": info["method"], "stage": info["stage"],
+        write_json(out, {"weights": {"id": args.weights, "method": info["method"], "stage": info["stage"], "seed": args.seed,
                                      "sha256": meta.get("sha256")},
                          "settings": params["analyze"],
                          "attention_distance": distance.tolist(), "singular_value_share": share.tolist()})
         run.log_metrics({f"attention_distance_layer{i}": float(v) for i, v in enumerate(distance.mean(1))})
         run.log_metrics({f"singular_value_share_layer{i}": float(v) for i, v in enumerate(share)})
         run.log_artifacts(out, out.parent / "attention_heads.png")
-    print(f"analyze@{args.weights}: mean attention distance per layer "
+    print(f"{node(args)}: mean attention distance per layer "
           + ", ".join(f"{v:.1f}" for v in distance.mean(1).tolist()) + f" px -> {out}")
 
 
+def node(args) -> str:
+    return layout.node_id("analyze", args.seed, args.weights)
+
+
 def main(argv=None) -> None:
-    stage_main("analyze", __doc__, add_args, check, work, lambda a: f"analyze@{a.weights}", argv)
+    stage_main("analyze", __doc__, add_args, check, work, node, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""cka: linear CKA per layer between the study's encoders -> results/cka/cka.json + cka.png.
+"""cka: linear CKA per layer between one seed's encoders -> results/seed<S>/cka/{cka.json,cka.png}.
 
 Encoders are compared layer by layer on the patch tokens of the first `analyze.images` validation images
 (each encoder's features are computed once). Pairs:
@@ -21,7 +21,7 @@ from pipeline.node import tracked
 
 
 def check(params: dict, args) -> None:
-    for path in [layout.DATASET] + [layout.weights_path(w) for w in layout.all_weights(params)]:
+    for path in [layout.DATASET] + [layout.weights_path(w, args.seed) for w in layout.all_weights(params)]:
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
 
@@ -50,7 +50,7 @@ def work(params: dict, args) -> None:
     needed = sorted({w for g in groups.values() for w in g} | {w for p in pairs for w in p})
     feats = {}
     for w in needed:
-        encoder = load_encoder(layout.weights_path(w), params, prep.train_x.shape[1])[0]
+        encoder = load_encoder(layout.weights_path(w, args.seed), params, prep.train_x.shape[1])[0]
         feats[w] = analysis.layer_features(encoder, images)
 
     def cka(a: str, b: str) -> torch.Tensor | None:
@@ -58,8 +58,8 @@ def work(params: dict, args) -> None:
             return None                               # encoders of different depth: no layer-wise pairing
         return torch.tensor([analysis.linear_cka(x, y) for x, y in zip(feats[a], feats[b])])
 
-    out = layout.RESULTS / "cka" / "cka.json"
-    with tracked(params, "report", "cka", out.parent, ["seed", "analyze", "dbot"]) as run:
+    out = layout.cka_path(args.seed)
+    with tracked(params, "report", layout.node_id("cka", args.seed), out.parent, ["seed", "analyze", "dbot"]) as run:
         table = {f"{a} vs {b}": cka(a, b) for a, b in pairs}
         swap = {}
         for stage, members in groups.items():
@@ -73,11 +73,11 @@ def work(params: dict, args) -> None:
         write_json(out, {"settings": params["analyze"], "pairs": {k: v.tolist() for k, v in table.items()},
                          "swap": {k: v.tolist() for k, v in swap.items()}})
         run.log_artifacts(out, out.parent / "cka.png")
-    print(f"cka: {len(table)} pairs of {len(needed)} encoders -> {out}")
+    print(f"{layout.node_id('cka', args.seed)}: {len(table)} pairs of {len(needed)} encoders -> {out}")
 
 
 def main(argv=None) -> None:
-    stage_main("cka", __doc__, lambda p: None, check, work, lambda a: "cka", argv)
+    stage_main("cka", __doc__, lambda p: None, check, work, lambda a: layout.node_id("cka", a.seed), argv)
 
 
 if __name__ == "__main__":

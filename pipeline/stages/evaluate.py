@@ -23,7 +23,7 @@ def check(params: dict, args) -> None:
     known = layout.all_weights(params)
     if args.weights not in known:
         raise PipelineError(f"unknown weights {args.weights!r}; this study has {', '.join(known)}")
-    for path in (layout.DATASET, layout.weights_path(args.weights)):
+    for path in (layout.DATASET, layout.weights_path(args.weights, args.seed)):
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
 
@@ -32,15 +32,16 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
     settings = params[protocol]
     prep = data.load_prepared()
-    path = layout.weights_path(args.weights)
+    path = layout.weights_path(args.weights, args.seed)
     encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")
     info = layout.describe_weights(args.weights)
-    weights = {"id": args.weights, "method": info["method"], "stage": info["stage"],
+    weights = {"id": args.weights, "method": info["method"], "stage": info["stage"], "seed": args.seed,
                "evaluated": "random" if info["method"] == "random" else meta.get("evaluated", "student"),
+               "depth": encoder.config["depth"],          # blocks evaluated (bootmae.probe_block may cut them)
                "path": str(path), "sha256": meta.get("sha256")}
-    out = layout.eval_metrics(protocol, args.weights)
-    with tracked(params, info["chain"], f"{protocol}@{args.weights}", out.parent, ["seed", protocol],
+    out = layout.eval_metrics(protocol, args.weights, args.seed)
+    with tracked(params, info["chain"], layout.node_id(protocol, args.seed, args.weights), out.parent, ["seed", protocol],
                  {"weights": args.weights, "evaluated": weights["evaluated"], "protocol": protocol,
                   "weights_sha256": weights["sha256"]}) as run:
         kind, bf16 = settings["feature"], settings["bf16"]
@@ -55,5 +56,5 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
         write_json(out, result)
         run.log_metrics(metrics)
         run.log_artifacts(out)
-    print(f"{protocol}@{args.weights}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
+    print(f"{layout.node_id(protocol, args.seed, args.weights)}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
     return result

@@ -1,9 +1,10 @@
-"""knn: weighted k-NN accuracy of a frozen encoder -> results/knn/<weights>/metrics.json.
+"""knn: weighted k-NN accuracy of a frozen encoder -> results/seed<S>/knn/<weights>/metrics.json.
 
 Cosine similarity between val and train features, the k nearest (k=20) vote with weight exp(sim / T)
 (T=0.07), as DINO's protocol. Features: knn.feature (cls token after the final norm, or mean of patches).
 Tiny run: python -m pipeline.stages.knn --preset tiny --weights mae
 """
+from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.evaluation import knn_scores, topk_accuracy
 from pipeline.stages.evaluate import add_args, check, evaluate
@@ -19,7 +20,7 @@ def work(params: dict, args) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main("knn", __doc__, add_args, check, work, lambda a: f"knn@{a.weights}", argv)
+    stage_main("knn", __doc__, add_args, check, work, lambda a: layout.node_id("knn", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

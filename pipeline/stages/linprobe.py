@@ -1,10 +1,11 @@
-"""linprobe: linear-probe accuracy of a frozen encoder -> results/linprobe/<weights>/metrics.json.
+"""linprobe: linear-probe accuracy of a frozen encoder -> results/seed<S>/linprobe/<weights>/metrics.json.
 
 MAE's protocol on frozen features (encoder in eval mode, computed once, no augmentation): a BatchNorm
 without affine parameters followed by a linear layer, trained for linprobe.epochs with SGD + cosine lr;
 top-1/top-5 on the val split after the last epoch, with the per-epoch curve in "history".
 Tiny run: python -m pipeline.stages.linprobe --preset tiny --weights mae
 """
+from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.evaluation import linear_probe
 from pipeline.stages.evaluate import add_args, check, evaluate
@@ -21,7 +22,7 @@ def work(params: dict, args) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main("linprobe", __doc__, add_args, check, work, lambda a: f"linprobe@{a.weights}", argv)
+    stage_main("linprobe", __doc__, add_args, check, work, lambda a: layout.node_id("linprobe", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ from pipeline.cli import stage_main
 from pipeline.config import section_hash
 from pipeline.node import tracked
 
-SECTIONS = ["seed", "data"]
+SECTIONS = ["data"]
 
 
 def work(params: dict, args) -> None:
-    prep = data.prepare(params["data"], params["seed"])
+    prep = data.prepare(params["data"], params["data"]["split_seed"])   # one split for every seed
     meta = {"node": "prepare_data", "params_hash": section_hash(params, SECTIONS)}
     with tracked(params, "data", "prepare_data", layout.DATA_DIR, SECTIONS) as run:
         saved = data.save_prepared(prep, layout.DATASET, meta)
@@ -25,7 +25,7 @@ def work(params: dict, args) -> None:
 
 def main(argv=None) -> None:
     stage_main("prepare_data", __doc__, lambda p: None, lambda params, args: None, work,
-               lambda args: "prepare_data", argv, compute=False)
+               lambda args: "prepare_data", argv, compute=False, per_seed=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""pretrain: train one method's student -> results/pretrain/<method>/ (dBOT: results/pretrain_dbot/<chain>_stage<k>/).
+"""pretrain: train one method's student -> results/seed<S>/pretrain/<method>/ (dBOT: .../pretrain_dbot/<chain>_stage<k>/).
 
 Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch; images seen, wall time and
 analytic training FLOPs, pipeline.compute) and params.yaml. Resumable:
@@ -16,7 +16,7 @@ from pipeline import data, engine, layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import dbot_key, stage_main
 from pipeline.compute import flops_per_image
-from pipeline.config import section_hash
+from pipeline.config import section_hash, student_seed
 from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
@@ -31,7 +31,7 @@ def add_args(parser) -> None:
 
 
 def node_id(args) -> str:
-    return layout.pretrain_node(args.method, args.stage)
+    return layout.pretrain_node(args.method, args.seed, args.stage)
 
 
 def weights_id(args) -> str:
@@ -61,7 +61,7 @@ def check(params: dict, args) -> None:
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     if args.method != "dbot" and args.stage is not None:
         raise PipelineError(f"--stage is for dbot only, not {args.method}")
-    for path in [layout.DATASET] + ([layout.teacher_path(args.stage)] if args.method in NEEDS_TEACHER else []):
+    for path in [layout.DATASET] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []):
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
 
@@ -69,10 +69,10 @@ def check(params: dict, args) -> None:
 def work(params: dict, args) -> None:
     prep = data.load_prepared()
     dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
-    in_chans, seed = prep.train_x.shape[1], params["seed"] + stage_number(args)   # a fresh student per stage
+    in_chans, seed = prep.train_x.shape[1], student_seed(params, stage_number(args))   # a fresh student per stage
     teacher, teacher_meta = None, {}
     if args.method in NEEDS_TEACHER:
-        enc, teacher_meta = load_encoder(layout.teacher_path(args.stage), params, in_chans)
+        enc, teacher_meta = load_encoder(layout.teacher_path(args.stage, args.seed), params, in_chans)
         teacher = FrozenTeacher(enc, params["dbot"]["teacher_final_norm"])
     labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
     model = METHODS[args.method](params, in_chans, seed, teacher, **labels)
@@ -85,7 +85,7 @@ def work(params: dict, args) -> None:
         config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
         desc=node_id(args))
     state = layout.resume_dir(node_id(args)) / "state.pt"
-    out = layout.pretrain_dir(args.method, args.stage)
+    out = layout.pretrain_dir(args.method, args.seed, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
     tags = {"method": args.method, "stage": stage_number(args), "weights": weights_id(args), "evaluated": evaluated,
             "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
@@ -105,14 +105,15 @@ def work(params: dict, args) -> None:
 
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> dict:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
-            "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": cfg.seed,
+            "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,
+            "init_seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
     encoder = model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
     save_encoder(out / "encoder.safetensors", encoder, meta)
     flops = flops_per_image(params, args.method, teacher_meta.get("model"))
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
-    write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights")},
+    write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights", "seed")},
                                       "epochs": result.history, "final": final})
     return final
 

@@ -1,4 +1,4 @@
-"""random_init: a randomly initialised encoder -> results/random_init/encoder.safetensors.
+"""random_init: a randomly initialised encoder -> results/seed<S>/random_init/encoder.safetensors.
 
 It is the random floor of every evaluation and, by default, dBOT's stage-0 teacher: made with the same
 seed as the stage-0 student, it is a frozen copy of the student's own random initialisation.
@@ -6,7 +6,7 @@ Tiny run: python -m pipeline.stages.random_init --preset tiny
 """
 from pipeline import layout
 from pipeline.cli import stage_main
-from pipeline.config import section_hash
+from pipeline.config import section_hash, student_seed
 from pipeline.encoder import build_encoder, save_encoder
 from pipeline.node import tracked
 
@@ -15,17 +15,18 @@ SECTIONS = ["seed", "data", "model"]
 
 def work(params: dict, args) -> None:
     d = params["data"]
-    enc = build_encoder(params["model"], d["img_size"], d["channels"], params["seed"])
-    out = layout.weights_path("random_init")
-    with tracked(params, "random_init", "random_init", out.parent, SECTIONS,
+    enc = build_encoder(params["model"], d["img_size"], d["channels"], student_seed(params))
+    out = layout.weights_path("random_init", params["seed"])
+    with tracked(params, "random_init", layout.node_id("random_init", params["seed"]), out.parent, SECTIONS,
                  {"weights": "random_init", "evaluated": "random"}):
         save_encoder(out, enc, {"node": "random_init", "method": "random", "stage": None,
-                                "seed": params["seed"], "params_hash": section_hash(params, SECTIONS)})
+                                "seed": student_seed(params), "params_hash": section_hash(params, SECTIONS)})
     print(f"random_init: {sum(p.numel() for p in enc.parameters())} parameters -> {out}")
 
 
 def main(argv=None) -> None:
-    stage_main("random_init", __doc__, lambda p: None, lambda params, args: None, work, lambda args: "random_init", argv, compute=False)
+    stage_main("random_init", __doc__, lambda p: None, lambda params, args: None, work,
+               lambda args: layout.node_id("random_init", args.seed), argv, compute=False)
 
 
 if __name__ == "__main__":

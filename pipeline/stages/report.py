@@ -14,8 +14,11 @@ from pipeline.report import build_report
 
 
 def inputs(params: dict) -> tuple[list, list, list]:
-    evals = [layout.eval_metrics(p, w) for p in ("knn", "linprobe") for w in layout.all_weights(params)]
-    return layout.pretrain_metrics(params), evals, [layout.analysis_path(w) for w in layout.all_weights(params)]
+    """Pre-training and evaluation metrics of every seed; analyses of the first seed (drawn side by side)."""
+    weights, seeds = layout.all_weights(params), params["seeds"]
+    pretrain = [p for s in seeds for p in layout.pretrain_metrics(params, s)]
+    evals = [layout.eval_metrics(p, w, s) for s in seeds for p in ("knn", "linprobe") for w in weights]
+    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in weights]
 
 
 def check(params: dict, args) -> None:
@@ -26,14 +29,15 @@ def check(params: dict, args) -> None:
 
 def work(params: dict, args) -> None:
     pretrain, evals, analyses = inputs(params)
-    with tracked(params, "report", "report", layout.RESULTS, ["study", "seed"]) as run:
+    with tracked(params, "report", "report", layout.RESULTS, ["study", "seeds"]) as run:
         table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"])
         run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
     print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
 
 
 def main(argv=None) -> None:
-    stage_main("report", __doc__, lambda p: None, check, work, lambda a: "report", argv, compute=False)
+    stage_main("report", __doc__, lambda p: None, check, work, lambda a: "report", argv, compute=False,
+               per_seed=False)
 
 
 if __name__ == "__main__":

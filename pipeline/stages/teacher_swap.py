@@ -1,4 +1,4 @@
-"""teacher_swap: make the teacher of dBOT node <chain>_stage<k> -> results/teacher_swap/<chain>_stage<k>/teacher.safetensors.
+"""teacher_swap: make the teacher of dBOT node <chain>_stage<k> -> results/seed<S>/teacher_swap/<chain>_stage<k>/teacher.safetensors.
 
 Stage 0's source is the chain's entry in params dbot.chains (the teacher-swap study: the random init, another
 method's result, the supervised model, or an external file such as a timm ViT state dict in safetensors, also
@@ -26,7 +26,7 @@ def check(params: dict, args):
     """Load and check the source now, before anything is written."""
     if args.stage not in layout.dbot_keys(params):
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
-    src = layout.teacher_source(params, args.stage)
+    src = layout.teacher_source(params, args.stage, args.seed)
     enc, meta = load_encoder(src, params, params["data"]["channels"])
     d = params["data"]
     if (enc.config["img_size"], enc.config["patch_size"], enc.config["in_chans"]) != (
@@ -40,19 +40,23 @@ def check(params: dict, args):
 def work(params: dict, args) -> None:
     enc, meta, src = check(params, args)
     chain, stage = layout.parse_dbot_key(args.stage)
-    out = layout.teacher_path(args.stage)
+    out = layout.teacher_path(args.stage, args.seed)
     provenance = {"node": "teacher_swap", "chain": chain, "stage": stage, "source": src,
                   "source_sha256": meta.get("sha256"), "source_node": meta.get("node", "external"),
                   "source_method": meta.get("method"), "source_stage": meta.get("stage"),
                   "params_hash": section_hash(params, SECTIONS)}
-    with tracked(params, f"dbot_{chain}", f"teacher_swap@{args.stage}", out.parent, SECTIONS,
+    with tracked(params, f"dbot_{chain}", node(args), out.parent, SECTIONS,
                  {"chain": chain, "stage": stage, "teacher_source": src}):
         save_encoder(out, enc, provenance)
-    print(f"teacher_swap: {args.stage} teacher <- {src} -> {out}")
+    print(f"{node(args)}: teacher <- {src} -> {out}")
+
+
+def node(args) -> str:
+    return layout.node_id("teacher_swap", args.seed, args.stage)
 
 
 def main(argv=None) -> None:
-    stage_main("teacher_swap", __doc__, add_args, check, work, lambda a: f"teacher_swap@{a.stage}", argv,
+    stage_main("teacher_swap", __doc__, add_args, check, work, node, argv,
                compute=False)
 
 
