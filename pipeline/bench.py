@@ -1,83 +1,292 @@
-"""Benchmark (not a test): training throughput of each method at a preset, fp32 and bf16 autocast.
+"""Benchmark (not a test): speed, memory and compute efficiency of every method's training step at a preset.
 
-    python -m pipeline.bench --preset default [--steps 20]
+    python -m pipeline.bench --preset default [--steps 20] [--curve-steps 30] [--out results/bench]
 
-Times the real training step (augmentation, masking, forward, backward, AdamW) on random uint8 images of
-the preset's shape, after warm-up steps, and prints images/s per method and precision, each method's
-step-time ratio to MAE and its analytic FLOP ratio (student forward+backward = 3x forward, teacher
-forward only). Writes results/bench/bench.json.
+One run measures, on this machine (CUDA if available, else the CPU with all of torch's threads):
+
+- peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), fp32 and bf16;
+- rows, one per method x precision (fp32, bf16 autocast): the real training step (engine._step: augmentation,
+  masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
+  timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
+  max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
+  the model is built); the analytic FLOPs of a step (pipeline.compute.flops_per_image "train" x batch: student
+  forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu;
+  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision);
+- data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
+  train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
+- modes: MAE trained --curve-steps steps on the real train images in fp32, bf16 autocast and torch.compile
+  (--compile-backend, in the preset's pretrain.bf16 precision), same init, batches and masks: step time (median
+  after the first steps), first-step time (holds the compilation), loss curve, final-loss difference to fp32.
+  A compile failure is recorded as its error message. The curves are overlaid in modes_loss.png.
+
+Reading MFU (model FLOPs utilisation) = achieved GFLOP/s / the matmul peak of the precision the step runs in:
+the share of the machine's dense-matmul ceiling that the step turns into model FLOPs. Everything that is not a
+large matmul (augmentation, masking, norms, softmax, the optimiser, Python and dispatch overhead, small matmuls
+far from the peak) lowers it, so small models such as the tiny preset sit far below 1. The FLOP count leaves out
+patch embedding, heads and norms, so MFU slightly under-counts. A step ratio above the FLOP ratio: the method
+spends more time per FLOP than MAE (non-matmul work of its teacher or loss). Timings need an otherwise idle
+machine: on CPU cores shared with another job, torch's threads wait for each other and steps get 10-50x slower.
+
+Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import gc
 import json
+import multiprocessing
+import resource
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pipeline import config, engine
+from pipeline import bench_plots, config, engine
 from pipeline.checkpoint import write_json
 from pipeline.compute import flops_per_image
+from pipeline.data import prepare
 from pipeline.encoder import build_encoder
 from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.teacher import FrozenTeacher
 
+PRECISIONS = ("fp32", "bf16")
+MODES = ("fp32", "bf16", "compile")
+WARMUP = 3            # untimed steps before every timing
 
-def step_flops(params: dict, method: str) -> float:
-    return flops_per_image(params, method)["train"]
+
+def timed(fn, device: str) -> tuple[float, object]:
+    """(seconds, fn()), the device synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, value
 
 
-def time_method(params: dict, method: str, bf16: bool, steps: int, warmup: int = 3) -> float:
-    """Seconds per training step of `method` (median of `steps` timed steps)."""
-    d, t = params["data"], params["pretrain"]
+def matmul_gflops(dtype: torch.dtype, n: int, device: str, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs) over `reps` runs after 2 warm-up runs."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = [timed(lambda: a @ b, device)[0] for _ in range(reps + 2)]
+    return 2 * n ** 3 / min(times[2:]) / 1e9
+
+
+def train_config(params: dict, bf16: bool) -> engine.TrainConfig:
+    """The pretrain section's step settings, at a constant lr = blr * batch_size / 256."""
+    t = params["pretrain"]
+    return engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=t["blr"] * t["batch_size"] / 256,
+                              min_lr=t["min_lr"], warmup_epochs=0, weight_decay=t["weight_decay"],
+                              clip_grad=t["clip_grad"], bf16=bf16, crop_scale=t["crop_scale"], hflip=t["hflip"],
+                              checkpoint_every_min=1e9, seed=0, config_hash="bench")
+
+
+def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps: int) -> tuple:
+    """(model, AdamW) of `method` as the pretrain stage builds them (seed 0; dBOT: a random frozen teacher)."""
+    d = params["data"]
     teacher = None
     if method in NEEDS_TEACHER:
         teacher = FrozenTeacher(build_encoder(params["model"], d["img_size"], d["channels"], seed=1))
     labels = {"num_classes": 10} if method in NEEDS_LABELS else {}
-    model = METHODS[method](params, d["channels"], 0, teacher, **labels).train()
-    cfg = engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=1e-4, min_lr=0, warmup_epochs=0,
-                             weight_decay=0.05, clip_grad=t["clip_grad"], bf16=bf16, crop_scale=t["crop_scale"],
-                             hflip=t["hflip"], checkpoint_every_min=1e9, seed=0, config_hash="bench")
-    opt = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    model = METHODS[method](params, d["channels"], 0, teacher, **labels).train().to(device)
+    opt = torch.optim.AdamW(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if hasattr(model, "start_schedule"):
-        model.start_schedule(warmup + steps, warmup + steps)     # one epoch: EMA updates as in training
-    images = torch.randint(0, 256, (t["batch_size"], d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
-    batch_labels = {"labels": torch.arange(t["batch_size"]) % 10} if method in NEEDS_LABELS else {}
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        engine._step(model, opt, images, [0.5] * d["channels"], [0.25] * d["channels"], cfg, 1e-4, i, "cpu",
-                     batch_labels)
-        times.append(time.perf_counter() - start)
-    return sorted(times[warmup:])[steps // 2]
+        model.start_schedule(steps, steps)     # one epoch: EMA updates as in training
+    return model, opt
 
 
-def main(argv=None) -> dict:
+def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tensor, mean: list, std: list,
+                steps: int, compile_backend: str | None = None) -> list[tuple[float, float]]:
+    """(seconds, loss) of each of `steps` training steps (engine._step) of a fresh model on uint8 `images`;
+    with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation)."""
+    model, opt = build(params, method, cfg, device, steps)
+    if compile_backend:
+        model.compile(backend=compile_backend)
+    labels = torch.arange(len(images)) % 10
+    out = []
+    for step in range(steps):
+        idx = engine.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
+        batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
+        out.append(timed(lambda: engine._step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
+                                              batch_labels).item(), device))
+    return out
+
+
+def time_method(params: dict, method: str, bf16: bool, steps: int, device: str) -> float:
+    """Seconds per training step of `method` on random images (median of `steps` steps after warm-up)."""
+    d, cfg = params["data"], train_config(params, bf16)
+    images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
+    out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
+                      WARMUP + steps)
+    return statistics.median(t for t, _ in out[WARMUP:])
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; elsewhere its peak so far)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2 ** 20
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: int) -> dict:
+    """Run in a fresh process: step time and peak memory above the RSS before the model is built."""
+    torch.set_num_threads(threads)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # Linux: restart the peak-RSS count from here
+    except OSError:
+        pass
+    before = _rss_mb()
+    step_s = time_method(params, method, bf16, steps, "cpu")
+    return {"step_s": step_s, "peak_mem_mb": _peak_rss_mb() - before}
+
+
+def measure(params: dict, method: str, bf16: bool, steps: int, device: str, pool) -> dict:
+    """{"step_s", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in a fresh child."""
+    if device == "cpu":
+        return pool.submit(_measure_child, params, method, bf16, steps, torch.get_num_threads()).result()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step_s = time_method(params, method, bf16, steps, device)
+    return {"step_s": step_s, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+
+
+def child_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """One fresh process per task, one at a time: forkserver where the platform has it (its server imports torch
+    and the methods once, so a child starts in a fraction of a second instead of ~5 s), else spawn."""
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
+    if ctx.get_start_method() == "forkserver":    # not this module itself: each child runs it as __mp_main__
+        ctx.set_forkserver_preload(["pipeline.bench_plots", "pipeline.data", "pipeline.engine", "pipeline.methods"])
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def make_row(params: dict, method: str, precision: str, measured: dict, mae_step: float, peak: float) -> dict:
+    """One row of bench.json from a measurement, the MAE step time and the precision's matmul peak."""
+    batch = params["pretrain"]["batch_size"]
+    flops = flops_per_image(params, method)["train"] * batch
+    gflops = flops / measured["step_s"] / 1e9
+    return {"method": method, "precision": precision, **measured, "images_per_s": batch / measured["step_s"],
+            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / peak,
+            "step_ratio_to_mae": measured["step_s"] / mae_step,
+            "flop_ratio_to_mae": flops / (flops_per_image(params, "mae")["train"] * batch)}
+
+
+def measure_rows(params: dict, steps: int, device: str, peaks: dict, progress) -> list[dict]:
+    rows = []
+    with child_pool() as pool:
+        for precision in PRECISIONS:
+            for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
+                measured = measure(params, method, precision == "bf16", steps, device, pool)
+                mae_step = measured["step_s"] if method == "mae" else mae_step
+                rows.append(make_row(params, method, precision, measured, mae_step, peaks[precision]))
+                progress(bench_plots.row_line(rows[-1]))
+    return rows
+
+
+def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: float) -> dict:
+    """Images/s of making training batches exactly as engine._step does before the model."""
+    cfg = train_config(params, params["pretrain"]["bf16"])
+
+    def batch(step: int) -> torch.Tensor:
+        x = data.train_x[engine.batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
+        return engine.make_batch(x, data.mean, data.std, cfg, engine.step_generator(cfg.seed, step), device)
+    times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]
+    per_s = min(cfg.batch_size, len(data.train_x)) / statistics.median(times[WARMUP:])
+    return {"images_per_s": per_s, "ratio_to_mae_training": per_s / mae_images_per_s,
+            "mae_precision": "bf16" if cfg.bf16 else "fp32"}
+
+
+def mode_run(params: dict, data, mode: str, steps: int, device: str, backend: str = "inductor") -> dict:
+    """MAE's loss curve and step time in one mode: fp32 | bf16 | compile (`backend`, the preset's precision)."""
+    bf16 = params["pretrain"]["bf16"] if mode == "compile" else mode == "bf16"
+    run = {"precision": "bf16" if bf16 else "fp32", **({"backend": backend} if mode == "compile" else {})}
+    try:
+        out = train_steps(params, "mae", train_config(params, bf16), device, data.train_x, data.mean, data.std,
+                          steps, compile_backend=backend if mode == "compile" else None)
+    except Exception as e:      # torch.compile may fail on a machine (no compiler, unsupported op): record it
+        if mode != "compile":
+            raise
+        return dict(run, error=f"{type(e).__name__}: {e}"[:2000])
+    finally:
+        if mode == "compile":
+            torch._dynamo.reset()
+    times, losses = [t for t, _ in out], [loss for _, loss in out]
+    return dict(run, step_s=statistics.median(times[min(WARMUP, steps - 1):]), first_step_s=times[0],
+                losses=losses, final_loss=losses[-1])
+
+
+def measure_modes(params: dict, data, steps: int, device: str, backend: str, progress) -> dict:
+    modes = {}
+    for mode in MODES:
+        modes[mode] = mode_run(params, data, mode, steps, device, backend)
+        if "final_loss" in modes[mode]:
+            modes[mode]["final_loss_diff_to_fp32"] = modes[mode]["final_loss"] - modes["fp32"]["final_loss"]
+        progress(bench_plots.mode_line(mode, modes[mode]))
+    return modes
+
+
+class Progress:
+    """Prints '[k/N] message (elapsed, ETA)'; the ETA assumes the measurements left take the mean time so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {message}  ({elapsed:.0f} s, ETA {eta:.0f} s)", flush=True)
+
+
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
+    parser.add_argument("--curve-steps", type=int, default=30, help="steps of each mode's loss curve (>= 2)")
+    parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output folder (default results/bench)")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.curve_steps < 2:
+        parser.error("--steps must be >= 1 and --curve-steps >= 2")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     params = config.load(args.preset)
-    batch = params["pretrain"]["batch_size"]
-    rows = []
-    for bf16 in (False, True):
-        mae_step = None
-        for method in METHODS:
-            step = time_method(params, method, bf16, args.steps)
-            mae_step = step if method == "mae" else mae_step
-            rows.append({"method": method, "precision": "bf16" if bf16 else "fp32", "step_s": step,
-                         "images_per_s": batch / step, "step_ratio_to_mae": step / mae_step,
-                         "flop_ratio_to_mae": step_flops(params, method) / step_flops(params, "mae"),
-                         "gflops_per_s": step_flops(params, method) * batch / step / 1e9})
-            print(f"{method:10s} {rows[-1]['precision']}: {rows[-1]['images_per_s']:8.1f} img/s  "
-                  f"step {1000 * step:7.1f} ms  ratio to mae {rows[-1]['step_ratio_to_mae']:.2f} "
-                  f"(FLOPs {rows[-1]['flop_ratio_to_mae']:.2f})  {rows[-1]['gflops_per_s']:.1f} GFLOP/s", flush=True)
-    out = RESULTS / "bench" / "bench.json"
-    result = {"preset": args.preset, "batch_size": batch, "threads": torch.get_num_threads(), "rows": rows}
-    write_json(out, result)
-    print(json.dumps({"written": str(out)}))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = args.peak_size or (8192 if device == "cuda" else 2048)
+    progress = Progress(len(PRECISIONS) * (1 + len(METHODS)) + 1 + len(MODES))
+    peaks = {}
+    for precision in PRECISIONS:
+        peaks[precision] = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32, n, device)
+        progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
+    rows = measure_rows(params, args.steps, device, peaks, progress)
+    data = prepare(params["data"], params["data"]["split_seed"])
+    trained = "bf16" if params["pretrain"]["bf16"] else "fp32"         # the preset's training precision
+    mae = next(r for r in rows if r["method"] == "mae" and r["precision"] == trained)
+    loading = data_loading(params, data, device, args.steps, mae["images_per_s"])
+    progress(bench_plots.loading_line(loading))
+    modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, progress)
+    result = {"preset": args.preset, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "curve_steps": args.curve_steps,
+              "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "data_loading": loading, "modes": modes}
+    write_json(args.out / "bench.json", result)
+    bench_plots.write_markdown(result, args.out / "bench.md")
+    bench_plots.modes_loss(modes, args.out / "modes_loss.png")
+    print(json.dumps({"written": [str(args.out / f) for f in ("bench.json", "bench.md", "modes_loss.png")]}))
     return result
 
 

@@ -25,6 +25,10 @@ from pipeline.errors import PipelineError
 from pipeline.layout import sidecar
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)                         # read once: os.umask can only be read by setting it
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), fsync, then rename tmp_path to path. The temp file is removed on failure."""
     path = Path(path)
@@ -35,6 +39,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)       # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

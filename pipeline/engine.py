@@ -78,6 +78,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
 
 
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The image indices of global step `step`: the seeded order of its epoch, cut in full batches."""
+    bs = min(batch_size, n)
+    epoch, pos = divmod(step, n // bs)
+    return epoch_order(n, seed, epoch)[pos * bs:(pos + 1) * bs]
+
+
+def make_batch(batch_u8: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
+               gen: torch.Generator, device: str) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> the augmented, normalised float batch on `device` (batched, no loop)."""
+    x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
+    return normalize(x, mean, std).to(device, non_blocking=True)
+
+
 def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
           state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
           extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None) -> TrainResult:
@@ -103,9 +117,8 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     last_save, t_epoch, step = time.monotonic(), time.monotonic(), st["step"]
     model.train()
     while step < total:
-        epoch, pos = divmod(step, spe)
-        order = epoch_order(n, cfg.seed, epoch)
-        idx = order[pos * bs:(pos + 1) * bs]
+        epoch = step // spe
+        idx = batch_indices(n, bs, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
         loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
         st["loss_sum"] += loss.detach().float().cpu()
@@ -125,8 +138,7 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
 def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
           batch_labels: dict) -> torch.Tensor:
     gen = step_generator(cfg.seed, step)
-    x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
-    x = normalize(x, mean, std).to(device, non_blocking=True)
+    x = make_batch(batch_u8, mean, std, cfg, gen, device)
     for group in opt.param_groups:
         group["lr"] = lr
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):

@@ -48,3 +48,8 @@ def test_state_is_loaded_without_unpickling_code(tmp_path):
     assert checkpoint.load_state(tmp_path / "ok.pt")["extra"] == {"run_id": "r"}
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:30])
     assert checkpoint.load_state(tmp_path / "trunc.pt") is None
+
+
+def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    checkpoint.write_json(tmp_path / "out.json", {"a": 1})
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK
