@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
-    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny")
+    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", timeout=1800)   # ~80 short processes
     table = pd.read_csv("results/summary.csv")
     assert {"method", "stage", "weights", "protocol", "metric", "value"} <= set(table.columns)
     chains = ("random", "mae", "supervised")                        # params dbot.chains: the teacher-swap study
