@@ -119,7 +119,7 @@ def stages(params: dict) -> dict:
         out[node] = {"foreach": items, "do": stage}
     out["cka"] = {"foreach": {f"seed{s}": s for s in seeds}, "do": {
         "cmd": _cmd("cka", "--seed ${item}"),
-        "deps": [PRESET, DATASET] + [str(layout.weights_path(w, 0)).replace("seed0", "seed${item}", 1) for w in weights]
+        "deps": [PRESET, DATASET] + [str(layout.weights_path(w, "${item}")) for w in weights]
         + ["pipeline/analysis.py", "pipeline/stages/cka.py"],
         "params": _params("analyze", "dbot"),
         "outs": [{"results/seed${item}/cka/cka.json": {"cache": False}}],
