@@ -200,22 +200,3 @@ def plot_cka(matrix: torch.Tensor | dict[str | tuple[str, str], torch.Tensor], p
     axes[0].set_ylabel("linear CKA")
     save_png(fig, path)
 
-
-def plot_attention_heads(encoder: Encoder, image: torch.Tensor, path: Path | str) -> None:
-    """The input image (C, H, W), then the last block's cls-token attention over the patch grid per head."""
-    cls = attention_maps(encoder, image[None])[-1][0, :, 0, 1:].detach().cpu()       # (heads, L)
-    heads = cls.reshape(-1, encoder.grid, encoder.grid)
-    shown = image.detach().cpu()
-    shown = shown.permute(1, 2, 0) if shown.shape[0] == 3 else shown.mean(dim=0)
-    shown = (shown - shown.min()) / (shown.max() - shown.min()).clamp_min(1e-12)
-    fig = Figure(figsize=(2 * (1 + len(heads)), 2.3))
-    axes = fig.subplots(1, 1 + len(heads), squeeze=False)[0]
-    axes[0].imshow(shown.numpy(), cmap="gray")
-    axes[0].set_title("input")
-    for h, (ax, grid) in enumerate(zip(axes[1:], heads)):
-        ax.imshow(grid.numpy(), cmap="viridis")
-        ax.set_title(f"head {h}")
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle("Last block: cls-token attention over the patches")
-    save_png(fig, path)

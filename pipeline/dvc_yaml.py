@@ -54,6 +54,22 @@ def _cmd(node: str, *args: str) -> str:
     return " ".join([f"python -m pipeline.stages.{node} --preset ${{preset}}", *args])
 
 
+REPORT_PLOTS = ("pretrain_loss", "online_knn", "protocols", "chain_accuracy", "accuracy_vs_compute",
+                "attention_distance", "singular_value_share", "swap_study")
+
+
+def _kept(params: dict, weights: str, node_dir: str) -> list[str]:
+    """The intermediate encoders a training node keeps (pretrain.keep_every_epochs)."""
+    return [f"{node_dir}/checkpoints/epoch{e}.{ext}" for e in layout.kept_epochs(params, weights)
+            for ext in ("safetensors", "json")]
+
+
+def _checkpoint_eval_deps(params: dict, example: str) -> list[str]:
+    """layout.checkpoint_eval_inputs as a template: the example weights id and seed 0 replaced by the item's."""
+    paths = layout.checkpoint_eval_inputs(params, example, 0)
+    return [str(p).replace("seed0/", "seed${item.seed}/").replace(f"/{example}/", "/${item.weights}/") for p in paths]
+
+
 def stages(params: dict) -> dict:
     seeds, weights, keys = params["seeds"], layout.all_weights(params), layout.dbot_keys(params)
     sd = _seed_dir()
@@ -78,8 +94,10 @@ def stages(params: dict) -> dict:
                 "pipeline/decoder.py", "pipeline/losses.py", "pipeline/masking.py", "pipeline/ema.py",
                 "pipeline/methods/mae.py", "pipeline/methods/${item.method}.py"],
             "params": _params("data", "model", "pretrain", "${item.method}"),
-            "outs": [f"{sd}/pretrain/${{item.method}}/encoder.safetensors", f"{sd}/pretrain/${{item.method}}/encoder.json"],
-            "metrics": [{f"{sd}/pretrain/${{item.method}}/metrics.json": {"cache": False}}]}},
+            "outs": [f"{sd}/pretrain/${{item.method}}/encoder.safetensors", f"{sd}/pretrain/${{item.method}}/encoder.json"]
+            + _kept(params, "mae", f"{sd}/pretrain/${{item.method}}"),
+            "metrics": [{f"{sd}/pretrain/${{item.method}}/metrics.json": {"cache": False}}],
+            "plots": [{f"{sd}/pretrain/${{item.method}}/reconstruction.png": {"cache": False}}]}},
         "supervised": {"foreach": {f"seed{s}": s for s in seeds}, "do": {
             "cmd": _cmd("supervised", "--seed ${item}"),
             "deps": [PRESET, DATASET] + TRAIN_CODE + ["pipeline/methods/supervised.py", "pipeline/stages/supervised.py"],
@@ -101,22 +119,45 @@ def stages(params: dict) -> dict:
             "params": _params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm", "dbot.teacher_final_norm",
                               "dbot.stages.${item.stage}"),
             "outs": [f"{sd}/pretrain_dbot/${{item.key}}/encoder.safetensors", f"{sd}/pretrain_dbot/${{item.key}}/encoder.json"],
-            "metrics": [{f"{sd}/pretrain_dbot/${{item.key}}/metrics.json": {"cache": False}}]}},
+            "metrics": [{f"{sd}/pretrain_dbot/${{item.key}}/metrics.json": {"cache": False}}],
+            "plots": [{f"{sd}/pretrain_dbot/${{item.key}}/reconstruction.png": {"cache": False}}]}},
     }
-    for node, code, keys_read, kind in (("knn", "pipeline/evaluation.py", ("knn",), "metrics"),
-                                        ("linprobe", "pipeline/evaluation.py", ("linprobe",), "metrics"),
-                                        ("analyze", "pipeline/analysis.py", ("analyze",), "outs")):
+    first_seed = {k: v for k, v in weights_items.items() if v["seed"] == seeds[0]}   # the report draws its analyses
+    tuned = {k: v for k, v in weights_items.items() if v["weights"] in layout.finetune_weights(params)}
+    for node, code, keys_read, items, plot in (
+            ("knn", "pipeline/evaluation.py", ("knn",), weights_items, None),
+            ("linprobe", "pipeline/evaluation.py", ("linprobe",), weights_items, None),
+            ("segprobe", "pipeline/segmentation.py", ("data", "segprobe"), weights_items, "examples.png"),
+            ("finetune", "pipeline/finetune.py", ("finetune",), tuned, "curve.png"),
+            ("analyze", "pipeline/analysis.py", ("analyze",), first_seed, "attention_heads.png")):
         stage = {"cmd": _cmd(node, "--seed ${item.seed}", "--weights ${item.weights}"),
-                 "deps": [PRESET, DATASET, "${item.path}", code, f"pipeline/stages/{node}.py"],
+                 "deps": [PRESET, DATASET, "${item.path}", code, "pipeline/stages/evaluate.py", f"pipeline/stages/{node}.py"],
                  "params": _params(*keys_read)}
-        if node == "analyze":
-            stage["outs"] = [{f"{sd}/analyze/${{item.weights}}/analysis.json": {"cache": False}}]
-            stage["plots"] = [{f"{sd}/analyze/${{item.weights}}/attention_heads.png": {"cache": False}}]
-        else:
-            stage["metrics"] = [{f"{sd}/{node}/${{item.weights}}/metrics.json": {"cache": False}}]
-        items = weights_items if node != "analyze" else {     # the report draws the first seed's analyses
-            k: v for k, v in weights_items.items() if v["seed"] == seeds[0]}
+        result = f"{sd}/{node}/${{item.weights}}/" + ("analysis.json" if node == "analyze" else "metrics.json")
+        stage["outs" if node == "analyze" else "metrics"] = [{result: {"cache": False}}]
+        if node == "finetune":
+            stage["outs"] = [f"{sd}/finetune/${{item.weights}}/model.safetensors", f"{sd}/finetune/${{item.weights}}/model.json"]
+        if plot:
+            stage["plots"] = [{f"{sd}/{node}/${{item.weights}}/{plot}": {"cache": False}}]
         out[node] = {"foreach": items, "do": stage}
+    if params["robustness"]["enabled"]:
+        out["robustness"] = {"foreach": {k: Flow(seed=v["seed"], weights=v["weights"]) for k, v in tuned.items()}, "do": {
+            "cmd": _cmd("robustness", "--seed ${item.seed}", "--weights ${item.weights}"),
+            "deps": [PRESET, DATASET, f"{sd}/finetune/${{item.weights}}/model.safetensors", "pipeline/robustness.py",
+                     "pipeline/finetune.py", "pipeline/stages/robustness.py"],
+            "params": _params("robustness"),
+            "metrics": [{f"{sd}/robustness/${{item.weights}}/metrics.json": {"cache": False}}],
+            "plots": [{f"{sd}/robustness/${{item.weights}}/robustness.png": {"cache": False}}]}}
+    curve_weights = layout.checkpoint_eval_weights(params)
+    if curve_weights:
+        out["checkpoint_eval"] = {"foreach": {f"seed{s}-{w}": Flow(seed=s, weights=w) for s in seeds for w in curve_weights},
+                                  "do": {
+            "cmd": _cmd("checkpoint_eval", "--seed ${item.seed}", "--weights ${item.weights}"),
+            "deps": _checkpoint_eval_deps(params, curve_weights[0]) + [
+                "pipeline/evaluation.py", "pipeline/stages/checkpoint_eval.py"],
+            "params": _params("knn", "linprobe"),
+            "metrics": [{f"{sd}/checkpoint_eval/${{item.weights}}/metrics.json": {"cache": False}}],
+            "plots": [{f"{sd}/checkpoint_eval/${{item.weights}}/curve.png": {"cache": False}}]}}
     out["cka"] = {"foreach": {f"seed{s}": s for s in seeds}, "do": {
         "cmd": _cmd("cka", "--seed ${item}"),
         "deps": [PRESET, DATASET] + [str(layout.weights_path(w, "${item}")) for w in weights]
@@ -125,7 +166,8 @@ def stages(params: dict) -> dict:
         "outs": [{"results/seed${item}/cka/cka.json": {"cache": False}}],
         "plots": [{"results/seed${item}/cka/cka.png": {"cache": False}}]}}
     report_deps = [str(p) for s in seeds for p in layout.pretrain_metrics(params, s)]
-    report_deps += [str(layout.eval_metrics(p, w, s)) for s in seeds for p in ("knn", "linprobe") for w in weights]
+    report_deps += [str(p) for s in seeds for p in layout.evaluation_metrics(params, s)]
+    report_deps += [str(layout.eval_metrics("checkpoint_eval", w, seeds[0])) for w in curve_weights]
     report_deps += [str(layout.analysis_path(w, seeds[0])) for w in weights]
     report_deps += [str(layout.cka_path(s)) for s in seeds]
     out["report"] = {
@@ -136,8 +178,7 @@ def stages(params: dict) -> dict:
         "outs": [{str(p): {"cache": False}} for p in (layout.SUMMARY_CSV, layout.SUMMARY_MD,
                                                       layout.RESULTS / "swap_study.csv", layout.RESULTS / "swap_spread.csv")],
         "plots": [{str(layout.PLOTS_DIR / f"{name}.png"): {"cache": False}}
-                  for name in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute", "attention_distance",
-                               "singular_value_share", "swap_study")]}
+                  for name in REPORT_PLOTS + (("checkpoint_eval",) if curve_weights else ())]}
     return out
 
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols on a frozen encoder: weighted k-NN and a linear probe with MAE's BN head.
+"""Evaluation protocols on a frozen encoder: weighted k-NN and a linear probe (MAE's BN head by default).
 
 Features are computed once, with the encoder in eval mode and no augmentation: the cls token after the
 final norm, or the mean of the patch tokens (`feature`), in fp32 or under bf16 autocast (`bf16`).
@@ -19,16 +19,29 @@ from pipeline.encoder import Encoder
 
 @torch.inference_mode()
 def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str, bf16: bool = False,
-                     batch_size: int = 512, desc: str = "features") -> torch.Tensor:
+                     batch_size: int = 512, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> (N, D) float32 features (computed under bf16 autocast if bf16)."""
     encoder.eval()
     device = next(encoder.parameters()).device
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2):
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
+                  disable=not progress):
         x = normalize(images[i:i + batch_size], mean, std).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
+
+
+def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:
+    """k-NN top-1 (knn.k, temperature, feature, bf16) of the first `train_images` train images against the
+    first `val_images` val images: the cheap convergence probe run during pre-training. The encoder's
+    train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
+    was_training = encoder.training
+    feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn["feature"], knn["bf16"], progress=False)
+             for x, n in ((prep.train_x, train_images), (prep.val_x, val_images))]
+    encoder.train(was_training)
+    scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn["k"], knn["temperature"], len(prep.class_names))
+    return topk_accuracy(scores, prep.val_y[:val_images], ks=(1,))["top1"]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -55,36 +68,58 @@ def knn_scores(train_f, train_y, val_f, k: int, temperature: float, num_classes:
 
 
 def linear_probe(train_f, train_y, val_f, val_y, num_classes: int, epochs: int, batch_size: int,
-                 lr: float, momentum: float, weight_decay: float, seed: int) -> tuple[dict, list[dict]]:
-    """BatchNorm (no affine) + Linear head (MAE protocol) trained with SGD + cosine lr on frozen features.
+                 lr: float, momentum: float, weight_decay: float, seed: int, head: str = "bn",
+                 optimizer: str = "sgd") -> tuple[dict, list[dict]]:
+    """A linear head on frozen features, trained with a cosine lr (per step) for `epochs`.
 
-    Returns (final metrics, per-epoch history of train loss and val top-1).
+    head: "bn" = BatchNorm without affine parameters, then Linear (MAE's protocol) | "plain" = Linear only.
+    optimizer: "sgd" (with momentum) | "lars" (MAE's: trust-ratio scaling of the weight matrix, not of the
+    bias) | "adamw". weight_decay applies to the weight matrix only. Returns (final metrics, per-epoch
+    history of train loss and val top-1).
     """
     gen = torch.Generator().manual_seed(seed)
+    dim = train_f.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
-                             nn.Linear(train_f.shape[1], num_classes))
-        nn.init.trunc_normal_(head[1].weight, std=0.01)
-        nn.init.zeros_(head[1].bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+    model = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if head == "bn" else linear
+    opt = probe_optimizer(optimizer, linear, lr, momentum, weight_decay)
     steps = epochs * math.ceil(len(train_f) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     history = []
     for epoch in range(epochs):
-        head.train()
-        order, total = torch.randperm(len(train_f), generator=gen), 0.0
+        model.train()
+        order, total = torch.randperm(len(train_f), generator=gen), torch.zeros(())
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            loss = F.cross_entropy(model(train_f[idx]), train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-        metrics = _evaluate(head, val_f, val_y)
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_top1": metrics["top1"]})
-    return _evaluate(head, val_f, val_y), history
+            total += loss.detach() * len(idx)
+        metrics = _evaluate(model, val_f, val_y)
+        history.append({"epoch": epoch, "train_loss": total.item() / len(order), "val_top1": metrics["top1"]})
+    return _evaluate(model, val_f, val_y), history
+
+
+def probe_optimizer(name: str, linear: nn.Linear, lr: float, momentum: float, weight_decay: float):
+    """The probe's optimiser: weight decay (and LARS's trust ratio) on the weight matrix, not the bias."""
+    if name == "lars":
+        from timm.optim import Lars   # timm's LARS; always_adapt: scale by the trust ratio even without wd (MAE)
+
+        return Lars([{"params": [linear.weight], "weight_decay": weight_decay, "always_adapt": True},
+                     {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
+                    lr=lr, momentum=momentum)
+    groups = [{"params": [linear.weight], "weight_decay": weight_decay},
+              {"params": [linear.bias], "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown probe optimizer {name!r} (sgd, lars, adamw)")
 
 
 @torch.no_grad()

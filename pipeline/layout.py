@@ -105,9 +105,55 @@ def teacher_source(params: dict, key: str, seed: int) -> str:
     return str(weights_path(source, seed)) if source in TEACHER_SOURCES else source
 
 
+EVAL_PROTOCOLS = ("knn", "linprobe", "finetune", "segprobe", "robustness", "checkpoint_eval")
+KEEPS_CHECKPOINTS = SINGLE_STAGE_METHODS     # training nodes that keep their encoder every K epochs
+
+
 def eval_metrics(protocol: str, weights: str, seed: int) -> Path:
-    """results/seed<S>/<protocol>/<weights>/metrics.json for protocol in (knn, linprobe)."""
+    """results/seed<S>/<protocol>/<weights>/metrics.json for protocol in EVAL_PROTOCOLS."""
     return seed_dir(seed) / protocol / weights / "metrics.json"
+
+
+def finetuned_path(weights: str, seed: int) -> Path:
+    """The fine-tuned model (encoder + norm + head) of finetune@seed<S>-<weights>, read by robustness."""
+    return seed_dir(seed) / "finetune" / weights / "model.safetensors"
+
+
+def finetune_weights(params: dict) -> list[str]:
+    """Weights ids the study fine-tunes: every one (finetune.weights = all), or the floor, every method and
+    the last stage of each dBOT chain (final)."""
+    if params["finetune"]["weights"] == "all":
+        return all_weights(params)
+    last = dbot_stages(params)[-1]
+    return ["random_init", *SINGLE_STAGE_METHODS, "supervised"] + [
+        dbot_weights(dbot_key(chain, last)) for chain in params["dbot"]["chains"]]
+
+
+def kept_epochs(params: dict, weights: str) -> list[int]:
+    """Epochs (1-based) after which the training node of `weights` keeps its encoder: every
+    pretrain.keep_every_epochs, before the last epoch (the final encoder is encoder.safetensors)."""
+    every = params["pretrain"]["keep_every_epochs"]
+    if weights not in KEEPS_CHECKPOINTS or not every:
+        return []
+    return list(range(every, params["pretrain"]["epochs"], every))
+
+
+def checkpoint_path(weights: str, seed: int, epoch: int) -> Path:
+    """An intermediate encoder: <training node dir>/checkpoints/epoch<k>.safetensors."""
+    return weights_path(weights, seed).parent / "checkpoints" / f"epoch{epoch}.safetensors"
+
+
+def checkpoint_eval_inputs(params: dict, weights: str, seed: int) -> list[Path]:
+    """What checkpoint_eval@seed<S>-<weights> reads: the kept encoders, the final encoder's knn and linprobe
+    metrics, and the training node's metrics.json (its online k-NN curve)."""
+    kept = [checkpoint_path(weights, seed, e) for e in kept_epochs(params, weights)]
+    finals = [eval_metrics(p, weights, seed) for p in ("knn", "linprobe")]
+    return [DATASET, *kept, *finals, weights_path(weights, seed).parent / "metrics.json"]
+
+
+def checkpoint_eval_weights(params: dict) -> list[str]:
+    """Weights ids whose training node keeps intermediate encoders (none if pretrain.keep_every_epochs is null)."""
+    return [w for w in KEEPS_CHECKPOINTS if kept_epochs(params, w)]
 
 
 def analysis_path(weights: str, seed: int) -> Path:
@@ -134,6 +180,15 @@ def all_weights(params: dict) -> list[str]:
     dBOT stages."""
     ids = ["random_init"] + [m for m in SINGLE_STAGE_METHODS] + ["supervised"]
     return ids + [dbot_weights(key) for key in dbot_keys(params)]
+
+
+def evaluation_metrics(params: dict, seed: int) -> list[Path]:
+    """Every evaluation metrics.json of one seed that the report tabulates: knn, linprobe and segprobe of every
+    weights id; finetune (and robustness, if robustness.enabled) of layout.finetune_weights."""
+    weights, tuned = all_weights(params), finetune_weights(params)
+    paths = [eval_metrics(p, w, seed) for p in ("knn", "linprobe", "segprobe") for w in weights]
+    paths += [eval_metrics("finetune", w, seed) for w in tuned]
+    return paths + ([eval_metrics("robustness", w, seed) for w in tuned] if params["robustness"]["enabled"] else [])
 
 
 def pretrain_metrics(params: dict, seed: int) -> list[Path]:

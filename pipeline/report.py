@@ -27,8 +27,12 @@ from pipeline.layout import SINGLE_STAGE_METHODS, parse_dbot_key
 COLUMNS = ["seed", "method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
                     ("train_flops", "train_flops"))
-PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2}
-PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear probe"}
+PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2, "finetune": 3, "segprobe": 4, "robustness": 5}
+PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear probe", "finetune": "fine-tune", "segprobe": "segmentation probe",
+                  "robustness": "robustness"}
+EVAL_COLUMNS = (("knn", "top1", "k-NN top-1 (%)"), ("linprobe", "top1", "linear top-1 (%)"),   # summary.md, in %
+                ("finetune", "top1", "fine-tune top-1 (%)"), ("segprobe", "miou", "seg. mIoU (%)"),
+                ("robustness", "mean_corrupted_top1", "corrupted top-1 (%)"))
 MISSING = "—"
 
 
@@ -136,11 +140,11 @@ def summary_rows(table: pd.DataFrame, chains: dict[str, str] | None = None) -> l
         stage = "" if pd.isna(first.stage) else str(int(first.stage))
         evaluated = table.loc[(table.weights == weights) & (table.evaluated != ""), "evaluated"]
         rows.append([weights, str(first.method), stage, evaluated.iloc[0] if len(evaluated) else "",
-                     str(int(table.loc[table.weights == weights, "seeds"].max())),
-                     seed_stats.fmt_mean(_value(table, weights, "knn", "top1"), _value(table, weights, "knn", "top1", "std")),
-                     seed_stats.fmt_mean(_value(table, weights, "linprobe", "top1"),
-                                         _value(table, weights, "linprobe", "top1", "std")),
-                     _fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
+                     str(int(table.loc[table.weights == weights, "seeds"].max()))]
+                    + [seed_stats.fmt_mean(_value(table, weights, protocol, metric),
+                                           _value(table, weights, protocol, metric, "std"))
+                       for protocol, metric, _ in EVAL_COLUMNS]
+                    + [_fmt(_value(table, weights, "pretrain", "final_loss"), ".4f"),
                      _fmt(_value(table, weights, "pretrain", "wall_s"), ".1f"),
                      _fmt(flops.get(weights), ".1f", 1e-12)])
     return rows
@@ -160,11 +164,14 @@ def settings_sentence(table: pd.DataFrame) -> str:
 def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
     """summary.md from the seed-mean table: a header paragraph, one table row per encoder, the comparisons
     against the seed spread, and the teacher-swap study."""
-    header = ["weights", "method", "stage", "evaluated", "seeds", "k-NN top-1 (%)", "linear top-1 (%)",
-              "final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"]
+    header = (["weights", "method", "stage", "evaluated", "seeds"] + [name for _, _, name in EVAL_COLUMNS]
+              + ["final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"])
     intro = ("# Study summary\n\n"
-             "Top-1 accuracy on the validation split of every encoder of the study, evaluated frozen (mean over "
-             "the study's seeds, ± their sample standard deviation when there are several): the "
+             "Accuracy on the validation split of every encoder of the study (mean over the study's seeds, ± "
+             "their sample standard deviation when there are several): k-NN, linear probe and segmentation probe "
+             "(mean IoU of a linear head on the patch tokens) on the frozen encoder; fine-tune and corrupted "
+             "top-1 (the fine-tuned model on noisy, blurred and low-contrast images, mean over corruptions and "
+             "severities) for the encoders finetune.weights selects (— for the others). The "
              "random-init encoder is the floor; mae, sdae, rcmae and bootmae are single-stage methods (for the "
              "methods with an EMA teacher, `evaluated` says whether the student or the teacher was evaluated, as "
              "their evaluate_weights param says); "
@@ -177,7 +184,7 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "teacher when the study made it. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.report; the long "
              "format with all metrics is summary.csv.\n\n")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * 6) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * (len(header) - 4)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table, chains)]
     stages = sorted(int(s) for s in table.loc[table.method == "dbot", "stage"].dropna().unique())
     compared = seed_stats.markdown(table, chains or {}, stages)
@@ -202,14 +209,17 @@ def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
 
 
 def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Path = Path("results"),
-                 analysis_files: list[Path] = (), chains: dict[str, str] | None = None) -> pd.DataFrame:
+                 analysis_files: list[Path] = (), chains: dict[str, str] | None = None,
+                 curve_files: list[Path] = ()) -> pd.DataFrame:
     """Read all metrics files (every seed), write out_dir/summary.csv (per seed), summary.md, swap_study.csv,
     swap_spread.csv and plots/*.png (means over seeds; the loss curves of the first seed); return the long
-    table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study.
+    table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study; curve_files:
+    checkpoint_eval metrics (accuracy of the encoders kept along training), drawn in one plot.
 
     Every input is read and checked before anything is written.
     """
     pretrain_docs, eval_docs, analysis_docs = _read_all(pretrain_files), _read_all(eval_files), _read_all(analysis_files)
+    curve_docs = _read_all(curve_files)
     table = long_table(pretrain_docs, eval_docs)
     mean = seed_stats.seed_mean(table)
     out_dir = Path(out_dir)
@@ -219,7 +229,12 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
     atomic_write(out_dir / "swap_study.csv", lambda p: swap_rows.to_csv(p, index=False))
     atomic_write(out_dir / "swap_spread.csv", lambda p: swap_study.spread(swap_rows).to_csv(p, index=False))
     first_seed = min(d["seed"] for _, d in pretrain_docs) if pretrain_docs else None
-    plots.pretrain_loss([d for _, d in pretrain_docs if d["seed"] == first_seed], out_dir / "plots" / "pretrain_loss.png")
+    first_docs = [d for _, d in pretrain_docs if d["seed"] == first_seed]
+    plots.pretrain_loss(first_docs, out_dir / "plots" / "pretrain_loss.png")
+    plots.online_knn(first_docs, out_dir / "plots" / "online_knn.png")
+    plots.protocols(mean, [(p, m, name) for p, m, name in EVAL_COLUMNS], out_dir / "plots" / "protocols.png")
+    if curve_docs:
+        plots.checkpoint_curves([d for _, d in curve_docs], out_dir / "plots" / "checkpoint_eval.png")
     plots.chain_accuracy(mean, out_dir / "plots" / "chain_accuracy.png")
     plots.accuracy_vs_compute(mean, chain_flops(mean, chains), out_dir / "plots" / "accuracy_vs_compute.png")
     if not swap_rows.empty:

@@ -69,7 +69,8 @@ class NodeRun:
         with _store_lock():
             self.client = MlflowClient(tracking_uri(params))
             exp = self.client.get_experiment_by_name(params["study"])
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(params["study"])
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                params["study"], tags={"mlflow.experimentKind": "custom_model_development"})   # the UI's training view
             seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
             parent = self._parent(chain, seed)
         if run_id is None:

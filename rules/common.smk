@@ -40,3 +40,14 @@ def weights_file(wildcards):
 def seed_weights(wildcards):
     """Every encoder of one seed (cka's inputs)."""
     return [str(layout.weights_path(w, int(wildcards.seed))) for w in WEIGHTS]
+
+
+def kept(weights, node_dir):
+    """The intermediate encoders a training node keeps (pretrain.keep_every_epochs), as output paths."""
+    return [f"{node_dir}/checkpoints/epoch{e}.{ext}" for e in layout.kept_epochs(PARAMS, weights)
+            for ext in ("safetensors", "json")]
+
+
+def checkpoint_eval_inputs(wildcards):
+    """The kept encoders, the final knn/linprobe metrics and the training metrics of checkpoint_eval."""
+    return [str(p) for p in layout.checkpoint_eval_inputs(PARAMS, wildcards.weights, int(wildcards.seed))]

@@ -1,8 +1,11 @@
-"""Evaluation of every encoder of the study: knn and linprobe.
+"""Evaluation of the encoders: knn, linprobe and segprobe (every encoder), finetune and robustness
+(layout.finetune_weights), checkpoint_eval (the encoders kept during single-stage training).
 
-Inputs: results/prepare_data/dataset.safetensors and the weights file of {weights} (layout.weights_path).
-Outputs (per seed): results/seed<S>/knn/<weights>/metrics.json, results/seed<S>/linprobe/<weights>/metrics.json.
+Inputs: results/prepare_data/dataset.safetensors and the weights file of {weights} (layout.weights_path);
+robustness the fine-tuned model; checkpoint_eval layout.checkpoint_eval_inputs.
+Outputs (per seed): results/seed<S>/<node>/<weights>/metrics.json (+ the node's plot).
 """
+
 
 
 rule knn:
@@ -41,3 +44,89 @@ rule linprobe:
         "results/seed{seed}/benchmarks/linprobe/{weights}.tsv"
     shell:
         "python -m pipeline.stages.linprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+
+
+rule segprobe:
+    input:
+        data="results/prepare_data/dataset.safetensors",
+        weights=weights_file,
+    output:
+        metrics="results/seed{seed}/segprobe/{weights}/metrics.json",
+        examples=report("results/seed{seed}/segprobe/{weights}/examples.png", category="segmentation probe",
+                        subcategory="{weights}", labels={"node": "segprobe@seed{seed}-{weights}"}),
+    params:
+        preset=config["preset"],
+        node=node_params("data", "segprobe"),
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/seed{seed}/logs/segprobe/{weights}.log",
+    benchmark:
+        "results/seed{seed}/benchmarks/segprobe/{weights}.tsv"
+    shell:
+        "python -m pipeline.stages.segprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        data="results/prepare_data/dataset.safetensors",
+        weights=weights_file,
+    output:
+        metrics="results/seed{seed}/finetune/{weights}/metrics.json",
+        model="results/seed{seed}/finetune/{weights}/model.safetensors",
+        meta="results/seed{seed}/finetune/{weights}/model.json",
+        curve=report("results/seed{seed}/finetune/{weights}/curve.png", category="fine-tuning",
+                     subcategory="{weights}", labels={"node": "finetune@seed{seed}-{weights}"}),
+    params:
+        preset=config["preset"],
+        node=node_params("finetune"),
+    threads: TRAIN_THREADS
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/seed{seed}/logs/finetune/{weights}.log",
+    benchmark:
+        "results/seed{seed}/benchmarks/finetune/{weights}.tsv"
+    shell:
+        "python -m pipeline.stages.finetune --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+
+
+rule robustness:
+    input:
+        data="results/prepare_data/dataset.safetensors",
+        model="results/seed{seed}/finetune/{weights}/model.safetensors",
+    output:
+        metrics="results/seed{seed}/robustness/{weights}/metrics.json",
+        plot=report("results/seed{seed}/robustness/{weights}/robustness.png", category="robustness",
+                    subcategory="{weights}", labels={"node": "robustness@seed{seed}-{weights}"}),
+    params:
+        preset=config["preset"],
+        node=node_params("robustness"),
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/seed{seed}/logs/robustness/{weights}.log",
+    benchmark:
+        "results/seed{seed}/benchmarks/robustness/{weights}.tsv"
+    shell:
+        "python -m pipeline.stages.robustness --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+
+
+rule checkpoint_eval:
+    input:
+        checkpoint_eval_inputs,
+    output:
+        metrics="results/seed{seed}/checkpoint_eval/{weights}/metrics.json",
+        curve=report("results/seed{seed}/checkpoint_eval/{weights}/curve.png", category="convergence",
+                     subcategory="{weights}", labels={"node": "checkpoint_eval@seed{seed}-{weights}"}),
+    params:
+        preset=config["preset"],
+        node=node_params("knn", "linprobe"),
+    conda:
+        "envs/pipeline.yaml"
+    log:
+        "results/seed{seed}/logs/checkpoint_eval/{weights}.log",
+    benchmark:
+        "results/seed{seed}/benchmarks/checkpoint_eval/{weights}.tsv"
+    shell:
+        "python -m pipeline.stages.checkpoint_eval --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"

@@ -3,7 +3,9 @@
 A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the teacher-swap study).
 Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also its teacher_swap output.
 Outputs (per seed, under results/seed<S>/): pretrain/<method>/, supervised/ and pretrain_dbot/<key>/:
-encoder.{safetensors,json}, metrics.json; teacher_swap/<key>/teacher.{safetensors,json}.
+encoder.{safetensors,json}, metrics.json (with the online k-NN curve), reconstruction.png (not supervised);
+pretrain/<method>/ also checkpoints/epoch<k>.{safetensors,json} every
+pretrain.keep_every_epochs; teacher_swap/<key>/teacher.{safetensors,json}.
 Training nodes take half the cores: two small single-thread trainings side by side outrun one on two threads.
 """
 
@@ -18,6 +20,9 @@ rule pretrain:
         weights="results/seed{seed}/pretrain/{method}/encoder.safetensors",
         meta="results/seed{seed}/pretrain/{method}/encoder.json",
         metrics="results/seed{seed}/pretrain/{method}/metrics.json",
+        picture=report("results/seed{seed}/pretrain/{method}/reconstruction.png", category="reconstructions",
+                       subcategory="{method}", labels={"node": "pretrain@seed{seed}-{method}"}),
+        kept=kept("mae", "results/seed{seed}/pretrain/{method}"),   # every single-stage method: pretrain.epochs
     params:
         preset=config["preset"],
         node=node_params("data", "model", "pretrain", "{method}"),
@@ -80,6 +85,8 @@ rule pretrain_dbot:
         weights="results/seed{seed}/pretrain_dbot/{key}/encoder.safetensors",
         meta="results/seed{seed}/pretrain_dbot/{key}/encoder.json",
         metrics="results/seed{seed}/pretrain_dbot/{key}/metrics.json",
+        picture=report("results/seed{seed}/pretrain_dbot/{key}/reconstruction.png", category="reconstructions",
+                       subcategory="dbot {key}", labels={"node": "pretrain_dbot@seed{seed}-{key}"}),
     params:
         preset=config["preset"],
         node=node_params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm",

@@ -1,22 +1,27 @@
 """report: every metrics file of the study, across seeds -> results/summary.{csv,md} and results/plots/*.png.
 
-Inputs (every seed S): results/seed<S>/{pretrain,supervised,pretrain_dbot}/**/metrics.json,
-results/seed<S>/{knn,linprobe}/<weights>/metrics.json, results/seed<S>/cka/cka.json; the first seed's analyses.
-Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv, results/plots/*.png.
+Inputs (every seed S): results/seed<S>/{pretrain,supervised,pretrain_dbot}/**/metrics.json, every evaluation's
+metrics.json (layout.evaluation_metrics), results/seed<S>/cka/cka.json; the first seed's analyses and
+checkpoint evaluations. Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv,
+results/plots/*.png. `snakemake --report report.html` collects every output marked report() in rules/.
 """
+
+CURVES = [str(layout.eval_metrics("checkpoint_eval", w, SEEDS[0])) for w in layout.checkpoint_eval_weights(PARAMS)]
 
 
 rule report:
     input:
         pretrain=[str(p) for s in SEEDS for p in layout.pretrain_metrics(PARAMS, s)],
-        knn=expand("results/seed{seed}/knn/{weights}/metrics.json", seed=SEEDS, weights=WEIGHTS),
-        linprobe=expand("results/seed{seed}/linprobe/{weights}/metrics.json", seed=SEEDS, weights=WEIGHTS),
+        evaluations=[str(p) for s in SEEDS for p in layout.evaluation_metrics(PARAMS, s)],
+        curves=CURVES,
         analyze=expand("results/seed{seed}/analyze/{weights}/analysis.json", seed=SEEDS[:1], weights=WEIGHTS),
         cka=expand("results/seed{seed}/cka/cka.json", seed=SEEDS),
     output:
         csv="results/summary.csv",
         md="results/summary.md",
         loss=report("results/plots/pretrain_loss.png", category="pre-training"),
+        online=report("results/plots/online_knn.png", category="pre-training"),
+        protocols=report("results/plots/protocols.png", category="evaluation"),
         chain=report("results/plots/chain_accuracy.png", category="evaluation"),
         compute=report("results/plots/accuracy_vs_compute.png", category="evaluation"),
         distance=report("results/plots/attention_distance.png", category="analyses"),
@@ -24,6 +29,7 @@ rule report:
         swap=report("results/plots/swap_study.png", category="evaluation"),
         swap_csv="results/swap_study.csv",
         spread_csv="results/swap_spread.csv",
+        curve_plot=[report("results/plots/checkpoint_eval.png", category="convergence")] if CURVES else [],
     params:
         preset=config["preset"],
         node=node_params("seeds", "dbot.chains"),

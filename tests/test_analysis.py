@@ -120,7 +120,9 @@ def test_plots_are_written_as_png(encoder, images, tmp_path):
     cka = analysis.cka_per_layer(encoder, other, images)
     analysis.plot_cka({("mae", "dbot_stage1"): cka, "mae vs mae": torch.ones(2)}, tmp_path / "cka_pairs.png")
     analysis.plot_cka(cka, tmp_path / "cka.png")
-    analysis.plot_attention_heads(encoder, images[0], tmp_path / "heads.png")
+    from pipeline.pictures import attention_grid
+
+    attention_grid(encoder, (images * 40 + 100).clamp(0, 255).to(torch.uint8), [100.0], [40.0], tmp_path / "heads.png")
     for name in ("distance", "share", "cka_pairs", "cka", "heads"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cka.png", "cka_pairs.png", "distance.png", "heads.png",

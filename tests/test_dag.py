@@ -37,10 +37,11 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
     dvc = dvc_commands(workdir)
     assert smk == dvc
     assert {rule for rule, _ in smk} == {"prepare_data", "random_init", "pretrain", "supervised", "teacher_swap",
-                                         "pretrain_dbot", "knn", "linprobe", "analyze", "cka", "report"}
+                                         "pretrain_dbot", "knn", "linprobe", "segprobe", "finetune", "robustness",
+                                         "checkpoint_eval", "analyze", "cka", "report"}
     # data, floor, 4 single-stage methods, supervised, (swap, stage) x 3 chains x 3 stages, 15 weights x (knn,
-    # linprobe, analyze), cka, report
-    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 3 + 1 + 1
+    # linprobe, segprobe, analyze), 9 final weights x (finetune, robustness), 4 methods' checkpoint_eval, cka, report
+    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 4 + 9 * 2 + 4 + 1 + 1
 
 
 def test_every_node_has_its_stage_module_and_results_folder(workdir):
@@ -66,6 +67,6 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
     smk = snakemake_commands("two_seeds")
     assert smk == dvc_commands(workdir)
     per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze")]
-    assert len(smk) == 2 + 15 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 2 + 1)
+    assert len(smk) == 2 + 15 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 9 * 2 + 4 + 1)
     assert sorted(c for c in per_seed if "--seed 0" in c) == sorted(c.replace("--seed 1", "--seed 0")
                                                                     for c in per_seed if "--seed 1" in c)

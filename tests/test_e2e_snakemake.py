@@ -1,25 +1,48 @@
-"""The tiny study end to end through real Snakemake, MLflow's SQLite store, and a no-op rerun."""
+"""The tiny study end to end through real Snakemake, MLflow's SQLite store, and a no-op rerun; then what a
+person looks at: the Snakemake HTML report and the MLflow UI, in headless Chromium."""
 import json
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from browser import browser_page, mlflow_ui
+from conftest import copy_dag, run_cli
 
 pytestmark = pytest.mark.e2e
+CHAINS = ("random", "mae", "supervised")                        # params dbot.chains: the teacher-swap study
+FINAL = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised"} | {f"dbot_{c}_stage2" for c in CHAINS}
 
 
-def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
-    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", timeout=1800)   # ~80 short processes
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study, built once by Snakemake for every test of this module."""
+    workdir = copy_dag(tmp_path_factory.mktemp("study"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)  # ~105 processes
+    return workdir
+
+
+def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
+    workdir = study
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
     table = pd.read_csv("results/summary.csv")
     assert {"method", "stage", "weights", "protocol", "metric", "value"} <= set(table.columns)
-    chains = ("random", "mae", "supervised")                        # params dbot.chains: the teacher-swap study
+    chains = CHAINS
     weights = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised"} | {
         f"dbot_{c}_stage{k}" for c in chains for k in range(3)}
-    for protocol in ("knn", "linprobe"):
-        rows = table[(table.protocol == protocol) & (table.metric == "top1")]
-        assert set(rows.weights) == weights and rows.value.between(0, 1).all()
+    for protocol, metric, evaluated in (("knn", "top1", weights), ("linprobe", "top1", weights),
+                                        ("segprobe", "miou", weights), ("finetune", "top1", FINAL),
+                                        ("robustness", "mean_corrupted_top1", FINAL)):
+        rows = table[(table.protocol == protocol) & (table.metric == metric)]
+        assert set(rows.weights) == evaluated and rows.value.between(0, 1).all(), protocol
+    mae = json.loads((workdir / "results/seed0/pretrain/mae/metrics.json").read_text())
+    assert all(0 <= e["online_knn_top1"] <= 1 for e in mae["epochs"])          # online k-NN every epoch (tiny)
+    curve = json.loads((workdir / "results/seed0/checkpoint_eval/mae/metrics.json").read_text())
+    assert [r["epoch"] for r in curve["epochs"]] == [1, 2]                      # kept at epoch 1, final at 2
+    for picture in ("pretrain/mae", "pretrain/bootmae", "pretrain_dbot/random_stage1", "pretrain/sdae"):
+        assert (workdir / "results/seed0" / picture / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
     analysis = json.loads((workdir / "results/seed0/analyze/dbot_random_stage1/analysis.json").read_text())
     assert len(analysis["attention_distance"]) == 2 and len(analysis["attention_distance"][0]) == 2  # depth x heads
     assert all(0 < s <= 1 for s in analysis["singular_value_share"])
@@ -30,8 +53,8 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     spread = pd.read_csv("results/swap_spread.csv")
     assert set(spread.stage) == {"teacher", "0", "1", "2"} and (spread.chains == 3).all()
     assert "## Teacher-swap study" in (workdir / "results/summary.md").read_text()
-    for png in ("pretrain_loss", "chain_accuracy", "accuracy_vs_compute", "attention_distance", "singular_value_share",
-                "swap_study"):
+    for png in ("pretrain_loss", "online_knn", "protocols", "checkpoint_eval", "chain_accuracy", "accuracy_vs_compute",
+                "attention_distance", "singular_value_share", "swap_study"):
         assert (workdir / "results" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     knn = json.loads((workdir / "results/seed0/knn/dbot_random_stage1/metrics.json").read_text())
     assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls", "bf16": True}
@@ -57,9 +80,78 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(workdir):
     stage2 = next(r for r in runs if r.info.run_name == "pretrain_dbot@seed0-random_stage2")
     assert stage2.data.params["pretrain.mask_ratio"] == "0.75" and "dataset_hash" in stage2.data.tags
     assert len(client.get_metric_history(stage2.info.run_id, "loss")) == 1
+    finetune = next(r for r in runs if r.info.run_name == "finetune@seed0-mae")
+    assert len(client.get_metric_history(finetune.info.run_id, "val_top1")) == 1   # per epoch (tiny: 1 epoch)
+    artifacts = {a.path for a in client.list_artifacts(finetune.info.run_id)}
+    assert {"metrics.json", "curve.png"} <= artifacts
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain@seed0-mae")
+    assert "reconstruction.png" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
 
     again = run_cli("snakemake", "--cores", "2", "--config", "preset=tiny")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def shown_in_report(page, uri: str) -> dict[tuple[str, str], int]:
+    """Click through the report as a person does: every category, every subcategory, the eye icon of every
+    result; count the results whose picture is displayed (a PNG image with a width), per (category, sub)."""
+    page.goto(uri)
+    categories = page.evaluate("() => categories")                    # {category: {subcategory: [paths]}}
+    shown = {}
+    for category, subs in categories.items():
+        for sub in subs:
+            page.goto(uri)
+            page.get_by_text(category, exact=True).first.click()
+            if len(subs) > 1:
+                page.get_by_text(sub, exact=True).first.click()
+            eyes = page.locator("a[iconname=eye]")
+            eyes.first.wait_for(timeout=30000)
+            count = 0
+            for i in range(eyes.count()):
+                eyes.nth(i).click()
+                width = page.locator("img[src^='data:image/png']").first.evaluate(
+                    "img => img.complete ? img.naturalWidth : new Promise(r => img.onload = () => r(img.naturalWidth))")
+                count += width > 0
+            shown[(category, sub)] = count
+    return shown
+
+
+def test_snakemake_report_shows_every_plot_in_chromium(study):
+    run_cli("snakemake", "--report", "report.html", "--config", "preset=tiny", cwd=study, timeout=600)
+    with browser_page() as page:
+        uri = (study / "report.html").as_uri()
+        page.goto(uri)
+        results = set(page.evaluate("() => Object.keys(results)"))
+        categories = page.evaluate("() => categories")
+        expected = {(c, s): len(paths) for c, subs in categories.items() for s, paths in subs.items()}
+        shown = shown_in_report(page, uri)
+    marked = {"results/plots/pretrain_loss.png", "results/plots/protocols.png", "results/plots/online_knn.png",
+              "results/seed0/pretrain/mae/reconstruction.png", "results/seed0/finetune/dbot_mae_stage2/curve.png",
+              "results/seed0/segprobe/random_init/examples.png", "results/seed0/robustness/mae/robustness.png",
+              "results/seed0/checkpoint_eval/sdae/curve.png", "results/seed0/analyze/mae/attention_heads.png"}
+    assert marked <= results, sorted(marked - results)
+    assert len(results) == sum(expected.values()) > 60                # every node's plot and the report's
+    assert shown == expected                                          # each one displayed when clicked
+
+
+def test_mlflow_ui_shows_chains_with_their_runs_and_metrics(study):
+    client = MlflowClient(f"sqlite:///{study}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    knn = json.loads((study / "results/seed0/knn/dbot_mae_stage2/metrics.json").read_text())["metrics"]["top1"]
+    with mlflow_ui(study / "mlflow.db") as url, browser_page() as page:
+        page.goto(f"{url}/#/experiments/{experiment}/runs", timeout=120000)
+        page.wait_for_selector("text=mae seed0", timeout=120000)
+        search = page.get_by_placeholder("metrics.rmse", exact=False)
+        search.fill("tags.chain = 'dbot_mae'")
+        search.press("Enter")
+        parent = page.locator("[role=row]", has_text="dbot_mae seed0").first
+        parent.wait_for(timeout=60000)
+        parent.locator("button").first.click()                         # expand the chain's parent run
+        for child in ("teacher_swap@seed0-mae_stage0", "pretrain_dbot@seed0-mae_stage1", "knn@seed0-dbot_mae_stage2",
+                      "finetune@seed0-dbot_mae_stage2", "segprobe@seed0-dbot_mae_stage0"):
+            page.get_by_text(child, exact=True).wait_for(timeout=60000)
+        page.get_by_text("knn@seed0-dbot_mae_stage2", exact=True).click()
+        page.get_by_text("top1", exact=True).wait_for(timeout=60000)
+        assert f"{knn}"[:5] in page.inner_text("body")                 # the metric's value on the run page
 
 
 def test_bad_params_stop_snakemake_before_any_job(workdir):

@@ -38,3 +38,30 @@ def test_linear_probe_learns_and_is_deterministic():
                             momentum=0.9, weight_decay=0.0, seed=0)
     assert metrics["top1"] > 0.9 and metrics == again
     assert len(history) == 5 and history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("lars", 6.4), ("adamw", 0.01)])
+@pytest.mark.parametrize("head", ["bn", "plain"])
+def test_linear_probe_options_learn(optimizer, lr, head):
+    """LARS moves the weights by ~lr * 0.001 of their norm per step: it needs more steps (MAE: lr 6.4)."""
+    train_f, train_y = clusters(30, noise=0.5)
+    val_f, val_y = clusters(10, noise=0.5, seed=0)
+    metrics, history = linear_probe(train_f, train_y, val_f, val_y, 4, epochs=30, batch_size=8, lr=lr,
+                                    momentum=0.9, weight_decay=0.0, seed=0, head=head, optimizer=optimizer)
+    assert metrics["top1"] > 0.9, (optimizer, head, history)
+
+
+def test_lars_scales_the_weight_step_by_the_trust_ratio():
+    """timm's LARS as MAE uses it: the weight matrix's step is lr * 0.001 * |w| / |g| (times the gradient),
+    the bias takes a plain SGD step."""
+    from torch import nn
+
+    from pipeline.evaluation import probe_optimizer
+
+    linear = nn.Linear(4, 2)
+    w0, b0 = linear.weight.detach().clone(), linear.bias.detach().clone()
+    linear.weight.grad, linear.bias.grad = torch.full_like(w0, 0.5), torch.full_like(b0, 0.5)
+    probe_optimizer("lars", linear, lr=1.0, momentum=0.0, weight_decay=0.0).step()
+    ratio = 0.001 * w0.norm() / linear.weight.grad.norm()
+    assert torch.allclose(w0 - linear.weight.detach(), ratio * 0.5 * torch.ones_like(w0), atol=1e-7)
+    assert torch.allclose(b0 - linear.bias.detach(), torch.full_like(b0, 0.5))

@@ -75,6 +75,18 @@ class BootMAE(EMAMethod):
         return loss, {"pred": pred, "features": features, "mask": mask.mask, "pixel_loss": pixel_loss,
                       "feature_loss": feature_loss}
 
+    @torch.no_grad()
+    def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
+        """forward's mask and both branches, for pipeline.pictures: the pixel prediction (per-patch, per-channel
+        normalised target) and, under "features", the two standardised sides of the feature loss."""
+        _, out = self(imgs, generator)
+        last = len(self.encoder.vit.blocks) - 1
+        target = self.teacher(imgs, return_blocks=(last,))[1][last][:, 1:]
+        features = {"kind": "features", "mask": out["mask"], "pred": losses.standardize_tokens(out["features"]),
+                    "target": losses.standardize_tokens(target)}
+        return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": True, "per_channel": True,
+                "features": features}
+
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> BootMAE:
     return BootMAE(params, in_chans, seed)

@@ -42,6 +42,16 @@ class DBOT(nn.Module):
         loss = losses.smooth_l1(pred, target, losses.with_cls(mask.mask), self.beta)
         return loss, {"pred": pred, "mask": mask.mask}
 
+    @torch.no_grad()
+    def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
+        """forward's mask, prediction and the teacher's (standardised) targets of the patch tokens, for
+        pipeline.pictures: {"kind": "features", "mask", "pred", "target"} (the cls token is left out)."""
+        _, out = self(imgs, generator)
+        target = self.teacher.targets(imgs)
+        if self.target_norm:
+            target = losses.standardize_tokens(target)
+        return {"kind": "features", "mask": out["mask"], "pred": out["pred"][:, 1:], "target": target[:, 1:]}
+
 
 def build(params: dict, in_chans: int, seed: int, teacher: FrozenTeacher | None = None) -> DBOT:
     if teacher is None:

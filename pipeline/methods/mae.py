@@ -42,5 +42,12 @@ class MAE(nn.Module):
         target = losses.patchify(imgs, self.patch)
         return losses.normalize_patches(target) if self.norm_pix else target
 
+    @torch.no_grad()
+    def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
+        """forward's own mask and prediction, for pipeline.pictures: {"kind": "pixels", "mask", "pred", "norm_pix"}."""
+        _, out = self(imgs, generator)
+        return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.norm_pix}
+
+
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> MAE:
     return MAE(params, in_chans, seed)

@@ -47,6 +47,12 @@ class RCMAE(EMAMethod):
         return mae_loss + self.gamma * consistency, {"pred": pred, "mask": mask.mask, "mae_loss": mae_loss,
                                                      "consistency_loss": consistency}
 
+    @torch.no_grad()
+    def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
+        """forward's mask and the student's reconstruction, for pipeline.pictures (the pixel target is MAE's)."""
+        _, out = self(imgs, generator)
+        return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.student.norm_pix}
+
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> RCMAE:
     return RCMAE(params, in_chans, seed)

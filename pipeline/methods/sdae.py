@@ -56,6 +56,21 @@ class SdAE(EMAMethod):
         loss = losses.cosine_loss(pred, target, torch.ones(b * f, n, device=imgs.device), self.cosine_axis)
         return loss, {"pred": pred, "mask": mask.mask, "folds": folds}
 
+    @torch.no_grad()
+    def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
+        """forward's mask, and on the patch grid the (standardised) predictions and the EMA teacher's targets of
+        the masked patches its folds cover, for pipeline.pictures. Tokens without a target (the visible ones,
+        which the teacher never sees, and a dropped remainder) are NaN in both."""
+        _, out = self(imgs, generator)
+        folds = out["folds"]
+        b, f, n = folds.shape
+        target = self.teacher(imgs.repeat_interleave(f, dim=0), folds.flatten(0, 1))[:, 1:]
+        ids = folds.reshape(b, f * n, 1).expand(-1, -1, target.shape[-1])
+        on_grid = lambda x: torch.full((b, out["mask"].shape[1], x.shape[-1]), float("nan"), device=x.device,
+                                       dtype=x.dtype).scatter(1, ids, x.reshape(b, f * n, -1))
+        return {"kind": "features", "mask": out["mask"], "pred": on_grid(losses.standardize_tokens(out["pred"])),
+                "target": on_grid(losses.standardize_tokens(target))}
+
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> SdAE:
     return SdAE(params, in_chans, seed)

@@ -10,6 +10,7 @@ from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.encoder import load_encoder
 from pipeline.node import tracked
+from pipeline.pictures import attention_grid
 from pipeline.stages.evaluate import add_args, check
 
 
@@ -23,7 +24,7 @@ def work(params: dict, args) -> None:
                  {"weights": args.weights, "weights_sha256": meta.get("sha256")}) as run:
         distance = analysis.mean_attention_distance(encoder, images)
         share = analysis.singular_value_share(encoder, images, params["analyze"]["top_k"])
-        analysis.plot_attention_heads(encoder, images[0], out.parent / "attention_heads.png")
+        attention_grid(encoder, prep.val_x, prep.mean, prep.std, out.parent / "attention_heads.png")
         write_json(out, {"weights": {"id": args.weights, "method": info["method"], "stage": info["stage"], "seed": args.seed,
                                      "sha256": meta.get("sha256")},
                          "settings": params["analyze"],

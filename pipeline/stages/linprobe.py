@@ -1,8 +1,9 @@
 """linprobe: linear-probe accuracy of a frozen encoder -> results/seed<S>/linprobe/<weights>/metrics.json.
 
 MAE's protocol on frozen features (encoder in eval mode, computed once, no augmentation): a BatchNorm
-without affine parameters followed by a linear layer, trained for linprobe.epochs with SGD + cosine lr;
-top-1/top-5 on the val split after the last epoch, with the per-epoch curve in "history".
+without affine parameters (linprobe.head: bn) followed by a linear layer, trained for linprobe.epochs with
+linprobe.optimizer (sgd | lars | adamw) + cosine lr; top-1/top-5 on the val split after the last epoch,
+with the per-epoch curve in "history". The settings are recorded beside the metric in metrics.json.
 Tiny run: python -m pipeline.stages.linprobe --preset tiny --weights mae
 """
 from pipeline import layout
@@ -14,7 +15,7 @@ from pipeline.stages.evaluate import add_args, check, evaluate
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):
     s = params["linprobe"]
     return linear_probe(train_f, train_y, val_f, val_y, num_classes, s["epochs"], s["batch_size"], s["lr"],
-                        s["momentum"], s["weight_decay"], params["seed"])
+                        s["momentum"], s["weight_decay"], params["seed"], s["head"], s["optimizer"])
 
 
 def work(params: dict, args) -> None:

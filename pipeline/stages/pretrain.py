@@ -1,7 +1,9 @@
 """pretrain: train one method's student -> results/seed<S>/pretrain/<method>/ (dBOT: .../pretrain_dbot/<chain>_stage<k>/).
 
-Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch; images seen, wall time and
-analytic training FLOPs, pipeline.compute) and params.yaml. Resumable:
+Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch, with the online k-NN top-1 of
+pretrain.online_knn; images seen, wall time and analytic training FLOPs, pipeline.compute), params.yaml,
+reconstruction.png (every masked-modelling method: pipeline.pictures) and, for single-stage methods, checkpoints/epoch<k>.safetensors every pretrain.keep_every_epochs
+(evaluated by checkpoint_eval). Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
 rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
 Tiny runs: python -m pipeline.stages.pretrain --preset tiny --method mae
@@ -19,8 +21,10 @@ from pipeline.compute import flops_per_image
 from pipeline.config import section_hash, student_seed
 from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
+from pipeline.evaluation import online_knn_top1
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.node import tracked
+from pipeline.pictures import reconstruction_grid
 from pipeline.teacher import FrozenTeacher
 
 
@@ -91,10 +95,16 @@ def work(params: dict, args) -> None:
             "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
     with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
-        result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state,
-                              on_epoch=lambda m: run.log_metrics(m, step=m["epoch"]), extra={"run_id": run.run_id},
-                              labels=prep.train_y)
+        on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
+        result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, on_epoch=on_epoch,
+                              extra={"run_id": run.run_id}, labels=prep.train_y)
         final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params)
+        if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
+            shown = reconstruction_grid(model, prep.val_x, prep.mean, prep.std, args.seed, out / "reconstruction.png",
+                                        method=node_id(args))
+            run.log_metrics({f"picture_{k}": v for k, v in shown.items()})
+            run.log_artifacts(out / "reconstruction.png")
+        _promote_checkpoints(state.parent / "checkpoints", out / "checkpoints", layout.kept_epochs(params, weights_id(args)))
         run.log_metrics({"final_loss": final["loss"], "wall_s": final["wall_s"], "images_seen": final["images_seen"],
                          "train_flops": final["train_flops"]})
         run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))
@@ -103,13 +113,47 @@ def work(params: dict, args) -> None:
           f"in {result.wall_s:.1f} s -> {out}")
 
 
+def _evaluated(model):
+    """The encoder the evaluations see: an EMA method's choice (student or teacher), else the student."""
+    return model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
+
+
+def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
+    """The engine's on_epoch hook: online k-NN on a fixed subset (stored in the epoch's history entry, so
+    a resumed run keeps it), the kept intermediate encoders (in the resume folder until the node ends:
+    Snakemake and DVC delete declared outputs before a rerun), then the epoch's metrics to MLflow."""
+    online, kept = params["pretrain"]["online_knn"], layout.kept_epochs(params, weights_id(args))
+
+    def on_epoch(m: dict) -> None:
+        done = m["epoch"] + 1
+        if online["every_epochs"] and (done % online["every_epochs"] == 0 or done == epochs):
+            m["online_knn_top1"] = online_knn_top1(_evaluated(model), prep, params["knn"],
+                                                   online["train_images"], online["val_images"])
+        if done in kept:
+            save_encoder(kept_dir / f"epoch{done}.safetensors", _evaluated(model),
+                         {"node": node_id(args), "weights": weights_id(args), "epoch": done, "seed": args.seed})
+        run.log_metrics(m, step=m["epoch"])
+
+    return on_epoch
+
+
+def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
+    """Move the kept encoders (and sidecars) from the resume folder into the node's outputs."""
+    for epoch in epochs:
+        for suffix in (".safetensors", ".json"):
+            src = kept_dir / f"epoch{epoch}{suffix}"
+            if not src.is_file():
+                raise PipelineError(f"kept checkpoint {src} is missing; delete {kept_dir.parent} and rerun the node")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            src.replace(out_dir / src.name)
+
+
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> dict:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,
             "init_seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
-    encoder = model.evaluated_encoder() if hasattr(model, "evaluated_encoder") else model.encoder
-    save_encoder(out / "encoder.safetensors", encoder, meta)
+    save_encoder(out / "encoder.safetensors", _evaluated(model), meta)
     flops = flops_per_image(params, args.method, teacher_meta.get("model"))
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}

@@ -1,6 +1,7 @@
 """report: every metrics file of the study -> results/summary.csv (long format), summary.md, plots/*.png.
 
-Plots: pre-training loss, accuracy along the dBOT chains, the teacher-swap study (accuracy per chain and
+Plots: pre-training loss, online k-NN during pre-training, the kept encoders' accuracy along
+training (checkpoint_eval), every protocol per encoder side by side, accuracy along the dBOT chains, the teacher-swap study (accuracy per chain and
 stage, spread across teachers), accuracy against compute, and the analyses of every encoder side by side
 (mean attention distance per layer and head, singular-value share per layer).
 
@@ -13,12 +14,14 @@ from pipeline.node import tracked
 from pipeline.report import build_report
 
 
-def inputs(params: dict) -> tuple[list, list, list]:
-    """Pre-training and evaluation metrics of every seed; analyses of the first seed (drawn side by side)."""
+def inputs(params: dict) -> tuple[list, list, list, list]:
+    """Pre-training and evaluation metrics of every seed; analyses and checkpoint evaluations of the first
+    seed (drawn side by side)."""
     weights, seeds = layout.all_weights(params), params["seeds"]
     pretrain = [p for s in seeds for p in layout.pretrain_metrics(params, s)]
-    evals = [layout.eval_metrics(p, w, s) for s in seeds for p in ("knn", "linprobe") for w in weights]
-    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in weights]
+    evals = [p for s in seeds for p in layout.evaluation_metrics(params, s)]
+    curves = [layout.eval_metrics("checkpoint_eval", w, seeds[0]) for w in layout.checkpoint_eval_weights(params)]
+    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in weights], curves
 
 
 def check(params: dict, args) -> None:
@@ -28,9 +31,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
-    pretrain, evals, analyses = inputs(params)
+    pretrain, evals, analyses, curves = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seeds"]) as run:
-        table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"])
+        table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"], curves)
         run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
     print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
 
