@@ -5,11 +5,23 @@
 - slurm:  a Slurm job with the partition, account, GPUs, CPUs, memory, time limit and setup lines of
   params.launch.slurm. On preemption or time-out submitit calls NodeJob.checkpoint(), which resubmits
   the same call; the training engine then resumes from its last saved state (results/.resume/).
+  A job requeued by Slurm itself (`scontrol requeue`, preemption in REQUEUE mode) reruns the same call too.
+
+What the submitting process does on a real cluster (seen on tests/slurm_cluster.py's cluster): it waits for
+the job (submitit polls sacct), prints the job's log when it ends, and turns every way a job can fail into
+one PipelineError line: a refused sbatch (e.g. more CPUs or memory than a node has), an exception in the job,
+a job that ended without a result (cancelled, out of memory, timed out too often). Interrupted itself
+(Ctrl-C, or SIGTERM from Snakemake or a shell's `timeout`), it cancels its job, so no job is left running
+unwatched. In a job whose CPUs Slurm does not bind (no task/affinity or cgroups), torch would start one
+thread per core of the node; the job then takes the --cpus-per-task it was given, unless OMP_NUM_THREADS is set.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +42,11 @@ class NodeJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         os.chdir(self.cwd)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:     # a Slurm job: use the CPUs it was given
+            import torch
+
+            torch.set_num_threads(int(cpus))
         return self.fn(self.params, self.args)
 
 
@@ -58,6 +75,31 @@ def _error_line(text: str) -> str:
     return lines[-1].removeprefix("pipeline.errors.") if lines else text.strip().splitlines()[0]
 
 
+def _resources(launch: dict) -> str:
+    s = launch["slurm"]
+    return (f"launch.slurm: partition {s['partition'] or 'default'}, cpus_per_task {s['cpus_per_task']}, "
+            f"mem_gb {s['mem_gb']}, gpus_per_node {s['gpus_per_node']}, timeout_min {s['timeout_min']}")
+
+
+@contextmanager
+def _cancel_on_interrupt(job):
+    """While waiting: Ctrl-C or SIGTERM (Snakemake stopping a rule, `timeout`) cancels the job, then re-raises."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: cancelling job {job.job_id}", flush=True)
+        job.cancel(check=False)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run(fn: Callable, params: dict, args, node_id: str):
     """Run fn(params, args) on the configured executor and return its result (or raise its error)."""
     job = NodeJob(fn, params, args)
@@ -65,12 +107,21 @@ def run(fn: Callable, params: dict, args, node_id: str):
     if kind == "inline":
         return job()
     folder = RESULTS / ".submitit" / node_id
-    submitted = make_executor(params["launch"], folder, node_id).submit(job)
+    try:
+        submitted = make_executor(params["launch"], folder, node_id).submit(job)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+        where = f" ({_resources(params['launch'])})" if kind == "slurm" else ""
+        raise PipelineError(f"{node_id}: could not submit the {kind} job: {_error_line(str(e))}{where}") from None
     print(f"{node_id}: submitted as {kind} job {submitted.job_id}; logs in {folder}", flush=True)
     try:
-        return submitted.result()
+        with _cancel_on_interrupt(submitted):
+            return submitted.result()
     except submitit.core.utils.FailedJobError as e:
         raise PipelineError(f"{node_id} failed as {kind} job {submitted.job_id}: {_error_line(str(e))} "
+                            f"(full log in {folder})") from None
+    except submitit.core.utils.UncompletedJobError:
+        raise PipelineError(f"{node_id}: {kind} job {submitted.job_id} ended without a result (state "
+                            f"{submitted.state}); run the node again to resume from its saved state "
                             f"(full log in {folder})") from None
     finally:
         for stream in ("stdout", "stderr"):

@@ -12,12 +12,18 @@ os.chdir(ROOT)
 COPIED = ["Snakefile", "dvc.yaml", "params", "rules", "pipeline", "pyproject.toml"]
 
 
+def copy_dag(dst: Path) -> Path:
+    """Copy the repository's DAG files (Snakefile, dvc.yaml, params, rules, pipeline) into dst."""
+    for name in COPIED:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
+    return dst
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A copy of the repository's DAG files in tmp_path, as the working directory (results land there)."""
-    for name in COPIED:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    copy_dag(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     return tmp_path
@@ -31,3 +37,37 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm cluster (tests/slurm_cluster.py) for the session, SLURM_CONF set; stopped after.
+
+    Reuses a cluster already up in $MIM_SLURM_DIR (default /tmp/mim-slurm; `scripts/slurm_cluster.sh up`) and
+    leaves it running; otherwise starts one in a fresh /tmp folder and stops its daemons by PID at the end.
+    Skips, with the reason, where the cluster cannot start (no apt-get or root to install it, a daemon fails).
+    """
+    import tempfile
+
+    from slurm_cluster import DEFAULT_DIR, ClusterError, SlurmCluster
+
+    cluster, owned = SlurmCluster(DEFAULT_DIR), False
+    if not cluster.is_up():
+        cluster, owned = SlurmCluster(tempfile.mkdtemp(prefix="mim-slurm-", dir="/tmp")), True
+        try:
+            cluster.up_seconds = cluster.up()
+        except (ClusterError, OSError, subprocess.SubprocessError) as e:
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            pytest.skip(f"no Slurm test cluster: {e}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        if owned:
+            cluster.down()
+            shutil.rmtree(cluster.root, ignore_errors=True)

@@ -116,7 +116,7 @@ def shown_in_report(page, uri: str) -> dict[tuple[str, str], int]:
 
 
 def test_snakemake_report_shows_every_plot_in_chromium(study):
-    run_cli("snakemake", "--report", "report.html", "--config", "preset=tiny", cwd=study, timeout=600)
+    run_cli("snakemake", "--cores", "1", "--report", "report.html", "--config", "preset=tiny", cwd=study, timeout=600)
     with browser_page() as page:
         uri = (study / "report.html").as_uri()
         page.goto(uri)

@@ -48,3 +48,19 @@ def test_slurm_parameters_come_from_params():
     import submitit
 
     submitit.AutoExecutor(folder="/tmp/unused", cluster="debug").update_parameters(**p)   # names submitit knows
+
+
+def test_refused_submission_is_one_line_error(workdir, monkeypatch):
+    """sbatch refusing a job (seen on the test cluster: more CPUs than a node has) names the resources asked."""
+    import submitit
+
+    class Refusing:
+        def submit(self, job):
+            raise submitit.core.utils.FailedJobError(
+                "sbatch: error: Batch job submission failed: More processors requested than permitted")
+
+    monkeypatch.setattr(launch, "make_executor", lambda *a: Refusing())
+    params = config.load("tiny", ["launch.executor=slurm"])
+    with pytest.raises(PipelineError, match=r"unit: could not submit the slurm job: sbatch: error: .*More processors "
+                                            r"requested than permitted \(launch.slurm: .*cpus_per_task 8, mem_gb 32"):
+        launch.run(work, params, {"x": 1}, "unit")

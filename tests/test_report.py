@@ -89,10 +89,10 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     assert [line.split("|")[1].strip() for line in summary] == list(ENCODERS)   # floor, mae, chains (random first)
     # train compute sums the chain: stages 0, 1, 2 cost 1, 2, 3 PFLOP -> 6000 TFLOP up to stage 2; the mae
     # chain also counts its teacher's training (1 PFLOP)
-    assert "| dbot_random_stage2 | dbot | 2 | student | 1 | 93.1 | 80.0 | 0.3300 | 22.0 | 6000.0 |" in md
-    assert "| dbot_mae_stage2 | dbot | 2 | student | 1 | 92.0 | 81.0 | 0.3300 | 22.0 | 7000.0 |" in md
-    assert "| mae | mae | 0 | student | 1 | 50.0 | 60.0 | 0.3500 | 20.0 | 1000.0 |" in md
-    assert "| random_init | random |  | random | 1 | 12.3 | 20.5 | — | — | — |" in md
+    assert "| dbot_random_stage2 | dbot | 2 | student | 1 | 93.1 | 80.0 | — | — | — | 0.3300 | 22.0 | 6000.0 |" in md
+    assert "| dbot_mae_stage2 | dbot | 2 | student | 1 | 92.0 | 81.0 | — | — | — | 0.3300 | 22.0 | 7000.0 |" in md
+    assert "| mae | mae | 0 | student | 1 | 50.0 | 60.0 | — | — | — | 0.3500 | 20.0 | 1000.0 |" in md
+    assert "| random_init | random |  | random | 1 | 12.3 | 20.5 | — | — | — | — | — | — |" in md
     # comparisons: one seed, so no difference is marked as within the seed spread
     assert "One seed: no seed spread" in md and "| dbot_random_stage1 vs dbot_random_stage0 | +5.0 | +4.5 |" in md
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md

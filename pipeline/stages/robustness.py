@@ -1,0 +1,69 @@
+"""robustness: top-1 of a fine-tuned model on corrupted val images -> results/seed<S>/robustness/<weights>/.
+
+An optional node (robustness.enabled), RC-MAE's robustness table: the model of finetune@seed<S>-<weights>
+(results/seed<S>/finetune/<weights>/model.safetensors) evaluated on the clean val split and on every
+corruption of robustness.corruptions at every level of robustness.severities (ImageNet-C-like; values in
+pipeline/robustness.py). The noise is seeded, so reruns are identical. Writes metrics.json (clean and mean
+corrupted top-1, top-1 per corruption and severity), robustness.png and params.yaml.
+Tiny run: python -m pipeline.stages.robustness --preset tiny --weights mae
+"""
+from __future__ import annotations
+
+import time
+
+from pipeline import data, finetune, layout, robustness
+from pipeline.checkpoint import write_json
+from pipeline.cli import stage_main
+from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require
+
+SECTIONS = ["seed", "finetune", "robustness"]
+
+
+def check(params: dict, args) -> None:
+    check_weights_id(params, args)
+    require(layout.DATASET)
+    require(layout.finetuned_path(args.weights, args.seed),
+            hint=f"run the finetune node {layout.node_id('finetune', args.seed, args.weights)} first "
+                 f"(python -m pipeline.stages.finetune --seed {args.seed} --weights {args.weights})")
+
+
+def work(params: dict, args) -> dict:
+    start = time.monotonic()
+    settings, seed, bf16 = params["robustness"], params["seed"], params["finetune"]["bf16"]
+    prep = data.load_prepared()
+    path = layout.finetuned_path(args.weights, seed)
+    model, meta = finetune.load_model(path)
+    weights = dict(meta.get("weights") or {}, finetuned={"path": str(path), "sha256": meta.get("sha256")})
+    weights.setdefault("evaluated", "student")
+    weights.setdefault("sha256", None)
+    out = layout.eval_metrics("robustness", args.weights, seed)
+    with eval_run(params, args, "robustness", weights, SECTIONS) as run:
+        top1 = lambda images, desc: finetune.evaluate(model, images, prep.val_y, prep.mean, prep.std, bf16, desc)["top1"]
+        clean = top1(prep.val_x, "robustness clean")
+        table = {}
+        for name in settings["corruptions"]:
+            table[name] = {}
+            for severity in settings["severities"]:
+                acc = top1(robustness.corrupt(prep.val_x, name, severity, seed), f"robustness {name} {severity}")
+                table[name][str(severity)] = acc
+                run.log_metrics({f"{name}_top1": acc}, step=severity)
+        metrics = {"clean_top1": clean,
+                   "mean_corrupted_top1": sum(v for t in table.values() for v in t.values())
+                   / sum(len(t) for t in table.values())}
+        png = out.parent / "robustness.png"
+        robustness.plot(clean, table, png, f"Robustness of fine-tuned {args.weights} (seed {seed})")
+        write_json(out, {"protocol": "robustness", "settings": settings, "weights": weights, "metrics": metrics,
+                         "corruptions": table, "wall_s": time.monotonic() - start})
+        run.log_metrics(metrics)
+        run.log_artifacts(out, png)
+    print_metrics("robustness", args, metrics)
+    return {"metrics": metrics, "corruptions": table}
+
+
+def main(argv=None) -> None:
+    stage_main("robustness", __doc__, add_args, check, work, lambda a: layout.node_id("robustness", a.seed, a.weights),
+               argv)
+
+
+if __name__ == "__main__":
+    main()

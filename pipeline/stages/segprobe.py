@@ -1,0 +1,83 @@
+"""segprobe: semantic segmentation with a linear head on frozen patch tokens (mean IoU)
+-> results/seed<S>/segprobe/<weights>/{metrics.json, examples.png}.
+
+The dense counterpart of linprobe (pipeline/segmentation.py has the details): the encoder is frozen, its patch
+tokens are computed once, and a BatchNorm (no affine) + Linear head per token, bilinearly upsampled to the
+pixels, is trained with AdamW + cosine lr for segprobe.epochs against per-pixel labels (cross-entropy, 255 =
+ignore). Dataset (segprobe.dataset): digit_canvas, 2x2 canvases of half-size digits made deterministically from
+the study's own prepared images (data.split_seed), labels 0 = background and 1 + digit class; or folder,
+image/mask pairs under segprobe.path. metrics.json: mean IoU over the classes present in ground truth or
+prediction, pixel accuracy, per-class IoU, the per-epoch history and how the dataset was made; examples.png:
+four val images with their ground truth and prediction.
+Tiny run: python -m pipeline.stages.segprobe --preset tiny --weights mae
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline import data, layout, segmentation
+from pipeline.checkpoint import write_json
+from pipeline.cli import stage_main
+from pipeline.encoder import load_encoder
+from pipeline.errors import PipelineError
+from pipeline.plots import save_png
+from pipeline.stages import evaluate
+
+PROTOCOL = "segprobe"
+SECTIONS = ["seed", "data", PROTOCOL]
+EXAMPLES = 4
+
+
+def check(params: dict, args) -> None:
+    evaluate.check(params, args)
+    s = params[PROTOCOL]
+    if s["dataset"] == "folder":
+        segmentation.folder_pairs(s["path"])
+    elif s["path"] is not None or s["num_classes"] is not None:
+        raise PipelineError(f"segprobe.path and segprobe.num_classes are for segprobe.dataset folder, "
+                            f"not {s['dataset']}")
+
+
+def work(params: dict, args) -> dict:
+    s = params[PROTOCOL]
+    prep = data.load_prepared()
+    seg = segmentation.load_dataset(params, prep)
+    path = layout.weights_path(args.weights, args.seed)
+    encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder.to(device)
+    weights = evaluate.weights_record(args, meta, encoder.config["depth"], path)
+    out, node = layout.eval_metrics(PROTOCOL, args.weights, args.seed), layout.node_id(PROTOCOL, args.seed, args.weights)
+    with evaluate.eval_run(params, args, PROTOCOL, weights, SECTIONS) as run:
+        start = time.perf_counter()
+        train_t = segmentation.patch_tokens(encoder, seg.train_x, prep.mean, prep.std, s["bf16"], "segprobe train")
+        val_t = segmentation.patch_tokens(encoder, seg.val_x, prep.mean, prep.std, s["bf16"], "segprobe val")
+        tokens_s, start = time.perf_counter() - start, time.perf_counter()
+        metrics, ious, history, head = segmentation.train_probe(
+            train_t, seg.train_m, val_t, seg.val_m, seg.num_classes, encoder.grid, s["epochs"], s["batch_size"],
+            s["lr"], s["weight_decay"], params["seed"], device)
+        probe_s = time.perf_counter() - start
+        result = {"protocol": PROTOCOL, "settings": s, "dataset": seg.info, "weights": weights, "metrics": metrics,
+                  "per_class_iou": dict(zip(seg.class_names, ious)), "history": history}
+        evaluate.log_history(run, history)
+        write_json(out, result)
+        n = min(EXAMPLES, len(val_t))
+        fig = segmentation.examples_figure(seg.val_x[:n], seg.val_m[:n], segmentation.predict(head, val_t[:n]),
+                                           seg.class_names, f"{node}: val mIoU {100 * metrics['miou']:.1f}%")
+        save_png(fig, out.parent / "examples.png")
+        run.log_metrics(metrics)
+        run.log_artifacts(out, out.parent / "examples.png")
+    print(f"{node}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+          + f" (patch tokens {tokens_s:.1f} s, probe {probe_s:.1f} s)")
+    return result
+
+
+def main(argv=None) -> None:
+    stage_main(PROTOCOL, __doc__, evaluate.add_args, check, work,
+               lambda a: layout.node_id(PROTOCOL, a.seed, a.weights), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""On a real one-node Slurm cluster (tests/slurm_cluster.py, fixture slurm_cluster; skipped where it cannot start):
+
+- a tiny pre-training node dispatched by pipeline/launch.py with launch.executor=slurm ends bit-identical to
+  the inline executor's run;
+- the same node interrupted mid-run, by a time-out (submitit's job._interrupt(timeout=True): the warning
+  signal, then submitit checkpoints and requeues it) and by a preemption (`scontrol suspend`, `scontrol
+  requeue`, `scontrol release`: Slurm kills the job and puts it back in the queue), is requeued, resumes
+  from its saved state, ends bit-identical, and continues its MLflow run (exactly one run of that name,
+  FINISHED, one loss point per epoch);
+- the launcher's one-line errors for a refused sbatch and a cancelled job, and SIGTERM to the waiting
+  submitter cancelling its job;
+- a representative part of the tiny DAG (prepare_data -> pretrain@mae -> knn@mae, linprobe@mae: the report's
+  inputs for one method) runs through the Snakemake profile profiles/slurm (snakemake-executor-plugin-slurm),
+  every rule as its own Slurm job. The whole tiny DAG (~80 jobs) would take many minutes on 2 cores.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import COPIED, ROOT, run_cli
+
+pytestmark = pytest.mark.slurm
+
+NODE = "pretrain@seed0-mae"
+EPOCHS, STEPS_PER_EPOCH = 3, 11           # tiny: 1,407 train images, batch 128
+ARGS = ["--preset", "tiny", "--method", "mae", "--set", f"pretrain.epochs={EPOCHS}",
+        "--set", "pretrain.checkpoint_every_min=0"]          # state saved after every step: interruptible anywhere
+ENV = {"OMP_NUM_THREADS": "1"}            # the same thread count inline and in the job (bit-identity), and 2 cores
+WEIGHTS = "results/seed0/pretrain/mae/encoder.safetensors"
+
+
+def slurm_args(timeout_min: int) -> list[str]:
+    # 1 CPU and 3 GB fit the 2-core test node (the defaults, 8 CPUs / 32 GB, are refused by sbatch there).
+    # timeout_min: submitit asks for the warning signal 90 s before the limit; 3 min leaves it 90 s after the
+    # start (keep >= 60 s: earlier, it can come before submitit has installed its handler), and any signal
+    # then counts as a time-out (after min(0.8 T, T - 10 min)); 60 min: any signal counts as a preemption.
+    return ["--set", "launch.executor=slurm", "--set", "launch.slurm.cpus_per_task=1",
+            "--set", "launch.slurm.mem_gb=3", "--set", f"launch.slurm.timeout_min={timeout_min}"]
+
+
+def sacct(job_id: str, *extra) -> list[str]:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", *extra],
+                         capture_output=True, text=True, check=True).stdout
+    return [s.strip() for s in out.splitlines() if s.strip()]
+
+
+def final_state(job_id: str, seconds: float = 60) -> str:
+    """The job's state once Slurm has recorded its end (its result file comes a moment before that)."""
+    deadline = time.time() + seconds
+    while (state := sacct(job_id)[-1]) in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") and time.time() < deadline:
+        time.sleep(0.5)
+    return state
+
+
+@pytest.fixture(scope="module")
+def prepared(slurm_cluster, tmp_path_factory):
+    """The tiny data prepared once, and the uninterrupted inline run's weights (the reference)."""
+    d = tmp_path_factory.mktemp("slurm_prepared")
+    for name in COPIED:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, d / name)
+    env = dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{d}/mlflow.db")
+    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny", cwd=d, env=env)
+    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, cwd=d, env=env)
+    return d, load_file(d / WEIGHTS)
+
+
+def with_data(workdir, prepared):
+    shutil.copytree(prepared[0] / "results/prepare_data", workdir / "results/prepare_data")
+
+
+def assert_same_weights(workdir, reference):
+    got = load_file(workdir / WEIGHTS)
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+
+
+def test_pretrain_on_slurm_is_bit_identical_to_inline(workdir, prepared):
+    with_data(workdir, prepared)
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, *slurm_args(60), env=ENV)
+    job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
+    assert final_state(job) == "COMPLETED"
+    assert_same_weights(workdir, prepared[1])
+
+
+def sleeps(params, args):
+    import time
+
+    time.sleep(120)
+
+
+def test_refused_and_cancelled_jobs_are_one_line_errors(workdir, slurm_cluster, monkeypatch):
+    """sbatch refusing the params' 8 CPUs on this 2-CPU node, and a job cancelled while it runs (no result)."""
+    from pathlib import Path
+
+    from pipeline import config, launch
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))      # the job unpickles `sleeps` from here
+    params = config.load("tiny", ["launch.executor=slurm", "launch.slurm.cpus_per_task=64"])
+    with pytest.raises(PipelineError, match=r"could not submit the slurm job: sbatch: error: .*(processors|CPU).*"
+                                            r"cpus_per_task 64"):
+        launch.run(sleeps, params, {}, "unit")
+
+    params = config.load("tiny", ["launch.executor=slurm", "launch.slurm.cpus_per_task=1", "launch.slurm.mem_gb=2"])
+    def cancel_when_running():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            jobs = subprocess.run(["squeue", "-h", "-n", "unit", "-t", "R", "-o", "%A"],
+                                  capture_output=True, text=True).stdout.split()
+            if jobs:
+                subprocess.run(["scancel", *jobs])
+                return
+            time.sleep(0.2)
+    threading.Thread(target=cancel_when_running, daemon=True).start()
+    with pytest.raises(PipelineError, match=r"unit: slurm job \d+ ended without a result \(state CANCELLED"):
+        launch.run(sleeps, params, {}, "unit")
+
+
+def test_sigterm_to_the_submitter_cancels_its_job(workdir, slurm_cluster):
+    """Snakemake stopping a rule (or `timeout`) sends SIGTERM to the waiting submitter: no job is left running."""
+    code = ("import test_slurm; from pipeline import config, launch; launch.run(test_slurm.sleeps, config.load("
+            "'tiny', ['launch.executor=slurm', 'launch.slurm.cpus_per_task=1', 'launch.slurm.mem_gb=2']), {}, 'unit')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{workdir}"))
+    deadline, jobs = time.time() + 90, []
+    while time.time() < deadline and not jobs and proc.poll() is None:
+        jobs = subprocess.run(["squeue", "-h", "-n", "unit", "-t", "R", "-o", "%A"],
+                              capture_output=True, text=True).stdout.split()
+        time.sleep(0.2)
+    proc.terminate()
+    out = proc.communicate(timeout=60)[0]
+    assert jobs and f"interrupted: cancelling job {jobs[0]}" in out, out[-2000:]
+    assert proc.returncode != 0 and final_state(jobs[0]).startswith("CANCELLED")
+
+
+def saved_step(state) -> int:
+    try:
+        return torch.load(state, weights_only=True)["step"]
+    except Exception:                      # not written yet
+        return 0
+
+
+@pytest.mark.parametrize("how", ["timeout", "preempt"])
+def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepared):
+    import submitit
+
+    with_data(workdir, prepared)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.pretrain", *ARGS,
+                             *slurm_args(3 if how == "timeout" else 60)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, **ENV))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    state = workdir / f"results/.resume/{NODE}/state.pt"
+    deadline, job, step = time.time() + 240, None, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:      # wait for a save in the middle of epoch 2
+            job = job or next((m.group(1) for m in map(re.compile(r"submitted as slurm job (\d+)").search, lines)
+                               if m), None)
+            step = saved_step(state)
+            if job and step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"the job ended or never got mid-run (job {job}, step {step}):\n{''.join(lines)[-3000:]}")
+        if how == "timeout":
+            submitit.SlurmJob(folder=workdir / "results/.submitit" / NODE, job_id=job)._interrupt(timeout=True)
+        else:   # suspended first: a requeued running job gets SIGTERM (which submitit ignores) and KillWait
+            # (5 s) before SIGKILL, in which a fast tiny run can finish; a suspended one is killed at once
+            # (and held: JobHeldAdmin, hence the release)
+            for cmd in ("suspend", "requeue", "release"):
+                subprocess.run(["scontrol", cmd, job], check=True)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", str(job)], check=False)
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    resumed = [int(s) for s in re.findall(rf"resuming results/.resume/{NODE}/state.pt at step (\d+)", out)]
+    assert resumed and step <= resumed[0] < EPOCHS * STEPS_PER_EPOCH, out[-3000:]
+    assert ("this job is timed-out" if how == "timeout" else "DUE TO JOB REQUEUE") in out
+    assert out.count("Loading pickle") == 2                 # ran twice: before and after the requeue
+    assert final_state(job) == "COMPLETED" and "REQUEUED" in sacct(job, "-D")
+    assert_same_weights(workdir, prepared[1])
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              f"attributes.run_name = '{NODE}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == list(range(EPOCHS))
+
+
+def test_snakemake_slurm_profile_runs_one_methods_report_inputs(workdir, slurm_cluster):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    targets = ["results/seed0/knn/mae/metrics.json", "results/seed0/linprobe/mae/metrics.json"]
+    proc = run_cli(
+        sys.executable, "-m", "snakemake", "--profile", str(ROOT / "profiles/slurm"), "--config", "preset=tiny",
+        # the local test cluster: 2 CPUs, account root, partition debug, a job step needs ~1.4 GB (Snakemake +
+        # the stage); status checks every second instead of the profile's 30 s
+        "--cores", "2", "--default-resources", "slurm_account=root", "slurm_partition=debug", "mem_mb=3000",
+        "runtime=10", "--seconds-between-status-checks", "1", "--slurm-init-seconds-before-status-checks", "1",
+        "--latency-wait", "5", *targets, env=ENV, timeout=600)
+    jobs = re.findall(r"submitted with SLURM jobid (\d+)", proc.stdout + proc.stderr)
+    assert len(jobs) == 4, proc.stderr[-3000:]            # prepare_data, pretrain, knn, linprobe
+    assert all(final_state(j) == "COMPLETED" for j in jobs)
+    assert all((workdir / t).is_file() for t in targets)
