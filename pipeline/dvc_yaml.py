@@ -148,9 +148,9 @@ def stages(params: dict) -> dict:
             "params": _params("robustness"),
             "metrics": [{f"{sd}/robustness/${{item.weights}}/metrics.json": {"cache": False}}],
             "plots": [{f"{sd}/robustness/${{item.weights}}/robustness.png": {"cache": False}}]}}
-    curve_weights = layout.checkpoint_eval_weights(params)
+    curve_weights = layout.checkpoint_eval_weights(params)      # first seed only: the report draws its curves
     if curve_weights:
-        out["checkpoint_eval"] = {"foreach": {f"seed{s}-{w}": Flow(seed=s, weights=w) for s in seeds for w in curve_weights},
+        out["checkpoint_eval"] = {"foreach": {f"seed{seeds[0]}-{w}": Flow(seed=seeds[0], weights=w) for w in curve_weights},
                                   "do": {
             "cmd": _cmd("checkpoint_eval", "--seed ${item.seed}", "--weights ${item.weights}"),
             "deps": _checkpoint_eval_deps(params, curve_weights[0]) + [

@@ -58,15 +58,15 @@ def test_snakemake_lint_is_clean(workdir):
 
 
 def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
-    """params seeds [0, 1]: one prepare_data and one report; analyze for the first seed (the report draws it);
-    every other node twice, with --seed 0 and --seed 1."""
+    """params seeds [0, 1]: one prepare_data and one report; analyze and checkpoint_eval for the first seed (the
+    report draws them); every other node twice, with --seed 0 and --seed 1."""
     from pipeline import dvc_yaml
 
     (workdir / "params/presets/two_seeds.yaml").write_text("seeds: [0, 1]\n")
     (workdir / "dvc.yaml").write_text(dvc_yaml.render("two_seeds"))
     smk = snakemake_commands("two_seeds")
     assert smk == dvc_commands(workdir)
-    per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze")]
-    assert len(smk) == 2 + 15 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 9 * 2 + 4 + 1)
+    per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze", "checkpoint_eval")]
+    assert len(smk) == 2 + 15 + 4 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 9 * 2 + 1)
     assert sorted(c for c in per_seed if "--seed 0" in c) == sorted(c.replace("--seed 1", "--seed 0")
                                                                     for c in per_seed if "--seed 1" in c)

@@ -24,7 +24,9 @@ def edit(path, pattern, new):
 def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     """On the tiny preset, the random-teacher dBOT chain and MAE's evaluations (a subset of the DAG, to keep
     the test short: dvc repro runs one stage at a time; tests/test_dag.py checks the whole DAG's commands)."""
-    edit(workdir / "dvc.yaml", r"\n- preset: default\n", r"\n- preset: tiny\n")
+    from pipeline import dvc_yaml
+
+    (workdir / "dvc.yaml").write_text(dvc_yaml.render("tiny"))        # its lists (e.g. kept checkpoints) follow the preset
     run_cli("git", "init", "-q")
     run_cli("dvc", "init", "-q")
     targets = ["knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"]
@@ -42,3 +44,7 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
                                "pretrain_dbot@seed0-random_stage2", "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     metrics = run_cli("dvc", "metrics", "show").stdout
     assert "results/seed0/knn/dbot_random_stage2/metrics.json" in metrics
+    run_cli("dvc", "plots", "show", "-o", "dvc_plots")                 # the pictures, declared as DVC plots
+    page = (workdir / "dvc_plots/index.html").read_text()
+    for picture in ("pretrain/mae/reconstruction.png", "pretrain_dbot/random_stage1/reconstruction.png"):
+        assert picture.replace("/", "_") in page or picture in page, picture
