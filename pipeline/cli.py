@@ -3,7 +3,8 @@
 A stage module defines `add_args(parser)`, `check(params, args)` (fast validation of its inputs, before
 any work) and `work(params, args)` (the node itself), then calls `stage_main(...)`. Nodes that run once
 per seed of the study (all but prepare_data and report) take `--seed S` (default: the first of params
-seeds); their params hold it as params["seed"].
+seeds); their params hold it as params["seed"]. Training nodes pass `distributed=True`: they run in launch.tasks
+processes (pipeline.distributed); every other node in one.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pipeline.errors import PipelineError
 
 
 def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
-               node_id: Callable, argv: list[str] | None = None, compute: bool = True, per_seed: bool = True) -> None:
+               node_id: Callable, argv: list[str] | None = None, compute: bool = True, per_seed: bool = True,
+               distributed: bool = False) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", help="params/presets/<name>.yaml (default: default)")
@@ -40,7 +42,7 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         args.seed = params.get("seed")
         check(params, args)
         if compute:
-            launch.run(work, params, args, node_id(args))
+            launch.run(work, params, args, node_id(args), distributed_ok=distributed)
         else:
             work(params, args)
     except PipelineError as e:

@@ -130,6 +130,14 @@ def _cross_field_problems(p: dict):
             yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
     if p["bootmae"]["probe_block"] is not None and p["bootmae"]["probe_block"] > m["depth"]:
         yield f"bootmae.probe_block {p['bootmae']['probe_block']} exceeds model.depth {m['depth']}"
+    launch = p["launch"]
+    if launch["tasks"] > 1 and launch["executor"] == "inline":
+        yield f"launch.tasks {launch['tasks']} needs executor local or slurm (one process per task)"
+    if launch["tasks"] > 1 and t["batch_size"] % launch["tasks"]:
+        yield f"pretrain.batch_size {t['batch_size']} does not divide by launch.tasks {launch['tasks']}"
+    gpus = launch["slurm"]["gpus_per_node"]
+    if launch["executor"] == "slurm" and gpus and launch["tasks"] != gpus:
+        yield f"launch.tasks {launch['tasks']} must equal launch.slurm.gpus_per_node {gpus} (one process per GPU)"
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"

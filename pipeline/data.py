@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint, layout
+from pipeline.distributed import rand_rows
 from pipeline.errors import PipelineError
 
 TENSORS = ("train_x", "train_y", "val_x", "val_y")
@@ -307,6 +308,16 @@ def load_prepared(path: Path = layout.DATASET) -> Prepared:
     missing = [k for k in TENSORS if k not in tensors] + [k for k in ("class_names", "mean", "std") if k not in meta]
     if missing:
         raise PipelineError(f"{path} is not a prepared dataset (missing {', '.join(missing)}); rerun prepare_data")
+    k, shape = len(meta["class_names"]), tuple(tensors["train_x"].shape[1:])
+    for split in ("train", "val"):       # cheap checks: a bad label or shape would otherwise fail mid-run
+        x, y = tensors[f"{split}_x"], tensors[f"{split}_y"]
+        if (x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != shape or len(meta["mean"]) != shape[0]
+                or y.dtype != torch.int64 or tuple(y.shape) != (len(x),)):
+            raise PipelineError(f"{path}: {split}_x {x.dtype} {list(x.shape)} and {split}_y {y.dtype} {list(y.shape)} "
+                                f"are not uint8 images (N, {len(meta['mean'])}, H, W) and int64 labels (N,); "
+                                "rerun prepare_data")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+            raise PipelineError(f"{path}: {split} labels outside [0, {k}) (it names {k} classes); rerun prepare_data")
     return Prepared(*(tensors[k] for k in TENSORS), meta["class_names"], meta["mean"], meta["std"],
                     meta.get("source", str(path)))
 
@@ -334,7 +345,7 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator, crop_scale: tuple
     if not 0 < lo <= hi <= 1:
         raise PipelineError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
     b = x_uint8.shape[0]
-    u = torch.rand(b, 5, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    u = rand_rows(b, 5, generator=generator, device=generator.device, dtype=torch.float64).cpu()
     log_s = (lo + (hi - lo) * u[:, 0]).log()
     r_lo, r_hi = log_s.clamp(min=math.log(3 / 4)), (-log_s).clamp(max=math.log(4 / 3))
     log_r = r_lo + (r_hi - r_lo) * u[:, 1]

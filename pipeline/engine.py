@@ -7,6 +7,9 @@ exactly the same batches and masks: on CPU it ends bit-identical to an uninterru
 The state (model incl. teacher, optimiser, step, running epoch sums, history, tracking run id) is
 saved atomically at every epoch end and at least every `checkpoint_every_min` minutes, only while the
 loss is finite. A non-finite loss stops the run with an error; the last good state stays on disk.
+
+In a multi-process job (pipeline.distributed) `batch_size` is the global batch: each process trains on its
+rows, gradients are averaged, and only rank 0 shows progress, calls on_epoch and saves the state.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, distributed
 from pipeline.data import augment, normalize
 from pipeline.errors import PipelineError
 
@@ -103,32 +106,38 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    n = images.shape[0]
+    n, world = images.shape[0], distributed.world()
     bs = min(cfg.batch_size, n)
     spe = n // bs
+    if bs % world.size:
+        raise PipelineError(f"batch size {bs} does not divide by {world.size} processes (launch.tasks)")
+    rows = world.rows(bs)
     lrs = lr_schedule(cfg, spe)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     st = _resume(state_path, cfg, model, opt, extra or {})
+    distributed.broadcast_parameters(model)
     total = cfg.epochs * spe
     if hasattr(model, "start_schedule"):
         model.start_schedule(spe, total)   # methods with step-dependent parts (EMA momenta, loss ramps)
     bar = tqdm(total=total * bs, initial=st["step"] * bs, unit="img", unit_scale=True, desc=cfg.desc,
-               file=sys.stderr, mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
+               file=sys.stderr, mininterval=2.0, smoothing=0.1, dynamic_ncols=True, disable=not world.is_main)
     last_save, t_epoch, step = time.monotonic(), time.monotonic(), st["step"]
     model.train()
     while step < total:
         epoch = step // spe
-        idx = batch_indices(n, bs, cfg.seed, step)
+        idx = batch_indices(n, bs, cfg.seed, step)[rows]
         batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
-        loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
+        with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
+            loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
         st["loss_sum"] += loss.detach().float().cpu()
         step += 1
         st["step"] = step
         bar.update(bs)
         if step % spe == 0:
-            _end_epoch(st, epoch, spe, bs, lrs[step - 1].item(), time.monotonic() - t_epoch, state_path, model, opt, on_epoch)
+            _end_epoch(st, epoch, spe, bs, lrs[step - 1].item(), time.monotonic() - t_epoch, state_path, model, opt,
+                       on_epoch if world.is_main else None)
             t_epoch = last_save = time.monotonic()
-        elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:
+        elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:
             _save(st, state_path, model, opt)
             last_save = time.monotonic()
     bar.close()
@@ -145,8 +154,10 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
         loss, _ = model(x, gen, step, **batch_labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    loss = distributed.all_reduce_step(trained, loss)     # mean over processes (no-op in one process)
     if cfg.clip_grad:
-        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
+        nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
     opt.step()
     if hasattr(model, "after_step"):
         model.after_step(step)             # e.g. the EMA teacher's update
@@ -164,8 +175,9 @@ def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch
     st["images_seen"] += spe * bs
     st["wall_s"] += seconds
     st["loss_sum"] = torch.zeros(())
-    on_epoch(metrics)
-    _save(st, state_path, model, opt)
+    if on_epoch is not None:                # None: not rank 0 of a multi-process job
+        on_epoch(metrics)
+        _save(st, state_path, model, opt)
 
 
 def _save(st: dict, state_path: Path, model: nn.Module, opt) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
+
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, L, p*p*C), patches in row-major grid order (MAE's layout)."""
@@ -58,8 +60,12 @@ def center_weights(mask: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """sum(per_token * weights) / sum(weights); per_token, weights (B, L). All-zero weights give 0."""
-    return (per_token * weights).sum() / weights.sum().clamp_min(eps)
+    """sum(per_token * weights) / sum(weights); per_token, weights (B, L). All-zero weights give 0.
+
+    Data-parallel: the denominator is the mean over processes of their weight sums, so the processes'
+    average (what their averaged gradients follow) is the global batch's weighted mean even when the
+    weights per sample differ (BootMAE's centre weights)."""
+    return (per_token * weights).sum() / distributed.mean_over_ranks(weights.sum().detach()).clamp_min(eps)
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 Random (MAE), block-wise (BEiT) and hybrid (BootMAE) maskers, and SdAE's multi-fold split of a Mask. Every
 random draw comes from the generator, so the same seed gives the same mask; all are vectorised over the batch
-(block masking loops over a bounded number of attempts, never over samples)."""
+(block masking loops over a bounded number of attempts, never over samples). In a data-parallel step each
+process gets its rows of the global batch's masks (pipeline.distributed.batch_rows)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
+
+from pipeline.distributed import global_rows, rand_rows
 
 
 @dataclass
@@ -21,6 +24,7 @@ class Mask:
         return Mask(self.ids_keep.to(device), self.ids_restore.to(device), self.mask.to(device))
 
 
+@global_rows
 def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator) -> Mask:
     """MAE's per-sample random masking: keep the floor(L * (1 - ratio)) patches of lowest noise."""
     keep = int(num_patches * (1 - ratio))
@@ -76,6 +80,7 @@ def block_masking_grid(batch: int, grid: int, num_masked: int, generator: torch.
     return hidden.flatten(1)
 
 
+@global_rows
 def hybrid_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator,
                    block_ratio: float = 0.5, min_block: int = 16) -> Mask:
     """BootMAE's masking: BEiT blocks hiding up to int(L * block_ratio) patches (never more than the masked
@@ -111,5 +116,5 @@ def multifold_split(mask: Mask, folds: int, generator: torch.Generator) -> torch
         raise ValueError(f"{masked} masked patches cannot be split into {folds} folds")
     per_fold = masked // folds
     hidden_ids = torch.argsort(mask.ids_restore, dim=1)[:, mask.ids_keep.shape[1]:]   # shuffled order, masked part
-    order = torch.argsort(torch.rand(batch, masked, generator=generator), dim=1).to(hidden_ids.device)
+    order = torch.argsort(rand_rows(batch, masked, generator=generator), dim=1).to(hidden_ids.device)
     return torch.gather(hidden_ids, 1, order[:, :folds * per_fold]).view(batch, folds, per_fold)

@@ -7,6 +7,9 @@
   requeue`, `scontrol release`: Slurm kills the job and puts it back in the queue), is requeued, resumes
   from its saved state, ends bit-identical, and continues its MLflow run (exactly one run of that name,
   FINISHED, one loss point per epoch);
+- the same node as a 2-task job (launch.tasks=2: two processes in torch.distributed, set up from Slurm's
+  environment by submitit's TorchDistributedEnvironment) ends with the inline run's weights within float
+  tolerance;
 - the launcher's one-line errors for a refused sbatch and a cancelled job, and SIGTERM to the waiting
   submitter cancelling its job;
 - a representative part of the tiny DAG (prepare_data -> pretrain@mae -> knn@mae, linprobe@mae: the report's
@@ -27,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import COPIED, ROOT, run_cli
+from data_parallel import assert_close_states
 
 pytestmark = pytest.mark.slurm
 
@@ -89,6 +93,15 @@ def test_pretrain_on_slurm_is_bit_identical_to_inline(workdir, prepared):
     job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
     assert final_state(job) == "COMPLETED"
     assert_same_weights(workdir, prepared[1])
+
+
+def test_two_task_job_trains_like_one_process(workdir, prepared):
+    with_data(workdir, prepared)
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, *slurm_args(60), "--set", "launch.tasks=2",
+                   env=ENV)
+    job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
+    assert final_state(job) == "COMPLETED" and "rank 0/2 joined" in proc.stdout
+    assert_close_states(load_file(workdir / WEIGHTS), prepared[1], "2-task slurm job")
 
 
 def sleeps(params, args):

@@ -6,6 +6,7 @@ reconstruction.png (every masked-modelling method: pipeline.pictures) and, for s
 (evaluated by checkpoint_eval). Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
 rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
+With launch.tasks N > 1 (executor local or slurm) the node trains in N processes (pipeline.distributed).
 Tiny runs: python -m pipeline.stages.pretrain --preset tiny --method mae
            python -m pipeline.stages.pretrain_dbot --preset tiny --stage random_stage0
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from pipeline import data, engine, layout
+from pipeline import data, distributed, engine, layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import dbot_key, stage_main
 from pipeline.compute import flops_per_image
@@ -89,6 +90,9 @@ def work(params: dict, args) -> None:
         config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
         desc=node_id(args))
     state = layout.resume_dir(node_id(args)) / "state.pt"
+    if not distributed.world().is_main:    # another process of a launch.tasks job: it only computes gradients
+        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y)
+        return
     out = layout.pretrain_dir(args.method, args.seed, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
     tags = {"method": args.method, "stage": stage_number(args), "weights": weights_id(args), "evaluated": evaluated,
@@ -166,7 +170,7 @@ def main(argv=None, method: str | None = None) -> None:
     name = layout.pretrain_node(method, 0).split("@")[0] if method else "pretrain"
     if method:
         argv = ["--method", method] + (argv if argv is not None else sys.argv[1:])
-    stage_main(name, __doc__, add_args, check, work, node_id, argv)
+    stage_main(name, __doc__, add_args, check, work, node_id, argv, distributed=True)
 
 
 if __name__ == "__main__":
