@@ -55,7 +55,7 @@ def read_json(path: Path | str) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise PipelineError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path} is not valid JSON: {e}") from None
 
 
@@ -80,13 +80,18 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict)
 def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a safetensors file and its sidecar; a hash mismatch or unreadable file is a PipelineError.
 
-    A file without a sidecar (an external checkpoint) is loaded unverified, with empty metadata.
+    A file without a sidecar (an external checkpoint) is loaded unverified, with empty metadata; a sidecar
+    that is there must hold the file's sha256 (a sidecar cannot switch the check off).
     """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"missing file: {path}")
-    meta = read_json(sidecar(path)) if sidecar(path).is_file() else {}
-    if meta.get("sha256") and meta["sha256"] != sha256_file(path):
+    if not sidecar(path).is_file():
+        meta = {}
+    elif not isinstance(meta := read_json(sidecar(path)), dict) or not isinstance(meta.get("sha256"), str):
+        raise PipelineError(f"{sidecar(path)} is not the sidecar of {path}: it records no sha256 "
+                            f"(move it away to load {path.name} unverified)")
+    if meta and meta["sha256"] != sha256_file(path):
         raise PipelineError(f"{path} is corrupt: its sha256 does not match {sidecar(path)}")
     try:
         return load_file(str(path)), meta

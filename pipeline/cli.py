@@ -9,12 +9,15 @@ processes (pipeline.distributed); every other node in one.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 import yaml
 
-from pipeline import checkpoint, config, launch
+from pipeline import checkpoint, config, launch, layout
 from pipeline.errors import PipelineError
 
 
@@ -41,13 +44,41 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
             params = {k: v for k, v in params.items() if k != "seed"}
         args.seed = params.get("seed")
         check(params, args)
-        if compute:
-            launch.run(work, params, args, node_id(args), distributed_ok=distributed)
-        else:
-            work(params, args)
+        with exclusive(node_id(args)):
+            if compute:
+                launch.run(work, params, args, node_id(args), distributed_ok=distributed)
+            else:
+                work(params, args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:                       # e.g. a full disk: atomic writes left every earlier output as it was
+        print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
+              "no output was replaced", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextmanager
+def exclusive(node: str):
+    """Hold results/.locks/<node>.lock while the node runs: a second run of the same node at once (two
+    shells, two DAG tools) fails at once with a one-line error instead of writing over the first's files.
+    The lock is the kernel's (flock), so it goes away with its process, even after SIGKILL."""
+    path = layout.RESULTS / ".locks" / f"{node}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise PipelineError(f"{node} is already running (pid {f.read().strip() or '?'}); "
+                                "wait for it to finish or stop it, then run it again") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_params(path, params: dict, sections: list[str]) -> None:

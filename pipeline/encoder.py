@@ -131,8 +131,9 @@ def save_encoder(path, encoder: Encoder, meta: dict) -> dict:
     return save_tensors(path, encoder.vit.state_dict(), dict(meta, model=encoder.config))
 
 
-def load_encoder(path, params: dict, in_chans: int) -> tuple[Encoder, dict]:
-    """An Encoder holding the weights of `path` (verified); a mismatch is a one-line PipelineError.
+def load_encoder(path, params: dict, in_chans: int, img_size: int | None = None) -> tuple[Encoder, dict]:
+    """An Encoder holding the weights of `path` (verified) for images of `in_chans` channels and `img_size`
+    pixels (default params data.img_size): the images it will see. A mismatch is a one-line PipelineError.
 
     The architecture is the one recorded in the file's sidecar, else read from the tensor shapes (an external
     timm ViT state dict; see infer_model).
@@ -149,8 +150,19 @@ def load_encoder(path, params: dict, in_chans: int) -> tuple[Encoder, dict]:
     problems = _state_mismatch(enc.vit.state_dict(), tensors)
     if problems:
         raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
+    check_input(path, enc.config, in_chans, params["data"]["img_size"] if img_size is None else img_size)
     enc.vit.load_state_dict(tensors)
     return enc, meta
+
+
+def check_input(path, config: dict, in_chans: int, img_size: int) -> None:
+    """A ViT (config: its in_chans, img_size) takes exactly the images it was made for: a PipelineError,
+    before any work, for data of another channel count or size (timm would fail mid-run)."""
+    from pipeline.errors import PipelineError
+
+    if (config["in_chans"], config["img_size"]) != (in_chans, img_size):
+        raise PipelineError(f"{path} takes {config['in_chans']}-channel {config['img_size']}px images, but the data "
+                            f"has {in_chans}-channel {img_size}px images (data.channels, data.img_size)")
 
 
 def infer_model(tensors: dict, params: dict, in_chans: int) -> dict:

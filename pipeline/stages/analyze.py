@@ -16,7 +16,8 @@ from pipeline.stages.evaluate import add_args, check
 
 def work(params: dict, args) -> None:
     prep = data.load_prepared()
-    encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params, prep.train_x.shape[1])
+    encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params, prep.train_x.shape[1],
+                                 prep.train_x.shape[-1])
     images = data.normalize(prep.val_x[:params["analyze"]["images"]], prep.mean, prep.std)
     out = layout.analysis_path(args.weights, args.seed)
     info = layout.describe_weights(args.weights)

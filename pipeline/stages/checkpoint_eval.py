@@ -44,12 +44,17 @@ def work(params: dict, args) -> None:
     info = layout.describe_weights(args.weights)
     training = read_json(layout.weights_path(args.weights, args.seed).parent / "metrics.json")
     total = len(training["epochs"])
+    finals = {name: read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"] for name in PROTOCOLS}
+    epochs = layout.kept_epochs(params, args.weights)
+    load = lambda epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,
+                                      prep.train_x.shape[1], prep.train_x.shape[-1])
+    for epoch in epochs:                  # every kept encoder verified before anything is written
+        load(epoch)
     rows = []
     with tracked(params, info["chain"], node(args), out.parent, ["seed", "knn", "linprobe"],
                  {"weights": args.weights, "protocol": "checkpoint_eval"}) as run:
-        for epoch in layout.kept_epochs(params, args.weights):
-            path = layout.checkpoint_path(args.weights, args.seed, epoch)
-            encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+        for epoch in epochs:
+            encoder, meta = load(epoch)
             row = {"epoch": epoch, "sha256": meta.get("sha256")}
             for name, protocol in PROTOCOLS.items():
                 s = params[name]
@@ -59,9 +64,7 @@ def work(params: dict, args) -> None:
                 row[f"{name}_top1"] = metrics["top1"]
             rows.append(row)
             run.log_metrics({k: v for k, v in row.items() if k.endswith("top1")}, step=epoch)
-        final = {"epoch": total, "sha256": None}
-        for name in PROTOCOLS:
-            final[f"{name}_top1"] = read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"]
+        final = {"epoch": total, "sha256": None, **{f"{name}_top1": top1 for name, top1 in finals.items()}}
         rows.append(final)
         run.log_metrics({k: v for k, v in final.items() if k.endswith("top1")}, step=total)
         online = [{"epoch": e["epoch"] + 1, "online_knn_top1": e["online_knn_top1"]}

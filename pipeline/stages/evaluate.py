@@ -68,7 +68,7 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     settings = params[protocol]
     prep = data.load_prepared()
     path = layout.weights_path(args.weights, args.seed)
-    encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+    encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
     encoder.to("cuda" if torch.cuda.is_available() else "cpu")
     weights = weights_record(args, meta, encoder.config["depth"], path)
     out = layout.eval_metrics(protocol, args.weights, args.seed)

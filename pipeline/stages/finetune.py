@@ -35,7 +35,7 @@ def work(params: dict, args) -> dict:
     settings, seed = params["finetune"], params["seed"]
     prep = data.load_prepared()
     path = layout.weights_path(args.weights, seed)
-    encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+    encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
     weights = weights_record(args, meta, encoder.config["depth"], path)
     model = finetune.from_encoder(encoder, len(prep.class_names), settings["drop_path"], seed)
     out = layout.eval_metrics("finetune", args.weights, seed)

@@ -14,6 +14,7 @@ import time
 from pipeline import data, finetune, layout, robustness
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
+from pipeline.encoder import check_input
 from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require
 
 SECTIONS = ["seed", "finetune", "robustness"]
@@ -33,6 +34,7 @@ def work(params: dict, args) -> dict:
     prep = data.load_prepared()
     path = layout.finetuned_path(args.weights, seed)
     model, meta = finetune.load_model(path)
+    check_input(path, model.config, prep.val_x.shape[1], prep.val_x.shape[-1])
     weights = dict(meta.get("weights") or {}, finetuned={"path": str(path), "sha256": meta.get("sha256")})
     weights.setdefault("evaluated", "student")
     weights.setdefault("sha256", None)

@@ -45,7 +45,7 @@ def work(params: dict, args) -> dict:
     prep = data.load_prepared()
     seg = segmentation.load_dataset(params, prep)
     path = layout.weights_path(args.weights, args.seed)
-    encoder, meta = load_encoder(path, params, prep.train_x.shape[1])
+    encoder, meta = load_encoder(path, params, seg.train_x.shape[1], seg.train_x.shape[-1])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder.to(device)
     weights = evaluate.weights_record(args, meta, encoder.config["depth"], path)
