@@ -53,15 +53,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_ui(store: Path, timeout_s: float = 180):
-    """`mlflow ui` on a SQLite store, on localhost only; yields its base URL; stopped (its whole process
-    group) afterwards."""
+def mlflow_process(command: list[str], cwd: Path, log_path: Path, env: dict | None = None, timeout_s: float = 180):
+    """Start `mlflow <command...> --host 127.0.0.1 --port P` (a free port) in its own session, wait until its
+    /health answers, yield its base URL; afterwards stop its whole process group by PID (SIGTERM, then SIGKILL)."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
-    log = open(store.parent / "mlflow_ui.log", "w")
-    proc = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store}", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=store.parent, start_new_session=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(mlflow), *command, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -73,13 +72,23 @@ def mlflow_ui(store: Path, timeout_s: float = 180):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow ui did not come up: {(store.parent / 'mlflow_ui.log').read_text()[-2000:]}")
-            time.sleep(1)
+                raise AssertionError(f"mlflow {command[0]} did not come up: {log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
+
+
+@contextmanager
+def mlflow_ui(store: Path, timeout_s: float = 180):
+    """`mlflow ui` on a SQLite store, on localhost only; yields its base URL."""
+    with mlflow_process(["ui", "--backend-store-uri", f"sqlite:///{store}", "--workers", "1"], store.parent,
+                        store.parent / "mlflow_ui.log", timeout_s=timeout_s) as url:
+        yield url

@@ -5,19 +5,15 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from browser import free_port
+from browser import free_port, mlflow_process
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
@@ -157,37 +153,12 @@ def mlflow_server(tmp_path_factory):
     """An `mlflow server` on a free local port with its own SQLite store and artifact root (one uvicorn worker,
     whose thread pool still writes concurrently); its process group is stopped by PID at the end, whatever
     happened."""
-    root, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    root = tmp_path_factory.mktemp("mlflow-server")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"    # no huey job runners (7 processes) beside the server
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", f"file://{root}/artifacts", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url, deadline, log_file = f"http://127.0.0.1:{port}", time.monotonic() + 120, root / "server.log"
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited:\n{log_file.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow server not healthy:\n{log_file.read_text()[-3000:]}"
-            time.sleep(0.25)
-        yield SimpleNamespace(url=url, log=log_file)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)            # the server and its workers (own session)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+    with mlflow_process(["server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root",
+                         f"file://{root}/artifacts", "--workers", "1"], root, root / "server.log", env, 120) as url:
+        yield SimpleNamespace(url=url, log=root / "server.log")
 
 
 def test_concurrent_nodes_mlflow_server(workdir, params, mlflow_server):
