@@ -40,6 +40,16 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
 
 
 @pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """The tiny study, built once by Snakemake (~105 processes) for tests/test_e2e_snakemake.py, then
+    tests/test_faults.py (which kills and reruns its nodes, so it runs last)."""
+    workdir = copy_dag(tmp_path_factory.mktemp("study"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster():
     """A real one-node Slurm cluster (tests/slurm_cluster.py) for the session, SLURM_CONF set; stopped after.
 

@@ -53,7 +53,6 @@ def train_all(out_dir: Path, methods=tuple(METHODS)) -> dict:
                              checkpoint_every_min=60, seed=3, config_hash="distributed-test")
     results = {}
     for name in methods:
-        torch.manual_seed(0)                # supervised's head init draws from the global generator
         teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if name in NEEDS_TEACHER else None
         extra = {"num_classes": 10} if name in NEEDS_LABELS else {}
         model = METHODS[name](params, 1, 0, teacher, **extra)

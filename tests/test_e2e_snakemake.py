@@ -14,15 +14,6 @@ CHAINS = ("random", "mae", "supervised")                        # params dbot.ch
 FINAL = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised"} | {f"dbot_{c}_stage2" for c in CHAINS}
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """The tiny study, built once by Snakemake for every test of this module."""
-    workdir = copy_dag(tmp_path_factory.mktemp("study"))
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
-    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)  # ~105 processes
-    return workdir
-
-
 def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     workdir = study
     monkeypatch.chdir(workdir)

@@ -170,3 +170,15 @@ def test_bootmae_probe_block_writes_the_encoder_cut_after_that_block(params, tmp
     save_encoder(tmp_path / "cut.safetensors", enc, {})
     loaded, _ = load_encoder(tmp_path / "cut.safetensors", params, 1)
     assert loaded.config["depth"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_init_depends_on_the_seed_only_not_the_global_generator(name, params):
+    """torch seeds its global generator at random at start-up: a build must not draw from it."""
+    extra = {"num_classes": 10} if name in NEEDS_LABELS else {}
+    teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if name in NEEDS_TEACHER else None
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        states.append(METHODS[name](params, 1, 0, teacher, **extra).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

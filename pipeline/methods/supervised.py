@@ -21,10 +21,10 @@ class Supervised(nn.Module):
         super().__init__()
         m, d = params["model"], params["data"]
         self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):    # torch seeds its global generator at random at start-up
             torch.manual_seed(seed + 1)
             self.head = nn.Linear(m["embed_dim"], num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.label_smoothing = params["supervised"]["label_smoothing"]
 
