@@ -42,7 +42,10 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """The tiny study, built once by Snakemake (~105 processes) for tests/test_e2e_snakemake.py, then
-    tests/test_faults.py (which kills and reruns its nodes, so it runs last)."""
+    tests/test_faults.py (which kills and reruns its nodes, so it runs last). $MIM_TINY_STUDY names a tiny
+    study built before, to reuse while working on these tests (its results are changed by them)."""
+    if os.environ.get("MIM_TINY_STUDY"):
+        return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
     run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
