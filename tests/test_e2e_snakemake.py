@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from browser import browser_page, mlflow_ui
 from conftest import copy_dag, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]   # the study, then tests/test_faults.py
 CHAINS = ("random", "mae", "supervised")                        # params dbot.chains: the teacher-swap study
 FINAL = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised"} | {f"dbot_{c}_stage2" for c in CHAINS}
 

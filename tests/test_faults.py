@@ -25,7 +25,7 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("study")]   # after tests/test_e2e_snakemake.py
 ENV = {"OMP_NUM_THREADS": "1"}            # as Snakemake ran the study's jobs (threads 1 at --cores 2)
 VOLATILE = {"seconds", "wall_s", "images_per_s"}   # timings in a metrics.json: they differ between any two runs
 S0 = "results/seed0"
