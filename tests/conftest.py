@@ -20,6 +20,16 @@ def copy_dag(dst: Path) -> Path:
     return dst
 
 
+LONGEST_FIRST = ("test_e2e_snakemake.py", "test_slurm.py", "test_e2e_dvc.py")   # minutes each: start them first
+
+
+def pytest_collection_modifyitems(items):
+    """Run the longest test files first, so that with one pytest-xdist worker per core (--dist loadfile) the
+    others fill the time around them instead of trailing after."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A copy of the repository's DAG files in tmp_path, as the working directory (results land there)."""
@@ -41,9 +51,9 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
-    """The tiny study, built once by Snakemake (~105 processes) for tests/test_e2e_snakemake.py, then
-    tests/test_faults.py (which kills and reruns its nodes, so it runs last). $MIM_TINY_STUDY names a tiny
-    study built before, to reuse while working on these tests (its results are changed by them)."""
+    """The tiny study, built once by Snakemake (~110 processes) for tests/test_e2e_snakemake.py (whose last
+    tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built before, to reuse while working
+    on these tests (they change its results)."""
     if os.environ.get("MIM_TINY_STUDY"):
         return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))

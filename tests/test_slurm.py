@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from conftest import COPIED, ROOT, run_cli
 from data_parallel import assert_close_states
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]   # one cluster, one worker
+pytestmark = pytest.mark.slurm
 
 NODE = "pretrain@seed0-mae"
 EPOCHS, STEPS_PER_EPOCH = 3, 11           # tiny: 1,407 train images, batch 128
