@@ -45,16 +45,13 @@ def work(params: dict, args) -> None:
     training = read_json(layout.weights_path(args.weights, args.seed).parent / "metrics.json")
     total = len(training["epochs"])
     finals = {name: read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"] for name in PROTOCOLS}
-    epochs = layout.kept_epochs(params, args.weights)
-    load = lambda epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,
-                                      prep.train_x.shape[1], prep.train_x.shape[-1])
-    for epoch in epochs:                  # every kept encoder verified before anything is written
-        load(epoch)
+    kept = {epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,   # every kept encoder
+                                prep.train_x.shape[1], prep.train_x.shape[-1])                   # verified before
+            for epoch in layout.kept_epochs(params, args.weights)}                               # anything is written
     rows = []
     with tracked(params, info["chain"], node(args), out.parent, ["seed", "knn", "linprobe"],
                  {"weights": args.weights, "protocol": "checkpoint_eval"}) as run:
-        for epoch in epochs:
-            encoder, meta = load(epoch)
+        for epoch, (encoder, meta) in kept.items():
             row = {"epoch": epoch, "sha256": meta.get("sha256")}
             for name, protocol in PROTOCOLS.items():
                 s = params[name]
