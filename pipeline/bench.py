@@ -10,7 +10,8 @@ One run measures, on this machine (CUDA if available, else the CPU with all of t
   timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
   max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
   the model is built); the analytic FLOPs of a step (pipeline.compute.flops_per_image "train" x batch: student
-  forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu;
+  forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
+  (against peak_gflops_here, the matmul peak measured in the same process right after the steps);
   the step-time ratio to MAE next to the FLOP ratio to MAE (same precision);
 - data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
@@ -93,7 +94,7 @@ def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps
         teacher = FrozenTeacher(build_encoder(params["model"], d["img_size"], d["channels"], seed=1))
     labels = {"num_classes": 10} if method in NEEDS_LABELS else {}
     model = METHODS[method](params, d["channels"], 0, teacher, **labels).train().to(device)
-    opt = torch.optim.AdamW(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = engine.make_optimizer(model, cfg)
     if hasattr(model, "start_schedule"):
         model.start_schedule(steps, steps)     # one epoch: EMA updates as in training
     return model, opt
@@ -137,8 +138,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
-def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: int) -> dict:
-    """Run in a fresh process: step time and peak memory above the RSS before the model is built."""
+def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: int, peak_size: int) -> dict:
+    """Run in a fresh process: step time, peak memory above the RSS before the model is built, then the
+    matmul peak of the step's precision in this same process (after the memory reading)."""
     torch.set_num_threads(threads)
     try:
         Path("/proc/self/clear_refs").write_text("5")   # Linux: restart the peak-RSS count from here
@@ -146,18 +148,25 @@ def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: i
         pass
     before = _rss_mb()
     step_s = time_method(params, method, bf16, steps, "cpu")
-    return {"step_s": step_s, "peak_mem_mb": _peak_rss_mb() - before}
+    peak_mem = _peak_rss_mb() - before
+    return {"step_s": step_s, "peak_mem_mb": peak_mem, "peak_gflops_here": _precision_peak(bf16, peak_size, "cpu")}
 
 
-def measure(params: dict, method: str, bf16: bool, steps: int, device: str, pool) -> dict:
-    """{"step_s", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in a fresh child."""
+def _precision_peak(bf16: bool, n: int, device: str) -> float:
+    return matmul_gflops(torch.bfloat16 if bf16 else torch.float32, n, device)
+
+
+def measure(params: dict, method: str, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
+    """{"step_s", "peak_mem_mb", "peak_gflops_here"} of one method and precision: CUDA in this process, CPU
+    in a fresh child. peak_gflops_here: the matmul peak measured right after, under the same conditions."""
     if device == "cpu":
-        return pool.submit(_measure_child, params, method, bf16, steps, torch.get_num_threads()).result()
+        return pool.submit(_measure_child, params, method, bf16, steps, torch.get_num_threads(), peak_size).result()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     step_s = time_method(params, method, bf16, steps, device)
-    return {"step_s": step_s, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+    return {"step_s": step_s, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
+            "peak_gflops_here": _precision_peak(bf16, peak_size, device)}
 
 
 def child_pool() -> concurrent.futures.ProcessPoolExecutor:
@@ -171,22 +180,26 @@ def child_pool() -> concurrent.futures.ProcessPoolExecutor:
 
 
 def make_row(params: dict, method: str, precision: str, measured: dict, mae_step: float, peak: float) -> dict:
-    """One row of bench.json from a measurement, the MAE step time and the precision's matmul peak."""
+    """One row of bench.json from a measurement, the MAE step time and the precision's matmul peak of the run.
+
+    mfu: against the peak measured in the step's own process right after it (peak_gflops_here); on a machine
+    whose speed drifts (a shared CPU: 220-300 GFLOP/s within minutes here) this compares like with like.
+    mfu_vs_run_peak: against the run's one peak measurement (peak_gflops)."""
     batch = params["pretrain"]["batch_size"]
     flops = flops_per_image(params, method)["train"] * batch
     gflops = flops / measured["step_s"] / 1e9
     return {"method": method, "precision": precision, **measured, "images_per_s": batch / measured["step_s"],
-            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / peak,
-            "step_ratio_to_mae": measured["step_s"] / mae_step,
+            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"],
+            "mfu_vs_run_peak": gflops / peak, "step_ratio_to_mae": measured["step_s"] / mae_step,
             "flop_ratio_to_mae": flops / (flops_per_image(params, "mae")["train"] * batch)}
 
 
-def measure_rows(params: dict, steps: int, device: str, peaks: dict, progress) -> list[dict]:
+def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, progress) -> list[dict]:
     rows = []
     with child_pool() as pool:
         for precision in PRECISIONS:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
-                measured = measure(params, method, precision == "bf16", steps, device, pool)
+                measured = measure(params, method, precision == "bf16", steps, device, pool, peak_size)
                 mae_step = measured["step_s"] if method == "mae" else mae_step
                 rows.append(make_row(params, method, precision, measured, mae_step, peaks[precision]))
                 progress(bench_plots.row_line(rows[-1]))
@@ -251,29 +264,38 @@ class Progress:
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default")
+    add_common_args(parser)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
     parser.add_argument("--curve-steps", type=int, default=30, help="steps of each mode's loss curve (>= 2)")
-    parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output folder (default results/bench)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.curve_steps < 2:
         parser.error("--steps must be >= 1 and --curve-steps >= 2")
     return args
 
 
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--preset, --peak-size and --out, shared with pipeline.bench_scaling."""
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output folder (default results/bench)")
+
+
+def setup(args) -> tuple[dict, str, int]:
+    """(params of --preset, the device: CUDA if there is one, else the CPU, the matmul size of the peak)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return config.load(args.preset), device, args.peak_size or (8192 if device == "cuda" else 2048)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    params = config.load(args.preset)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = args.peak_size or (8192 if device == "cuda" else 2048)
+    params, device, n = setup(args)
     progress = Progress(len(PRECISIONS) * (1 + len(METHODS)) + 1 + len(MODES))
     peaks = {}
     for precision in PRECISIONS:
         peaks[precision] = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32, n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
-    rows = measure_rows(params, args.steps, device, peaks, progress)
+    rows = measure_rows(params, args.steps, device, peaks, n, progress)
     data = prepare(params["data"], params["data"]["split_seed"])
     trained = "bf16" if params["pretrain"]["bf16"] else "fp32"         # the preset's training precision
     mae = next(r for r in rows if r["method"] == "mae" and r["precision"] == trained)

@@ -1,12 +1,14 @@
-"""Rendering of the benchmark's results (pipeline.bench): its progress lines, the tables of bench.md and the
-loss curves of the modes (modes_loss.png, drawn on matplotlib's Agg canvas by pipeline.plots.save_png).
+"""Rendering of the benchmarks' results: pipeline.bench's progress lines, the tables of bench.md and the loss
+curves of the modes (modes_loss.png); pipeline.bench_scaling's scaling.md and scaling.png. Figures are drawn on
+matplotlib's Agg canvas by pipeline.plots.save_png.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
 from pipeline.checkpoint import atomic_write
 from pipeline.plots import save_png
@@ -42,10 +44,10 @@ def _cell(text: str) -> str:
 
 
 def _rows_table(rows: list[dict]) -> list[str]:
-    head = ["| method | precision | img/s | step ms | GFLOP/s | MFU % | peak MB | step ratio | FLOP ratio |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    head = ["| method | precision | img/s | step ms | GFLOP/s | matmul peak here | MFU % | peak MB | step ratio "
+            "| FLOP ratio |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     return head + [f"| {r['method']} | {r['precision']} | {r['images_per_s']:.1f} | {1000 * r['step_s']:.1f} | "
-                   f"{r['gflops_per_s']:.1f} | {100 * r['mfu']:.2f} | {r['peak_mem_mb']:.1f} | "
+                   f"{r['gflops_per_s']:.1f} | {r['peak_gflops_here']:.1f} | {100 * r['mfu']:.2f} | {r['peak_mem_mb']:.1f} | "
                    f"{r['step_ratio_to_mae']:.2f} | {r['flop_ratio_to_mae']:.2f} |" for r in rows]
 
 
@@ -72,8 +74,9 @@ def markdown(result: dict) -> str:
         f"## Modes: MAE, {result['curve_steps']} steps on the real train images (same init and batches)", "",
         *_modes_table(result["modes"]), "",
         loading_line(result["data_loading"]) + " (batches made as engine._step makes them)", "",
-        f"Matmul peak (n = {result['peak_matmul_size']}): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 "
-        f"{peaks['bf16']:.1f} GFLOP/s. MFU = GFLOP/s / the peak of the row's precision.", ""])
+        f"Matmul peak (n = {result['peak_matmul_size']}) at the start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 "
+        f"{peaks['bf16']:.1f} GFLOP/s. MFU = GFLOP/s / the matmul peak of the row's precision measured in the "
+        "row's own process right after its steps (\"matmul peak here\").", ""])
 
 
 def write_markdown(result: dict, path: Path | str) -> None:
@@ -95,4 +98,85 @@ def modes_loss(modes: dict, path: Path | str) -> None:
     ax.set(xlabel="step", ylabel="training loss", title="MAE: fp32 vs bf16 autocast vs torch.compile, same batches")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
+    save_png(fig, path)
+
+
+# ---- the scaling benchmark (pipeline.bench_scaling) -----------------------------------------------------
+
+SWEEP_LABELS = {"img_size": "image size (px), patch fixed", "patch_size": "patch size (px), image fixed",
+                "embed_dim": "encoder width", "depth": "encoder depth", "batch_size": "batch size"}
+
+
+def _sweep_order(result: dict) -> list[str]:
+    """The sweeps in SWEEP_LABELS's order (a JSON round trip sorts them)."""
+    return [n for n in SWEEP_LABELS if n in result["sweeps"]] + sorted(set(result["sweeps"]) - set(SWEEP_LABELS))
+
+
+def scaling_markdown(result: dict) -> str:
+    """scaling.md: one table per sweep (the preset's row in bold) and the dBOT chain's table."""
+    lines = [f"# Scaling: MAE's training step at preset {result['preset']} with one setting changed "
+             f"({result['device']}, {result['threads']} threads, {result['precision']}, median of {result['steps']} "
+             "steps)", "",
+             "FLOP model = the preset's step time x this point's FLOPs / the preset's FLOPs. MFU against the "
+             f"matmul peak (n = {result['peak_matmul_size']}) measured in the point's own process.", ""]
+    for name in _sweep_order(result):
+        points, base = result["sweeps"][name], result["preset_settings"][name]
+        lines += [f"## {SWEEP_LABELS.get(name, name)}", "",
+                  f"| {name} | patches | GFLOP/step | step ms | FLOP model ms | img/s | MFU % | peak MB |",
+                  "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for p in points:
+            value = f"**{p['value']}**" if p["value"] == base else str(p["value"])
+            lines.append(f"| {value} | {p['tokens']} | {p['flops_per_step'] / 1e9:.2f} | {1000 * p['step_s']:.1f} | "
+                         f"{1000 * p['flop_model_s']:.1f} | {p['images_per_s']:.1f} | {100 * p['mfu']:.1f} | "
+                         f"{p['peak_mem_mb']:.1f} |")
+        lines.append("")
+    if result["dbot_chain"]:
+        c = result["dbot_chain_settings"]
+        lines += [f"## dBOT chain: stages trained one after another ({c['epochs']} epoch(s) each on {c['images']} "
+                  f"images, batch {c['batch_size']})", "", "| stages | this stage s | chain total s | final loss |",
+                  "|--:|--:|--:|--:|"]
+        lines += [f"| {s['stages']} | {s['stage_s']:.1f} | {s['cumulative_s']:.1f} | {s['final_loss']:.4f} |"
+                  for s in result["dbot_chain"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def scaling_plot(result: dict, path: Path | str) -> None:
+    """scaling.png: step time (measured, and the FLOP model) against each sweep's setting, log-log, and the
+    dBOT chain's cumulative wall time against its number of stages."""
+    panels = _sweep_order(result) + (["dbot_chain"] if result["dbot_chain"] else [])
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    for i, name in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if name == "dbot_chain":
+            chain = result["dbot_chain"]
+            ax.plot([s["stages"] for s in chain], [s["cumulative_s"] for s in chain], "o-", label="measured")
+            per_stage = statistics.median(s["stage_s"] for s in chain)
+            ax.plot([s["stages"] for s in chain], [s["stages"] * per_stage for s in chain], "k:",
+                    label="stages x median stage")
+            ax.set(xlabel="dBOT stages", ylabel="chain wall time (s)", title="dBOT chain")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            points = result["sweeps"][name]
+            x = [p["tokens"] if name in ("img_size", "patch_size") else p["value"] for p in points]
+            ax.loglog(x, [1000 * p["step_s"] for p in points], "o-", label="measured")
+            ax.loglog(x, [1000 * p["flop_model_s"] for p in points], "k:", label="FLOP model")
+            base = result["preset_settings"][name]
+            ax.loglog([xv for xv, p in zip(x, points) if p["value"] == base],
+                      [1000 * p["step_s"] for p in points if p["value"] == base], "r*", markersize=12, label="preset")
+            for xv, p in zip(x, points):
+                ax.annotate(f"{100 * p['mfu']:.0f}%", (xv, 1000 * p["step_s"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, -9))
+            ax.set_xticks(sorted(set(x)), [str(v) for v in sorted(set(x))])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            xlabel = "patches per image" if name in ("img_size", "patch_size") else SWEEP_LABELS.get(name, name)
+            ax.set(xlabel=xlabel, ylabel="step time (ms)", title=SWEEP_LABELS.get(name, name))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MAE step scaling, preset {result['preset']} ({result['device']}, {result['precision']}); "
+                 "labels: MFU", fontsize=10)
+    fig.tight_layout()
     save_png(fig, path)

@@ -73,6 +73,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95 as MAE) with param_groups; fused: one kernel per parameter tensor instead of a
+    chain of per-op loops (3% of the default MAE step on this CPU, more on a GPU)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -90,9 +96,14 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 def make_batch(batch_u8: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
                gen: torch.Generator, device: str) -> torch.Tensor:
-    """uint8 images (B, C, H, W) -> the augmented, normalised float batch on `device` (batched, no loop)."""
+    """uint8 images (B, C, H, W) -> the augmented, normalised float batch on `device` (batched, no loop).
+
+    The uint8 batch moves first (a quarter of the float bytes; pinned, asynchronous on CUDA), so augmentation
+    and normalisation run on the device; the random draws stay on the CPU generator."""
+    if device.startswith("cuda"):
+        batch_u8 = batch_u8.pin_memory().to(device, non_blocking=True)
     x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
-    return normalize(x, mean, std).to(device, non_blocking=True)
+    return normalize(x, mean, std)
 
 
 def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
@@ -113,8 +124,9 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         raise PipelineError(f"batch size {bs} does not divide by {world.size} processes (launch.tasks)")
     rows = world.rows(bs)
     lrs = lr_schedule(cfg, spe)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, cfg)
     st = _resume(state_path, cfg, model, opt, extra or {})
+    st["loss_sum"] = st["loss_sum"].to(device)     # summed on the device: no host-device sync per step
     distributed.broadcast_parameters(model)
     total = cfg.epochs * spe
     if hasattr(model, "start_schedule"):
@@ -129,7 +141,7 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
         with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
             loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
-        st["loss_sum"] += loss.detach().float().cpu()
+        st["loss_sum"] += loss.detach().float()
         step += 1
         st["step"] = step
         bar.update(bs)
@@ -157,7 +169,7 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
     trained = [p for g in opt.param_groups for p in g["params"]]
     loss = distributed.all_reduce_step(trained, loss)     # mean over processes (no-op in one process)
     if cfg.clip_grad:
-        nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
+        nn.utils.clip_grad_norm_(trained, cfg.clip_grad, foreach=True)
     opt.step()
     if hasattr(model, "after_step"):
         model.after_step(step)             # e.g. the EMA teacher's update
@@ -174,7 +186,7 @@ def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch
     st["history"].append(metrics)
     st["images_seen"] += spe * bs
     st["wall_s"] += seconds
-    st["loss_sum"] = torch.zeros(())
+    st["loss_sum"] = torch.zeros_like(st["loss_sum"])
     if on_epoch is not None:                # None: not rank 0 of a multi-process job
         on_epoch(metrics)
         _save(st, state_path, model, opt)
@@ -183,7 +195,8 @@ def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch
 def _save(st: dict, state_path: Path, model: nn.Module, opt) -> None:
     if not torch.isfinite(st["loss_sum"]):
         return  # never overwrite the last good state with a diverged one
-    checkpoint.save_state(state_path, dict(st, model=model.state_dict(), optimizer=opt.state_dict()))
+    checkpoint.save_state(state_path, dict(st, loss_sum=st["loss_sum"].cpu(), model=model.state_dict(),
+                                           optimizer=opt.state_dict()))
 
 
 def _resume(state_path: Path, cfg: TrainConfig, model, opt, extra: dict) -> dict:

@@ -39,6 +39,17 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread (child processes inherit it): benchmark tests check outputs, not speed, and stay
+    light on a shared machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
     """Run a command with this interpreter's environment (python/snakemake/dvc of the venv on PATH)."""
     full_env = dict(os.environ, **(env or {}))

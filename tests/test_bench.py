@@ -10,7 +10,6 @@ import json
 import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from pipeline import bench, config
@@ -20,14 +19,6 @@ ROW_KEYS = {"method", "precision", "images_per_s", "step_s", "mfu", "step_ratio_
             "peak_mem_mb", "gflops_per_s", "flops_per_step"}
 POSITIVE = ROW_KEYS - {"method", "precision", "mfu"}
 CURVE_STEPS = 3
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_writes_well_formed_results(workdir, one_thread):
