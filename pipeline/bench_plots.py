@@ -112,29 +112,35 @@ def _sweep_order(result: dict) -> list[str]:
     return [n for n in SWEEP_LABELS if n in result["sweeps"]] + sorted(set(result["sweeps"]) - set(SWEEP_LABELS))
 
 
+def _speedup(points: list[dict], p: dict) -> str:
+    """fp32 step time / this bf16 point's step time at the same setting ('' for fp32 rows)."""
+    fp32 = [q for q in points if q["value"] == p["value"] and q["precision"] == "fp32"]
+    return f"{fp32[0]['step_s'] / p['step_s']:.2f}" if p["precision"] == "bf16" and fp32 else ""
+
+
 def scaling_markdown(result: dict) -> str:
-    """scaling.md: one table per sweep (the preset's row in bold) and the dBOT chain's table."""
+    """scaling.md: one table per sweep (the preset's rows in bold) and the dBOT chain's table."""
     lines = [f"# Scaling: MAE's training step at preset {result['preset']} with one setting changed "
-             f"({result['device']}, {result['threads']} threads, {result['precision']}, median of {result['steps']} "
-             "steps)", "",
-             "FLOP model = the preset's step time x this point's FLOPs / the preset's FLOPs. MFU against the "
-             f"matmul peak (n = {result['peak_matmul_size']}) measured in the point's own process.", ""]
+             f"({result['device']}, {result['threads']} threads, median of {result['steps']} steps)", "",
+             "FLOP model = the preset's step time (same precision) x this point's FLOPs / the preset's FLOPs. MFU "
+             f"against the matmul peak (n = {result['peak_matmul_size']}) of the row's precision, measured in the "
+             "row's own process. bf16 speed-up = the fp32 step time / the bf16 step time at the same setting.", ""]
     for name in _sweep_order(result):
         points, base = result["sweeps"][name], result["preset_settings"][name]
         lines += [f"## {SWEEP_LABELS.get(name, name)}", "",
-                  f"| {name} | patches | GFLOP/step | step ms | FLOP model ms | img/s | MFU % | peak MB |",
-                  "|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        for p in points:
+                  f"| {name} | precision | patches | GFLOP/step | step ms | FLOP model ms | img/s | MFU % | peak MB "
+                  "| bf16 speed-up |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for p in sorted(points, key=lambda q: (q["value"], q["precision"])):
             value = f"**{p['value']}**" if p["value"] == base else str(p["value"])
-            lines.append(f"| {value} | {p['tokens']} | {p['flops_per_step'] / 1e9:.2f} | {1000 * p['step_s']:.1f} | "
-                         f"{1000 * p['flop_model_s']:.1f} | {p['images_per_s']:.1f} | {100 * p['mfu']:.1f} | "
-                         f"{p['peak_mem_mb']:.1f} |")
+            lines.append(f"| {value} | {p['precision']} | {p['tokens']} | {p['flops_per_step'] / 1e9:.2f} | "
+                         f"{1000 * p['step_s']:.1f} | {1000 * p['flop_model_s']:.1f} | {p['images_per_s']:.1f} | "
+                         f"{100 * p['mfu']:.1f} | {p['peak_mem_mb']:.1f} | {_speedup(points, p)} |")
         lines.append("")
     if result["dbot_chain"]:
         c = result["dbot_chain_settings"]
         lines += [f"## dBOT chain: stages trained one after another ({c['epochs']} epoch(s) each on {c['images']} "
-                  f"images, batch {c['batch_size']})", "", "| stages | this stage s | chain total s | final loss |",
-                  "|--:|--:|--:|--:|"]
+                  f"images, batch {c['batch_size']}, {result['chain_precision']})", "",
+                  "| stages | this stage s | chain total s | final loss |", "|--:|--:|--:|--:|"]
         lines += [f"| {s['stages']} | {s['stage_s']:.1f} | {s['cumulative_s']:.1f} | {s['final_loss']:.4f} |"
                   for s in result["dbot_chain"]]
         lines.append("")
@@ -142,8 +148,8 @@ def scaling_markdown(result: dict) -> str:
 
 
 def scaling_plot(result: dict, path: Path | str) -> None:
-    """scaling.png: step time (measured, and the FLOP model) against each sweep's setting, log-log, and the
-    dBOT chain's cumulative wall time against its number of stages."""
+    """scaling.png: step time (measured, and the FLOP model) against each sweep's setting, log-log, one line per
+    precision, and the dBOT chain's cumulative wall time against its number of stages."""
     panels = _sweep_order(result) + (["dbot_chain"] if result["dbot_chain"] else [])
     cols = 3
     rows = (len(panels) + cols - 1) // cols
@@ -152,31 +158,38 @@ def scaling_plot(result: dict, path: Path | str) -> None:
         ax = fig.add_subplot(rows, cols, i + 1)
         if name == "dbot_chain":
             chain = result["dbot_chain"]
-            ax.plot([s["stages"] for s in chain], [s["cumulative_s"] for s in chain], "o-", label="measured")
             per_stage = statistics.median(s["stage_s"] for s in chain)
+            ax.plot([s["stages"] for s in chain], [s["cumulative_s"] for s in chain], "o-", label="measured")
             ax.plot([s["stages"] for s in chain], [s["stages"] * per_stage for s in chain], "k:",
                     label="stages x median stage")
             ax.set(xlabel="dBOT stages", ylabel="chain wall time (s)", title="dBOT chain")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         else:
-            points = result["sweeps"][name]
-            x = [p["tokens"] if name in ("img_size", "patch_size") else p["value"] for p in points]
-            ax.loglog(x, [1000 * p["step_s"] for p in points], "o-", label="measured")
-            ax.loglog(x, [1000 * p["flop_model_s"] for p in points], "k:", label="FLOP model")
-            base = result["preset_settings"][name]
-            ax.loglog([xv for xv, p in zip(x, points) if p["value"] == base],
-                      [1000 * p["step_s"] for p in points if p["value"] == base], "r*", markersize=12, label="preset")
-            for xv, p in zip(x, points):
-                ax.annotate(f"{100 * p['mfu']:.0f}%", (xv, 1000 * p["step_s"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, -9))
-            ax.set_xticks(sorted(set(x)), [str(v) for v in sorted(set(x))])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            xlabel = "patches per image" if name in ("img_size", "patch_size") else SWEEP_LABELS.get(name, name)
-            ax.set(xlabel=xlabel, ylabel="step time (ms)", title=SWEEP_LABELS.get(name, name))
+            _sweep_panel(ax, name, result)
         ax.legend(fontsize=7)
-    fig.suptitle(f"MAE step scaling, preset {result['preset']} ({result['device']}, {result['precision']}); "
-                 "labels: MFU", fontsize=10)
+    fig.suptitle(f"MAE step scaling, preset {result['preset']} ({result['device']}); point labels: MFU", fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def _sweep_panel(ax, name: str, result: dict) -> None:
+    base, tokens = result["preset_settings"][name], name in ("img_size", "patch_size")
+    xs = set()
+    for precision in result["precisions"]:
+        points = sorted((p for p in result["sweeps"][name] if p["precision"] == precision), key=lambda p: p["value"])
+        x = [p["tokens"] if tokens else p["value"] for p in points]
+        xs.update(x)
+        color = MODE_STYLE.get(precision, ("black", "-"))[0]
+        ax.loglog(x, [1000 * p["step_s"] for p in points], "o-", color=color, label=f"{precision} measured")
+        ax.loglog(x, [1000 * p["flop_model_s"] for p in points], ":", color=color, label=f"{precision} FLOP model")
+        ax.loglog([xv for xv, p in zip(x, points) if p["value"] == base],
+                  [1000 * p["step_s"] for p in points if p["value"] == base], "r*", markersize=11)
+        for xv, p in zip(x, points):
+            ax.annotate(f"{100 * p['mfu']:.0f}%", (xv, 1000 * p["step_s"]), fontsize=6, color=color,
+                        textcoords="offset points", xytext=(3, -9))
+    ax.set_xticks(sorted(xs), [str(v) for v in sorted(xs)])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set(xlabel="patches per image" if tokens else SWEEP_LABELS.get(name, name), ylabel="step time (ms)",
+           title=SWEEP_LABELS.get(name, name) + " (red star: preset)")

@@ -3,7 +3,7 @@
     python -m pipeline.bench_scaling --preset default [--steps 10] [--out results/bench]
 
 Every point is MAE's real training step (pipeline.bench: engine._step, fresh child process, median of --steps
-timed steps after warm-up) at the preset with one setting changed, in the preset's precision:
+timed steps after warm-up) at the preset with one setting changed, in fp32 and in bf16 autocast (--precisions):
 
 - tokens: data.img_size at the preset's patch size, and model.patch_size at the preset's image size
   (patches L = (img_size / patch_size)^2; the encoder sees 1 + L (1 - mask_ratio), the decoder 1 + L);
@@ -16,9 +16,10 @@ time the point would take if the step cost were all matmul FLOPs at the preset's
 line: overhead that does not shrink with the work (small models, small batches); below: larger matmuls run closer
 to the peak.
 
-- dbot_chain: a dBOT chain of --chain-stages stages trained one after the other in one process (stage k's frozen
-  teacher is stage k-1's student, stage 0's a random encoder), each --chain-epochs epochs on the first
-  --chain-images train images: wall seconds per stage and cumulative, against the number of stages.
+- dbot_chain: a dBOT chain of --chain-stages stages trained one after the other in one process, in the preset's
+  precision (stage k's frozen teacher is stage k-1's student, stage 0's a random encoder), each --chain-epochs
+  epochs on the first --chain-images train images: wall seconds per stage and cumulative, against the number of
+  stages.
 
 Writes scaling.json (`sweeps`: name -> points; `dbot_chain`: stages), scaling.md and scaling.png under --out.
 Peak memory against dataset size is the separate pipeline.bench_dataset (it generates image folders).
@@ -82,31 +83,34 @@ def with_setting(params: dict, name: str, value: int) -> dict:
     return out
 
 
-def measure_point(params: dict, steps: int, device: str, pool, peak_size: int) -> dict:
-    """MAE's step at these params in the preset's precision: the bench measurement plus its FLOPs and MFU."""
-    measured = bench.measure(params, "mae", params["pretrain"]["bf16"], steps, device, pool, peak_size)
+def measure_point(params: dict, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
+    """MAE's step at these params in one precision: the bench measurement plus its FLOPs and MFU."""
+    measured = bench.measure(params, "mae", bf16, steps, device, pool, peak_size)
     batch = params["pretrain"]["batch_size"]
     flops = flops_per_image(params, "mae")["train"] * batch
     gflops = flops / measured["step_s"] / 1e9
-    return {**measured, "images_per_s": batch / measured["step_s"], "flops_per_step": flops,
-            "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
+    return {"precision": "bf16" if bf16 else "fp32", **measured, "images_per_s": batch / measured["step_s"],
+            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
 
 
-def measure_sweeps(params: dict, names: list[str], steps: int, device: str, peak_size: int, progress) -> dict:
-    sweeps = {}
+def measure_sweeps(params: dict, names: list[str], precisions: list[str], steps: int, device: str, peak_size: int,
+                   progress) -> dict:
+    """{sweep name: points}, a point per setting and precision; flop_model_s from the preset's point of the
+    same precision."""
+    sweeps = {name: [] for name in names}
     with bench.child_pool() as pool:
-        base = measure_point(params, steps, device, pool, peak_size)
-        progress(f"preset point: step {1000 * base['step_s']:.1f} ms, MFU {100 * base['mfu']:.1f}%")
-        for name in names:
-            points = []
-            for value in sweep_values(params, name):
-                p = with_setting(params, name, value)
-                point = base if p == params else measure_point(p, steps, device, pool, peak_size)
-                points.append({"value": value, "tokens": _tokens(p), **point,
-                               "flop_model_s": base["step_s"] * point["flops_per_step"] / base["flops_per_step"]})
-                progress(f"{name} {value}: step {1000 * point['step_s']:.1f} ms "
-                         f"(FLOP model {1000 * points[-1]['flop_model_s']:.1f} ms), MFU {100 * point['mfu']:.1f}%")
-            sweeps[name] = points
+        for precision in precisions:
+            base = measure_point(params, precision == "bf16", steps, device, pool, peak_size)
+            progress(f"preset point {precision}: step {1000 * base['step_s']:.1f} ms, MFU {100 * base['mfu']:.1f}%")
+            for name in names:
+                for value in sweep_values(params, name):
+                    p = with_setting(params, name, value)
+                    point = base if p == params else measure_point(p, precision == "bf16", steps, device, pool,
+                                                                     peak_size)
+                    sweeps[name].append({"value": value, "tokens": _tokens(p), **point,
+                                         "flop_model_s": base["step_s"] * point["flops_per_step"] / base["flops_per_step"]})
+                    progress(f"{name} {value} {precision}: step {1000 * point['step_s']:.1f} ms (FLOP model "
+                             f"{1000 * sweeps[name][-1]['flop_model_s']:.1f} ms), MFU {100 * point['mfu']:.1f}%")
     return sweeps
 
 
@@ -146,6 +150,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point (default 10)")
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS), metavar="SWEEP",
                         help=f"which sweeps (default all: {' '.join(SWEEPS)})")
+    parser.add_argument("--precisions", nargs="+", default=list(bench.PRECISIONS), choices=bench.PRECISIONS,
+                        help="precisions of every sweep (default: fp32 bf16)")
     parser.add_argument("--chain-stages", type=int, default=4, help="dBOT chain length (default 4; 0 = skip)")
     parser.add_argument("--chain-epochs", type=int, default=1, help="epochs per dBOT stage (default 1)")
     parser.add_argument("--chain-images", type=int, default=1024, help="train images of the chain (default 1024)")
@@ -161,14 +167,15 @@ def main(argv=None) -> dict:
     for name in args.sweeps:                    # bad settings fail here, before any measurement
         for value in sweep_values(params, name):
             with_setting(params, name, value)
-    total = 1 + sum(len(sweep_values(params, name)) for name in args.sweeps) + args.chain_stages
+    total = len(args.precisions) * (1 + sum(len(sweep_values(params, name)) for name in args.sweeps)) + args.chain_stages
     progress = bench.Progress(total)
-    sweeps = measure_sweeps(params, args.sweeps, args.steps, device, n, progress)
+    sweeps = measure_sweeps(params, args.sweeps, args.precisions, args.steps, device, n, progress)
     with tempfile.TemporaryDirectory(prefix="dbot_chain_") as tmp:     # the stages' resumable states
         chain = dbot_chain(params, args.chain_stages, args.chain_epochs, args.chain_images, device, Path(tmp),
                            progress) if args.chain_stages else []
     result = {"preset": args.preset, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "precision": "bf16" if params["pretrain"]["bf16"] else "fp32", "steps": args.steps,
+              "precisions": args.precisions, "chain_precision": "bf16" if params["pretrain"]["bf16"] else "fp32",
+              "steps": args.steps,
               "peak_matmul_size": n, "preset_settings": {name: params[SWEEPS[name][0]][SWEEPS[name][1]]
                                                          for name in SWEEPS},
               "sweeps": sweeps, "dbot_chain": chain,

@@ -22,24 +22,26 @@ def test_scaling_writes_well_formed_results(workdir, one_thread):
     assert set(written["sweeps"]) == set(bench_scaling.SWEEPS)
     params = config.load("tiny")
     for name, points in written["sweeps"].items():
-        values = [p["value"] for p in points]
-        assert values == bench_scaling.sweep_values(params, name) and values == sorted(values) and len(values) >= 2
-        base = next(p for p in points if p["value"] == written["preset_settings"][name])
-        assert math.isclose(base["flop_model_s"], base["step_s"])
+        assert {p["precision"] for p in points} == {"fp32", "bf16"}
+        for precision in ("fp32", "bf16"):
+            values = [p["value"] for p in points if p["precision"] == precision]
+            assert values == bench_scaling.sweep_values(params, name) and len(values) >= 2
+            base = next(p for p in points if p["value"] == written["preset_settings"][name] and p["precision"] == precision)
+            assert math.isclose(base["flop_model_s"], base["step_s"])
         for p in points:
             assert POINT_KEYS <= set(p) and all(p[k] > 0 for k in POINT_KEYS), (name, p)
             assert math.isclose(p["gflops_per_s"], p["flops_per_step"] / p["step_s"] / 1e9)
-    tokens = [p["tokens"] for p in written["sweeps"]["img_size"]]
+    tokens = [p["tokens"] for p in written["sweeps"]["img_size"] if p["precision"] == "fp32"]
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)       # larger images, more patches
-    flops = [p["flops_per_step"] for p in written["sweeps"]["batch_size"]]
-    assert all(math.isclose(f / flops[0], b / written["sweeps"]["batch_size"][0]["value"])
-               for f, b in zip(flops, [p["value"] for p in written["sweeps"]["batch_size"]]))
+    batch = written["sweeps"]["batch_size"]
+    assert all(math.isclose(p["flops_per_step"] / batch[0]["flops_per_step"], p["value"] / batch[0]["value"])
+               for p in batch)                                                   # FLOPs grow with the batch
     chain = written["dbot_chain"]
     assert [s["stages"] for s in chain] == [1, 2]
     assert math.isclose(chain[-1]["cumulative_s"], sum(s["stage_s"] for s in chain))
     assert all(math.isfinite(s["final_loss"]) for s in chain)
     md = (out / "scaling.md").read_text()
-    assert all(f"| {name} | patches |" in md for name in bench_scaling.SWEEPS) and "## dBOT chain" in md
+    assert all(f"| {name} | precision | patches |" in md for name in bench_scaling.SWEEPS) and "## dBOT chain" in md
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*")) and not (workdir / "results/bench").exists()
 
