@@ -76,13 +76,17 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True            # False: explicit softmax(q k^T / sqrt(d)) v (encoder.attention_kernels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q = self.q(self.norm(x)).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
         kv = self.kv(self.context_norm(self.context(context)))
         k, v = kv.reshape(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)                      # (B, heads, N, d / heads)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)                  # (B, heads, N, d / heads)
+        else:
+            out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return x + self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

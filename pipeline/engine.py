@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, distributed
 from pipeline.data import augment, normalize
+from pipeline.encoder import attention_kernels
 from pipeline.errors import PipelineError
 
 
@@ -162,7 +163,8 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
     x = make_batch(batch_u8, mean, std, cfg, gen, device)
     for group in opt.param_groups:
         group["lr"] = lr
-    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+    with attention_kernels(model, device, cfg.bf16), \
+            torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
         loss, _ = model(x, gen, step, **batch_labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()

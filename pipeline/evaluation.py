@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import normalize
-from pipeline.encoder import Encoder
+from pipeline.encoder import Encoder, attention_kernels
 
 
 @torch.inference_mode()
@@ -27,7 +27,8 @@ def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: st
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
                   disable=not progress):
         x = normalize(images[i:i + batch_size], mean, std).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with attention_kernels(encoder, device, bf16), \
+                torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pipeline import engine
 from pipeline.checkpoint import load_tensors, save_tensors
 from pipeline.data import Prepared, normalize
-from pipeline.encoder import Encoder, _state_mismatch
+from pipeline.encoder import Encoder, _state_mismatch, attention_kernels
 from pipeline.errors import PipelineError
 from pipeline.evaluation import extract_features, topk_accuracy
 
@@ -239,7 +239,8 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
                 x, y = train_batch(prep.train_x[idx], prep.train_y[idx], prep, transform, mixup, device)
                 for group in opt.param_groups:
                     group["lr"] = lrs[step].item() * group.get("lr_scale", 1.0)
-                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=settings["bf16"]):
+                with attention_kernels(model, device, settings["bf16"]), \
+                        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=settings["bf16"]):
                     logits = model(x)
                 loss = criterion(logits.float(), y)
                 opt.zero_grad(set_to_none=True)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline import losses
-from pipeline.decoder import Decoder
-from pipeline.encoder import build_encoder, load_encoder, save_encoder, sincos_2d
+from pipeline.decoder import CrossAttention, Decoder
+from pipeline.encoder import attention_kernels, build_encoder, load_encoder, save_encoder, sincos_2d
 from pipeline.errors import PipelineError
 from pipeline.masking import random_masking
 from pipeline.teacher import FrozenTeacher
@@ -22,6 +22,28 @@ def test_encoder_visible_tokens_match_full_image_on_the_kept_positions():
     tokens = enc.vit.patch_embed(x) + enc.vit.pos_embed[:, 1:]
     kept = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, 32))
     assert torch.equal(kept[0, 0], tokens[0, mask.ids_keep[0, 0]])
+
+
+def test_patch_embedding_as_a_matmul_equals_timms_conv():
+    enc = build_encoder(dict(MODEL, patch_size=4), 12, 3, seed=0)
+    x = torch.randn(2, 3, 12, 12)
+    conv = enc.vit.patch_embed(x) + enc.vit.pos_embed[:, 1:]
+    assert torch.allclose(enc.embed(x)[:, 1:], conv, atol=1e-5)
+    enc.embed(x).sum().backward()                     # the gradient reaches the conv's weights
+    assert enc.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_attention_kernels_cpu_bf16_uses_explicit_attention_with_the_same_outputs():
+    enc = build_encoder(MODEL, 8, 1, seed=0).eval()
+    cross = CrossAttention(16, 2, 32)
+    x, ctx, tokens = torch.randn(2, 1, 8, 8), torch.randn(2, 5, 32), torch.randn(2, 9, 16)
+    fused_enc, fused_cross = enc(x), cross(tokens, ctx)
+    for bf16, fused in ((True, False), (False, True)):
+        with attention_kernels(torch.nn.ModuleList([enc, cross]), "cpu", bf16):
+            flags = {m.fused_attn for m in [*enc.modules(), cross] if hasattr(m, "fused_attn")}
+            assert flags == {fused}
+            assert torch.allclose(enc(x), fused_enc, atol=1e-5) and torch.allclose(cross(tokens, ctx), fused_cross, atol=1e-5)
+    assert {m.fused_attn for m in [*enc.modules(), cross] if hasattr(m, "fused_attn")} == {True}   # restored
 
 
 def test_encoder_returns_chosen_blocks_and_features():
