@@ -11,7 +11,8 @@ One run measures, on this machine (CUDA if available, else the CPU with all of t
   max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
   the model is built); the analytic FLOPs of a step (pipeline.compute.flops_per_image "train" x batch: student
   forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
-  (against peak_gflops_here, the matmul peak measured in the same process right after the steps);
+  (against peak_gflops_here: the median GFLOP/s of one n x n matmul run after each timed step, in the same
+  process; the shared CPU's speed drifts, so the step and its ceiling are measured under the same conditions);
   the step-time ratio to MAE next to the FLOP ratio to MAE (same precision);
 - data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
@@ -77,6 +78,22 @@ def matmul_gflops(dtype: torch.dtype, n: int, device: str, reps: int = 5) -> flo
     return 2 * n ** 3 / min(times[2:]) / 1e9
 
 
+class PeakProbe:
+    """The matmul ceiling measured between training steps: one n x n matmul after each step (operands and output
+    allocated once, up front, so they sit outside any memory reading taken after). On a machine whose speed
+    drifts (a shared CPU: 150-300 GFLOP/s fp32 within minutes here), the median over the timed steps is the
+    peak under the same conditions as the steps."""
+
+    def __init__(self, bf16: bool, n: int, device: str):
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.a, self.b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        self.out, self.n, self.device, self.gflops = torch.empty_like(self.a), n, device, []
+
+    def __call__(self) -> None:
+        seconds, _ = timed(lambda: torch.matmul(self.a, self.b, out=self.out), self.device)
+        self.gflops.append(2 * self.n ** 3 / seconds / 1e9)
+
+
 def train_config(params: dict, bf16: bool) -> engine.TrainConfig:
     """The pretrain section's step settings, at a constant lr = blr * batch_size / 256."""
     t = params["pretrain"]
@@ -101,9 +118,10 @@ def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps
 
 
 def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tensor, mean: list, std: list,
-                steps: int, compile_backend: str | None = None) -> list[tuple[float, float]]:
+                steps: int, compile_backend: str | None = None, between=None) -> list[tuple[float, float]]:
     """(seconds, loss) of each of `steps` training steps (engine._step) of a fresh model on uint8 `images`;
-    with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation)."""
+    with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation); `between()`,
+    if given, runs after each step, outside its time."""
     model, opt = build(params, method, cfg, device, steps)
     if compile_backend:
         model.compile(backend=compile_backend)
@@ -114,16 +132,20 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
         out.append(timed(lambda: engine._step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
                                               batch_labels).item(), device))
+        if between:
+            between()
     return out
 
 
-def time_method(params: dict, method: str, bf16: bool, steps: int, device: str) -> float:
-    """Seconds per training step of `method` on random images (median of `steps` steps after warm-up)."""
+def time_method(params: dict, method: str, bf16: bool, steps: int, device: str, probe: PeakProbe) -> dict:
+    """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
+    matmul peak between the steps}, medians over `steps` steps after warm-up."""
     d, cfg = params["data"], train_config(params, bf16)
     images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
     out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
-                      WARMUP + steps)
-    return statistics.median(t for t, _ in out[WARMUP:])
+                      WARMUP + steps, between=probe)
+    return {"step_s": statistics.median(t for t, _ in out[WARMUP:]),
+            "peak_gflops_here": statistics.median(probe.gflops[WARMUP:])}
 
 
 def _rss_mb() -> float:
@@ -139,34 +161,30 @@ def _peak_rss_mb() -> float:
 
 
 def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: int, peak_size: int) -> dict:
-    """Run in a fresh process: step time, peak memory above the RSS before the model is built, then the
-    matmul peak of the step's precision in this same process (after the memory reading)."""
+    """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
+    above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
     torch.set_num_threads(threads)
+    probe = PeakProbe(bf16, peak_size, "cpu")
     try:
         Path("/proc/self/clear_refs").write_text("5")   # Linux: restart the peak-RSS count from here
     except OSError:
         pass
     before = _rss_mb()
-    step_s = time_method(params, method, bf16, steps, "cpu")
-    peak_mem = _peak_rss_mb() - before
-    return {"step_s": step_s, "peak_mem_mb": peak_mem, "peak_gflops_here": _precision_peak(bf16, peak_size, "cpu")}
-
-
-def _precision_peak(bf16: bool, n: int, device: str) -> float:
-    return matmul_gflops(torch.bfloat16 if bf16 else torch.float32, n, device)
+    timing = time_method(params, method, bf16, steps, "cpu", probe)
+    return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
 
 
 def measure(params: dict, method: str, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
-    """{"step_s", "peak_mem_mb", "peak_gflops_here"} of one method and precision: CUDA in this process, CPU
-    in a fresh child. peak_gflops_here: the matmul peak measured right after, under the same conditions."""
+    """{"step_s", "peak_gflops_here", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in
+    a fresh child. peak_gflops_here: the matmul peak measured between the steps, under the same conditions."""
     if device == "cpu":
         return pool.submit(_measure_child, params, method, bf16, steps, torch.get_num_threads(), peak_size).result()
     gc.collect()
     torch.cuda.empty_cache()
+    probe = PeakProbe(bf16, peak_size, device)
     torch.cuda.reset_peak_memory_stats()
-    step_s = time_method(params, method, bf16, steps, device)
-    return {"step_s": step_s, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
-            "peak_gflops_here": _precision_peak(bf16, peak_size, device)}
+    timing = time_method(params, method, bf16, steps, device, probe)
+    return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def child_pool() -> concurrent.futures.ProcessPoolExecutor:
@@ -182,8 +200,8 @@ def child_pool() -> concurrent.futures.ProcessPoolExecutor:
 def make_row(params: dict, method: str, precision: str, measured: dict, mae_step: float, peak: float) -> dict:
     """One row of bench.json from a measurement, the MAE step time and the precision's matmul peak of the run.
 
-    mfu: against the peak measured in the step's own process right after it (peak_gflops_here); on a machine
-    whose speed drifts (a shared CPU: 220-300 GFLOP/s within minutes here) this compares like with like.
+    mfu: against the matmul peak measured between the steps (peak_gflops_here, see PeakProbe): like with like
+    on a machine whose speed drifts.
     mfu_vs_run_peak: against the run's one peak measurement (peak_gflops)."""
     batch = params["pretrain"]["batch_size"]
     flops = flops_per_image(params, method)["train"] * batch

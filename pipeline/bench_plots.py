@@ -76,7 +76,7 @@ def markdown(result: dict) -> str:
         loading_line(result["data_loading"]) + " (batches made as engine._step makes them)", "",
         f"Matmul peak (n = {result['peak_matmul_size']}) at the start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 "
         f"{peaks['bf16']:.1f} GFLOP/s. MFU = GFLOP/s / the matmul peak of the row's precision measured in the "
-        "row's own process right after its steps (\"matmul peak here\").", ""])
+        "row's own process between its steps (\"matmul peak here\").", ""])
 
 
 def write_markdown(result: dict, path: Path | str) -> None:
@@ -124,7 +124,8 @@ def scaling_markdown(result: dict) -> str:
              f"({result['device']}, {result['threads']} threads, median of {result['steps']} steps)", "",
              "FLOP model = the preset's step time (same precision) x this point's FLOPs / the preset's FLOPs. MFU "
              f"against the matmul peak (n = {result['peak_matmul_size']}) of the row's precision, measured in the "
-             "row's own process. bf16 speed-up = the fp32 step time / the bf16 step time at the same setting.", ""]
+             "row's own process between its steps. bf16 speed-up = the fp32 step time / the bf16 step time at the "
+             "same setting.", ""]
     for name in _sweep_order(result):
         points, base = result["sweeps"][name], result["preset_settings"][name]
         lines += [f"## {SWEEP_LABELS.get(name, name)}", "",
