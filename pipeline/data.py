@@ -387,7 +387,9 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator, crop_scale: tuple
     if not 0 < lo <= hi <= 1:
         raise PipelineError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
     b = x_uint8.shape[0]
-    u = rand_rows(b, 5, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    if generator.device.type != "cpu":
+        raise ValueError("augment draws on a CPU generator (its crop parameters are computed on the CPU)")
+    u = rand_rows(b, 5, generator=generator, dtype=torch.float64)
     log_s = (lo + (hi - lo) * u[:, 0]).log()
     r_lo, r_hi = log_s.clamp(min=math.log(3 / 4)), (-log_s).clamp(max=math.log(4 / 3))
     log_r = r_lo + (r_hi - r_lo) * u[:, 1]

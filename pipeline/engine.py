@@ -124,7 +124,7 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     if bs % world.size:
         raise PipelineError(f"batch size {bs} does not divide by {world.size} processes (launch.tasks)")
     rows = world.rows(bs)
-    lrs = lr_schedule(cfg, spe)
+    lrs = lr_schedule(cfg, spe).tolist()           # Python floats: no tensor read per step
     opt = make_optimizer(model, cfg)
     st = _resume(state_path, cfg, model, opt, extra or {})
     st["loss_sum"] = st["loss_sum"].to(device)     # summed on the device: no host-device sync per step
@@ -141,13 +141,13 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         idx = batch_indices(n, bs, cfg.seed, step)[rows]
         batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
         with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
-            loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step].item(), step, device, batch_labels)
+            loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step], step, device, batch_labels)
         st["loss_sum"] += loss.detach().float()
         step += 1
         st["step"] = step
         bar.update(bs)
         if step % spe == 0:
-            _end_epoch(st, epoch, spe, bs, lrs[step - 1].item(), time.monotonic() - t_epoch, state_path, model, opt,
+            _end_epoch(st, epoch, spe, bs, lrs[step - 1], time.monotonic() - t_epoch, state_path, model, opt,
                        on_epoch if world.is_main else None)
             t_epoch = last_save = time.monotonic()
         elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:

@@ -55,6 +55,17 @@ class Crash(Exception):
     pass
 
 
+def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
+    """The loop reads no tensor value (item, tolist, cpu: a host-device sync on a GPU) inside a step: the epoch
+    loss is summed on the device and read once per epoch."""
+    reads = []
+    for name in ("item", "tolist", "cpu"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **k: reads.append(_n) or _f(t, *a, **k))
+    engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=2, checkpoint_every_min=1e9), tmp_path / "s.pt")
+    assert reads == ["tolist"] + ["item", "cpu"] * 2    # the schedule once; per epoch (5 steps): its loss, the save
+
+
 def test_resume_from_any_step_is_bit_identical(tmp_path):
     ref = Tiny()
     engine.train(ref, IMAGES, [0.5], [0.25], cfg(), tmp_path / "ref.pt")
