@@ -197,18 +197,23 @@ def child_pool() -> concurrent.futures.ProcessPoolExecutor:
     return concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
 
 
-def make_row(params: dict, method: str, precision: str, measured: dict, mae_step: float, peak: float) -> dict:
-    """One row of bench.json from a measurement, the MAE step time and the precision's matmul peak of the run.
+def make_row(params: dict, method: str, precision: str, measured: dict, mae: dict, peak: float) -> dict:
+    """One row of bench.json from a measurement, MAE's measurement (same precision) and the precision's matmul
+    peak of the run.
 
     mfu: against the matmul peak measured between the steps (peak_gflops_here, see PeakProbe): like with like
-    on a machine whose speed drifts.
-    mfu_vs_run_peak: against the run's one peak measurement (peak_gflops)."""
+    on a machine whose speed drifts. mfu_vs_run_peak: against the run's one peak measurement (peak_gflops).
+    step_ratio_to_mae: the step times' ratio as measured, minutes apart; step_ratio_at_equal_peak: the same
+    ratio with each step time scaled by its own peak_gflops_here, i.e. as if both ran at the same machine
+    speed (= flop_ratio_to_mae x MAE's MFU / this MFU)."""
     batch = params["pretrain"]["batch_size"]
     flops = flops_per_image(params, method)["train"] * batch
     gflops = flops / measured["step_s"] / 1e9
     return {"method": method, "precision": precision, **measured, "images_per_s": batch / measured["step_s"],
             "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"],
-            "mfu_vs_run_peak": gflops / peak, "step_ratio_to_mae": measured["step_s"] / mae_step,
+            "mfu_vs_run_peak": gflops / peak, "step_ratio_to_mae": measured["step_s"] / mae["step_s"],
+            "step_ratio_at_equal_peak": (measured["step_s"] * measured["peak_gflops_here"]
+                                         / (mae["step_s"] * mae["peak_gflops_here"])),
             "flop_ratio_to_mae": flops / (flops_per_image(params, "mae")["train"] * batch)}
 
 
@@ -218,8 +223,8 @@ def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: 
         for precision in PRECISIONS:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
                 measured = measure(params, method, precision == "bf16", steps, device, pool, peak_size)
-                mae_step = measured["step_s"] if method == "mae" else mae_step
-                rows.append(make_row(params, method, precision, measured, mae_step, peaks[precision]))
+                mae = measured if method == "mae" else mae
+                rows.append(make_row(params, method, precision, measured, mae, peaks[precision]))
                 progress(bench_plots.row_line(rows[-1]))
     return rows
 

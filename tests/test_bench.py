@@ -15,7 +15,8 @@ import torch
 from pipeline import bench, config
 from pipeline.methods import METHODS
 
-ROW_KEYS = {"method", "precision", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "flop_ratio_to_mae",
+ROW_KEYS = {"method", "precision", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",
+            "flop_ratio_to_mae",
             "peak_mem_mb", "gflops_per_s", "flops_per_step"}
 POSITIVE = ROW_KEYS - {"method", "precision", "mfu"}
 CURVE_STEPS = 3
@@ -48,6 +49,7 @@ def check_rows_and_peaks(written: dict) -> None:
         assert 0 < row["mfu"] < 1.5
         assert math.isclose(row["gflops_per_s"], row["flops_per_step"] / row["step_s"] / 1e9)
     assert [r["step_ratio_to_mae"] for r in written["rows"] if r["method"] == "mae"] == [1.0, 1.0]
+    assert [r["step_ratio_at_equal_peak"] for r in written["rows"] if r["method"] == "mae"] == [1.0, 1.0]
     assert written["data_loading"]["images_per_s"] > 0 and written["data_loading"]["ratio_to_mae_training"] > 0
 
 
