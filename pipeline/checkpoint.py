@@ -6,10 +6,12 @@
 - Resumable training state (optimiser, RNG, schedule position, ...) is a torch file loaded with
   weights_only=True; it holds only tensors and plain Python values.
 - Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target:
-  a killed or failing write never leaves a partial file under the final name.
+  a killed or failing write never leaves a partial file under the final name (a SIGKILL can leave the hidden
+  temporary file; the next write of the same file removes it).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -30,9 +32,13 @@ os.umask(_UMASK)                         # read once: os.umask can only be read 
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), fsync, then rename tmp_path to path. The temp file is removed on failure."""
+    """Call write(tmp_path), fsync, then rename tmp_path to path. The temp file is removed on failure; one that a
+    SIGKILL left (hidden, `.<name>.<random>.tmp`) is removed by the next write of the same path (a node runs
+    once at a time: pipeline.cli.exclusive)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

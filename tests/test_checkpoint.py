@@ -53,3 +53,14 @@ def test_state_is_loaded_without_unpickling_code(tmp_path):
 def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
     checkpoint.write_json(tmp_path / "out.json", {"a": 1})
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK
+
+
+def test_a_temporary_file_left_by_a_kill_is_removed_by_the_next_write(tmp_path):
+    from pipeline.checkpoint import write_json
+    stale = tmp_path / ".metrics.json.abc123.tmp"              # what a SIGKILL during atomic_write leaves
+    other = tmp_path / ".other.json.abc123.tmp"                # another file's: not touched
+    stale.write_text("{partial")
+    other.write_text("{partial")
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abc123.tmp", "metrics.json"]
