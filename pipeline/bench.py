@@ -206,15 +206,22 @@ def make_row(params: dict, method: str, precision: str, measured: dict, mae: dic
     step_ratio_to_mae: the step times' ratio as measured, minutes apart; step_ratio_at_equal_peak: the same
     ratio with each step time scaled by its own peak_gflops_here, i.e. as if both ran at the same machine
     speed (= flop_ratio_to_mae x MAE's MFU / this MFU)."""
+    row = {"method": method, "precision": precision, **throughput(params, method, measured)}
+    return dict(row, mfu_vs_run_peak=row["gflops_per_s"] / peak, step_ratio_to_mae=measured["step_s"] / mae["step_s"],
+                step_ratio_at_equal_peak=(measured["step_s"] * measured["peak_gflops_here"]
+                                          / (mae["step_s"] * mae["peak_gflops_here"])),
+                flop_ratio_to_mae=row["flops_per_step"] / (flops_per_image(params, "mae")["train"]
+                                                           * params["pretrain"]["batch_size"]))
+
+
+def throughput(params: dict, method: str, measured: dict) -> dict:
+    """A measurement ({"step_s", "peak_gflops_here", ...}) with its images/s, analytic FLOPs per step, GFLOP/s
+    and MFU at these params."""
     batch = params["pretrain"]["batch_size"]
     flops = flops_per_image(params, method)["train"] * batch
     gflops = flops / measured["step_s"] / 1e9
-    return {"method": method, "precision": precision, **measured, "images_per_s": batch / measured["step_s"],
-            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"],
-            "mfu_vs_run_peak": gflops / peak, "step_ratio_to_mae": measured["step_s"] / mae["step_s"],
-            "step_ratio_at_equal_peak": (measured["step_s"] * measured["peak_gflops_here"]
-                                         / (mae["step_s"] * mae["peak_gflops_here"])),
-            "flop_ratio_to_mae": flops / (flops_per_image(params, "mae")["train"] * batch)}
+    return {**measured, "images_per_s": batch / measured["step_s"], "flops_per_step": flops,
+            "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
 
 
 def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, progress) -> list[dict]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -38,7 +39,6 @@ import torch
 from pipeline import bench, engine
 from pipeline.bench_plots import scaling_markdown, scaling_plot
 from pipeline.checkpoint import atomic_write, write_json
-from pipeline.compute import flops_per_image
 from pipeline.data import prepare
 from pipeline.encoder import build_encoder
 from pipeline.errors import PipelineError
@@ -86,11 +86,7 @@ def with_setting(params: dict, name: str, value: int) -> dict:
 def measure_point(params: dict, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
     """MAE's step at these params in one precision: the bench measurement plus its FLOPs and MFU."""
     measured = bench.measure(params, "mae", bf16, steps, device, pool, peak_size)
-    batch = params["pretrain"]["batch_size"]
-    flops = flops_per_image(params, "mae")["train"] * batch
-    gflops = flops / measured["step_s"] / 1e9
-    return {"precision": "bf16" if bf16 else "fp32", **measured, "images_per_s": batch / measured["step_s"],
-            "flops_per_step": flops, "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
+    return {"precision": "bf16" if bf16 else "fp32", **bench.throughput(params, "mae", measured)}
 
 
 def measure_sweeps(params: dict, names: list[str], precisions: list[str], steps: int, device: str, peak_size: int,
@@ -122,11 +118,8 @@ def dbot_chain(params: dict, stages: int, epochs: int, images: int, device: str,
     """Wall seconds of each stage of a dBOT chain trained in this process (stage k's teacher = stage k-1's
     student; stage 0's = a random encoder), and the cumulative wall time after it."""
     data = prepare(params["data"], params["data"]["split_seed"])
-    x, d, s = data.train_x[:images], params["data"], params["pretrain"]
-    cfg = engine.TrainConfig(epochs=epochs, batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256,
-                             min_lr=s["min_lr"], warmup_epochs=0, weight_decay=s["weight_decay"], clip_grad=s["clip_grad"],
-                             bf16=s["bf16"], crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=1e9,
-                             seed=0, config_hash="bench", desc="dbot chain")
+    x, d = data.train_x[:images], params["data"]
+    cfg = dataclasses.replace(bench.train_config(params, params["pretrain"]["bf16"]), epochs=epochs, desc="dbot chain")
     student = build_encoder(params["model"], d["img_size"], x.shape[1], seed=1000)    # stage 0's random teacher
     out, total = [], 0.0
     for stage in range(stages):
