@@ -2,10 +2,15 @@
 
     python -m pipeline.bench --preset default [--steps 20] [--curve-steps 30] [--out results/bench]
 
-One run measures, on this machine (CUDA if available, else the CPU with all of torch's threads):
+One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
 
-- peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), fp32 and bf16;
-- rows, one per method x precision (fp32, bf16 autocast): the real training step (engine._step: augmentation,
+- which precision the pipeline's default (`precision: auto`, pipeline.hardware) picks here and why
+  (default_precision, default_precision_reason, cpu_capability), and which precisions it measures: fp32, plus
+  every other precision this device runs natively (bf16 on a GPU with bf16 or a CPU with AMX / AVX512-BF16, fp16
+  on a GPU). A precision the machine only emulates is skipped with the reason printed (skipped_precisions), unless
+  asked for with --precisions: an emulated bf16 step on an AVX2-only CPU takes ~17x the fp32 one;
+- peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), per measured precision;
+- rows, one per method x measured precision: the real training step (engine._step: augmentation,
   masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
   timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
   max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
@@ -13,11 +18,13 @@ One run measures, on this machine (CUDA if available, else the CPU with all of t
   forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
   (against peak_gflops_here: the median GFLOP/s of one n x n matmul run after each timed step, in the same
   process; the shared CPU's speed drifts, so the step and its ceiling are measured under the same conditions);
-  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision);
+  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision). The rows of the default precision are
+  measured through `precision: auto` itself (setting "auto"); default_vs_fastest holds, per method, the default's
+  images/s over the best images/s of any measured precision (target: >= 0.95 on every machine);
 - data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
-- modes: MAE trained --curve-steps steps on the real train images in fp32, bf16 autocast and torch.compile
-  (--compile-backend, in the preset's pretrain.bf16 precision), same init, batches and masks: step time (median
+- modes: MAE trained --curve-steps steps on the real train images in every measured precision and with
+  torch.compile (--compile-backend, in the default precision), same init, batches and masks: step time (median
   after the first steps), first-step time (holds the compilation), loss curve, final-loss difference to fp32.
   A compile failure is recorded as its error message. The curves are overlaid in modes_loss.png.
 
@@ -46,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import bench_plots, config, engine
+from pipeline import bench_plots, config, engine, hardware
 from pipeline.checkpoint import write_json
 from pipeline.compute import flops_per_image
 from pipeline.data import prepare
@@ -55,8 +62,8 @@ from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.teacher import FrozenTeacher
 
-PRECISIONS = ("fp32", "bf16")
-MODES = ("fp32", "bf16", "compile")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TARGET = 0.95         # the default precision's images/s against the fastest measured, for every method
 WARMUP = 3            # untimed steps before every timing
 
 
@@ -84,8 +91,8 @@ class PeakProbe:
     drifts (a shared CPU: 150-300 GFLOP/s fp32 within minutes here), the median over the timed steps is the
     peak under the same conditions as the steps."""
 
-    def __init__(self, bf16: bool, n: int, device: str):
-        dtype = torch.bfloat16 if bf16 else torch.float32
+    def __init__(self, precision: str, n: int, device: str):
+        dtype = hardware.DTYPES[hardware.resolve(precision, device).name]     # "auto": what it picks here
         self.a, self.b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         self.out, self.n, self.device, self.gflops = torch.empty_like(self.a), n, device, []
 
@@ -94,12 +101,12 @@ class PeakProbe:
         self.gflops.append(2 * self.n ** 3 / seconds / 1e9)
 
 
-def train_config(params: dict, bf16: bool) -> engine.TrainConfig:
-    """The pretrain section's step settings, at a constant lr = blr * batch_size / 256."""
+def train_config(params: dict, precision: str) -> engine.TrainConfig:
+    """The pretrain section's step settings in `precision`, at a constant lr = blr * batch_size / 256."""
     t = params["pretrain"]
     return engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=t["blr"] * t["batch_size"] / 256,
                               min_lr=t["min_lr"], warmup_epochs=0, weight_decay=t["weight_decay"],
-                              clip_grad=t["clip_grad"], bf16=bf16, crop_scale=t["crop_scale"], hflip=t["hflip"],
+                              clip_grad=t["clip_grad"], precision=precision, crop_scale=t["crop_scale"], hflip=t["hflip"],
                               checkpoint_every_min=1e9, seed=0, config_hash="bench")
 
 
@@ -125,22 +132,24 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
     model, opt = build(params, method, cfg, device, steps)
     if compile_backend:
         model.compile(backend=compile_backend)
+    amp = hardware.resolve(cfg.precision, device)
+    scaler = amp.grad_scaler()
     labels = torch.arange(len(images)) % 10
     out = []
     for step in range(steps):
         idx = engine.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
         out.append(timed(lambda: engine._step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
-                                              batch_labels).item(), device))
+                                              batch_labels, amp, scaler).item(), device))
         if between:
             between()
     return out
 
 
-def time_method(params: dict, method: str, bf16: bool, steps: int, device: str, probe: PeakProbe) -> dict:
+def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe) -> dict:
     """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
     matmul peak between the steps}, medians over `steps` steps after warm-up."""
-    d, cfg = params["data"], train_config(params, bf16)
+    d, cfg = params["data"], train_config(params, precision)
     images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
     out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
                       WARMUP + steps, between=probe)
@@ -160,30 +169,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
-def _measure_child(params: dict, method: str, bf16: bool, steps: int, threads: int, peak_size: int) -> dict:
+def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int) -> dict:
     """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
     above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
     torch.set_num_threads(threads)
-    probe = PeakProbe(bf16, peak_size, "cpu")
+    probe = PeakProbe(precision, peak_size, "cpu")
     try:
         Path("/proc/self/clear_refs").write_text("5")   # Linux: restart the peak-RSS count from here
     except OSError:
         pass
     before = _rss_mb()
-    timing = time_method(params, method, bf16, steps, "cpu", probe)
+    timing = time_method(params, method, precision, steps, "cpu", probe)
     return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
 
 
-def measure(params: dict, method: str, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
+def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int) -> dict:
     """{"step_s", "peak_gflops_here", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in
     a fresh child. peak_gflops_here: the matmul peak measured between the steps, under the same conditions."""
     if device == "cpu":
-        return pool.submit(_measure_child, params, method, bf16, steps, torch.get_num_threads(), peak_size).result()
+        return pool.submit(_measure_child, params, method, precision, steps, torch.get_num_threads(),
+                           peak_size).result()
     gc.collect()
     torch.cuda.empty_cache()
-    probe = PeakProbe(bf16, peak_size, device)
+    probe = PeakProbe(precision, peak_size, device)
     torch.cuda.reset_peak_memory_stats()
-    timing = time_method(params, method, bf16, steps, device, probe)
+    timing = time_method(params, method, precision, steps, device, probe)
     return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
@@ -197,7 +207,8 @@ def child_pool() -> concurrent.futures.ProcessPoolExecutor:
     return concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
 
 
-def make_row(params: dict, method: str, precision: str, measured: dict, mae: dict, peak: float) -> dict:
+def make_row(params: dict, method: str, precision: str, measured: dict, mae: dict, peak: float,
+             setting: str | None = None) -> dict:
     """One row of bench.json from a measurement, MAE's measurement (same precision) and the precision's matmul
     peak of the run.
 
@@ -206,7 +217,8 @@ def make_row(params: dict, method: str, precision: str, measured: dict, mae: dic
     step_ratio_to_mae: the step times' ratio as measured, minutes apart; step_ratio_at_equal_peak: the same
     ratio with each step time scaled by its own peak_gflops_here, i.e. as if both ran at the same machine
     speed (= flop_ratio_to_mae x MAE's MFU / this MFU)."""
-    row = {"method": method, "precision": precision, **throughput(params, method, measured)}
+    row = {"method": method, "precision": precision, "setting": setting or precision,
+           **throughput(params, method, measured)}
     return dict(row, mfu_vs_run_peak=row["gflops_per_s"] / peak, step_ratio_to_mae=measured["step_s"] / mae["step_s"],
                 step_ratio_at_equal_peak=(measured["step_s"] * measured["peak_gflops_here"]
                                           / (mae["step_s"] * mae["peak_gflops_here"])),
@@ -224,21 +236,45 @@ def throughput(params: dict, method: str, measured: dict) -> dict:
             "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
 
 
-def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, progress) -> list[dict]:
+def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Precision, list[str], dict[str, str]]:
+    """(the default precision here, the precisions to measure, {skipped precision: why}). Measured: fp32 (the
+    reference), the default, and either `asked` or every precision this device runs natively."""
+    default = hardware.resolve("auto", device)
+    wanted = asked if asked is not None else [p for p in PRECISIONS if hardware.native(p, device)[0]]
+    measured = [p for p in PRECISIONS if p in {"fp32", default.name, *wanted}]
+    skipped = {p: f"{hardware.native(p, device)[1]}: not native here; --precisions {' '.join(measured + [p])} "
+                  "measures it" for p in PRECISIONS if p not in measured}
+    return default, measured, skipped
+
+
+def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
+                 progress) -> list[dict]:
+    """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto"."""
     rows = []
     with child_pool() as pool:
-        for precision in PRECISIONS:
+        for precision in peaks:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
-                measured = measure(params, method, precision == "bf16", steps, device, pool, peak_size)
+                setting = "auto" if precision == default else precision
+                measured = measure(params, method, setting, steps, device, pool, peak_size)
                 mae = measured if method == "mae" else mae
-                rows.append(make_row(params, method, precision, measured, mae, peaks[precision]))
+                rows.append(make_row(params, method, precision, measured, mae, peaks[precision], setting))
                 progress(bench_plots.row_line(rows[-1]))
     return rows
 
 
-def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: float) -> dict:
+def default_vs_fastest(rows: list[dict]) -> dict[str, float]:
+    """Per method: the default precision's images/s over the best images/s of any measured precision."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        out[method] = next(r for r in mine if r["setting"] == "auto")["images_per_s"] / max(
+            r["images_per_s"] for r in mine)
+    return out
+
+
+def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: float, precision: str) -> dict:
     """Images/s of making training batches exactly as engine._step does before the model."""
-    cfg = train_config(params, params["pretrain"]["bf16"])
+    cfg = train_config(params, precision)
 
     def batch(step: int) -> torch.Tensor:
         x = data.train_x[engine.batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
@@ -246,15 +282,17 @@ def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: 
     times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]
     per_s = min(cfg.batch_size, len(data.train_x)) / statistics.median(times[WARMUP:])
     return {"images_per_s": per_s, "ratio_to_mae_training": per_s / mae_images_per_s,
-            "mae_precision": "bf16" if cfg.bf16 else "fp32"}
+            "mae_precision": precision}
 
 
-def mode_run(params: dict, data, mode: str, steps: int, device: str, backend: str = "inductor") -> dict:
-    """MAE's loss curve and step time in one mode: fp32 | bf16 | compile (`backend`, the preset's precision)."""
-    bf16 = params["pretrain"]["bf16"] if mode == "compile" else mode == "bf16"
-    run = {"precision": "bf16" if bf16 else "fp32", **({"backend": backend} if mode == "compile" else {})}
+def mode_run(params: dict, data, mode: str, steps: int, device: str, backend: str = "inductor",
+             compile_precision: str = "fp32") -> dict:
+    """MAE's loss curve and step time in one mode: a precision (fp32 | bf16 | fp16) or compile (`backend`, in
+    `compile_precision`)."""
+    precision = compile_precision if mode == "compile" else mode
+    run = {"precision": precision, **({"backend": backend} if mode == "compile" else {})}
     try:
-        out = train_steps(params, "mae", train_config(params, bf16), device, data.train_x, data.mean, data.std,
+        out = train_steps(params, "mae", train_config(params, precision), device, data.train_x, data.mean, data.std,
                           steps, compile_backend=backend if mode == "compile" else None)
     except Exception as e:      # torch.compile may fail on a machine (no compiler, unsupported op): record it
         if mode != "compile":
@@ -268,10 +306,12 @@ def mode_run(params: dict, data, mode: str, steps: int, device: str, backend: st
                 losses=losses, final_loss=losses[-1])
 
 
-def measure_modes(params: dict, data, steps: int, device: str, backend: str, progress) -> dict:
+def measure_modes(params: dict, data, steps: int, device: str, backend: str, precisions: list[str], default: str,
+                  progress) -> dict:
+    """MAE's loss curve in each of `precisions` (fp32 first) and compiled in the `default` precision."""
     modes = {}
-    for mode in MODES:
-        modes[mode] = mode_run(params, data, mode, steps, device, backend)
+    for mode in [*precisions, "compile"]:
+        modes[mode] = mode_run(params, data, mode, steps, device, backend, default)
         if "final_loss" in modes[mode]:
             modes[mode]["final_loss_diff_to_fp32"] = modes[mode]["final_loss"] - modes["fp32"]["final_loss"]
         progress(bench_plots.mode_line(mode, modes[mode]))
@@ -298,6 +338,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
     parser.add_argument("--curve-steps", type=int, default=30, help="steps of each mode's loss curve (>= 2)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                        help="precisions to measure besides fp32 and the default (default: those this device runs "
+                             "natively; an emulated one is skipped, with the reason printed)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.curve_steps < 2:
         parser.error("--steps must be >= 1 and --curve-steps >= 2")
@@ -305,34 +348,46 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--preset, --peak-size and --out, shared with pipeline.bench_scaling."""
+    """--preset, --device, --peak-size and --out, shared with pipeline.bench_scaling."""
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): CUDA if torch sees a GPU, else the CPU")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output folder (default results/bench)")
 
 
 def setup(args) -> tuple[dict, str, int]:
-    """(params of --preset, the device: CUDA if there is one, else the CPU, the matmul size of the peak)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """(params of --preset, the device of --device, the matmul size of the peak)."""
+    device = hardware.device(args.device)
     return config.load(args.preset), device, args.peak_size or (8192 if device == "cuda" else 2048)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     params, device, n = setup(args)
-    progress = Progress(len(PRECISIONS) * (1 + len(METHODS)) + 1 + len(MODES))
+    default, measured, skipped = plan_precisions(device, args.precisions)
+    print(f"default precision: {default.name} ({default.reason})", flush=True)
+    for precision, why in skipped.items():
+        print(f"skipped {precision}: {why}", flush=True)
+    progress = Progress(len(measured) * (1 + len(METHODS)) + 1 + len(measured) + 1)
     peaks = {}
-    for precision in PRECISIONS:
-        peaks[precision] = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32, n, device)
+    for precision in measured:
+        peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
-    rows = measure_rows(params, args.steps, device, peaks, n, progress)
+    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress)
     data = prepare(params["data"], params["data"]["split_seed"])
-    trained = "bf16" if params["pretrain"]["bf16"] else "fp32"         # the preset's training precision
-    mae = next(r for r in rows if r["method"] == "mae" and r["precision"] == trained)
-    loading = data_loading(params, data, device, args.steps, mae["images_per_s"])
+    mae = next(r for r in rows if r["method"] == "mae" and r["setting"] == "auto")
+    loading = data_loading(params, data, device, args.steps, mae["images_per_s"], default.name)
     progress(bench_plots.loading_line(loading))
-    modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, progress)
-    result = {"preset": args.preset, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, measured, default.name,
+                          progress)
+    ratios = default_vs_fastest(rows)
+    result = {"default_precision": default.name, "default_precision_reason": default.reason,
+              "cpu_capability": hardware.cpu_features()["capability"], "cpu": hardware.describe_cpu(hardware.cpu_features()),
+              "default_vs_fastest": ratios, "default_meets_target": min(ratios.values()) >= TARGET,
+              "measured_precisions": measured, "skipped_precisions": skipped,
+              "preset": args.preset, "device": device, "device_name": hardware.device_name(device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
               "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "curve_steps": args.curve_steps,
               "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "data_loading": loading, "modes": modes}
     write_json(args.out / "bench.json", result)

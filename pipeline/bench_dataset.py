@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from pipeline import bench, config, data
+from pipeline import bench, config, data, hardware
 from pipeline.checkpoint import atomic_write, write_json
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
@@ -130,7 +130,7 @@ def _measure_child(params: dict, out: Path, train_steps: int, threads: int) -> d
     sampler = PeakSampler()
     baseline = rss_mb()
     row = {"baseline_anon_mb": baseline["anon"], "baseline_file_mb": baseline["file"]}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
 
     def prepare() -> dict:
         prep = data.prepare(params["data"], SPLIT_SEED, scratch=out.parent)
@@ -138,7 +138,7 @@ def _measure_child(params: dict, out: Path, train_steps: int, threads: int) -> d
 
     def train() -> None:
         prep = data.load_prepared(out)
-        cfg = bench.train_config(params, params["pretrain"]["bf16"])
+        cfg = bench.train_config(params, params["pretrain"]["precision"])
         bench.train_steps(params, "mae", cfg, device, prep.train_x, prep.mean, prep.std, train_steps)
 
     measured, meta = phase(sampler, "prepare", prepare)      # the temporary image file is gone after it

@@ -13,14 +13,20 @@ from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 from pipeline.checkpoint import atomic_write
 from pipeline.plots import save_png
 
-MODE_STYLE = {"fp32": ("tab:blue", "-"), "bf16": ("tab:orange", "--"), "compile": ("tab:green", ":")}
+MODE_STYLE = {"fp32": ("tab:blue", "-"), "bf16": ("tab:orange", "--"), "fp16": ("tab:purple", "-."),
+              "compile": ("tab:green", ":")}
 
 
 def row_line(r: dict) -> str:
-    return (f"{r['method']:10s} {r['precision']}: {r['images_per_s']:8.1f} img/s  step {1000 * r['step_s']:7.1f} ms  "
+    return (f"{r['method']:10s} {_precision(r)}: {r['images_per_s']:8.1f} img/s  step {1000 * r['step_s']:7.1f} ms  "
             f"{r['gflops_per_s']:7.1f} GFLOP/s  MFU {100 * r['mfu']:5.2f}%  peak {r['peak_mem_mb']:7.1f} MB  "
             f"ratio to mae {r['step_ratio_to_mae']:.2f}, at equal peak {r['step_ratio_at_equal_peak']:.2f} "
             f"(FLOPs {r['flop_ratio_to_mae']:.2f})")
+
+
+def _precision(r: dict) -> str:
+    """A row's precision, marked when it is the default (measured through `precision: auto`)."""
+    return f"{r['precision']} (auto)" if r.get("setting") == "auto" else r["precision"]
 
 
 def _mode_name(mode: str, run: dict) -> str:
@@ -47,7 +53,7 @@ def _cell(text: str) -> str:
 def _rows_table(rows: list[dict]) -> list[str]:
     head = ["| method | precision | img/s | step ms | GFLOP/s | matmul peak here | MFU % | peak MB | step ratio "
             "| step ratio at equal peak | FLOP ratio |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    return head + [f"| {r['method']} | {r['precision']} | {r['images_per_s']:.1f} | {1000 * r['step_s']:.1f} | "
+    return head + [f"| {r['method']} | {_precision(r)} | {r['images_per_s']:.1f} | {1000 * r['step_s']:.1f} | "
                    f"{r['gflops_per_s']:.1f} | {r['peak_gflops_here']:.1f} | {100 * r['mfu']:.2f} | {r['peak_mem_mb']:.1f} | "
                    f"{r['step_ratio_to_mae']:.2f} | {r['step_ratio_at_equal_peak']:.2f} | {r['flop_ratio_to_mae']:.2f} |"
                    for r in rows]
@@ -66,19 +72,33 @@ def _modes_table(modes: dict) -> list[str]:
     return lines
 
 
+def _default_lines(result: dict) -> list[str]:
+    """What `precision: auto` chose here, what was skipped, and the default against the fastest per method."""
+    ratios = result["default_vs_fastest"]
+    lines = [f"Default precision (`precision: auto`): **{result['default_precision']}**: "
+             f"{result['default_precision_reason']}.", ""]
+    lines += [f"Skipped {p}: {why}." for p, why in result["skipped_precisions"].items()]
+    return lines + ["", "Default images/s / the fastest measured precision's, per method (target >= 0.95): "
+                    + ", ".join(f"{m} {v:.2f}" for m, v in ratios.items())
+                    + (" (met)" if result["default_meets_target"] else " (**missed**)"), ""]
+
+
 def markdown(result: dict) -> str:
-    """bench.md: the rows table, the modes table, the data-loading line and the matmul peaks."""
+    """bench.md: the default precision, the rows table, the modes table, the data-loading line and the peaks."""
     peaks = result["peak_gflops"]
     return "\n".join([
-        f"# Benchmark: preset {result['preset']} ({result['device']}, {result['threads']} threads, batch "
-        f"{result['batch_size']}, median of {result['steps']} steps, torch {result['torch']})", "",
+        f"# Benchmark: preset {result['preset']} ({result['device']}: {result['device_name']}, {result['cpu']}, "
+        f"{result['threads']} threads, batch {result['batch_size']}, median of {result['steps']} steps, "
+        f"torch {result['torch']})", "",
+        *_default_lines(result),
         *_rows_table(result["rows"]), "",
         f"## Modes: MAE, {result['curve_steps']} steps on the real train images (same init and batches)", "",
         *_modes_table(result["modes"]), "",
         loading_line(result["data_loading"]) + " (batches made as engine._step makes them)", "",
-        f"Matmul peak (n = {result['peak_matmul_size']}) at the start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 "
-        f"{peaks['bf16']:.1f} GFLOP/s. MFU = GFLOP/s / the matmul peak of the row's precision measured in the "
-        "row's own process between its steps (\"matmul peak here\").", ""])
+        f"Matmul peak (n = {result['peak_matmul_size']}) at the start: "
+        + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())
+        + ". MFU = GFLOP/s / the matmul peak of the row's precision measured in the row's own process between its "
+        "steps (\"matmul peak here\").", ""])
 
 
 def write_markdown(result: dict, path: Path | str) -> None:
@@ -97,7 +117,7 @@ def modes_loss(modes: dict, path: Path | str) -> None:
     failed = [f"{mode} failed: {run['error'].splitlines()[0][:80]}" for mode, run in modes.items() if "error" in run]
     if failed:
         ax.text(0.02, 0.02, "\n".join(failed), transform=ax.transAxes, fontsize=7, color="tab:red")
-    ax.set(xlabel="step", ylabel="training loss", title="MAE: fp32 vs bf16 autocast vs torch.compile, same batches")
+    ax.set(xlabel="step", ylabel="training loss", title="MAE: measured precisions and torch.compile, same batches")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     save_png(fig, path)
@@ -115,9 +135,9 @@ def _sweep_order(result: dict) -> list[str]:
 
 
 def _speedup(points: list[dict], p: dict) -> str:
-    """fp32 step time / this bf16 point's step time at the same setting ('' for fp32 rows)."""
+    """fp32 step time / this point's step time at the same setting ('' for fp32 rows)."""
     fp32 = [q for q in points if q["value"] == p["value"] and q["precision"] == "fp32"]
-    return f"{fp32[0]['step_s'] / p['step_s']:.2f}" if p["precision"] == "bf16" and fp32 else ""
+    return f"{fp32[0]['step_s'] / p['step_s']:.2f}" if p["precision"] != "fp32" and fp32 else ""
 
 
 def scaling_markdown(result: dict) -> str:
@@ -126,13 +146,13 @@ def scaling_markdown(result: dict) -> str:
              f"({result['device']}, {result['threads']} threads, median of {result['steps']} steps)", "",
              "FLOP model = the preset's step time (same precision) x this point's FLOPs / the preset's FLOPs. MFU "
              f"against the matmul peak (n = {result['peak_matmul_size']}) of the row's precision, measured in the "
-             "row's own process between its steps. bf16 speed-up = the fp32 step time / the bf16 step time at the "
+             "row's own process between its steps. Speed-up vs fp32 = the fp32 step time / the point's step time at the "
              "same setting.", ""]
     for name in _sweep_order(result):
         points, base = result["sweeps"][name], result["preset_settings"][name]
         lines += [f"## {SWEEP_LABELS.get(name, name)}", "",
                   f"| {name} | precision | patches | GFLOP/step | step ms | FLOP model ms | img/s | MFU % | peak MB "
-                  "| bf16 speed-up |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                  "| speed-up vs fp32 |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for p in sorted(points, key=lambda q: (q["value"], q["precision"])):
             value = f"**{p['value']}**" if p["value"] == base else str(p["value"])
             lines.append(f"| {value} | {p['precision']} | {p['tokens']} | {p['flops_per_step'] / 1e9:.2f} | "

@@ -3,7 +3,9 @@
     python -m pipeline.bench_scaling --preset default [--steps 10] [--out results/bench]
 
 Every point is MAE's real training step (pipeline.bench: engine._step, fresh child process, median of --steps
-timed steps after warm-up) at the preset with one setting changed, in fp32 and in bf16 autocast (--precisions):
+timed steps after warm-up) at the preset with one setting changed, in fp32 and every other precision this device
+runs natively (bf16 autocast on a CPU with AMX / AVX512-BF16 or a GPU with bf16; pipeline.bench.plan_precisions),
+or those of --precisions:
 
 - tokens: data.img_size at the preset's patch size, and model.patch_size at the preset's image size
   (patches L = (img_size / patch_size)^2; the encoder sees 1 + L (1 - mask_ratio), the decoder 1 + L);
@@ -16,8 +18,8 @@ time the point would take if the step cost were all matmul FLOPs at the preset's
 line: overhead that does not shrink with the work (small models, small batches); below: larger matmuls run closer
 to the peak.
 
-- dbot_chain: a dBOT chain of --chain-stages stages trained one after the other in one process, in the preset's
-  precision (stage k's frozen teacher is stage k-1's student, stage 0's a random encoder), each --chain-epochs
+- dbot_chain: a dBOT chain of --chain-stages stages trained one after the other in one process, in the default
+  precision (`precision: auto` here) (stage k's frozen teacher is stage k-1's student, stage 0's a random encoder), each --chain-epochs
   epochs on the first --chain-images train images: wall seconds per stage and cumulative, against the number of
   stages.
 
@@ -83,10 +85,10 @@ def with_setting(params: dict, name: str, value: int) -> dict:
     return out
 
 
-def measure_point(params: dict, bf16: bool, steps: int, device: str, pool, peak_size: int) -> dict:
+def measure_point(params: dict, precision: str, steps: int, device: str, pool, peak_size: int) -> dict:
     """MAE's step at these params in one precision: the bench measurement plus its FLOPs and MFU."""
-    measured = bench.measure(params, "mae", bf16, steps, device, pool, peak_size)
-    return {"precision": "bf16" if bf16 else "fp32", **bench.throughput(params, "mae", measured)}
+    measured = bench.measure(params, "mae", precision, steps, device, pool, peak_size)
+    return {"precision": precision, **bench.throughput(params, "mae", measured)}
 
 
 def measure_sweeps(params: dict, names: list[str], precisions: list[str], steps: int, device: str, peak_size: int,
@@ -96,13 +98,12 @@ def measure_sweeps(params: dict, names: list[str], precisions: list[str], steps:
     sweeps = {name: [] for name in names}
     with bench.child_pool() as pool:
         for precision in precisions:
-            base = measure_point(params, precision == "bf16", steps, device, pool, peak_size)
+            base = measure_point(params, precision, steps, device, pool, peak_size)
             progress(f"preset point {precision}: step {1000 * base['step_s']:.1f} ms, MFU {100 * base['mfu']:.1f}%")
             for name in names:
                 for value in sweep_values(params, name):
                     p = with_setting(params, name, value)
-                    point = base if p == params else measure_point(p, precision == "bf16", steps, device, pool,
-                                                                     peak_size)
+                    point = base if p == params else measure_point(p, precision, steps, device, pool, peak_size)
                     sweeps[name].append({"value": value, "tokens": _tokens(p), **point,
                                          "flop_model_s": base["step_s"] * point["flops_per_step"] / base["flops_per_step"]})
                     progress(f"{name} {value} {precision}: step {1000 * point['step_s']:.1f} ms (FLOP model "
@@ -114,12 +115,13 @@ def _tokens(params: dict) -> int:
     return (params["data"]["img_size"] // params["model"]["patch_size"]) ** 2
 
 
-def dbot_chain(params: dict, stages: int, epochs: int, images: int, device: str, workdir: Path, progress) -> list[dict]:
+def dbot_chain(params: dict, stages: int, epochs: int, images: int, device: str, workdir: Path, progress,
+               precision: str = "auto") -> list[dict]:
     """Wall seconds of each stage of a dBOT chain trained in this process (stage k's teacher = stage k-1's
     student; stage 0's = a random encoder), and the cumulative wall time after it."""
     data = prepare(params["data"], params["data"]["split_seed"])
     x, d = data.train_x[:images], params["data"]
-    cfg = dataclasses.replace(bench.train_config(params, params["pretrain"]["bf16"]), epochs=epochs, desc="dbot chain")
+    cfg = dataclasses.replace(bench.train_config(params, precision), epochs=epochs, desc="dbot chain")
     student = build_encoder(params["model"], d["img_size"], x.shape[1], seed=1000)    # stage 0's random teacher
     out, total = [], 0.0
     for stage in range(stages):
@@ -143,8 +145,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point (default 10)")
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS), metavar="SWEEP",
                         help=f"which sweeps (default all: {' '.join(SWEEPS)})")
-    parser.add_argument("--precisions", nargs="+", default=list(bench.PRECISIONS), choices=bench.PRECISIONS,
-                        help="precisions of every sweep (default: fp32 bf16)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=bench.PRECISIONS,
+                        help="precisions of every sweep besides fp32 and the default (default: the native ones)")
     parser.add_argument("--chain-stages", type=int, default=4, help="dBOT chain length (default 4; 0 = skip)")
     parser.add_argument("--chain-epochs", type=int, default=1, help="epochs per dBOT stage (default 1)")
     parser.add_argument("--chain-images", type=int, default=1024, help="train images of the chain (default 1024)")
@@ -157,17 +159,21 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     params, device, n = bench.setup(args)
+    default, precisions, skipped = bench.plan_precisions(device, args.precisions)
+    for precision, why in skipped.items():
+        print(f"skipped {precision}: {why}", flush=True)
     for name in args.sweeps:                    # bad settings fail here, before any measurement
         for value in sweep_values(params, name):
             with_setting(params, name, value)
-    total = len(args.precisions) * (1 + sum(len(sweep_values(params, name)) for name in args.sweeps)) + args.chain_stages
+    total = len(precisions) * (1 + sum(len(sweep_values(params, name)) for name in args.sweeps)) + args.chain_stages
     progress = bench.Progress(total)
-    sweeps = measure_sweeps(params, args.sweeps, args.precisions, args.steps, device, n, progress)
+    sweeps = measure_sweeps(params, args.sweeps, precisions, args.steps, device, n, progress)
     with tempfile.TemporaryDirectory(prefix="dbot_chain_") as tmp:     # the stages' resumable states
         chain = dbot_chain(params, args.chain_stages, args.chain_epochs, args.chain_images, device, Path(tmp),
-                           progress) if args.chain_stages else []
+                           progress, default.name) if args.chain_stages else []
     result = {"preset": args.preset, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "precisions": args.precisions, "chain_precision": "bf16" if params["pretrain"]["bf16"] else "fp32",
+              "precisions": precisions, "skipped_precisions": skipped, "chain_precision": default.name,
+              "default_precision_reason": default.reason,
               "steps": args.steps,
               "peak_matmul_size": n, "preset_settings": {name: params[SWEEPS[name][0]][SWEEPS[name][1]]
                                                          for name in SWEEPS},

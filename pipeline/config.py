@@ -76,6 +76,10 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
     if "seed" in params:
         raise PipelineError(f"invalid params ({source}): seed is not a params key; the study's seeds are `seeds: [..]` "
                             "and each node gets its own with --seed")
+    for section, values in params.items():
+        if isinstance(values, dict) and "bf16" in values:
+            raise PipelineError(f"invalid params ({source}): {section}.bf16 is now {section}.precision: auto | fp32 | "
+                                "bf16 | fp16 (bf16: true -> bf16, false -> fp32; auto chooses per machine)")
     validate(params, source=source)
     return with_seed(params, params["seeds"][0])
 

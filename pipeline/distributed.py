@@ -10,13 +10,22 @@ How N processes train exactly like one at the same global batch:
 - every random draw of the step (crop, flip, mask, SdAE's folds) is made for the whole global batch from
   the step's generator and cut to this rank's rows (`rand_rows`, `global_rows`), so rank r sees exactly
   rows r*b..(r+1)*b-1 of what one process would see;
-- after backward, one all-reduce averages the gradients and the loss over ranks (one flat buffer per step);
-  the losses are means over equal-sized shards with equal mask counts, so the average is the global mean;
-- parameters start identical (same seed, broadcast from rank 0 to be sure) and get identical updates, so
-  EMA teachers stay identical on every rank without communication; a dBOT stage's frozen teacher is
-  loaded from the same file by every rank.
+- the engine trains the model through `wrap`: torch's DistributedDataParallel, which averages the gradients
+  over ranks in buckets, each all-reduced as soon as backward has filled it (overlapped with the rest of
+  backward); the losses are means over equal-sized shards with equal mask counts, so the average is the
+  global mean. The epoch's loss sum is averaged over ranks once, at the epoch end (`average`);
+- parameters start identical (same seed; DDP broadcasts rank 0's parameters, frozen teachers' included,
+  and buffers when it wraps the model) and get identical updates, so EMA teachers stay identical on every
+  rank without communication; a dBOT stage's frozen teacher is loaded from the same file by every rank.
 Only rank 0 logs, saves state and writes outputs; the others compute gradients. Results agree with one
 process within float tolerance (summation order differs), not bit for bit.
+
+Several nodes: pipeline.launch asks Slurm for one node (nodes=1, tasks_per_node = launch.tasks, which must
+equal launch.slurm.gpus_per_node: one task per GPU). Nothing here assumes one node: submitit's
+TorchDistributedEnvironment takes every task's rank and the world size from Slurm's variables and MASTER_ADDR
+from the job's first host, each task sees only its GPU (CUDA_VISIBLE_DEVICES = its local rank) and the group
+uses nccl. A multi-node job needs launch to ask for nodes > 1 (launch.tasks then the total number of
+processes) and a file system all nodes share for the data and the resume state, which every rank reads.
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,39 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_parameters(module: torch.nn.Module) -> None:
-    """Every rank starts from rank 0's parameters and buffers (they are equal already; this makes sure)."""
-    if world().size > 1:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+def wrap(model: nn.Module, device: str) -> nn.Module:
+    """The module to train `model` through: torch's DistributedDataParallel over this world's processes, or
+    `model` itself in one process. Call it on every rank once the model is on `device` and any saved state is
+    loaded: DDP broadcasts rank 0's parameters and buffers when it wraps the model, never again
+    (forward_sync_buffers=False: the methods' buffers are constants, EMA teachers follow identical students).
+    Every trainable parameter gets a gradient in every step of every method, so DDP does not search the graph
+    for unused ones (find_unused_parameters=False). Call the model's own methods and state_dict on
+    `unwrap(wrapped)`; only the forward goes through DDP."""
+    if world().size == 1:
+        return model
+    dev = torch.device(device)
+    ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a `wrap`ped one (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def average(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a detached tensor over all ranks (every rank must call it); t itself in one process."""
+    if world().size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world().size
+
+
+def weights_finite(module: nn.Module) -> bool:
+    """Whether every parameter of `module` is finite. One rank alone knows only its own losses; a non-finite
+    loss on another rank shows up in the shared weights (its gradients are averaged into every rank's)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all())
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -84,25 +123,6 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / world().size
-
-
-def all_reduce_step(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """Average the gradients of `params` and the loss over ranks in one all-reduce; returns the mean loss.
-
-    A parameter without a gradient (unused this step) is None on every rank alike and stays None.
-    """
-    size = world().size
-    if size == 1:
-        return loss
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().float().reshape(1)])
-    dist.all_reduce(flat)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))     # (casts back for non-fp32 grads)
-        offset += g.numel()
-    return flat[-1].to(loss.dtype)
 
 
 # --- random draws of a global batch, cut to this rank's rows ---------------------------------------------

@@ -5,8 +5,8 @@
 - Teacher / evaluation mode: `forward(x)` runs on the full image.
 - `return_blocks` also returns chosen block outputs (before the final norm), e.g. dBOT's target layer.
 Positions are MAE's fixed 2-D sin-cos embedding (frozen); weights use MAE's initialisation.
-The patch embedding runs as one matmul over the patchified image (the conv's weights, same math): on this CPU
-the strided conv's backward took 17.8 ms a step in bf16, the matmul a fraction of it.
+The patch embedding runs as one matmul over the patchified image (the conv's weights, same math):
+the strided conv's backward took 17.8 ms a step in bf16 on a 2-core AMX Xeon, the matmul a fraction of it.
 `attention_kernels` picks the attention kernel for the device and precision a loop runs in.
 The state dict is the plain timm VisionTransformer's, so any timm ViT state dict loads into it.
 """
@@ -114,14 +114,15 @@ class Encoder(nn.Module):
 
 
 @contextlib.contextmanager
-def attention_kernels(module: nn.Module, device: str | torch.device, bf16: bool):
+def attention_kernels(module: nn.Module, device: str | torch.device, reduced: bool):
     """Within the block, every attention of `module` (timm's Attention, the decoder's CrossAttention: their
-    `fused_attn`) runs fused scaled_dot_product_attention, except on the CPU under bf16: there the explicit
-    softmax(q k^T) v runs as plain matmuls. The flags are restored after, so a k-NN probe in bf16 between
-    fp32 training steps leaves the training kernels as they were. Measured on this 2-core CPU: PyTorch's
-    CPU flash-attention backward in bf16 took 21 ms a call at 13 tokens x 3 heads, 47% of a bf16 MAE step;
-    without it the bf16 step is 1.8x faster. In fp32 both paths took the same time; on CUDA fused is fast."""
-    fused = torch.device(device).type != "cpu" or not bf16
+    `fused_attn`) runs fused scaled_dot_product_attention (on CUDA: flash / memory-efficient SDPA kernels),
+    except on the CPU under a reduced precision (bf16, fp16 autocast): there the explicit softmax(q k^T) v
+    runs as plain matmuls. The flags are restored after, so a k-NN probe in bf16 between fp32 training steps
+    leaves the training kernels as they were. Measured on a 2-core AMX Xeon: PyTorch's CPU flash-attention
+    backward in bf16 took 21 ms a call at 13 tokens x 3 heads, 47% of a bf16 MAE step; without it the bf16
+    step is 1.8x faster. In fp32 both paths took the same time there."""
+    fused = torch.device(device).type != "cpu" or not reduced
     attentions = [m for m in module.modules() if hasattr(m, "fused_attn")]
     before = [m.fused_attn for m in attentions]
     for m in attentions:

@@ -1,15 +1,23 @@
-"""The one training loop: AdamW, per-step warm-up + cosine, clipping, bf16 autocast, resumable state.
+"""The one training loop: AdamW, per-step warm-up + cosine, clipping, mixed precision, resumable state.
 
 Every random draw of a step (crop, flip, mask) comes from a generator seeded by (seed, global step), and
 the epoch's sample order from one seeded by (seed, epoch). So a run resumed from any saved step replays
 exactly the same batches and masks: on CPU it ends bit-identical to an uninterrupted run.
 
-The state (model incl. teacher, optimiser, step, running epoch sums, history, tracking run id) is
+Precision (`TrainConfig.precision`, see pipeline.hardware): fp32, bf16 autocast, or fp16 autocast with a
+GradScaler, whose scale is part of the saved state.
+
+The state (model incl. teacher, optimiser, grad scaler, step, running epoch sums, history, tracking run id) is
 saved atomically at every epoch end and at least every `checkpoint_every_min` minutes, only while the
 loss is finite. A non-finite loss stops the run with an error; the last good state stays on disk.
 
 In a multi-process job (pipeline.distributed) `batch_size` is the global batch: each process trains on its
-rows, gradients are averaged, and only rank 0 shows progress, calls on_epoch and saves the state.
+rows through DistributedDataParallel (`distributed.wrap`), which averages the gradients over the processes in
+buckets all-reduced while backward still runs; clipping and the optimiser step then see the averaged
+gradients. Each process sums its own losses; the sums are averaged once per epoch, at its end, so every
+process logs the same epoch loss and stops alike on a non-finite one. Only rank 0 shows progress, calls
+on_epoch and saves the state (the unwrapped model's state dict: the same keys as a one-process run); before a
+save in the middle of an epoch it also checks the weights, which a non-finite loss on another rank reaches.
 """
 from __future__ import annotations
 
@@ -24,9 +32,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, distributed, hardware
 from pipeline.data import augment, normalize
-from pipeline.encoder import attention_kernels
 from pipeline.errors import PipelineError
 
 
@@ -39,7 +46,7 @@ class TrainConfig:
     warmup_epochs: float
     weight_decay: float
     clip_grad: float | None
-    bf16: bool
+    precision: str              # auto | fp32 | bf16 | fp16 (pipeline.hardware.resolve on the run's device)
     crop_scale: tuple[float, float]
     hflip: bool
     checkpoint_every_min: float
@@ -114,9 +121,11 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
 
     Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
     `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py). A model with
-    `needs_labels` also gets the batch's `labels` (N,) as a keyword.
+    `needs_labels` also gets the batch's `labels` (N,) as a keyword. The hooks are called on `model` itself,
+    the forward through `distributed.wrap(model)` (DDP in a multi-process job).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or hardware.device()
+    amp = hardware.resolve(cfg.precision, device)
     model.to(device)
     n, world = images.shape[0], distributed.world()
     bs = min(cfg.batch_size, n)
@@ -125,10 +134,10 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         raise PipelineError(f"batch size {bs} does not divide by {world.size} processes (launch.tasks)")
     rows = world.rows(bs)
     lrs = lr_schedule(cfg, spe).tolist()           # Python floats: no tensor read per step
-    opt = make_optimizer(model, cfg)
-    st = _resume(state_path, cfg, model, opt, extra or {})
+    opt, scaler = make_optimizer(model, cfg), amp.grad_scaler()
+    st = _resume(state_path, cfg, model, opt, scaler, extra or {})
     st["loss_sum"] = st["loss_sum"].to(device)     # summed on the device: no host-device sync per step
-    distributed.broadcast_parameters(model)
+    net = distributed.wrap(model, device)          # DDP over the processes (from rank 0's weights), else model
     total = cfg.epochs * spe
     if hasattr(model, "start_schedule"):
         model.start_schedule(spe, total)   # methods with step-dependent parts (EMA momenta, loss ramps)
@@ -141,48 +150,51 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
         idx = batch_indices(n, bs, cfg.seed, step)[rows]
         batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
         with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
-            loss = _step(model, opt, images[idx], mean, std, cfg, lrs[step], step, device, batch_labels)
+            loss = _step(net, opt, images[idx], mean, std, cfg, lrs[step], step, device, batch_labels, amp, scaler)
         st["loss_sum"] += loss.detach().float()
         step += 1
         st["step"] = step
         bar.update(bs)
         if step % spe == 0:
-            _end_epoch(st, epoch, spe, bs, lrs[step - 1], time.monotonic() - t_epoch, state_path, model, opt,
+            _end_epoch(st, epoch, spe, bs, lrs[step - 1], time.monotonic() - t_epoch, state_path, model, opt, scaler,
                        on_epoch if world.is_main else None)
             t_epoch = last_save = time.monotonic()
-        elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:
-            _save(st, state_path, model, opt)
+        elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min \
+                and (world.size == 1 or distributed.weights_finite(model)):   # other ranks' losses: in the weights
+            _save(st, state_path, model, opt, scaler)
             last_save = time.monotonic()
     bar.close()
     return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"])
 
 
 def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
-          batch_labels: dict) -> torch.Tensor:
+          batch_labels: dict, amp: hardware.Precision, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One optimiser step in precision `amp`; `scaler` scales the loss for fp16 (disabled otherwise: a no-op)."""
     gen = step_generator(cfg.seed, step)
     x = make_batch(batch_u8, mean, std, cfg, gen, device)
     for group in opt.param_groups:
         group["lr"] = lr
-    with attention_kernels(model, device, cfg.bf16), \
-            torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+    with amp.autocast(model):
         loss, _ = model(x, gen, step, **batch_labels)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
     trained = [p for g in opt.param_groups for p in g["params"]]
-    loss = distributed.all_reduce_step(trained, loss)     # mean over processes (no-op in one process)
     if cfg.clip_grad:
+        scaler.unscale_(opt)               # clip the true gradients, not the scaled ones (fp16)
         nn.utils.clip_grad_norm_(trained, cfg.clip_grad, foreach=True)
-    opt.step()
-    if hasattr(model, "after_step"):
-        model.after_step(step)             # e.g. the EMA teacher's update
+    scaler.step(opt)                       # fp16: skips the step if a gradient overflowed, then adapts the scale
+    scaler.update()
+    inner = distributed.unwrap(model)      # the method's hooks live on the module DDP wraps
+    if hasattr(inner, "after_step"):
+        inner.after_step(step)             # e.g. the EMA teacher's update
     return loss
 
 
-def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch) -> None:
-    loss = (st["loss_sum"] / spe).item()
+def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, scaler, on_epoch) -> None:
+    loss = (distributed.average(st["loss_sum"]) / spe).item()     # every rank: the same loss, the same decision
     if not math.isfinite(loss):
         raise PipelineError(f"non-finite loss ({loss}) in epoch {epoch}; the last good state is kept "
-                            f"in {state_path}; lower the lr or turn off bf16")
+                            f"in {state_path}; lower the lr or train in another precision")
     metrics = {"epoch": epoch, "loss": loss, "lr": lr, "seconds": seconds,
                "images_per_s": spe * bs / max(seconds, 1e-9)}
     st["history"].append(metrics)
@@ -191,17 +203,17 @@ def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, on_epoch
     st["loss_sum"] = torch.zeros_like(st["loss_sum"])
     if on_epoch is not None:                # None: not rank 0 of a multi-process job
         on_epoch(metrics)
-        _save(st, state_path, model, opt)
+        _save(st, state_path, model, opt, scaler)
 
 
-def _save(st: dict, state_path: Path, model: nn.Module, opt) -> None:
+def _save(st: dict, state_path: Path, model: nn.Module, opt, scaler) -> None:
     if not torch.isfinite(st["loss_sum"]):
         return  # never overwrite the last good state with a diverged one
     checkpoint.save_state(state_path, dict(st, loss_sum=st["loss_sum"].cpu(), model=model.state_dict(),
-                                           optimizer=opt.state_dict()))
+                                           optimizer=opt.state_dict(), scaler=scaler.state_dict()))
 
 
-def _resume(state_path: Path, cfg: TrainConfig, model, opt, extra: dict) -> dict:
+def _resume(state_path: Path, cfg: TrainConfig, model, opt, scaler, extra: dict) -> dict:
     fresh = {"step": 0, "loss_sum": torch.zeros(()), "history": [], "images_seen": 0, "wall_s": 0.0,
              "config_hash": cfg.config_hash, "extra": dict(extra)}
     saved = checkpoint.load_state(state_path)
@@ -213,6 +225,8 @@ def _resume(state_path: Path, cfg: TrainConfig, model, opt, extra: dict) -> dict
         return fresh
     model.load_state_dict(saved.pop("model"))
     opt.load_state_dict(saved.pop("optimizer"))
+    if saved.get("scaler"):                # {} when the scaler was disabled (not fp16)
+        scaler.load_state_dict(saved.pop("scaler"))
     print(f"resuming {state_path} at step {saved['step']}", file=sys.stderr)
     return saved
 

@@ -1,7 +1,8 @@
 """Evaluation protocols on a frozen encoder: weighted k-NN and a linear probe (MAE's BN head by default).
 
 Features are computed once, with the encoder in eval mode and no augmentation: the cls token after the
-final norm, or the mean of the patch tokens (`feature`), in fp32 or under bf16 autocast (`bf16`).
+final norm, or the mean of the patch tokens (`feature`), in the precision asked for (`precision`, see
+pipeline.hardware: fp32, or bf16/fp16 autocast).
 """
 from __future__ import annotations
 
@@ -14,31 +15,33 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import normalize
-from pipeline.encoder import Encoder, attention_kernels
+from pipeline import hardware
+from pipeline.encoder import Encoder
 
 
 @torch.inference_mode()
-def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str, bf16: bool = False,
+def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str, precision: str = "fp32",
                      batch_size: int = 512, desc: str = "features", progress: bool = True) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> (N, D) float32 features (computed under bf16 autocast if bf16)."""
+    """uint8 images (N, C, H, W) -> (N, D) float32 features, computed in `precision` (auto | fp32 | bf16 | fp16)
+    on the encoder's device."""
     encoder.eval()
     device = next(encoder.parameters()).device
+    amp = hardware.resolve(precision, str(device))
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
                   disable=not progress):
         x = normalize(images[i:i + batch_size], mean, std).to(device)
-        with attention_kernels(encoder, device, bf16), \
-                torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with amp.autocast(encoder):
             out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
 
 
 def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:
-    """k-NN top-1 (knn.k, temperature, feature, bf16) of the first `train_images` train images against the
+    """k-NN top-1 (knn.k, temperature, feature, precision) of the first `train_images` train images against the
     first `val_images` val images: the cheap convergence probe run during pre-training. The encoder's
     train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
     was_training = encoder.training
-    feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn["feature"], knn["bf16"], progress=False)
+    feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn["feature"], knn["precision"], progress=False)
              for x, n in ((prep.train_x, train_images), (prep.val_x, val_images))]
     encoder.train(was_training)
     scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn["k"], knn["temperature"], len(prep.class_names))

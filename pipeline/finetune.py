@@ -36,10 +36,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import engine
+from pipeline import engine, hardware
 from pipeline.checkpoint import load_tensors, save_tensors
 from pipeline.data import Prepared, normalize
-from pipeline.encoder import Encoder, _state_mismatch, attention_kernels
+from pipeline.encoder import Encoder, _state_mismatch
 from pipeline.errors import PipelineError
 from pipeline.evaluation import extract_features, topk_accuracy
 
@@ -201,10 +201,10 @@ def train_batch(images: torch.Tensor, labels: torch.Tensor, prep: Prepared, tran
     return mixup(x, y) if mixup is not None else (x, y)
 
 
-def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor, mean, std, bf16: bool = False,
+def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor, mean, std, precision: str = "fp32",
              desc: str = "finetune val") -> dict:
-    """{"top1", "top5"} of the model on uint8 images (full image, eval mode)."""
-    return topk_accuracy(extract_features(model, images, mean, std, "logits", bf16, desc=desc), labels)
+    """{"top1", "top5"} of the model on uint8 images (full image, eval mode), computed in `precision`."""
+    return topk_accuracy(extract_features(model, images, mean, std, "logits", precision, desc=desc), labels)
 
 
 def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, device: str | None = None,
@@ -212,7 +212,8 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
     """Fine-tune `model` on prep's train split with the finetune settings; returns (the last epoch's val
     metrics {"top1", "top5"}, history [{"epoch", "train_loss", "val_top1", "lr"}, ...]). on_epoch(entry) is
     called after each epoch."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or hardware.device()
+    amp = hardware.resolve(settings["precision"], device)
     model.to(device)
     n, k = len(prep.train_y), len(prep.class_names)
     bs = min(settings["batch_size"], n)
@@ -222,6 +223,7 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
                             min_lr=settings["min_lr"])
     lrs = engine.lr_schedule(sched, spe)                      # reads only these four fields of a TrainConfig
     opt = optimizer(model, lr, settings["weight_decay"], settings["layer_decay"])
+    scaler = amp.grad_scaler()                                # fp16 only; a pass-through otherwise
     transform = randaug_transform(settings["randaug"], prep.train_x.shape[-1], prep.mean)
     mixup = mixup_fn(settings, k)
     criterion = loss_fn(settings, mixup)
@@ -239,22 +241,23 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
                 x, y = train_batch(prep.train_x[idx], prep.train_y[idx], prep, transform, mixup, device)
                 for group in opt.param_groups:
                     group["lr"] = lrs[step].item() * group.get("lr_scale", 1.0)
-                with attention_kernels(model, device, settings["bf16"]), \
-                        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=settings["bf16"]):
+                with amp.autocast(model):
                     logits = model(x)
                 loss = criterion(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if settings["clip_grad"]:
+                    scaler.unscale_(opt)
                     nn.utils.clip_grad_norm_(params, settings["clip_grad"])
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 loss_sum += loss.detach()
                 bar.update(bs)
             train_loss = (loss_sum / spe).item()
             if not np.isfinite(train_loss):
                 raise PipelineError(f"non-finite fine-tuning loss ({train_loss}) in epoch {epoch}; "
-                                    "lower finetune.blr or turn off finetune.bf16")
-            metrics = evaluate(model, prep.val_x, prep.val_y, prep.mean, prep.std, settings["bf16"])
+                                    "lower finetune.blr or change finetune.precision")
+            metrics = evaluate(model, prep.val_x, prep.val_y, prep.mean, prep.std, amp.name)
             entry = {"epoch": epoch, "train_loss": train_loss, "val_top1": metrics["top1"],
                      "lr": lrs[(epoch + 1) * spe - 1].item()}
             history.append(entry)

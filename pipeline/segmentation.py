@@ -19,7 +19,7 @@ masks (N, S, S) of class ids (255 = ignore):
   1 + the largest mask value.
 
 Probe (MAE's linear-probe recipe, per token): the encoder is frozen and in eval mode; its patch tokens after
-the final norm (B, L, D) are computed once (bf16 autocast if asked). Head: BatchNorm without affine + Linear
+the final norm (B, L, D) are computed once (in segprobe.precision). Head: BatchNorm without affine + Linear
 (D, classes) on every token (a 1x1 conv on the patch grid) -> logits on the grid -> bilinear upsampling to the
 pixels (align_corners=False; done as two interpolation matrices, so the backward pass is deterministic on a GPU
 too) -> per-pixel cross-entropy, ignore 255. AdamW with cosine lr per step, seeded shuffles and init. For speed the
@@ -244,10 +244,11 @@ class _PatchTokens(nn.Module):
         return self.encoder(x)[:, 1:]
 
 
-def patch_tokens(encoder: nn.Module, images: torch.Tensor, mean, std, bf16: bool = False,
+def patch_tokens(encoder: nn.Module, images: torch.Tensor, mean, std, precision: str = "fp32",
                  desc: str = "patch tokens") -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 (N, L, D) patch tokens of the frozen encoder (eval, inference mode)."""
-    return extract_features(_PatchTokens(encoder), images, mean, std, "patches", bf16, batch_size=256, desc=desc)
+    """uint8 images (N, C, H, W) -> float32 (N, L, D) patch tokens of the frozen encoder (eval, inference mode),
+    computed in `precision`."""
+    return extract_features(_PatchTokens(encoder), images, mean, std, "patches", precision, batch_size=256, desc=desc)
 
 
 def interpolation_matrix(src: int, dst: int) -> torch.Tensor:

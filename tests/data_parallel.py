@@ -2,8 +2,10 @@
 2-process equivalence test.
 
 `train_all` trains every method with the engine on the tiny preset, in this process's torch.distributed
-world (one process when none is set up). Run as a script, it joins a gloo group from the env:// variables
-(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) and saves its rank's results to <out>/rank<R>.pt.
+world (one process when none is set up), and records the type of the module the engine trained through
+(`distributed.wrap`: DistributedDataParallel in a multi-process world). Run as a script, it joins a gloo
+group from the env:// variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) and saves its rank's results
+to <out>/rank<R>.pt.
 """
 import socket
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import config, engine
+from pipeline import config, distributed, engine
 from pipeline.encoder import build_encoder
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.teacher import FrozenTeacher
@@ -43,21 +45,37 @@ def assert_close_states(a: dict, b: dict, what: str) -> None:
         assert torch.allclose(x, y, atol=ATOL, rtol=RTOL), f"{what}: {k} differs by {(x - y).abs().max():.2e}"
 
 
+def recording_wrap(seen: list[str]):
+    """A stand-in for distributed.wrap that appends the wrapped module's type name to `seen`."""
+    wrap = distributed.wrap
+
+    def recorded(model, device):
+        wrapped = wrap(model, device)
+        seen.append(type(wrapped).__name__)
+        return wrapped
+    return recorded
+
+
 def train_all(out_dir: Path, methods=tuple(METHODS)) -> dict:
     params = config.load("tiny")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (IMAGES, 1, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (IMAGES,), generator=g)
     cfg = engine.TrainConfig(epochs=2, batch_size=GLOBAL_BATCH, lr=1e-3, min_lr=1e-5, warmup_epochs=1,
-                             weight_decay=0.05, clip_grad=1.0, bf16=False, crop_scale=(0.5, 1.0), hflip=True,
+                             weight_decay=0.05, clip_grad=1.0, precision="fp32", crop_scale=(0.5, 1.0), hflip=True,
                              checkpoint_every_min=60, seed=3, config_hash="distributed-test")
     results = {}
     for name in methods:
         teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if name in NEEDS_TEACHER else None
         extra = {"num_classes": 10} if name in NEEDS_LABELS else {}
         model = METHODS[name](params, 1, 0, teacher, **extra)
-        run = engine.train(model, images, [0.5], [0.25], cfg, out_dir / name / "state.pt", labels=labels, device="cpu")
-        results[name] = {"loss": torch.tensor([h["loss"] for h in run.history]),
+        wrapped, wrap = [], distributed.wrap
+        distributed.wrap = recording_wrap(wrapped)
+        try:
+            run = engine.train(model, images, [0.5], [0.25], cfg, out_dir / name / "state.pt", labels=labels, device="cpu")
+        finally:
+            distributed.wrap = wrap
+        results[name] = {"loss": torch.tensor([h["loss"] for h in run.history]), "wrapped": wrapped,
                          "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     return results
 

@@ -1,6 +1,9 @@
-"""The benchmark command on the tiny preset: it measures every registered method in both precisions, the
-matmul peaks, data loading and the fp32 / bf16 / torch.compile modes, and writes well-formed bench.json,
-bench.md and modes_loss.png (no timing assertion beyond positivity: speed is reported, never tested).
+"""The benchmark command on the tiny preset: it measures every registered method in fp32, in the default
+precision (through `precision: auto`) and in bf16 asked for with --precisions (emulated, so slow, on a CPU
+without bf16 units: fine at this size), the matmul peaks, data loading and the modes, and writes well-formed
+bench.json, bench.md and modes_loss.png. No assertion about speed or MFU: they are what the machine at hand
+gives (an emulated bf16 matmul peak can sit below a whole step's throughput). Which precisions a run measures
+or skips is tested on forced machine descriptions.
 
 One torch thread (the children inherit it): the test checks the outputs, not the speed, and stays light on a
 shared machine. torch.compile runs with the aot_eager backend (dynamo + AOTAutograd, no C++ code generation):
@@ -10,51 +13,71 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from pipeline import bench, config
+from pipeline import bench, config, hardware
 from pipeline.methods import METHODS
 
-ROW_KEYS = {"method", "precision", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",
+ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",
             "flop_ratio_to_mae",
             "peak_mem_mb", "gflops_per_s", "flops_per_step"}
-POSITIVE = ROW_KEYS - {"method", "precision", "mfu"}
+POSITIVE = ROW_KEYS - {"method", "precision", "setting"}
 CURVE_STEPS = 3
 
 
 def test_bench_writes_well_formed_results(workdir, one_thread):
-    result = bench.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS),
-                         "--peak-size", "512", "--compile-backend", "aot_eager", "--out", "out/bench"])
+    result = bench.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS), "--precisions", "bf16",
+                         "--device", "cpu", "--peak-size", "256", "--compile-backend", "aot_eager", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert not (workdir / "results/bench").exists()      # --out is honoured
+    check_default(written)
     check_rows_and_peaks(written)
-    check_modes(written["modes"])
+    check_modes(written["modes"], written["default_precision"])
     md = (out / "bench.md").read_text()
-    assert all(f"| {m} | {p} |" in md for m in METHODS for p in ("fp32", "bf16"))
+    default = written["default_precision"]
+    assert all(f"| {m} | {p if p != default else p + ' (auto)'} |" in md for m in METHODS for p in ("fp32", "bf16"))
+    assert f"Default precision (`precision: auto`): **{default}**" in md
     assert "compile" in md and "data loading" in md and "Matmul peak" in md
     assert (out / "modes_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def check_default(written: dict) -> None:
+    """The default precision is what `auto` picks on this machine, measured for every method, and compared."""
+    auto = hardware.resolve("auto", "cpu")
+    assert (written["default_precision"], written["default_precision_reason"]) == (auto.name, auto.reason)
+    assert written["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert written["measured_precisions"] == ["fp32", "bf16"]           # fp16 is never native on a CPU: skipped
+    assert set(written["skipped_precisions"]) == {"fp16"} and "not native" in written["skipped_precisions"]["fp16"]
+    assert set(written["default_vs_fastest"]) == set(METHODS)
+    for method, ratio in written["default_vs_fastest"].items():
+        rows = [r for r in written["rows"] if r["method"] == method]
+        auto_row = next(r for r in rows if r["setting"] == "auto")
+        assert auto_row["precision"] == auto.name
+        assert math.isclose(ratio, auto_row["images_per_s"] / max(r["images_per_s"] for r in rows))
+    assert written["default_meets_target"] == (min(written["default_vs_fastest"].values()) >= bench.TARGET)
+
+
 def check_rows_and_peaks(written: dict) -> None:
     assert written["threads"] == 1
-    assert written["peak_gflops"]["fp32"] > 0 and written["peak_gflops"]["bf16"] > 0
+    assert set(written["peak_gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in written["peak_gflops"].values())
     assert {(r["method"], r["precision"]) for r in written["rows"]} == {
         (m, p) for m in METHODS for p in ("fp32", "bf16")}
     assert len(written["rows"]) == 2 * len(METHODS)
     for row in written["rows"]:
         assert ROW_KEYS <= set(row)
-        assert all(row[k] > 0 for k in POSITIVE), row
-        assert 0 < row["mfu"] < 1.5
+        assert all(row[k] > 0 and math.isfinite(row[k]) for k in POSITIVE), row
+        assert row["setting"] == ("auto" if row["precision"] == written["default_precision"] else row["precision"])
         assert math.isclose(row["gflops_per_s"], row["flops_per_step"] / row["step_s"] / 1e9)
     assert [r["step_ratio_to_mae"] for r in written["rows"] if r["method"] == "mae"] == [1.0, 1.0]
     assert [r["step_ratio_at_equal_peak"] for r in written["rows"] if r["method"] == "mae"] == [1.0, 1.0]
     assert written["data_loading"]["images_per_s"] > 0 and written["data_loading"]["ratio_to_mae_training"] > 0
 
 
-def check_modes(modes: dict) -> None:
-    assert set(modes) == {"fp32", "bf16", "compile"}
+def check_modes(modes: dict, default: str) -> None:
+    assert set(modes) == {"fp32", "bf16", "compile"} and modes["compile"]["precision"] == default
     assert modes["fp32"]["final_loss_diff_to_fp32"] == 0.0
     for name, run in modes.items():
         if name == "compile" and "error" in run:       # compilation may fail on a machine: recorded, no crash
@@ -72,3 +95,16 @@ def test_failed_compile_is_recorded_not_raised(workdir):
     run = bench.mode_run(params, data, "compile", 2, "cpu", backend="no_such_backend")
     assert run["precision"] == "fp32" and run["backend"] == "no_such_backend"
     assert "no_such_backend" in run["error"] and "losses" not in run
+
+
+@pytest.mark.parametrize("features, asked, measured, skipped", [
+    ({"capability": "AVX2", "amx": False, "avx512_bf16": False}, None, ["fp32"], {"bf16", "fp16"}),
+    ({"capability": "AVX2", "amx": False, "avx512_bf16": False}, ["bf16"], ["fp32", "bf16"], {"fp16"}),
+    ({"capability": "AVX512", "amx": True, "avx512_bf16": True}, None, ["fp32", "bf16"], {"fp16"}),
+    ({"capability": "AVX512", "amx": True, "avx512_bf16": True}, ["fp16"], ["fp32", "bf16", "fp16"], set()),
+])
+def test_precisions_a_machine_lacks_are_skipped_unless_asked_for(monkeypatch, features, asked, measured, skipped):
+    monkeypatch.setattr(hardware, "cpu_features", lambda: dict(features, onednn_max_isa=None))
+    default, got, why = bench.plan_precisions("cpu", asked)
+    assert got == measured and set(why) == skipped and default.name in got
+    assert all("not native here; --precisions" in text for text in why.values())

@@ -15,15 +15,18 @@ POINT_KEYS = {"value", "tokens", "step_s", "images_per_s", "flops_per_step", "gf
 
 def test_scaling_writes_well_formed_results(workdir, one_thread):
     result = bench_scaling.main(["--preset", "tiny", "--steps", "1", "--chain-stages", "2", "--chain-images", "128",
-                                 "--peak-size", "256", "--out", "out/bench"])
+                                 "--peak-size", "256", "--device", "cpu", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "scaling.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert set(written["sweeps"]) == set(bench_scaling.SWEEPS)
     params = config.load("tiny")
+    precisions = written["precisions"]          # fp32 and the native others: what this machine runs at full speed
+    assert precisions[0] == "fp32" and written["chain_precision"] in precisions
+    assert set(precisions) | set(written["skipped_precisions"]) == {"fp32", "bf16", "fp16"}
     for name, points in written["sweeps"].items():
-        assert {p["precision"] for p in points} == {"fp32", "bf16"}
-        for precision in ("fp32", "bf16"):
+        assert {p["precision"] for p in points} == set(precisions)
+        for precision in precisions:
             values = [p["value"] for p in points if p["precision"] == precision]
             assert values == bench_scaling.sweep_values(params, name) and len(values) >= 2
             base = next(p for p in points if p["value"] == written["preset_settings"][name] and p["precision"] == precision)

@@ -2,7 +2,7 @@
 
 - every method through the engine, in a real 2-process gloo group (tests/data_parallel.py), against the
   same training in one process: equal loss curves and final weights (incl. EMA teachers) within float
-  tolerance, and the two ranks bit-identical to each other;
+  tolerance, and the two ranks bit-identical to each other; the ranks train through DistributedDataParallel;
 - the pre-training node with launch.executor=local and launch.tasks=2 (one submitit job of two tasks, each
   joining torch.distributed through TorchDistributedEnvironment) against the inline node: same weights within
   tolerance, one MLflow run, outputs written once by rank 0;
@@ -37,6 +37,8 @@ def test_two_processes_train_every_method_like_one(tmp_path):
     one = train_all(tmp_path / "one_process")
     assert set(one) == set(ranks[0]) == {"mae", "dbot", "sdae", "rcmae", "bootmae", "supervised"}
     for name, ref in one.items():
+        assert ranks[0][name]["wrapped"] == ranks[1][name]["wrapped"] == ["DistributedDataParallel"], name
+        assert len(ref["wrapped"]) == 1 and ref["wrapped"] != ["DistributedDataParallel"], name   # the model itself
         assert all(torch.equal(ranks[0][name]["state"][k], ranks[1][name]["state"][k]) for k in ref["state"]), name
         assert torch.allclose(ranks[0][name]["loss"], ref["loss"], atol=ATOL, rtol=RTOL), name
         assert_close_states(ranks[0][name]["state"], ref["state"], name)       # student, decoder and teacher

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from browser import browser_page, mlflow_ui
 from conftest import run_cli
+from pipeline import hardware
 
 pytestmark = pytest.mark.e2e
 CHAINS = ("random", "mae", "supervised")                        # params dbot.chains: the teacher-swap study
@@ -71,7 +72,10 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
                 "attention_distance", "singular_value_share", "swap_study"):
         assert (workdir / "results" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     knn = json.loads((workdir / "results/seed0/knn/dbot_random_stage1/metrics.json").read_text())
-    assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls", "bf16": True}
+    assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls", "precision": "auto"}
+    auto = hardware.resolve("auto", "cpu")                # every node records the precision it ran in, and why
+    assert (knn["precision"], knn["precision_asked"], knn["precision_reason"]) == (auto.name, "auto", auto.reason)
+    assert (mae["precision"], mae["precision_asked"]) == ("fp32", "fp32")       # the tiny preset trains in fp32
     assert knn["weights"]["evaluated"] == "student" and len(knn["weights"]["sha256"]) == 64
     rcmae = json.loads((workdir / "results/seed0/linprobe/rcmae/metrics.json").read_text())
     assert rcmae["weights"]["evaluated"] == "teacher"                 # rcmae.evaluate_weights, recorded
@@ -93,6 +97,7 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
             "knn@seed0-dbot_mae_stage2", "linprobe@seed0-dbot_mae_stage1"} <= children
     stage2 = next(r for r in runs if r.info.run_name == "pretrain_dbot@seed0-random_stage2")
     assert stage2.data.params["pretrain.mask_ratio"] == "0.75" and "dataset_hash" in stage2.data.tags
+    assert stage2.data.tags["precision"] == "fp32" and "CPU capability" in stage2.data.tags["precision_reason"]
     assert len(client.get_metric_history(stage2.info.run_id, "loss")) == 1
     finetune = next(r for r in runs if r.info.run_name == "finetune@seed0-mae")
     assert len(client.get_metric_history(finetune.info.run_id, "val_top1")) == 1   # per epoch (tiny: 1 epoch)

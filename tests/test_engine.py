@@ -23,7 +23,7 @@ class Tiny(nn.Module):
 
 def cfg(**kw):
     base = dict(epochs=3, batch_size=8, lr=1e-2, min_lr=1e-4, warmup_epochs=1, weight_decay=0.05, clip_grad=1.0,
-                bf16=False, crop_scale=(0.5, 1.0), hflip=True, checkpoint_every_min=0.0, seed=1,
+                precision="fp32", crop_scale=(0.5, 1.0), hflip=True, checkpoint_every_min=0.0, seed=1,
                 config_hash="h", desc="test")
     return engine.TrainConfig(**dict(base, **kw))
 
@@ -66,9 +66,12 @@ def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
     assert reads == ["tolist"] + ["item", "cpu"] * 2    # the schedule once; per epoch (5 steps): its loss, the save
 
 
-def test_resume_from_any_step_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
+    """In every precision; fp16's GradScaler (its scale and growth count) is part of the saved state."""
+    conf = cfg(precision=precision)
     ref = Tiny()
-    engine.train(ref, IMAGES, [0.5], [0.25], cfg(), tmp_path / "ref.pt")
+    engine.train(ref, IMAGES, [0.5], [0.25], conf, tmp_path / "ref.pt")
     model, calls = Tiny(), {"n": 0}
     original = model.forward
 
@@ -80,10 +83,12 @@ def test_resume_from_any_step_is_bit_identical(tmp_path):
 
     model.forward = dies_at_step_7
     with pytest.raises(Crash):
-        engine.train(model, IMAGES, [0.5], [0.25], cfg(), tmp_path / "run.pt")
-    assert torch.load(tmp_path / "run.pt", weights_only=True)["step"] == 7
+        engine.train(model, IMAGES, [0.5], [0.25], conf, tmp_path / "run.pt")
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert saved["step"] == 7
+    assert (saved["scaler"]["scale"] > 0) if precision == "fp16" else saved["scaler"] == {}
     resumed = Tiny()
-    result = engine.train(resumed, IMAGES, [0.5], [0.25], cfg(), tmp_path / "run.pt")
+    result = engine.train(resumed, IMAGES, [0.5], [0.25], conf, tmp_path / "run.pt")
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
 
 

@@ -146,7 +146,7 @@ def test_supervised_learns_labels_through_the_engine(params, tmp_path):
     images += torch.randint(0, 20, images.shape, generator=gen, dtype=torch.uint8)
     model = METHODS["supervised"](params, 1, 0, num_classes=2)
     cfg = engine.TrainConfig(epochs=6, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.0,
-                             clip_grad=None, bf16=False, crop_scale=(0.9, 1.0), hflip=False, checkpoint_every_min=10,
+                             clip_grad=None, precision="fp32", crop_scale=(0.9, 1.0), hflip=False, checkpoint_every_min=10,
                              seed=0, config_hash="s")
     result = engine.train(model, images, [0.45], [0.3], cfg, tmp_path / "s.pt", labels=labels)
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]

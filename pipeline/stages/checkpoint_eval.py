@@ -10,7 +10,7 @@ Tiny run: python -m pipeline.stages.checkpoint_eval --preset tiny --weights mae
 """
 from __future__ import annotations
 
-from pipeline import data, layout, plots
+from pipeline import data, hardware, layout, plots
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import stage_main
 from pipeline.encoder import load_encoder
@@ -48,14 +48,18 @@ def work(params: dict, args) -> None:
     kept = {epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,   # every kept encoder
                                 prep.train_x.shape[1], prep.train_x.shape[-1])                   # verified before
             for epoch in layout.kept_epochs(params, args.weights)}                               # anything is written
-    rows = []
+    rows, device = [], hardware.device(params["launch"]["device"])
+    amps = {name: hardware.resolve(params[name]["precision"], device) for name in PROTOCOLS}
+    record = {f"{name}.{k}": v for name, amp in amps.items() for k, v in amp.record().items()}
     with tracked(params, info["chain"], node(args), out.parent, ["seed", "knn", "linprobe"],
-                 {"weights": args.weights, "protocol": "checkpoint_eval"}) as run:
+                 {"weights": args.weights, "protocol": "checkpoint_eval", **record}) as run:
         for epoch, (encoder, meta) in kept.items():
+            encoder.to(device)
             row = {"epoch": epoch, "sha256": meta.get("sha256")}
             for name, protocol in PROTOCOLS.items():
                 s = params[name]
-                feats = [extract_features(encoder, x, prep.mean, prep.std, s["feature"], s["bf16"], desc=f"{name} epoch {epoch}")
+                feats = [extract_features(encoder, x, prep.mean, prep.std, s["feature"], amps[name].name,
+                                          desc=f"{name} epoch {epoch}")
                          for x in (prep.train_x, prep.val_x)]
                 metrics, _ = protocol(params, feats[0], prep.train_y, feats[1], prep.val_y, len(prep.class_names))
                 row[f"{name}_top1"] = metrics["top1"]
@@ -68,7 +72,8 @@ def work(params: dict, args) -> None:
                   for e in training["epochs"] if "online_knn_top1" in e]
         write_json(out, {"protocol": "checkpoint_eval", "settings": {n: params[n] for n in PROTOCOLS},
                          "weights": {"id": args.weights, "method": info["method"], "seed": args.seed},
-                         "epochs": rows, "online_knn": online})
+                         "epochs": rows, "online_knn": online,
+                         "precision": {name: amp.record() for name, amp in amps.items()}})
         plots.checkpoint_curve(args.weights, rows, online, out.parent / "curve.png")
         run.log_artifacts(out, out.parent / "curve.png")
     print(f"{node(args)}: " + "; ".join(f"epoch {r['epoch']}: k-NN {100 * r['knn_top1']:.1f}%, "

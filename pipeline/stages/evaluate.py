@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
-from pipeline import data, layout
+from pipeline import data, hardware, layout
 from pipeline.checkpoint import write_json
 from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
@@ -46,12 +44,13 @@ def weights_record(args, meta: dict, depth: int, path) -> dict:
             "path": str(path), "sha256": meta.get("sha256")}
 
 
-def eval_run(params: dict, args, protocol: str, weights: dict, sections: list[str]):
-    """The evaluation's tracked MLflow child run (in the weights' chain), its params written beside `out`."""
+def eval_run(params: dict, args, protocol: str, weights: dict, sections: list[str], amp: hardware.Precision):
+    """The evaluation's tracked MLflow child run (in the weights' chain), its params written beside `out`; its
+    tags include the precision it runs in and why."""
     out = layout.eval_metrics(protocol, args.weights, args.seed)
     return tracked(params, layout.describe_weights(args.weights)["chain"], layout.node_id(protocol, args.seed, args.weights),
                    out.parent, sections, {"weights": args.weights, "evaluated": weights["evaluated"],
-                                          "protocol": protocol, "weights_sha256": weights["sha256"]})
+                                          "protocol": protocol, "weights_sha256": weights["sha256"], **amp.record()})
 
 
 def log_history(run, history: list[dict]) -> None:
@@ -69,15 +68,17 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     prep = data.load_prepared()
     path = layout.weights_path(args.weights, args.seed)
     encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
-    encoder.to("cuda" if torch.cuda.is_available() else "cpu")
+    device = hardware.device(params["launch"]["device"])
+    encoder.to(device)
+    amp = hardware.resolve(settings["precision"], device)
     weights = weights_record(args, meta, encoder.config["depth"], path)
     out = layout.eval_metrics(protocol, args.weights, args.seed)
-    with eval_run(params, args, protocol, weights, ["seed", protocol]) as run:
-        kind, bf16 = settings["feature"], settings["bf16"]
-        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, bf16, desc=f"{protocol} train")
-        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, bf16, desc=f"{protocol} val")
+    with eval_run(params, args, protocol, weights, ["seed", protocol], amp) as run:
+        kind = settings["feature"]
+        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, amp.name, desc=f"{protocol} train")
+        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, amp.name, desc=f"{protocol} val")
         metrics, history = protocol_fn(params, train_f, prep.train_y, val_f, prep.val_y, len(prep.class_names))
-        result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics}
+        result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics, **amp.record()}
         if history:
             result["history"] = history
             log_history(run, history)

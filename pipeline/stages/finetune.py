@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import data, finetune, layout
+from pipeline import data, finetune, hardware, layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.config import section_hash
@@ -40,9 +40,11 @@ def work(params: dict, args) -> dict:
     model = finetune.from_encoder(encoder, len(prep.class_names), settings["drop_path"], seed)
     out = layout.eval_metrics("finetune", args.weights, seed)
     node = layout.node_id("finetune", seed, args.weights)
-    with eval_run(params, args, "finetune", weights, SECTIONS) as run:
-        metrics, history = finetune.finetune(model, prep, settings, seed, desc=node,
-                                             on_epoch=lambda h: log_history(run, [h]))
+    device = hardware.device(params["launch"]["device"])
+    amp = hardware.resolve(settings["precision"], device)
+    with eval_run(params, args, "finetune", weights, SECTIONS, amp) as run:
+        metrics, history = finetune.finetune(model, prep, dict(settings, precision=amp.name), seed, device,
+                                             desc=node, on_epoch=lambda h: log_history(run, [h]))
         model_path = layout.finetuned_path(args.weights, seed)
         finetune.save_model(model_path, model, {"node": "finetune", "weights": weights,
                                                 "class_names": prep.class_names,
@@ -50,7 +52,7 @@ def work(params: dict, args) -> dict:
         curve = out.parent / "curve.png"
         finetune.plot_curve(history, curve, f"Fine-tuning {args.weights} (seed {seed})")
         result = {"protocol": "finetune", "settings": settings, "weights": weights, "metrics": metrics,
-                  "history": history, "wall_s": time.monotonic() - start}
+                  "history": history, "wall_s": time.monotonic() - start, **amp.record()}
         write_json(out, result)
         run.log_metrics(metrics)
         run.log_artifacts(out, curve, layout.sidecar(model_path))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from pipeline import data, distributed, engine, layout
+from pipeline import data, distributed, engine, hardware, layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import dbot_key, stage_main
 from pipeline.compute import flops_per_image
@@ -83,26 +83,28 @@ def work(params: dict, args) -> None:
     model = METHODS[args.method](params, in_chans, seed, teacher, **labels)
     sections = ["seed", "data", "model", "pretrain", args.method]
     s = settings(params, args)
+    device = hardware.device(params["launch"]["device"])
+    amp = hardware.resolve(s["precision"], device)
     cfg = engine.TrainConfig(
         epochs=s["epochs"], batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256, min_lr=s["min_lr"],
-        warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], bf16=s["bf16"],
+        warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], precision=amp.name,
         crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=s["checkpoint_every_min"], seed=seed,
         config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
         desc=node_id(args))
     state = layout.resume_dir(node_id(args)) / "state.pt"
     if not distributed.world().is_main:    # another process of a launch.tasks job: it only computes gradients
-        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y)
+        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y, device=device)
         return
     out = layout.pretrain_dir(args.method, args.seed, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
     tags = {"method": args.method, "stage": stage_number(args), "weights": weights_id(args), "evaluated": evaluated,
-            "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none")}
+            "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none"), **amp.record()}
     with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
         result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, on_epoch=on_epoch,
-                              extra={"run_id": run.run_id}, labels=prep.train_y)
-        final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params)
+                              extra={"run_id": run.run_id}, labels=prep.train_y, device=device)
+        final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
             shown = reconstruction_grid(model, prep.val_x, prep.mean, prep.std, args.seed, out / "reconstruction.png",
                                         method=node_id(args))
@@ -152,7 +154,8 @@ def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
             src.replace(out_dir / src.name)
 
 
-def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict) -> dict:
+def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict,
+                   amp: hardware.Precision) -> dict:
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,
             "init_seed": cfg.seed,
@@ -162,7 +165,7 @@ def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, 
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights", "seed")},
-                                      "epochs": result.history, "final": final})
+                                      "epochs": result.history, "final": final, **amp.record()})
     return final
 
 

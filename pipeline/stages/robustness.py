@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import data, finetune, layout, robustness
+from pipeline import data, finetune, hardware, layout, robustness
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.encoder import check_input
@@ -30,7 +30,7 @@ def check(params: dict, args) -> None:
 
 def work(params: dict, args) -> dict:
     start = time.monotonic()
-    settings, seed, bf16 = params["robustness"], params["seed"], params["finetune"]["bf16"]
+    settings, seed = params["robustness"], params["seed"]
     prep = data.load_prepared()
     path = layout.finetuned_path(args.weights, seed)
     model, meta = finetune.load_model(path)
@@ -39,8 +39,12 @@ def work(params: dict, args) -> dict:
     weights.setdefault("evaluated", "student")
     weights.setdefault("sha256", None)
     out = layout.eval_metrics("robustness", args.weights, seed)
-    with eval_run(params, args, "robustness", weights, SECTIONS) as run:
-        top1 = lambda images, desc: finetune.evaluate(model, images, prep.val_y, prep.mean, prep.std, bf16, desc)["top1"]
+    device = hardware.device(params["launch"]["device"])
+    model.to(device)
+    amp = hardware.resolve(params["finetune"]["precision"], device)
+    with eval_run(params, args, "robustness", weights, SECTIONS, amp) as run:
+        top1 = lambda images, desc: finetune.evaluate(model, images, prep.val_y, prep.mean, prep.std, amp.name,
+                                                      desc)["top1"]
         clean = top1(prep.val_x, "robustness clean")
         table = {}
         for name in settings["corruptions"]:
@@ -55,7 +59,7 @@ def work(params: dict, args) -> dict:
         png = out.parent / "robustness.png"
         robustness.plot(clean, table, png, f"Robustness of fine-tuned {args.weights} (seed {seed})")
         write_json(out, {"protocol": "robustness", "settings": settings, "weights": weights, "metrics": metrics,
-                         "corruptions": table, "wall_s": time.monotonic() - start})
+                         "corruptions": table, "wall_s": time.monotonic() - start, **amp.record()})
         run.log_metrics(metrics)
         run.log_artifacts(out, png)
     print_metrics("robustness", args, metrics)

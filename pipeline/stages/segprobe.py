@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from pipeline import data, layout, segmentation
+from pipeline import data, hardware, layout, segmentation
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.encoder import load_encoder
@@ -46,21 +44,22 @@ def work(params: dict, args) -> dict:
     seg = segmentation.load_dataset(params, prep)
     path = layout.weights_path(args.weights, args.seed)
     encoder, meta = load_encoder(path, params, seg.train_x.shape[1], seg.train_x.shape[-1])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device(params["launch"]["device"])
     encoder.to(device)
+    amp = hardware.resolve(s["precision"], device)
     weights = evaluate.weights_record(args, meta, encoder.config["depth"], path)
     out, node = layout.eval_metrics(PROTOCOL, args.weights, args.seed), layout.node_id(PROTOCOL, args.seed, args.weights)
-    with evaluate.eval_run(params, args, PROTOCOL, weights, SECTIONS) as run:
+    with evaluate.eval_run(params, args, PROTOCOL, weights, SECTIONS, amp) as run:
         start = time.perf_counter()
-        train_t = segmentation.patch_tokens(encoder, seg.train_x, prep.mean, prep.std, s["bf16"], "segprobe train")
-        val_t = segmentation.patch_tokens(encoder, seg.val_x, prep.mean, prep.std, s["bf16"], "segprobe val")
+        train_t = segmentation.patch_tokens(encoder, seg.train_x, prep.mean, prep.std, amp.name, "segprobe train")
+        val_t = segmentation.patch_tokens(encoder, seg.val_x, prep.mean, prep.std, amp.name, "segprobe val")
         tokens_s, start = time.perf_counter() - start, time.perf_counter()
         metrics, ious, history, head = segmentation.train_probe(
             train_t, seg.train_m, val_t, seg.val_m, seg.num_classes, encoder.grid, s["epochs"], s["batch_size"],
             s["lr"], s["weight_decay"], params["seed"], device)
         probe_s = time.perf_counter() - start
         result = {"protocol": PROTOCOL, "settings": s, "dataset": seg.info, "weights": weights, "metrics": metrics,
-                  "per_class_iou": dict(zip(seg.class_names, ious)), "history": history}
+                  "per_class_iou": dict(zip(seg.class_names, ious)), "history": history, **amp.record()}
         evaluate.log_history(run, history)
         write_json(out, result)
         n = min(EXAMPLES, len(val_t))
