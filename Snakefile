@@ -22,7 +22,7 @@ wildcard_constraints:
     key="|".join(DBOT_KEYS),
     seed=r"\d+",
     method="|".join(layout.SINGLE_STAGE_METHODS),
-    weights="|".join(WEIGHTS),
+    weights="|".join(PROBED),
 
 
 

@@ -1,6 +1,6 @@
 """Benchmark (not a test): speed, memory and compute efficiency of every method's training step at a preset.
 
-    python -m pipeline.bench --preset default [--steps 20] [--curve-steps 30] [--out results/bench]
+    python -m pipeline.bench --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16] [--out DIR]
 
 One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
 
@@ -36,7 +36,8 @@ patch embedding, heads and norms, so MFU slightly under-counts. A step ratio abo
 spends more time per FLOP than MAE (non-matmul work of its teacher or loss). Timings need an otherwise idle
 machine: on CPU cores shared with another job, torch's threads wait for each other and steps get 10-50x slower.
 
-Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out.
+Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out (default
+results/bench/<machine class>: cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class).
 """
 from __future__ import annotations
 
@@ -353,12 +354,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto (default): CUDA if torch sees a GPU, else the CPU")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench", help="output folder (default results/bench)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default results/bench/<machine class>, e.g. cpu-avx2, cpu-amx, gpu-h100)")
 
 
 def setup(args) -> tuple[dict, str, int]:
-    """(params of --preset, the device of --device, the matmul size of the peak)."""
+    """(params of --preset, the device of --device, the matmul size of the peak); args.out defaults to
+    results/bench/<machine class>, so each kind of machine keeps its own numbers."""
     device = hardware.device(args.device)
+    args.out = args.out or RESULTS / "bench" / hardware.machine_class(device)
     return config.load(args.preset), device, args.peak_size or (8192 if device == "cuda" else 2048)
 
 

@@ -1,6 +1,6 @@
 """Scaling benchmark (not a test): how the cost of a training step grows with the work it does.
 
-    python -m pipeline.bench_scaling --preset default [--steps 10] [--out results/bench]
+    python -m pipeline.bench_scaling --preset default [--steps 10] [--precisions ...] [--out DIR]
 
 Every point is MAE's real training step (pipeline.bench: engine._step, fresh child process, median of --steps
 timed steps after warm-up) at the preset with one setting changed, in fp32 and every other precision this device

@@ -110,6 +110,18 @@ def save_state(path: Path | str, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+def load_plain(path: Path | str) -> dict:
+    """A declared input saved with save_state (e.g. dBOT's carried optimizer.pt), loaded with weights_only=True;
+    a missing or unreadable file is a PipelineError (unlike a resume state, it is never silently skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"missing file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PipelineError(f"{path} is not a readable torch file of plain tensors ({str(e).splitlines()[0]})") from None
+
+
 def load_state(path: Path | str) -> dict | None:
     """The saved state, or None when there is none or it cannot be read (the caller starts fresh)."""
     path = Path(path)

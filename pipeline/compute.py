@@ -17,9 +17,13 @@ def token_counts(params: dict) -> tuple[int, int, int]:
     return num, visible, num - visible
 
 
-def cross_attention_flops(dim: int, depth: int, queries: int, context: int, context_dim: int) -> float:
-    """Extra FLOPs of `depth` cross-attention sublayers (BootMAE's target-aware decoder)."""
-    projections = 2 * (queries * 2 * dim * dim + context * (context_dim * dim + 2 * dim * dim))
+def cross_attention_flops(dim: int, depth: int, queries: int, context: int, context_dim: int,
+                          project_context: bool = False) -> float:
+    """Extra FLOPs of `depth` cross-attention sublayers (BootMAE's target-aware decoder): q and output
+    projections per query, keys and values from the context (project_context: through a Linear to the
+    decoder width first, pipeline.decoder.CrossAttention), and the attention itself."""
+    per_context = context_dim * dim + 2 * dim * dim if project_context else 2 * context_dim * dim
+    projections = 2 * (queries * 2 * dim * dim + context * per_context)
     return depth * (projections + 2 * 2 * queries * context * dim)
 
 
@@ -40,9 +44,14 @@ def flops_per_image(params: dict, method: str, teacher: dict | None = None) -> d
     decoder = encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + num)
     if method == "supervised":
         student, teacher = enc_full, 0.0
-    elif method == "bootmae":
-        cross = cross_attention_flops(m["decoder_dim"], m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"])
-        student, teacher = enc_visible + 2 * (decoder + cross), enc_full
+    elif method == "bootmae":       # a pixel decoder at decoder_dim, a feature decoder at embed_dim (or decoder_dim)
+        cfg = params["bootmae"]
+        project = cfg["block_order"] == "cross_self_mlp"
+        student = enc_visible
+        for dim in (m["decoder_dim"], m["embed_dim"] if cfg["feature_decoder"] == "encoder" else m["decoder_dim"]):
+            student += encoder_flops(dim, m["decoder_depth"], 1 + num) + cross_attention_flops(
+                dim, m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"], project)
+        teacher = enc_full
     else:
         student = enc_visible + decoder
         teacher = {"mae": 0.0, "dbot": full_teacher, "rcmae": enc_visible + decoder,

@@ -84,11 +84,28 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
     return with_seed(params, params["seeds"][0])
 
 
-def student_seed(params: dict, stage: int = 0) -> int:
-    """The init/mask/augmentation seed of one training node: 1000 x the study seed + the dBOT stage, so stage
-    k and seed S never share a seed with another stage or seed (random_init uses stage 0's: dBOT's stage-0
-    teacher is a frozen copy of the stage-0 student's own initialisation)."""
-    return 1000 * params["seed"] + stage
+# Seeds. Study seed S owns the block 1000 S .. 1000 S + 999; each stochastic node seeds its generators with its
+# own seed b = 1000 S + offset and the few after it: b (encoder init; the engine's per-step draws
+# b * 1_000_003 + step and epoch order b * 7_919 + epoch + 1), b + 1 (decoder or head), b + 2 (a second network:
+# SdAE's random teacher); robustness b + 10 i + severity. Offsets 10 apart keep every node's seeds apart
+# (tests/test_seeds.py lists them all). Shared on purpose: random_init and dBOT stage 0 (the stage-0 teacher is a
+# copy of the student's own init, dbot main_pretrain.py:220), the chains of one dBOT stage (they differ only in
+# their teacher), and a protocol's seed across the encoders it evaluates (every encoder gets the same probe).
+SEED_BLOCK = 1000
+DBOT_STAGE_SEEDS = 10                 # dBOT stage k: 1000 S + 10 k (k < 50, below the methods' offsets)
+SEED_OFFSETS = {"random_init": 0, "mae": 500, "sdae": 510, "rcmae": 520, "bootmae": 530, "supervised": 540,
+                "linprobe": 900, "segprobe": 910, "finetune": 920, "pictures": 930, "robustness": 950}
+MAX_DBOT_STAGES = SEED_OFFSETS["mae"] // DBOT_STAGE_SEEDS
+
+
+def node_seed(params: dict, node: str, stage: int = 0) -> int:
+    """The seed of a stochastic node of study seed params["seed"]: `node` is a method (its training node; "dbot"
+    with its `stage`), "random_init", a protocol (linprobe, segprobe, finetune, robustness) or "pictures" (the
+    masks of every training node's reconstruction picture). See SEED_OFFSETS above."""
+    base = SEED_BLOCK * params["seed"]
+    if node == "dbot":
+        return base + DBOT_STAGE_SEEDS * stage
+    return base + SEED_OFFSETS[node]
 
 
 def with_seed(params: dict, seed: int) -> dict:
@@ -96,6 +113,19 @@ def with_seed(params: dict, seed: int) -> dict:
     if seed not in params["seeds"]:
         raise PipelineError(f"seed {seed} is not one of this study's seeds {params['seeds']}")
     return dict(params, seed=seed)
+
+
+def _momentum_problems(method: str, spec: dict):
+    """tau_epochs [start, end] for every schedule but piecewise, which needs one more than its breakpoints."""
+    taus, points = spec["tau_epochs"], spec.get("breakpoints")
+    if spec["schedule"] != "piecewise":
+        if len(taus) != 2:
+            yield f"{method}.momentum: schedule {spec['schedule']} takes tau_epochs [start, end], got {len(taus)} values"
+    elif points is None or len(taus) != len(points) + 1:
+        yield (f"{method}.momentum: schedule piecewise needs one more tau_epochs than breakpoints, got {len(taus)} "
+               f"and {0 if points is None else len(points)}")
+    elif any(b <= a for a, b in zip(points, points[1:])):
+        yield f"{method}.momentum.breakpoints must increase, got {points}"
 
 
 def validate(params: dict, source: str = "params") -> None:
@@ -132,6 +162,7 @@ def _cross_field_problems(p: dict):
     for method in ("sdae", "rcmae", "bootmae"):
         if p[method]["momentum"]["update"] == "epoch" and p[method]["momentum"]["schedule"] == "repo":
             yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
+        yield from _momentum_problems(method, p[method]["momentum"])
     if p["bootmae"]["probe_block"] is not None and p["bootmae"]["probe_block"] > m["depth"]:
         yield f"bootmae.probe_block {p['bootmae']['probe_block']} exceeds model.depth {m['depth']}"
     launch = p["launch"]
@@ -145,6 +176,11 @@ def _cross_field_problems(p: dict):
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"
+    if len(stages) > MAX_DBOT_STAGES:
+        yield f"dbot.stages: at most {MAX_DBOT_STAGES} stages (their seeds 1000 S + 10 k stay below the methods')"
+    depth0 = p["dbot"]["stage0_teacher_depth"]
+    if depth0 is not None and depth0 > m["depth"]:
+        yield f"dbot.stage0_teacher_depth {depth0} exceeds model.depth {m['depth']} (the random teacher's blocks)"
     from pipeline.layout import TEACHER_SOURCES
 
     for chain, source in p["dbot"]["chains"].items():

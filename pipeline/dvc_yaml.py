@@ -70,11 +70,23 @@ def _checkpoint_eval_deps(params: dict, example: str) -> list[str]:
     return [str(p).replace("seed0/", "seed${item.seed}/").replace(f"/{example}/", "/${item.weights}/") for p in paths]
 
 
+def _dbot_item(params: dict, seed: int, key: str) -> Flow:
+    """A pretrain_dbot item; with dbot.carry_optimizer_state also `carried`, the optimizer.pt of the stage before
+    (stage 0 has none: its slot repeats its teacher file, a foreach template cannot drop a dep for one item)."""
+    item = Flow(seed=seed, key=key, stage=f"stage{layout.parse_dbot_key(key)[1]}")
+    if params["dbot"]["carry_optimizer_state"]:
+        carried = layout.carried_optimizer(params, key, seed)
+        item["carried"] = str(carried or layout.teacher_path(key, seed))
+    return item
+
+
 def stages(params: dict) -> dict:
     seeds, weights, keys = params["seeds"], layout.all_weights(params), layout.dbot_keys(params)
+    carry = params["dbot"]["carry_optimizer_state"]
     sd = _seed_dir()
     weights_items = {f"seed{s}-{w}": Flow(seed=s, weights=w, path=str(layout.weights_path(w, s)))
-                     for s in seeds for w in weights}
+                     for s in seeds for w in layout.probe_weights(params)}      # with the pixel floor (knn, linprobe)
+    encoder_items = {k: v for k, v in weights_items.items() if v["weights"] != layout.PIXELS}
     out = {
         "prepare_data": {
             "cmd": _cmd("prepare_data"),
@@ -108,26 +120,28 @@ def stages(params: dict) -> dict:
                                      for s in seeds for k in keys}, "do": {
             "cmd": _cmd("teacher_swap", "--seed ${item.seed}", "--stage ${item.key}"),
             "deps": [PRESET, "${item.source}", "pipeline/stages/teacher_swap.py"],
-            "params": _params("data", "model", "dbot.chains"),
+            "params": _params("data", "model", "dbot.chains", "dbot.stage0_teacher_depth"),
             "outs": [f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors", f"{sd}/teacher_swap/${{item.key}}/teacher.json"]}},
-        "pretrain_dbot": {"foreach": {f"seed{s}-{k}": Flow(seed=s, key=k, stage=f"stage{layout.parse_dbot_key(k)[1]}")
-                                      for s in seeds for k in keys}, "do": {
+        "pretrain_dbot": {"foreach": {f"seed{s}-{k}": _dbot_item(params, s, k) for s in seeds for k in keys}, "do": {
             "cmd": _cmd("pretrain_dbot", "--seed ${item.seed}", "--stage ${item.key}"),
-            "deps": [PRESET, DATASET, f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors"] + TRAIN_CODE + [
+            "deps": [PRESET, DATASET, f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors"]
+            + (["${item.carried}"] if carry else []) + TRAIN_CODE + [
                 "pipeline/decoder.py", "pipeline/losses.py", "pipeline/masking.py", "pipeline/teacher.py",
                 "pipeline/methods/dbot.py", "pipeline/stages/pretrain_dbot.py"],
             "params": _params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm", "dbot.teacher_final_norm",
+                              "dbot.drop_path", "dbot.decoder_drop_path", "dbot.carry_optimizer_state",
                               "dbot.stages.${item.stage}"),
-            "outs": [f"{sd}/pretrain_dbot/${{item.key}}/encoder.safetensors", f"{sd}/pretrain_dbot/${{item.key}}/encoder.json"],
+            "outs": [f"{sd}/pretrain_dbot/${{item.key}}/encoder.safetensors", f"{sd}/pretrain_dbot/${{item.key}}/encoder.json"]
+            + ([f"{sd}/pretrain_dbot/${{item.key}}/optimizer.pt"] if carry else []),
             "metrics": [{f"{sd}/pretrain_dbot/${{item.key}}/metrics.json": {"cache": False}}],
             "plots": [{f"{sd}/pretrain_dbot/${{item.key}}/reconstruction.png": {"cache": False}}]}},
     }
-    first_seed = {k: v for k, v in weights_items.items() if v["seed"] == seeds[0]}   # the report draws its analyses
-    tuned = {k: v for k, v in weights_items.items() if v["weights"] in layout.finetune_weights(params)}
+    first_seed = {k: v for k, v in encoder_items.items() if v["seed"] == seeds[0]}   # the report draws its analyses
+    tuned = {k: v for k, v in encoder_items.items() if v["weights"] in layout.finetune_weights(params)}
     for node, code, keys_read, items, plot in (
             ("knn", "pipeline/evaluation.py", ("knn",), weights_items, None),
             ("linprobe", "pipeline/evaluation.py", ("linprobe",), weights_items, None),
-            ("segprobe", "pipeline/segmentation.py", ("data", "segprobe"), weights_items, "examples.png"),
+            ("segprobe", "pipeline/segmentation.py", ("data", "segprobe"), encoder_items, "examples.png"),
             ("finetune", "pipeline/finetune.py", ("finetune",), tuned, "curve.png"),
             ("analyze", "pipeline/analysis.py", ("analyze",), first_seed, "attention_heads.png")):
         stage = {"cmd": _cmd(node, "--seed ${item.seed}", "--weights ${item.weights}"),
@@ -172,11 +186,12 @@ def stages(params: dict) -> dict:
     report_deps += [str(layout.cka_path(s)) for s in seeds]
     out["report"] = {
         "cmd": "python -m pipeline.stages.report --preset ${preset}",
-        "deps": report_deps + ["pipeline/report.py", "pipeline/swap_study.py", "pipeline/plots.py",
-                               "pipeline/stages/report.py"],
+        "deps": report_deps + ["pipeline/report.py", "pipeline/swap_study.py", "pipeline/claims.py", "pipeline/plots.py",
+                               "pipeline/seed_stats.py", "pipeline/stages/report.py"],
         "params": _params("seeds", "dbot.chains"),
         "outs": [{str(p): {"cache": False}} for p in (layout.SUMMARY_CSV, layout.SUMMARY_MD,
-                                                      layout.RESULTS / "swap_study.csv", layout.RESULTS / "swap_spread.csv")],
+                                                      layout.RESULTS / "swap_study.csv", layout.RESULTS / "swap_spread.csv",
+                                                      layout.CLAIMS_CSV)],
         "plots": [{str(layout.PLOTS_DIR / f"{name}.png"): {"cache": False}}
                   for name in REPORT_PLOTS + (("checkpoint_eval",) if curve_weights else ())]}
     return out

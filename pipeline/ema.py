@@ -108,6 +108,32 @@ def repo_rcmae_schedule(start: float, end: float, epochs: int, steps_per_epoch: 
     return torch.lerp(torch.tensor(start, dtype=torch.float64), torch.tensor(end, dtype=torch.float64), weight)
 
 
+def piecewise_schedule(momenta: list[float], breakpoints: list[float], epochs: int,
+                       steps_per_epoch: int) -> torch.Tensor:
+    """Per-step momenta (float64, epochs * steps_per_epoch), set once per epoch: linear in f = e / E (epoch e of
+    E) through (0, momenta[0]), (breakpoints[0], momenta[1]), ..., (breakpoints[-1], momenta[-1]), and
+    constant after the last breakpoint. breakpoints: fractions of training, increasing, in (0, 1].
+
+    BootMAE's official schedule (LightDXY/BootMAE utils.py:L586-593, applied at the start of every epoch,
+    run_pretraining.py:L390; the EMA then updates after every step): 0.999 + e / 100 (0.9999 - 0.999) for
+    e < 100, then 0.9999 + min(300, e - 100) / 300 (0.99999 - 0.9999) with --model_ema_dynamic (ViT-B,
+    scripts/pretrain/bash_pre_BootMAE_Base_800.sh:L38-40, 801 epochs) or 0.9999 without (ViT-L), i.e.
+    momenta [0.999, 0.9999, 0.99999] at breakpoints [100 / E, 400 / E] (0.125, 0.5 at E = 800).
+    """
+    if len(momenta) != len(breakpoints) + 1:
+        raise ValueError(f"{len(breakpoints)} breakpoints need {len(breakpoints) + 1} momenta, got {len(momenta)}")
+    xs = [0.0, *breakpoints]
+    if any(b <= a for a, b in zip(xs, xs[1:])) or xs[-1] > 1:
+        raise ValueError(f"breakpoints must increase within (0, 1], got {breakpoints}")
+    epoch = torch.arange(epochs * steps_per_epoch, dtype=torch.float64) // steps_per_epoch
+    f = epoch / epochs
+    out = torch.full_like(f, float(momenta[-1]))
+    for (x0, x1), (m0, m1) in zip(zip(xs, xs[1:]), zip(momenta, momenta[1:])):
+        inside = (f >= x0) & (f < x1)
+        out[inside] = m0 + (f[inside] - x0) / (x1 - x0) * (m1 - m0)
+    return out
+
+
 def momentum_from_time_constant(tau_epochs: float, steps_per_epoch: int) -> float:
     """The per-step momentum m = exp(-1 / (tau_epochs * steps_per_epoch)) of an EMA whose time constant
     is tau_epochs epochs. Momenta tuned at batch 4096 on ImageNet (a few hundred steps per epoch) do not
@@ -126,10 +152,13 @@ class EMASchedule:
     """The momentum of every optimiser step, from a method's `momentum` params:
 
         {schedule: cosine | linear | constant | repo, tau_epochs: [start, end], update: step | epoch}
+        {schedule: piecewise, tau_epochs: [t0, t1, ..., tn], breakpoints: [b1, ..., bn], update: ...}
 
-    The start and end momenta are those of EMAs with the given time constants in epochs (None = 1.0).
+    The momenta are those of EMAs with the given time constants in epochs (None = 1.0).
     update "step" applies the EMA after every optimiser step; "epoch" once per epoch, after its last
-    step, with the epoch's momentum (SdAE). "repo" is RC-MAE's official within-epoch indexing.
+    step, with the epoch's momentum (SdAE). "repo" is RC-MAE's official within-epoch indexing;
+    "piecewise" is BootMAE's official per-epoch schedule (`piecewise_schedule`), its breakpoints
+    fractions of training (other schedules ignore `breakpoints`).
     """
 
     def __init__(self, spec: dict):
@@ -139,7 +168,14 @@ class EMASchedule:
         """Build the per-step momenta once the engine knows the run's length."""
         per_epoch = self.spec["update"] == "epoch"
         epochs, updates = total_steps // steps_per_epoch, (1 if per_epoch else steps_per_epoch)
-        start, end = (momentum_from_tau(t, updates) for t in self.spec["tau_epochs"])
+        momenta = [momentum_from_tau(t, updates) for t in self.spec["tau_epochs"]]
+        if self.spec["schedule"] == "piecewise":
+            self.momenta = piecewise_schedule(momenta, self.spec["breakpoints"], epochs, steps_per_epoch)
+            self.steps_per_epoch = steps_per_epoch
+            return
+        if len(momenta) != 2:
+            raise ValueError(f"schedule {self.spec['schedule']} takes tau_epochs [start, end], got {len(momenta)}")
+        start, end = momenta
         if self.spec["schedule"] == "repo":
             self.momenta = repo_rcmae_schedule(start, end, epochs, steps_per_epoch)
         else:

@@ -4,7 +4,13 @@
   the blocks on them (MAE's asymmetric encoder).
 - Teacher / evaluation mode: `forward(x)` runs on the full image.
 - `return_blocks` also returns chosen block outputs (before the final norm), e.g. dBOT's target layer.
-Positions are MAE's fixed 2-D sin-cos embedding (frozen); weights use MAE's initialisation.
+Positions are MAE's fixed 2-D sin-cos embedding (frozen); weights use MAE's initialisation (init="mae"), or
+timm's own with learnable positions (init="timm": SdAE's random teacher).
+`drop_path` is stochastic depth in training, the rate rising linearly from 0 to it over the blocks (timm's rule,
+as dbot models_mae.py:50 and sdae models_mae.py:39). Its draws come from the training step's generator (`step_draws`,
+entered by the engine), made for the global batch and cut to this process's rows (pipeline.distributed), so a
+resumed or data-parallel run drops the same paths as one uninterrupted process; in eval mode (teachers, probes,
+pictures) it is the identity. It is not part of the saved config: a loaded encoder has none.
 The patch embedding runs as one matmul over the patchified image (the conv's weights, same math):
 the strided conv's backward took 17.8 ms a step in bf16 on a 2-core AMX Xeon, the matmul a fraction of it.
 `attention_kernels` picks the attention kernel for the device and precision a loop runs in.
@@ -36,6 +42,58 @@ def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), pos]) if cls_token else pos
 
 
+_STEP_GENERATOR: torch.Generator | None = None      # the training step's generator, while step_draws is active
+
+
+@contextlib.contextmanager
+def step_draws(generator: torch.Generator):
+    """Within the block, DropPath draws from `generator` (the engine's step generator) instead of torch's global RNG."""
+    global _STEP_GENERATOR
+    before, _STEP_GENERATOR = _STEP_GENERATOR, generator
+    try:
+        yield
+    finally:
+        _STEP_GENERATOR = before
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (each sample's residual branch is zeroed with probability p, the kept ones scaled by
+    1 / (1 - p)), with draws from the step's generator (step_draws) for the whole global batch, this rank's rows."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        scale = _kept_scale(x.shape[0], 1.0 - self.drop_prob).to(device=x.device, dtype=x.dtype, non_blocking=True)
+        return x * scale.view(-1, *([1] * (x.ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+@torch.compiler.disable          # runs eagerly under torch.compile: no guard on the step's generator, no recompiles
+def _kept_scale(batch: int, keep: float) -> torch.Tensor:
+    """(B,) float32 on the CPU: 1 / keep for the kept samples, 0 for the dropped ones."""
+    from pipeline.distributed import rand_rows
+
+    draw = rand_rows(batch, generator=_STEP_GENERATOR)                   # uniform, the global batch's rows
+    return (draw < keep).float().div_(keep)
+
+
+def use_step_drop_path(module: nn.Module) -> nn.Module:
+    """Replace every timm DropPath inside `module` (in place) by DropPath of the same rate; returns `module`."""
+    from timm.layers import DropPath as TimmDropPath
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TimmDropPath):
+                setattr(parent, name, DropPath(child.drop_prob))
+    return module
+
+
 def init_mae_weights(module: nn.Module) -> None:
     """MAE init: xavier-uniform Linear (and patch conv as a Linear), zero bias, LayerNorm (1, 0)."""
     for m in module.modules():
@@ -53,17 +111,24 @@ def init_mae_weights(module: nn.Module) -> None:
 
 
 class Encoder(nn.Module):
-    def __init__(self, model: dict, img_size: int, in_chans: int, depth: int | None = None):
+    def __init__(self, model: dict, img_size: int, in_chans: int, depth: int | None = None, drop_path: float = 0.0,
+                 init: str = "mae"):
         super().__init__()
+        if init not in ("mae", "timm"):
+            raise ValueError(f'unknown encoder init {init!r}; known: "mae", "timm"')
         self.config = dict(model, img_size=img_size, in_chans=in_chans,
                            depth=model["depth"] if depth is None else depth)
         self.vit = timm.create_model(
             model["arch"], pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
             patch_size=model["patch_size"], embed_dim=model["embed_dim"],
-            depth=self.config["depth"], num_heads=model["num_heads"])
+            depth=self.config["depth"], num_heads=model["num_heads"], drop_path_rate=drop_path)
+        use_step_drop_path(self.vit)
         self.grid = img_size // model["patch_size"]
         self.num_patches = self.grid * self.grid
         self.embed_dim = model["embed_dim"]
+        if init == "timm":    # timm's init (trunc-normal 0.02 Linear and learnable positions), cls as timm 0.3.2
+            nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
+            return
         init_mae_weights(self.vit)
         nn.init.normal_(self.vit.cls_token, std=0.02)
         self.vit.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid)[None])
@@ -104,8 +169,9 @@ class Encoder(nn.Module):
 
     def truncated(self, depth: int) -> "Encoder":
         """A copy with only the first `depth` blocks (then the final norm), e.g. BootMAE's probe on an
-        intermediate block; the state dict is that of a timm ViT of depth `depth`."""
-        if not 1 <= depth <= len(self.vit.blocks):
+        intermediate block, or dBOT's depth-0 stage-0 teacher (patch embedding and positions only); the state
+        dict is that of a timm ViT of depth `depth`."""
+        if not 0 <= depth <= len(self.vit.blocks):
             raise ValueError(f"cannot keep {depth} of {len(self.vit.blocks)} blocks")
         out = copy.deepcopy(self)
         out.vit.blocks = out.vit.blocks[:depth]
@@ -134,12 +200,12 @@ def attention_kernels(module: nn.Module, device: str | torch.device, reduced: bo
             m.fused_attn = flag
 
 
-def build_encoder(model: dict, img_size: int, in_chans: int, seed: int,
-                  depth: int | None = None) -> Encoder:
-    """A freshly initialised encoder; the same seed gives bit-identical weights."""
+def build_encoder(model: dict, img_size: int, in_chans: int, seed: int, depth: int | None = None,
+                  drop_path: float = 0.0, init: str = "mae") -> Encoder:
+    """A freshly initialised encoder; the same seed gives bit-identical weights (whatever its drop_path)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Encoder(model, img_size, in_chans, depth)
+        return Encoder(model, img_size, in_chans, depth, drop_path, init)
 
 
 def flops_per_token_block(dim: int, tokens: int) -> float:

@@ -1,8 +1,12 @@
 """The one training loop: AdamW, per-step warm-up + cosine, clipping, mixed precision, resumable state.
 
-Every random draw of a step (crop, flip, mask) comes from a generator seeded by (seed, global step), and
-the epoch's sample order from one seeded by (seed, epoch). So a run resumed from any saved step replays
-exactly the same batches and masks: on CPU it ends bit-identical to an uninterrupted run.
+Every random draw of a step (crop, flip, mask, and drop-path: pipeline.encoder.step_draws) comes from a generator
+seeded by (seed, global step), and the epoch's sample order from one seeded by (seed, epoch). So a run resumed from
+any saved step replays exactly the same batches, masks and dropped paths: on CPU it ends bit-identical to an
+uninterrupted run.
+
+`initial_optimizer_state` starts a fresh (not resumed) run from another run's AdamW moments and step
+(named_optimizer_state; dBOT's carry_optimizer_state); `TrainResult.optimizer` is the run's own at its end.
 
 Precision (`TrainConfig.precision`, see pipeline.hardware): fp32, bf16 autocast, or fp16 autocast with a
 GradScaler, whose scale is part of the saved state.
@@ -34,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, distributed, hardware
 from pipeline.data import augment, normalize
+from pipeline.encoder import step_draws
 from pipeline.errors import PipelineError
 
 
@@ -53,6 +58,7 @@ class TrainConfig:
     seed: int
     config_hash: str            # a saved state is only resumed if it was made with the same hash
     desc: str = "train"         # progress bar label
+    compile: str | None = None  # torch.compile backend for the model's forward (e.g. inductor); None = eager
 
 
 @dataclass
@@ -61,6 +67,7 @@ class TrainResult:
     images_seen: int
     wall_s: float
     extra: dict = field(default_factory=dict)   # values the caller stored in the state (e.g. run id)
+    optimizer: dict = field(default_factory=dict)   # the final optimiser state by parameter name (named_optimizer_state)
 
 
 def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
@@ -73,17 +80,49 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and 1-D params (timm's convention)."""
+    """AdamW groups: no weight decay on biases, norms and 1-D params (timm's add_weight_decay), nor on tokens and
+    positions: every parameter whose name ends in "token" (cls, mask tokens) or "pos_embed" (when learnable).
+    BootMAE's optimiser skips its no_weight_decay() names, {pos_embed, cls_token} (BootMAE optim_factory.py:65,
+    modeling_pretrain_bootmae.py no_weight_decay), as timm's ViT does; MAE's timm 0.3.2 add_weight_decay decays
+    the 3-D cls and mask tokens. Here no token is decayed (params pretrain.weight_decay)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+            token = name.endswith("token") or name.endswith("pos_embed")
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or token else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def named_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimiser's per-parameter state (AdamW: step, exp_avg, exp_avg_sq) keyed by parameter name: detached
+    tensors on the parameters' device (no copy); on the CPU, plain tensors for torch.save and
+    torch.load(weights_only=True)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: {k: v.detach() for k, v in state.items()} for p, state in opt.state.items() if id(p) in names}
+
+
+def load_named_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> list[str]:
+    """Start `opt` from `state` (named_optimizer_state of a model of the same architecture): every parameter of
+    the same name and shape takes its moments and step; the others (e.g. a head of another width) start fresh,
+    and their names are returned. The groups' settings (lr, weight decay) stay `opt`'s own."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = opt.state_dict()
+    ids = [i for group in current["param_groups"] for i in group["params"]]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    carried, fresh = {}, []
+    for index, p in zip(ids, params):
+        saved = state.get(names[id(p)])
+        if saved is None or saved["exp_avg"].shape != p.shape:
+            fresh.append(names[id(p)])
+        else:
+            carried[index] = {k: v.clone() for k, v in saved.items()}
+    opt.load_state_dict({"state": carried, "param_groups": current["param_groups"]})
+    return fresh
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95 as MAE) with param_groups; fused: one kernel per parameter tensor instead of a
-    chain of per-op loops (3% of the default MAE step on this CPU, more on a GPU)."""
+    chain of per-op loops (3% of the default MAE step on a 2-core AMX Xeon, more on a GPU)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
 
@@ -108,21 +147,22 @@ def make_batch(batch_u8: torch.Tensor, mean: list[float], std: list[float], cfg:
 
     The uint8 batch moves first (a quarter of the float bytes; pinned, asynchronous on CUDA), so augmentation
     and normalisation run on the device; the random draws stay on the CPU generator."""
-    if device.startswith("cuda"):
-        batch_u8 = batch_u8.pin_memory().to(device, non_blocking=True)
+    batch_u8 = hardware.to_device(batch_u8, device)
     x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
     return normalize(x, mean, std)
 
 
 def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
           state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
-          extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None) -> TrainResult:
+          extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None,
+          initial_optimizer_state: dict | None = None) -> TrainResult:
     """Train `model` on uint8 images (N, C, H, W): forward(imgs, generator, step) -> (loss, outputs).
 
     Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
     `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py). A model with
     `needs_labels` also gets the batch's `labels` (N,) as a keyword. The hooks are called on `model` itself,
-    the forward through `distributed.wrap(model)` (DDP in a multi-process job).
+    the forward through `distributed.wrap(model)` (DDP in a multi-process job). `initial_optimizer_state`
+    (named_optimizer_state of another run) is loaded only when the run starts fresh, never over a resumed state.
     """
     device = device or hardware.device()
     amp = hardware.resolve(cfg.precision, device)
@@ -136,7 +176,14 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     lrs = lr_schedule(cfg, spe).tolist()           # Python floats: no tensor read per step
     opt, scaler = make_optimizer(model, cfg), amp.grad_scaler()
     st = _resume(state_path, cfg, model, opt, scaler, extra or {})
+    if initial_optimizer_state and st["step"] == 0:    # a fresh run (a saved state is always past step 0)
+        fresh = load_named_optimizer_state(model, opt, initial_optimizer_state)
+        if fresh and world.is_main:
+            print(f"note: the carried optimizer state has no moments for {', '.join(fresh)}; they start at zero",
+                  file=sys.stderr)
     st["loss_sum"] = st["loss_sum"].to(device)     # summed on the device: no host-device sync per step
+    if cfg.compile:
+        model.compile(backend=cfg.compile)         # in place: the state dict keeps its keys
     net = distributed.wrap(model, device)          # DDP over the processes (from rank 0's weights), else model
     total = cfg.epochs * spe
     if hasattr(model, "start_schedule"):
@@ -164,7 +211,7 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
             _save(st, state_path, model, opt, scaler)
             last_save = time.monotonic()
     bar.close()
-    return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"])
+    return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"], named_optimizer_state(model, opt))
 
 
 def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
@@ -174,7 +221,7 @@ def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: in
     x = make_batch(batch_u8, mean, std, cfg, gen, device)
     for group in opt.param_groups:
         group["lr"] = lr
-    with amp.autocast(model):
+    with amp.autocast(model), step_draws(gen):       # drop-path draws from the step's generator too
         loss, _ = model(x, gen, step, **batch_labels)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

@@ -2,7 +2,8 @@
 
 Features are computed once, with the encoder in eval mode and no augmentation: the cls token after the
 final norm, or the mean of the patch tokens (`feature`), in the precision asked for (`precision`, see
-pipeline.hardware: fp32, or bf16/fp16 autocast).
+pipeline.hardware: fp32, or bf16/fp16 autocast). The raw-pixel floor's features are the normalised images,
+flattened (pixel_features), in fp32.
 """
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: st
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
                   disable=not progress):
-        x = normalize(images[i:i + batch_size], mean, std).to(device)
+        x = normalize(hardware.to_device(images[i:i + batch_size], device), mean, std)
         with amp.autocast(encoder):
             out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
+
+
+def pixel_features(images: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> (N, C * H * W) float32: the images normalised with the train split's
+    mean/std per channel (as every encoder sees them), flattened. The raw-pixel floor's features."""
+    chunks = [normalize(images[i:i + batch_size], mean, std).flatten(1) for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, math.prod(images.shape[1:]))
 
 
 def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:

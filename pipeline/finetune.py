@@ -197,7 +197,7 @@ def seed_step(seed: int, step: int) -> None:
 def train_batch(images: torch.Tensor, labels: torch.Tensor, prep: Prepared, transform, mixup, device: str):
     """One step's uint8 images -> (normalised inputs, targets) on device: RandAugment, normalise, Mixup."""
     x = randaugment(images, transform) if transform is not None else images
-    x, y = normalize(x, prep.mean, prep.std).to(device), labels.to(device)
+    x, y = normalize(hardware.to_device(x, device), prep.mean, prep.std), hardware.to_device(labels, device)
     return mixup(x, y) if mixup is not None else (x, y)
 
 

@@ -52,6 +52,25 @@ def device_name(dev: str) -> str:
     return " ".join(v for v in (platform.machine(), platform.processor()) if v) or "cpu"
 
 
+def machine_class(dev: str) -> str:
+    """A short name for the kind of machine `dev` is, as the benchmarks' folders use it: gpu-<name> for a GPU;
+    for a CPU, what decides its precision: cpu-amx, cpu-avx512-bf16, else cpu-<ATen capability> (cpu-avx2, ...)."""
+    if dev.startswith("cuda"):
+        return "gpu-" + "-".join(torch.cuda.get_device_name().lower().replace("nvidia", "").split())
+    f = cpu_features()
+    if cpu_bf16_native(f):
+        return "cpu-amx" if f["amx"] else "cpu-avx512-bf16"
+    return "cpu-" + f["capability"].lower().replace(" ", "")
+
+
+def to_device(t: torch.Tensor, dev: str | torch.device) -> torch.Tensor:
+    """A host tensor on `dev`: on CUDA through pinned memory with a non-blocking copy (the copy overlaps with
+    the work already queued), elsewhere a plain .to()."""
+    if torch.device(dev).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def cpu_features() -> dict:
     """What torch reports of this CPU (and the oneDNN ISA limit, if one is set)."""
     return {"capability": torch.backends.cpu.get_cpu_capability(), "amx": torch.cpu._is_amx_tile_supported(),

@@ -17,6 +17,11 @@ single-stage methods ("mae", "sdae", "rcmae", "bootmae"), "supervised", and "dbo
 k of the dBOT chain <chain> (params dbot.chains: the teacher-swap study). A dBOT node's key is
 "<chain>_stage<k>": pretrain_dbot@seed0-random_stage1 writes results/seed0/pretrain_dbot/random_stage1/,
 weights id dbot_random_stage1.
+
+"pixels" is the second floor: a weights id of the knn and linprobe protocols only (probe_weights), whose
+features are the normalised images themselves, so it has no weights file (weights_path gives the prepared
+dataset it reads) and no other node (segprobe, finetune, analyze, cka) takes it: knn@seed0-pixels,
+linprobe@seed0-pixels write results/seed0/{knn,linprobe}/pixels/metrics.json.
 """
 from __future__ import annotations
 
@@ -29,10 +34,13 @@ DATASET = DATA_DIR / "dataset.safetensors"          # uint8 images + int64 label
 RESUME_DIR = RESULTS / ".resume"
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
+CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.claims)
 PLOTS_DIR = RESULTS / "plots"
 
 SINGLE_STAGE_METHODS = ("mae", "sdae", "rcmae", "bootmae")   # methods whose pre-training is one `pretrain` node
 TEACHER_SOURCES = ("random_init",) + SINGLE_STAGE_METHODS + ("supervised",)   # weights ids a dBOT chain may start from
+PIXELS = "pixels"                  # the raw-pixel floor: knn and linprobe on the normalised images
+FLOORS = ("random_init", PIXELS)   # weights ids no method trained: what every trained encoder should beat
 DBOT_KEY = re.compile(r"^(?P<chain>[a-z0-9]+)_stage(?P<stage>\d+)$")
 
 
@@ -86,8 +94,25 @@ def teacher_path(key: str, seed: int) -> Path:
     return seed_dir(seed) / "teacher_swap" / key / "teacher.safetensors"
 
 
+def optimizer_path(key: str, seed: int) -> Path:
+    """dBOT node <key>'s final AdamW state (dbot.carry_optimizer_state): results/seed<S>/pretrain_dbot/<key>/optimizer.pt."""
+    return pretrain_dir("dbot", seed, key) / "optimizer.pt"
+
+
+def carried_optimizer(params: dict, key: str, seed: int) -> Path | None:
+    """The optimizer state dBOT node <key> starts from: stage k-1's of the same chain when
+    dbot.carry_optimizer_state is on and k > 0, else None."""
+    chain, stage = parse_dbot_key(key)
+    if not params["dbot"]["carry_optimizer_state"] or stage == 0:
+        return None
+    return optimizer_path(dbot_key(chain, stage - 1), seed)
+
+
 def weights_path(weights: str, seed: int) -> Path:
-    """Encoder weights file of a weights id of one seed."""
+    """Encoder weights file of a weights id of one seed; for the pixel floor, the prepared dataset (its features
+    are the images)."""
+    if weights == PIXELS:
+        return DATASET
     if weights == "random_init":
         return seed_dir(seed) / "random_init" / "encoder.safetensors"
     if weights.startswith("dbot_"):
@@ -182,11 +207,18 @@ def all_weights(params: dict) -> list[str]:
     return ids + [dbot_weights(key) for key in dbot_keys(params)]
 
 
+def probe_weights(params: dict) -> list[str]:
+    """Weights ids of the knn and linprobe nodes: every encoder (all_weights), then the pixel floor."""
+    return all_weights(params) + [PIXELS]
+
+
 def evaluation_metrics(params: dict, seed: int) -> list[Path]:
-    """Every evaluation metrics.json of one seed that the report tabulates: knn, linprobe and segprobe of every
-    weights id; finetune (and robustness, if robustness.enabled) of layout.finetune_weights."""
+    """Every evaluation metrics.json of one seed that the report tabulates: knn and linprobe of every probe
+    weights id (with pixels), segprobe of every encoder; finetune (and robustness, if robustness.enabled) of
+    layout.finetune_weights."""
     weights, tuned = all_weights(params), finetune_weights(params)
-    paths = [eval_metrics(p, w, seed) for p in ("knn", "linprobe", "segprobe") for w in weights]
+    paths = [eval_metrics(p, w, seed) for p in ("knn", "linprobe") for w in probe_weights(params)]
+    paths += [eval_metrics("segprobe", w, seed) for w in weights]
     paths += [eval_metrics("finetune", w, seed) for w in tuned]
     return paths + ([eval_metrics("robustness", w, seed) for w in tuned] if params["robustness"]["enabled"] else [])
 
@@ -206,6 +238,8 @@ def describe_weights(weights: str) -> dict:
     """weights id -> {"id", "method", "stage", "chain"}: the MLflow chain a weights id belongs to."""
     if weights == "random_init":
         return {"id": weights, "method": "random", "stage": None, "chain": "random_init"}
+    if weights == PIXELS:
+        return {"id": weights, "method": PIXELS, "stage": None, "chain": PIXELS}
     if weights.startswith("dbot_"):
         chain, stage = parse_dbot_key(weights.removeprefix("dbot_"))
         return {"id": weights, "method": "dbot", "stage": stage, "chain": f"dbot_{chain}"}

@@ -59,13 +59,18 @@ def center_weights(mask: torch.Tensor, grid: int) -> torch.Tensor:
     return ((1 + share) * grid_mask).reshape(mask.shape)
 
 
-def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """sum(per_token * weights) / sum(weights); per_token, weights (B, L). All-zero weights give 0.
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8,
+                  count: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(per_token * weights) / sum(count); per_token, weights, count (B, L); count defaults to the weights.
+    All-zero weights give 0. BootMAE's official loss passes its 0/1 mask as count: the centre-weighted
+    errors are divided by the number of masked tokens (run_pretraining.py:L450 and L459 of LightDXY/BootMAE:
+    mean(weight * err) / mean(mask)), not by the sum of the weights.
 
-    Data-parallel: the denominator is the mean over processes of their weight sums, so the processes'
+    Data-parallel: the denominator is the mean over processes of their sums, so the processes'
     average (what their averaged gradients follow) is the global batch's weighted mean even when the
     weights per sample differ (BootMAE's centre weights)."""
-    return (per_token * weights).sum() / distributed.mean_over_ranks(weights.sum().detach()).clamp_min(eps)
+    denominator = (weights if count is None else count).sum().detach()
+    return (per_token * weights).sum() / distributed.mean_over_ranks(denominator).clamp_min(eps)
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,9 +78,11 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weighted_mean(per_token, mask)
 
 
-def mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """pred, target (B, L, D); weights (B, L): a 0/1 mask or real weights. Per-token MSE, weighted mean."""
-    return weighted_mean(((pred.float() - target.float()) ** 2).mean(dim=-1), weights)
+def mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+        count: torch.Tensor | None = None) -> torch.Tensor:
+    """pred, target (B, L, D); weights (B, L): a 0/1 mask or real weights. Per-token MSE, weighted mean
+    (divided by the sum of `count` instead of the weights when given, see weighted_mean)."""
+    return weighted_mean(((pred.float() - target.float()) ** 2).mean(dim=-1), weights, count=count)
 
 
 def smooth_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, beta: float) -> torch.Tensor:
@@ -110,6 +117,16 @@ def ramp(step: int, total_steps: int, ramp_fraction: float, start: float = 0.0, 
     if ramp_steps <= 0:
         return end
     return start + (end - start) * min(step / ramp_steps, 1.0)
+
+
+def epoch_ramp(epoch: int, epochs: int, ramp_fraction: float, end: float = 1.0) -> float:
+    """A loss weight set once per epoch: min(end * (epoch + 1) / (ramp_fraction * epochs), end), so it reaches
+    end after the first ramp_fraction of the epochs and is already end / (ramp_fraction * epochs) in epoch 0.
+    BootMAE's feature-loss weight with ramp_fraction 0.25: min(4 w (e + 1) / E, w) (run_pretraining.py:L386-387
+    of LightDXY/BootMAE). Fraction 0 -> always end."""
+    if ramp_fraction * epochs <= 0:
+        return end
+    return min(end * (epoch + 1) / (ramp_fraction * epochs), end)
 
 
 def with_cls(mask: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ atomically as PNG files.
 - accuracy_vs_compute(table, flops, path): top-1 against the training FLOPs that produced each encoder, so
   methods compare at equal compute as well as at equal epochs.
 - chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage, one line per chain, from
-  the long-format summary table of pipeline.report, with the single-stage methods and the random floor as
-  labelled dashed horizontal lines.
+  the long-format summary table of pipeline.report, with the single-stage methods and the floors (random
+  init dashed, raw pixels dotted) as labelled horizontal lines.
 - swap_study(rows, spread, path): the teacher-swap study: top-1 per chain and stage (from the teacher on), and
   the spread across teachers per stage.
 """
@@ -29,7 +29,8 @@ from pipeline.layout import parse_dbot_key
 PANELS = (("knn", "k-NN top-1"), ("linprobe", "Linear-probe top-1"))
 BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "sdae": ("SdAE", "tab:green"), "rcmae": ("RC-MAE", "tab:red"),
                   "bootmae": ("BootMAE", "tab:purple"), "supervised": ("supervised", "black"),
-                  "random_init": ("random init (floor)", "tab:gray")}
+                  "random_init": ("random init (floor)", "tab:gray"), "pixels": ("raw pixels (floor)", "darkgoldenrod")}
+FLOOR_LINES = {"random_init": "--", "pixels": ":"}   # the two floors: random-init encoder, normalised raw pixels
 CHAIN_COLORS = ("tab:blue", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "navy")
 
 
@@ -144,7 +145,7 @@ def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
                     color=CHAIN_COLORS[i % len(CHAIN_COLORS)], label=f"dBOT chain {name}")
         for weights, (label, color) in BASELINE_STYLE.items():
             for value in rows.loc[rows["weights"] == weights, "value"]:
-                ax.axhline(100 * value, ls="--", color=color, label=f"{label}: {100 * value:.1f}%")
+                ax.axhline(100 * value, ls=FLOOR_LINES.get(weights, "--"), color=color, label=f"{label}: {100 * value:.1f}%")
         ax.set_xticks(sorted(stages))
 
     _top1_panels(table, draw, "dBOT stage", "Accuracy along the dBOT chain", path)
@@ -189,9 +190,10 @@ def protocols(table: pd.DataFrame, columns: list[tuple[str, str, str]], path: Pa
 
 
 def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path | str) -> None:
-    """Top-1 (%) vs training PFLOPs; the dBOT chain joined by a line, the random floor dashed."""
+    """Top-1 (%) vs training PFLOPs; the dBOT chain joined by a line, the floors as horizontal lines (random
+    init dashed, raw pixels dotted)."""
     def draw(ax, rows):
-        floor = rows.loc[rows["weights"] == "random_init", "value"]
+        floors = [(w, v) for w in FLOOR_LINES for v in rows.loc[rows["weights"] == w, "value"]]
         rows = rows[rows["weights"].isin(list(flops))]
         for i, (name, chain) in enumerate(_chains(rows).items()):
             ax.plot([flops[w] / 1e15 for w in chain["weights"]], 100 * chain["value"].to_numpy(dtype=float),
@@ -199,8 +201,9 @@ def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path
         for _, row in rows[rows["method"] != "dbot"].iterrows():
             label, color = BASELINE_STYLE.get(row["weights"], (row["weights"], "black"))
             ax.scatter(flops[row["weights"]] / 1e15, 100 * float(row["value"]), color=color, marker="s", label=label)
-        for value in floor:
-            ax.axhline(100 * value, ls="--", color="tab:gray", label=f"random init (floor): {100 * value:.1f}%")
+        for weights, value in floors:
+            label, color = BASELINE_STYLE[weights]
+            ax.axhline(100 * value, ls=FLOOR_LINES[weights], color=color, label=f"{label}: {100 * value:.1f}%")
 
     _top1_panels(table, draw, "training compute (PFLOP, analytic)", "Accuracy against training compute", path)
 

@@ -2,31 +2,36 @@
 
 - summary.csv: one row per (seed, weights, protocol, metric); columns seed, method, stage, weights,
   evaluated, protocol, metric, value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
-  pre-training rows (protocol "pretrain") hold final_loss, wall_s and images_seen. stage is empty for the
-  random floor; settings is the protocol settings as compact JSON (empty for pre-training rows).
-- summary.md: one row per encoder (random floor, single-stage methods, dBOT chains stage by stage) with top-1
+  pre-training rows (protocol "pretrain") hold final_loss, wall_s, images_seen, train_flops and, where the node
+  logged an online k-NN, early_online_knn_top1 (its mean over the first half of the epochs). stage is empty for
+  the floors (random_init, and pixels: knn and linprobe on the normalised raw pixels); settings is the
+  protocol settings as compact JSON (empty for pre-training rows).
+- summary.md: one row per encoder (the floors, single-stage methods, dBOT chains stage by stage) with top-1
   percentages (mean ± std over seeds), final pre-training loss and wall time, under a paragraph naming the
-  evaluation settings; then the comparisons marked against the seed spread (pipeline.seed_stats); then
-  the teacher-swap study (pipeline.swap_study), also written as swap_study.csv (per chain) and
-  swap_spread.csv (spread across teachers per stage).
+  evaluation settings; then the papers' claims marked holds / does not hold / within the seed spread
+  (pipeline.claims, also written as claims.csv); then the comparisons marked against the seed spread
+  (pipeline.seed_stats); then the teacher-swap study (pipeline.swap_study), also written as swap_study.csv
+  (per chain) and swap_spread.csv (spread across teachers per stage).
 - plots/*.png (see pipeline.plots).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from pipeline import plots, seed_stats, swap_study
+from pipeline import claims, plots, seed_stats, swap_study
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
-from pipeline.layout import SINGLE_STAGE_METHODS, parse_dbot_key
+from pipeline.layout import FLOORS, SINGLE_STAGE_METHODS, parse_dbot_key
 
 COLUMNS = ["seed", "method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
                     ("train_flops", "train_flops"))
+EARLY_KNN = claims.EARLY_KNN   # pre-training row: mean online k-NN top-1 over the first half of the epochs
 PROTOCOL_ORDER = {"pretrain": 0, "knn": 1, "linprobe": 2, "finetune": 3, "segprobe": 4, "robustness": 5}
 PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear probe", "finetune": "fine-tune", "segprobe": "segmentation probe",
                   "robustness": "robustness"}
@@ -50,16 +55,28 @@ def _number(value, path: Path, what: str) -> float:
         raise PipelineError(f"{path}: {what} is not a number ({value!r})") from None
 
 
+def early_online_knn(epochs: list[dict], path: Path) -> float | None:
+    """Mean online k-NN top-1 (epochs[*].online_knn_top1) over the epochs of the first half of training
+    (epoch index < ceil(E / 2) of E epochs), or None where none of them has one."""
+    half = math.ceil(len(epochs) / 2)
+    early = [_number(e["online_knn_top1"], path, "online_knn_top1") for e in epochs
+             if "online_knn_top1" in e and e["epoch"] < half]
+    return sum(early) / len(early) if early else None
+
+
 def pretrain_rows(doc: dict, path: Path) -> list[dict]:
-    """The pre-training rows (final_loss, wall_s, images_seen, train_flops) of one pre-training metrics.json."""
+    """The pre-training rows (final_loss, wall_s, images_seen, train_flops, and early_online_knn_top1 where the
+    node logged an online k-NN) of one pre-training metrics.json."""
     _require(doc, path, "seed", "method", "stage", "weights", "epochs", "final")
     _require(doc["final"], path, *(key for _, key in PRETRAIN_METRICS))
     for epoch in doc["epochs"]:
         _require(epoch, path, "epoch", "loss")
     base = {"seed": doc["seed"], "method": doc["method"], "stage": doc["stage"], "weights": doc["weights"],
-            "protocol": "pretrain"}
-    return [dict(base, evaluated="", metric=name, value=_number(doc["final"][key], path, f"final.{key}"), settings="")
+            "protocol": "pretrain", "evaluated": "", "settings": ""}
+    rows = [dict(base, metric=name, value=_number(doc["final"][key], path, f"final.{key}"))
             for name, key in PRETRAIN_METRICS]
+    early = early_online_knn(doc["epochs"], path)
+    return rows + ([dict(base, metric=EARLY_KNN, value=early)] if early is not None else [])
 
 
 def eval_rows(doc: dict, path: Path) -> list[dict]:
@@ -77,10 +94,10 @@ def eval_rows(doc: dict, path: Path) -> list[dict]:
 
 
 def weights_key(weights: str) -> tuple:
-    """Sort key of a weights id: random floor, single-stage methods, dBOT chains (the random-teacher chain
-    first, then by name) with stages ascending, then the rest."""
-    if weights == "random_init":
-        return (0, 0, "")
+    """Sort key of a weights id: the floors (random_init, pixels), single-stage methods, dBOT chains (the
+    random-teacher chain first, then by name) with stages ascending, then the rest."""
+    if weights in FLOORS:
+        return (0, FLOORS.index(weights), "")
     if weights in SINGLE_STAGE_METHODS:
         return (1, SINGLE_STAGE_METHODS.index(weights), "")
     if weights.startswith("dbot_"):
@@ -162,8 +179,8 @@ def settings_sentence(table: pd.DataFrame) -> str:
 
 
 def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
-    """summary.md from the seed-mean table: a header paragraph, one table row per encoder, the comparisons
-    against the seed spread, and the teacher-swap study."""
+    """summary.md from the seed-mean table: a header paragraph, one table row per encoder, the claims, the
+    comparisons against the seed spread, and the teacher-swap study."""
     header = (["weights", "method", "stage", "evaluated", "seeds"] + [name for _, _, name in EVAL_COLUMNS]
               + ["final pre-train loss", "pre-train wall (s)", "train compute (TFLOP)"])
     intro = ("# Study summary\n\n"
@@ -171,8 +188,10 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "their sample standard deviation when there are several): k-NN, linear probe and segmentation probe "
              "(mean IoU of a linear head on the patch tokens) on the frozen encoder; fine-tune and corrupted "
              "top-1 (the fine-tuned model on noisy, blurred and low-contrast images, mean over corruptions and "
-             "severities) for the encoders finetune.weights selects (— for the others). The "
-             "random-init encoder is the floor; mae, sdae, rcmae and bootmae are single-stage methods (for the "
+             "severities) for the encoders finetune.weights selects (— for the others). The floors are the "
+             "random-init encoder and pixels (k-NN and linear probe with the same settings on the normalised raw "
+             "pixels, flattened: what an encoder must add to the image itself); mae, sdae, rcmae and bootmae are "
+             "single-stage methods (for the "
              "methods with an EMA teacher, `evaluated` says whether the student or the teacher was evaluated, as "
              "their evaluate_weights param says); "
              "supervised is the same ViT trained with labels; dbot_<chain>_stage<k> is the student of stage k of the "
@@ -186,10 +205,20 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "format with all metrics is summary.csv.\n\n")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * (len(header) - 4)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table, chains)]
-    stages = sorted(int(s) for s in table.loc[table.method == "dbot", "stage"].dropna().unique())
-    compared = seed_stats.markdown(table, chains or {}, stages)
+    compared = seed_stats.markdown(table, chains or {}, dbot_stages(table))
     swap = swap_study.markdown(swap_study.chain_rows(table, chains), chains) if chains else ""
-    return intro + "\n".join(lines) + "\n" + compared + swap
+    seeds = int(table["seeds"].max()) if len(table) else 0
+    return intro + "\n".join(lines) + "\n" + claims.markdown(claims_table(table, chains), seeds) + compared + swap
+
+
+def dbot_stages(table: pd.DataFrame) -> list[int]:
+    return sorted(int(s) for s in table.loc[table.method == "dbot", "stage"].dropna().unique())
+
+
+def claims_table(table: pd.DataFrame, chains: dict[str, str] | None = None) -> pd.DataFrame:
+    """The claims' comparisons (pipeline.claims) from the seed-mean table: what claims.csv holds."""
+    spread = swap_study.spread(swap_study.chain_rows(table, chains or {}))
+    return claims.check(table, chains or {}, dbot_stages(table), spread)
 
 
 def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
@@ -212,7 +241,7 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
                  analysis_files: list[Path] = (), chains: dict[str, str] | None = None,
                  curve_files: list[Path] = ()) -> pd.DataFrame:
     """Read all metrics files (every seed), write out_dir/summary.csv (per seed), summary.md, swap_study.csv,
-    swap_spread.csv and plots/*.png (means over seeds; the loss curves of the first seed); return the long
+    swap_spread.csv, claims.csv and plots/*.png (means over seeds; the loss curves of the first seed); return the long
     table. chains: params dbot.chains (chain -> stage-0 teacher), for the teacher-swap study; curve_files:
     checkpoint_eval metrics (accuracy of the encoders kept along training), drawn in one plot.
 
@@ -228,6 +257,7 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
     swap_rows = swap_study.chain_rows(mean, chains or {})
     atomic_write(out_dir / "swap_study.csv", lambda p: swap_rows.to_csv(p, index=False))
     atomic_write(out_dir / "swap_spread.csv", lambda p: swap_study.spread(swap_rows).to_csv(p, index=False))
+    atomic_write(out_dir / "claims.csv", lambda p: claims_table(mean, chains).to_csv(p, index=False))
     first_seed = min(d["seed"] for _, d in pretrain_docs) if pretrain_docs else None
     first_docs = [d for _, d in pretrain_docs if d["seed"] == first_seed]
     plots.pretrain_loss(first_docs, out_dir / "plots" / "pretrain_loss.png")

@@ -50,14 +50,20 @@ def contrast(x: torch.Tensor, severity: int, generator: torch.Generator | None =
 FUNCTIONS = {"gaussian_noise": gaussian_noise, "gaussian_blur": gaussian_blur, "contrast": contrast}
 
 
+def noise_seed(seed: int, name: str, severity: int) -> int:
+    """seed + 10 x the corruption's index + severity: within the 50 seeds after the robustness node's own
+    (pipeline.config.node_seed), apart from every other node's."""
+    return seed + CORRUPTIONS.index(name) * 10 + severity
+
+
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> the corrupted uint8 images; the noise is drawn from a generator seeded by
-    (seed, corruption, severity), so the same call gives the same images."""
+    noise_seed(seed, corruption, severity), so the same call gives the same images."""
     if name not in FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(FUNCTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
-    gen = torch.Generator().manual_seed(seed * 1_000 + CORRUPTIONS.index(name) * 10 + severity)
+    gen = torch.Generator().manual_seed(noise_seed(seed, name, severity))
     out = []
     for chunk in images.split(1024):
         x = FUNCTIONS[name](chunk.float() / 255, severity, gen)

@@ -1,6 +1,7 @@
 """Statistics over the study's seeds: every number of the report is a mean over seeds with its spread, and
-every comparison the report draws (method vs floor, method vs MAE, dBOT stage vs the stage before) is marked
-when its difference is within the seed spread, so no claim rests on one lucky run.
+every comparison the report draws (method vs each floor, random_init and pixels; method vs MAE; dBOT stage vs
+the stage before) is marked when its difference is within the seed spread, so no claim rests on one lucky run.
+pipeline.claims reads its verdicts from the same numbers.
 
 The spread of a metric is its sample standard deviation over seeds (ddof 1; undefined with one seed). A
 difference between two encoders is "within the seed spread" when |mean_a - mean_b| <= max(std_a, std_b).
@@ -11,7 +12,7 @@ import math
 
 import pandas as pd
 
-from pipeline.layout import SINGLE_STAGE_METHODS, dbot_key, dbot_weights
+from pipeline.layout import FLOORS, SINGLE_STAGE_METHODS, dbot_key, dbot_weights
 
 GROUP = ["method", "stage", "weights", "evaluated", "protocol", "metric", "settings"]
 WITHIN = "≈"          # the mark of a difference within the seed spread
@@ -28,17 +29,19 @@ def seed_mean(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _stat(agg: pd.DataFrame, weights: str, protocol: str) -> tuple[float, float] | None:
-    hit = agg[(agg.weights == weights) & (agg.protocol == protocol) & (agg.metric == "top1")]
+def stat(agg: pd.DataFrame, weights: str, protocol: str, metric: str = "top1") -> tuple[float, float] | None:
+    """(mean over seeds, std over seeds) of one metric of one encoder, or None where the table lacks it."""
+    hit = agg[(agg.weights == weights) & (agg.protocol == protocol) & (agg.metric == metric)]
     return None if hit.empty else (float(hit.value.iloc[0]), float(hit["std"].iloc[0]))
 
 
 def comparisons(agg: pd.DataFrame, params_chains: dict[str, str], stages: list[int]) -> list[tuple[str, str]]:
-    """The pairs (a, b) the report compares, a against b: every trained encoder against the random floor,
-    every other method and each chain's last dBOT stage against MAE, each dBOT stage against the one before."""
+    """The pairs (a, b) the report compares, a against b: every trained encoder against each floor (random_init,
+    then pixels), every other method and each chain's last dBOT stage against MAE, each dBOT stage against the
+    one before."""
     present = set(agg.weights)
-    trained = [w for w in dict.fromkeys(agg.weights) if w != "random_init"]
-    pairs = [(w, "random_init") for w in trained]
+    trained = [w for w in dict.fromkeys(agg.weights) if w not in FLOORS]
+    pairs = [(w, floor) for w in trained for floor in FLOORS]
     last = [dbot_weights(dbot_key(c, stages[-1])) for c in params_chains] if stages else []
     pairs += [(w, "mae") for w in [m for m in SINGLE_STAGE_METHODS if m != "mae"] + ["supervised"] + last]
     for chain in params_chains:
@@ -47,13 +50,18 @@ def comparisons(agg: pd.DataFrame, params_chains: dict[str, str], stages: list[i
     return [(a, b) for a, b in pairs if a in present and b in present]
 
 
-def difference(agg: pd.DataFrame, a: str, b: str, protocol: str) -> tuple[float, bool | None] | None:
-    """(mean_a - mean_b, within the seed spread?) of top-1; within is None when the spread is undefined."""
-    sa, sb = _stat(agg, a, protocol), _stat(agg, b, protocol)
+def difference(agg: pd.DataFrame, a: str, b: str, protocol: str, metric: str = "top1") -> tuple[float, bool | None] | None:
+    """(mean_a - mean_b, within the seed spread?) of a metric (top-1); within is None when the spread is undefined."""
+    sa, sb = stat(agg, a, protocol, metric), stat(agg, b, protocol, metric)
     if sa is None or sb is None:
         return None
     delta, noise = sa[0] - sb[0], max(sa[1], sb[1])
-    return delta, (None if math.isnan(noise) else abs(delta) <= noise)
+    return delta, within(delta, noise)
+
+
+def within(delta: float, noise: float) -> bool | None:
+    """|delta| <= noise (the larger seed std of the two sides); None when the spread is undefined (one seed)."""
+    return None if math.isnan(noise) else abs(delta) <= noise
 
 
 def markdown(agg: pd.DataFrame, chains: dict[str, str], stages: list[int]) -> str:

@@ -2,7 +2,10 @@
 
 FrozenTeacher (dBOT): a fixed snapshot, either a random initialisation, the previous stage's student,
 or any compatible checkpoint. It sees the full image; its target is the last block's output, before
-(or, as an option, after) the final norm.
+(or, as an option, after) the final norm. A teacher of depth 0 (dbot.stage0_teacher_depth: the official ViT-L/H
+stage-0 teacher, dbot PRETRAIN.md:37) has no block: its target is the embedded tokens, cls + patch embeddings
++ positions (dbot models_mae.py:196-211, forward_teacher with an empty block list). It always runs in eval
+mode under inference_mode, so a teacher never drops paths.
 """
 from __future__ import annotations
 
@@ -24,7 +27,12 @@ class FrozenTeacher(nn.Module):
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) full image -> (B, 1+L, D_teacher) features, as a normal (non-inference) tensor."""
+        depth = len(self.encoder.vit.blocks)
         with torch.inference_mode():
-            normed, blocks = self.encoder(x, return_blocks=(-1,))
-            out = normed if self.final_norm else blocks[len(self.encoder.vit.blocks) - 1]
+            if depth == 0:                                   # the embedded tokens (B, 1+L, D)
+                tokens = self.encoder.embed(x)
+                out = self.encoder.vit.norm(tokens) if self.final_norm else tokens
+            else:
+                normed, blocks = self.encoder(x, return_blocks=(-1,))
+                out = normed if self.final_norm else blocks[depth - 1]
         return out.clone()

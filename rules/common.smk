@@ -7,7 +7,8 @@ import json
 
 SEEDS = PARAMS["seeds"]
 DBOT_KEYS = layout.dbot_keys(PARAMS)
-WEIGHTS = layout.all_weights(PARAMS)
+WEIGHTS = layout.all_weights(PARAMS)              # every encoder of one seed
+PROBED = layout.probe_weights(PARAMS)              # knn, linprobe: the encoders and the pixel floor
 
 
 def node_params(*keys):
@@ -33,7 +34,14 @@ def teacher_source(wildcards):
     return layout.teacher_source(PARAMS, wildcards.key, int(wildcards.seed))
 
 
+def carried_optimizer(wildcards):
+    """dBOT stage k's extra input when dbot.carry_optimizer_state is on: stage k-1's optimizer.pt (none for stage 0)."""
+    path = layout.carried_optimizer(PARAMS, wildcards.key, int(wildcards.seed))
+    return [str(path)] if path else []
+
+
 def weights_file(wildcards):
+    """The encoder file of {weights}; for the pixel floor, the prepared dataset."""
     return str(layout.weights_path(wildcards.weights, int(wildcards.seed)))
 
 

@@ -1,5 +1,6 @@
 """Evaluation of the encoders: knn, linprobe and segprobe (every encoder), finetune and robustness
-(layout.finetune_weights), checkpoint_eval (the encoders kept during single-stage training).
+(layout.finetune_weights), checkpoint_eval (the encoders kept during single-stage training). knn and linprobe
+also run on the raw-pixel floor, {weights} = pixels (layout.probe_weights), which reads only the dataset.
 
 Inputs: results/prepare_data/dataset.safetensors and the weights file of {weights} (layout.weights_path);
 robustness the fine-tuned model; checkpoint_eval layout.checkpoint_eval_inputs.

@@ -1,15 +1,18 @@
 """Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chains).
 
 A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the teacher-swap study).
-Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also its teacher_swap output.
+Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also its teacher_swap output and, with
+dbot.carry_optimizer_state, stage k-1's pretrain_dbot/<chain>_stage<k-1>/optimizer.pt.
 Outputs (per seed, under results/seed<S>/): pretrain/<method>/, supervised/ and pretrain_dbot/<key>/:
 encoder.{safetensors,json}, metrics.json (with the online k-NN curve), reconstruction.png (not supervised);
 pretrain/<method>/ also checkpoints/epoch<k>.{safetensors,json} every
-pretrain.keep_every_epochs; teacher_swap/<key>/teacher.{safetensors,json}.
+pretrain.keep_every_epochs; pretrain_dbot/<key>/optimizer.pt with dbot.carry_optimizer_state;
+teacher_swap/<key>/teacher.{safetensors,json}.
 Training nodes take half the cores: two small single-thread trainings side by side outrun one on two threads.
 """
 
 TRAIN_THREADS = max(1, workflow.cores // 2)
+CARRY = ["results/seed{seed}/pretrain_dbot/{key}/optimizer.pt"] if PARAMS["dbot"]["carry_optimizer_state"] else []
 
 
 
@@ -66,7 +69,7 @@ rule teacher_swap:
         meta="results/seed{seed}/teacher_swap/{key}/teacher.json",
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "dbot.chains.{chain}"),
+        node=node_params("data", "model", "dbot.chains.{chain}", "dbot.stage0_teacher_depth"),
     conda:
         "envs/pipeline.yaml"
     log:
@@ -81,16 +84,19 @@ rule pretrain_dbot:
     input:
         data="results/prepare_data/dataset.safetensors",
         teacher="results/seed{seed}/teacher_swap/{key}/teacher.safetensors",
+        optimizer=carried_optimizer,
     output:
         weights="results/seed{seed}/pretrain_dbot/{key}/encoder.safetensors",
         meta="results/seed{seed}/pretrain_dbot/{key}/encoder.json",
         metrics="results/seed{seed}/pretrain_dbot/{key}/metrics.json",
         picture=report("results/seed{seed}/pretrain_dbot/{key}/reconstruction.png", category="reconstructions",
                        subcategory="dbot {key}", labels={"node": "pretrain_dbot@seed{seed}-{key}"}),
+        optimizer=CARRY,
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm",
-                         "dbot.teacher_final_norm", "dbot.stages.stage{stage}"),
+        node=node_params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm", "dbot.teacher_final_norm",
+                         "dbot.drop_path", "dbot.decoder_drop_path", "dbot.carry_optimizer_state",
+                         "dbot.stages.stage{stage}"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"

@@ -3,7 +3,7 @@
 Inputs (every seed S): results/seed<S>/{pretrain,supervised,pretrain_dbot}/**/metrics.json, every evaluation's
 metrics.json (layout.evaluation_metrics), results/seed<S>/cka/cka.json; the first seed's analyses and
 checkpoint evaluations. Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv,
-results/plots/*.png. `snakemake --report report.html` collects every output marked report() in rules/.
+results/claims.csv, results/plots/*.png. `snakemake --report report.html` collects every output marked report() in rules/.
 """
 
 CURVES = [str(layout.eval_metrics("checkpoint_eval", w, SEEDS[0])) for w in layout.checkpoint_eval_weights(PARAMS)]
@@ -29,6 +29,7 @@ rule report:
         swap=report("results/plots/swap_study.png", category="evaluation"),
         swap_csv="results/swap_study.csv",
         spread_csv="results/swap_spread.csv",
+        claims_csv="results/claims.csv",
         curve_plot=[report("results/plots/checkpoint_eval.png", category="convergence")] if CURVES else [],
     params:
         preset=config["preset"],

@@ -56,13 +56,13 @@ def recording_wrap(seen: list[str]):
     return recorded
 
 
-def train_all(out_dir: Path, methods=tuple(METHODS)) -> dict:
+def train_all(out_dir: Path, methods=tuple(METHODS), device: str = "cpu", precision: str = "fp32") -> dict:
     params = config.load("tiny")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (IMAGES, 1, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (IMAGES,), generator=g)
     cfg = engine.TrainConfig(epochs=2, batch_size=GLOBAL_BATCH, lr=1e-3, min_lr=1e-5, warmup_epochs=1,
-                             weight_decay=0.05, clip_grad=1.0, precision="fp32", crop_scale=(0.5, 1.0), hflip=True,
+                             weight_decay=0.05, clip_grad=1.0, precision=precision, crop_scale=(0.5, 1.0), hflip=True,
                              checkpoint_every_min=60, seed=3, config_hash="distributed-test")
     results = {}
     for name in methods:
@@ -72,7 +72,7 @@ def train_all(out_dir: Path, methods=tuple(METHODS)) -> dict:
         wrapped, wrap = [], distributed.wrap
         distributed.wrap = recording_wrap(wrapped)
         try:
-            run = engine.train(model, images, [0.5], [0.25], cfg, out_dir / name / "state.pt", labels=labels, device="cpu")
+            run = engine.train(model, images, [0.5], [0.25], cfg, out_dir / name / "state.pt", labels=labels, device=device)
         finally:
             distributed.wrap = wrap
         results[name] = {"loss": torch.tensor([h["loss"] for h in run.history]), "wrapped": wrapped,

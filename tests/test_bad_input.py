@@ -250,6 +250,8 @@ CASES = [
     Case("params_unknown_preset", "knn", ["--preset", "huge", "--weights", "random_init"], "unknown preset 'huge'"),
     Case("params_seed_not_in_study", "random_init", ["--seed", "3"], "seed 3 is not one of this study's seeds [0]"),
     Case("params_unknown_weights", "knn", ["--weights", "mea"], "unknown weights 'mea'; this study has random_init, mae"),
+    Case("params_pixels_is_no_encoder", "segprobe", ["--weights", "pixels"],      # the pixel floor: knn, linprobe only
+         "unknown weights 'pixels'; this study has random_init, mae"),
     Case("params_stage_for_a_single_stage_method", "pretrain", ["--method", "mae", "--stage", "random_stage0"],
          "--stage is for dbot only, not mae"),
     Case("params_unknown_dbot_stage", "pretrain_dbot", ["--stage", "random_stage7"],

@@ -48,7 +48,7 @@ def test_overrides_parse_as_data_not_code():
 def test_seeds_are_a_list_and_each_node_runs_one_of_them():
     p = config.load("tiny", ["seeds=[3, 5]"])
     assert p["seeds"] == [3, 5] and p["seed"] == 3                     # a node's seed: the first unless --seed
-    assert config.with_seed(p, 5)["seed"] == 5 and config.student_seed(config.with_seed(p, 5), 2) == 5002
+    assert config.with_seed(p, 5)["seed"] == 5 and config.node_seed(config.with_seed(p, 5), "dbot", 2) == 5020
     with pytest.raises(PipelineError, match=r"seed 4 is not one of this study's seeds \[3, 5\]"):
         config.with_seed(p, 4)
     with pytest.raises(PipelineError, match="seed is not a params key; the study's seeds are `seeds"):

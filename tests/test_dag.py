@@ -41,8 +41,12 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
                                          "pretrain_dbot", "knn", "linprobe", "segprobe", "finetune", "robustness",
                                          "checkpoint_eval", "analyze", "cka", "report"}
     # data, floor, 4 single-stage methods, supervised, (swap, stage) x 3 chains x 3 stages, 15 weights x (knn,
-    # linprobe, segprobe, analyze), 9 final weights x (finetune, robustness), 4 methods' checkpoint_eval, cka, report
-    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 4 + 9 * 2 + 4 + 1 + 1
+    # linprobe, segprobe, analyze), the pixel floor x (knn, linprobe), 9 final weights x (finetune, robustness),
+    # 4 methods' checkpoint_eval, cka, report
+    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 4 + 2 + 9 * 2 + 4 + 1 + 1
+    pixels = {cmd for rule, cmd in smk if "--weights pixels" in cmd}
+    assert pixels == {f"python -m pipeline.stages.{node} --preset default --seed 0 --weights pixels"
+                      for node in ("knn", "linprobe")}
 
 
 def test_every_node_has_its_stage_module_and_results_folder(workdir):
@@ -68,7 +72,7 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
     smk = snakemake_commands("two_seeds")
     assert smk == dvc_commands(workdir)
     per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze", "checkpoint_eval")]
-    assert len(smk) == 2 + 15 + 4 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 9 * 2 + 1)
+    assert len(smk) == 2 + 15 + 4 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 2 + 9 * 2 + 1)
     assert sorted(c for c in per_seed if "--seed 0" in c) == sorted(c.replace("--seed 1", "--seed 0")
                                                                     for c in per_seed if "--seed 1" in c)
 
@@ -83,3 +87,41 @@ def test_no_output_of_the_dag_is_committed(workdir):
     assert any(o.startswith("results/plots") for o in outs) and "results/summary.md" in outs
     committed = [f for f in tracked if any(f == o or f.startswith(o + "/") for o in outs)]
     assert not committed, committed
+
+
+def dbot_job_files(preset: str, target: str) -> dict[str, tuple[set, set]]:
+    """Snakemake's dry run of `target`: pretrain_dbot job key -> (its input files, its output files)."""
+    proc = run_cli("snakemake", "--dry-run", "--forceall", target, "--config", f"preset={preset}")
+    out = proc.stdout + proc.stderr
+    jobs, rule, files = {}, None, {}
+    for line in out.splitlines() + ["rule end:"]:
+        if re.match(r"^(?:local)?rule \w+:", line):
+            if rule == "pretrain_dbot":
+                jobs[files["wildcards"].split("key=")[1].split(",")[0]] = (files["input"], files["output"])
+            rule, files = line.split()[1].rstrip(":"), {}
+        elif line.strip().startswith(("input:", "output:", "wildcards:")):
+            name, _, value = line.strip().partition(": ")
+            files[name] = value if name == "wildcards" else set(value.split(", "))
+    return jobs
+
+
+def test_carried_optimizer_state_is_an_edge_of_both_dags_only_when_enabled(workdir):
+    """dbot.carry_optimizer_state: stage k's optimizer.pt is an output of pretrain_dbot stage k and an input of
+    stage k+1, in the Snakefile and in dvc.yaml; off (the default), neither DAG has the file."""
+    from pipeline import dvc_yaml
+
+    (workdir / "params/presets/carry.yaml").write_text("dbot: {carry_optimizer_state: true}\n")
+    state = {k: f"results/seed0/pretrain_dbot/random_stage{k}/optimizer.pt" for k in (0, 1)}
+    target = "results/seed0/pretrain_dbot/random_stage1/encoder.safetensors"
+    jobs = dbot_job_files("carry", target)
+    assert state[0] in jobs["random_stage0"][1] and state[0] in jobs["random_stage1"][0]
+    assert state[1] in jobs["random_stage1"][1] and not any("optimizer" in f for f in jobs["random_stage0"][0])
+    assert not any("optimizer" in f for files in dbot_job_files("default", target).values() for f in files[0] | files[1])
+    run_cli("dvc", "init", "--no-scm", "-q")
+    for preset, on in (("carry", True), ("default", False)):
+        (workdir / "dvc.yaml").write_text(dvc_yaml.render(preset))
+        with Repo(str(workdir)) as repo:
+            stages = {s.name: s for s in repo.index.stages}
+            deps = {str(d.def_path) for d in stages["pretrain_dbot@seed0-random_stage1"].deps}
+            outs = {str(o.def_path) for o in stages["pretrain_dbot@seed0-random_stage0"].outs}
+        assert (state[0] in deps, state[0] in outs) == (on, on), preset

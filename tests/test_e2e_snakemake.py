@@ -44,10 +44,12 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
     table = pd.read_csv("results/summary.csv")
     assert {"method", "stage", "weights", "protocol", "metric", "value"} <= set(table.columns)
+    knn_settings = {"k": 20, "temperature": 0.07, "feature": "cls", "precision": "auto"}
     chains = CHAINS
     weights = {"random_init", "mae", "sdae", "rcmae", "bootmae", "supervised"} | {
         f"dbot_{c}_stage{k}" for c in chains for k in range(3)}
-    for protocol, metric, evaluated in (("knn", "top1", weights), ("linprobe", "top1", weights),
+    probed = weights | {"pixels"}                                       # knn and linprobe also run on the raw pixels
+    for protocol, metric, evaluated in (("knn", "top1", probed), ("linprobe", "top1", probed),
                                         ("segprobe", "miou", weights), ("finetune", "top1", FINAL),
                                         ("robustness", "mean_corrupted_top1", FINAL)):
         rows = table[(table.protocol == protocol) & (table.metric == metric)]
@@ -68,11 +70,18 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     spread = pd.read_csv("results/swap_spread.csv")
     assert set(spread.stage) == {"teacher", "0", "1", "2"} and (spread.chains == 3).all()
     assert "## Teacher-swap study" in (workdir / "results/summary.md").read_text()
+    assert "## Claims" in (workdir / "results/summary.md").read_text()
+    claims = pd.read_csv("results/claims.csv")
+    assert {"above_random_init", "above_pixels", "dbot_stage_gain", "teacher_spread_shrinks", "beats_mae",
+            "rcmae_early_knn"} == set(claims.claim)
+    assert set(claims.verdict) <= {"holds", "does not hold"}                   # one seed: no seed spread
+    pixels = json.loads((workdir / "results/seed0/knn/pixels/metrics.json").read_text())
+    assert pixels["weights"]["evaluated"] == "pixels" and pixels["settings"] == knn_settings
     for png in ("pretrain_loss", "online_knn", "protocols", "checkpoint_eval", "chain_accuracy", "accuracy_vs_compute",
                 "attention_distance", "singular_value_share", "swap_study"):
         assert (workdir / "results" / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     knn = json.loads((workdir / "results/seed0/knn/dbot_random_stage1/metrics.json").read_text())
-    assert knn["settings"] == {"k": 20, "temperature": 0.07, "feature": "cls", "precision": "auto"}
+    assert knn["settings"] == knn_settings
     auto = hardware.resolve("auto", "cpu")                # every node records the precision it ran in, and why
     assert (knn["precision"], knn["precision_asked"], knn["precision_reason"]) == (auto.name, "auto", auto.reason)
     assert (mae["precision"], mae["precision_asked"]) == ("fp32", "fp32")       # the tiny preset trains in fp32
@@ -91,7 +100,8 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = {r.data.tags["chain"]: r.info.run_id for r in runs if r.data.tags.get("role") == "chain"}
-    assert {"mae", "sdae", "rcmae", "bootmae", "random_init"} | {f"dbot_{c}" for c in chains} <= set(parents)
+    assert {"mae", "sdae", "rcmae", "bootmae", "random_init", "pixels"} | {f"dbot_{c}" for c in chains} <= set(parents)
+    assert "knn@seed0-pixels" in {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["pixels"]}
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["dbot_mae"]}
     assert {"teacher_swap@seed0-mae_stage0", "pretrain_dbot@seed0-mae_stage0", "teacher_swap@seed0-mae_stage2",
             "knn@seed0-dbot_mae_stage2", "linprobe@seed0-dbot_mae_stage1"} <= children
@@ -204,7 +214,8 @@ NODES = {
     "checkpoint_eval": (["--seed", "0", "--weights", "sdae"], [f"{S0}/checkpoint_eval/sdae"],
                         f"{S0}/benchmarks/checkpoint_eval/sdae.tsv"),
     "cka": (["--seed", "0"], [f"{S0}/cka"], f"{S0}/benchmarks/cka.tsv"),
-    "report": ([], ["results/summary.csv", "results/summary.md", "results/plots", "results/swap_spread.csv"],
+    "report": ([], ["results/summary.csv", "results/summary.md", "results/plots", "results/swap_spread.csv",
+                    "results/claims.csv"],
                "results/benchmarks/report.tsv"),
 }
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.ema import EMATeacher, momentum_from_time_constant, momentum_schedule, repo_rcmae_schedule
+from pipeline.ema import (EMASchedule, EMATeacher, momentum_from_time_constant, momentum_schedule,
+                          piecewise_schedule, repo_rcmae_schedule)
 
 
 def linear(w: float, b: float) -> nn.Linear:
@@ -146,3 +147,51 @@ def test_time_constant_helper():
     assert abs(m ** 100 - math.exp(-1)) < 1e-9
     with pytest.raises(ValueError):
         momentum_from_time_constant(0, 40)
+
+
+def official_bootmae_decay(epoch: int, dynamic: bool = True, start: float = 0.999) -> float:
+    """LightDXY/BootMAE utils.py:L586-593 (adjust_ema_momentum), transcribed."""
+    if epoch < 100:
+        return start + epoch / 100 * (0.9999 - start)
+    if dynamic:
+        return 0.9999 + min(300, epoch - 100) / 300 * (0.99999 - 0.9999)
+    return 0.9999
+
+
+@pytest.mark.parametrize("epochs", [800, 801])
+def test_piecewise_schedule_is_bootmaes_official_decay(epochs):
+    """Breakpoints at epochs 100 and 400 (as fractions of the run), decays 0.999 / 0.9999 / 0.99999: every
+    epoch's momentum is the official code's, constant within the epoch; without the last piece (ViT-L,
+    no --model_ema_dynamic) it stays at 0.9999."""
+    m = piecewise_schedule([0.999, 0.9999, 0.99999], [100 / epochs, 400 / epochs], epochs, 3).view(epochs, 3)
+    assert m.dtype == torch.float64 and (m == m[:, :1]).all()
+    official = torch.tensor([official_bootmae_decay(e) for e in range(epochs)], dtype=torch.float64)
+    assert torch.allclose(m[:, 0], official, rtol=0, atol=1e-12)
+    large = piecewise_schedule([0.999, 0.9999], [100 / epochs], epochs, 1)
+    assert torch.allclose(large, torch.tensor([official_bootmae_decay(e, dynamic=False) for e in range(epochs)],
+                                              dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="2 breakpoints need 3 momenta"):
+        piecewise_schedule([0.9, 0.99], [0.1, 0.5], epochs, 1)
+    with pytest.raises(ValueError, match="increase"):
+        piecewise_schedule([0.9, 0.99, 0.999], [0.5, 0.5], epochs, 1)
+
+
+def test_bootmae_default_momentum_spec_gives_the_official_momenta_at_imagenet_steps_per_epoch():
+    """params' bootmae.momentum (time constants 3.2, 32, 320 epochs at breakpoints 0.125, 0.5) at ImageNet's
+    ~313 steps per epoch (batch 4096) is the official per-step decay within 3e-6 (the taus are rounded),
+    applied every step."""
+    from pipeline import config
+
+    spec = config._read_yaml(config.BASE)["bootmae"]["momentum"]
+    assert spec["schedule"] == "piecewise" and spec["update"] == "step"
+    schedule = EMASchedule(spec)
+    epochs, spe = 800, 313
+    schedule.start(spe, epochs * spe)
+    got = schedule.momenta.view(epochs, spe)
+    assert (got == got[:, :1]).all() and all(schedule.momentum(s) is not None for s in range(spe))
+    official = torch.tensor([official_bootmae_decay(e) for e in range(epochs)], dtype=torch.float64)
+    assert (got[:, 0] - official).abs().max() < 3e-6
+    short = EMASchedule(spec)                  # 12 epochs of 63 steps: the same shape, at this data's momenta
+    short.start(63, 12 * 63)
+    assert short.momentum(0) == pytest.approx(momentum_from_time_constant(3.2, 63))
+    assert short.momentum(11 * 63) == pytest.approx(momentum_from_time_constant(320.0, 63))

@@ -44,6 +44,25 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0
 
 
+def test_no_weight_decay_on_tokens_and_positions():
+    """Tokens (cls, mask tokens) and learnable positions are not decayed (as timm's no_weight_decay and BootMAE's
+    optimiser); frozen parameters are in no group."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token, self.mask_token = nn.Parameter(torch.zeros(1, 1, 4)), nn.Parameter(torch.zeros(1, 1, 4))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+            self.frozen_pos_embed = nn.Parameter(torch.zeros(1, 5, 4), requires_grad=False)
+            self.proj = nn.Linear(4, 4)
+
+    model = Tokens()
+    decay, no_decay = engine.param_groups(model, 0.05)
+    assert decay["params"] == [model.proj.weight]
+    assert {id(p) for p in no_decay["params"]} == {id(model.cls_token), id(model.mask_token), id(model.pos_embed),
+                                                    id(model.proj.bias)}
+
+
 def test_history_and_images_seen(tmp_path):
     seen = []
     result = engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(), tmp_path / "s.pt", on_epoch=seen.append)
@@ -92,6 +111,16 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
 
 
+def test_compiled_training_matches_eager(tmp_path):
+    """TrainConfig.compile (params launch.compile) runs the forward through torch.compile; aot_eager generates no
+    code, so the same steps give the same weights within float tolerance, and the saved keys stay the model's."""
+    eager, compiled = Tiny(), Tiny()
+    engine.train(eager, IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "eager.pt")
+    engine.train(compiled, IMAGES, [0.5], [0.25], cfg(epochs=1, compile="aot_eager"), tmp_path / "compiled.pt")
+    assert torch.allclose(compiled.lin.weight, eager.lin.weight, atol=1e-6)
+    assert set(torch.load(tmp_path / "compiled.pt", weights_only=True)["model"]) == {"lin.weight", "lin.bias"}
+
+
 def test_state_with_other_params_is_not_resumed(tmp_path, capsys):
     engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "s.pt")
     engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1, config_hash="other"), tmp_path / "s.pt")
@@ -105,3 +134,95 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path):
         engine.train(Tiny(scale=float("nan")), IMAGES, [0.5], [0.25], cfg(epochs=2), tmp_path / "s.pt")
     kept = torch.load(tmp_path / "s.pt", weights_only=True)
     assert kept["step"] == good["step"] and torch.isfinite(kept["loss_sum"])
+
+
+DIGITS = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def dbot(params):
+    from pipeline.encoder import build_encoder
+    from pipeline.methods import METHODS
+    from pipeline.teacher import FrozenTeacher
+
+    return METHODS["dbot"](params, 1, 0, FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)))
+
+
+def test_resume_with_drop_path_is_bit_identical(tmp_path):
+    """dBOT drops paths in encoder and decoder (0.2): the draws come from the step's generator, so a run resumed
+    after a crash replays them and ends bit-identical; another seed's run drops other paths."""
+    from pipeline import config
+    from pipeline.encoder import DropPath
+
+    params = config.load("tiny", ["model.decoder_depth=2"])
+    conf = cfg(batch_size=8, seed=4, checkpoint_every_min=0.0)
+    ref = dbot(params)
+    assert len([m for m in ref.encoder.modules() if isinstance(m, DropPath)]) == 2          # block 1 of 2
+    assert len([m for m in ref.decoder.modules() if isinstance(m, DropPath)]) == 2
+    engine.train(ref, DIGITS, [0.5], [0.25], conf, tmp_path / "ref.pt")
+    model, calls = dbot(params), {"n": 0}
+    original = model.forward
+
+    def dies_at_step_6(x, gen, step):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash
+        return original(x, gen, step)
+
+    model.forward = dies_at_step_6
+    with pytest.raises(Crash):
+        engine.train(model, DIGITS, [0.5], [0.25], conf, tmp_path / "run.pt")
+    resumed = dbot(params)
+    engine.train(resumed, DIGITS, [0.5], [0.25], conf, tmp_path / "run.pt")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
+    no_drop = dbot(config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.0", "dbot.decoder_drop_path=0.0"]))
+    engine.train(no_drop, DIGITS, [0.5], [0.25], conf, tmp_path / "no_drop.pt")
+    assert not torch.equal(no_drop.encoder.vit.blocks[1].mlp.fc1.weight, ref.encoder.vit.blocks[1].mlp.fc1.weight)
+
+
+def first_step_moments(monkeypatch, run) -> dict:
+    """exp_avg of every parameter (by name) that the optimiser holds when the first step of `run()` begins."""
+    seen, step = {}, engine._step
+
+    def recording(model, opt, *args, **kw):
+        if not seen:
+            names = {id(p): n for n, p in model.named_parameters()}
+            seen.update({names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()} or {"": None})
+        return step(model, opt, *args, **kw)
+
+    monkeypatch.setattr(engine, "_step", recording)
+    run()
+    return {k: v for k, v in seen.items() if k}
+
+
+def test_initial_optimizer_state_starts_a_fresh_run_only(tmp_path, monkeypatch):
+    """dBOT's carry_optimizer_state: a fresh run starts from another run's moments (same names and shapes; the
+    rest at zero), a resumed one from its own; TrainResult.optimizer is the run's final state by name."""
+    first = engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "a.pt")
+    carried = first.optimizer
+    assert set(carried) == {"lin.weight", "lin.bias"} and carried["lin.weight"]["exp_avg"].abs().sum() > 0
+    assert first_step_moments(monkeypatch, lambda: engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1),
+                                                                tmp_path / "b.pt")) == {}       # no carry: zeros
+    moments = first_step_moments(monkeypatch, lambda: engine.train(
+        Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "c.pt", initial_optimizer_state=carried))
+    assert torch.equal(moments["lin.weight"], carried["lin.weight"]["exp_avg"])
+    wider = {"lin.weight": dict(carried["lin.weight"], exp_avg=torch.ones(8, 16), exp_avg_sq=torch.ones(8, 16)),
+             "lin.bias": carried["lin.bias"]}
+    moments = first_step_moments(monkeypatch, lambda: engine.train(
+        Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "d.pt", initial_optimizer_state=wider))
+    assert set(moments) == {"lin.bias"}                     # a head of another width starts fresh
+    model, calls = Tiny(), {"n": 0}                         # a resumed run keeps its own state
+    original = model.forward
+
+    def dies_at_step_7(x, gen, step):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise Crash
+        return original(x, gen, step)
+
+    model.forward = dies_at_step_7
+    with pytest.raises(Crash):
+        engine.train(model, IMAGES, [0.5], [0.25], cfg(), tmp_path / "e.pt")
+    saved = torch.load(tmp_path / "e.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"]
+    moments = first_step_moments(monkeypatch, lambda: engine.train(
+        Tiny(), IMAGES, [0.5], [0.25], cfg(), tmp_path / "e.pt", initial_optimizer_state=carried))
+    assert torch.equal(moments["lin.weight"], saved)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.encoder import build_encoder
-from pipeline.masking import (block_masking, block_masking_grid, hybrid_masking, mask_from_bool, multifold_split,
-                              random_masking)
+from pipeline import masking
+from pipeline.masking import (block_masking, block_masking_grid, hybrid_masking, mask_from_bool, max_block_patches,
+                              multifold_split, random_masking)
 
 MASKERS = {
     "random": random_masking,
@@ -87,6 +88,46 @@ def test_hybrid_only_adds_random_patches_to_its_blocks():
     blocks = block_masking_grid(4, 14, 98, gen(7))
     hybrid = hybrid_masking(4, 196, 0.75, gen(7), block_ratio=0.5).mask.bool()
     assert (hybrid | blocks).equal(hybrid) and (hybrid.sum(1) > blocks.sum(1)).all()
+
+
+def test_block_cap_is_beits_60_of_196_scaled_to_the_grid():
+    """run_pretraining.py:L67 of LightDXY/BootMAE: --max_mask_patches_per_block 60 (of 14 x 14)."""
+    assert max_block_patches(0.306, 196) == 60 and max_block_patches(0.306, 49) == 15
+    assert max_block_patches(0.306, 16) == 5 and max_block_patches(0.01, 16) == 1
+    assert max_block_patches(None, 49) is None
+
+
+@pytest.mark.parametrize("grid,num_masked,cap", [(7, 29, 15), (14, 120, 60)])
+def test_one_block_adds_at_most_the_cap(grid, num_masked, cap):
+    """A single attempt (one rectangle per row) hides at most `cap` patches; uncapped, one block can take
+    far more (up to num_masked, 59% of a 7x7 grid)."""
+    capped = block_masking_grid(256, grid, num_masked, gen(0), min_block=grid * grid // 12, max_attempts=1,
+                                max_block=cap).sum(1)
+    uncapped = block_masking_grid(256, grid, num_masked, gen(0), min_block=grid * grid // 12, max_attempts=1).sum(1)
+    assert capped.max() <= cap < uncapped.max() <= num_masked
+
+
+@pytest.mark.parametrize("grid,num_masked,cap,min_block",
+                         [(7, 29, 15, 4), (14, 120, 60, 16), (4, 9, 5, 4), (4, 16, 5, 4)])
+def test_blocks_are_redrawn_until_the_exact_count(grid, num_masked, cap, min_block):
+    """max_attempts None: like BEiT's generator (masking_generator.py:L58, L83) every row ends with exactly
+    num_masked patches in blocks, never more."""
+    hidden = block_masking_grid(64, grid, num_masked, gen(1), min_block, max_attempts=None, max_block=cap)
+    assert (hidden.sum(1) == num_masked).all()
+
+
+def test_exact_block_masking_gives_up_loudly(monkeypatch):
+    monkeypatch.setattr(masking, "EXACT_ATTEMPTS", 3)
+    with pytest.raises(RuntimeError, match="did not reach 120 hidden patches of a 14x14 grid in 3 attempts"):
+        block_masking_grid(8, 14, 120, gen(0), 16, max_attempts=None, max_block=60)
+
+
+def test_bootmae_hybrid_mask_has_exactly_its_block_share_in_blocks():
+    """BootMAE's default: exactly int(0.6 L) patches in capped blocks, the rest of the 75% random."""
+    blocks = block_masking_grid(32, 7, 29, gen(5), 4, max_attempts=None, max_block=15)
+    mask = hybrid_masking(32, 49, 0.75, gen(5), block_ratio=0.6, min_block=4, max_block=15, max_attempts=None)
+    hidden = mask.mask.bool()
+    assert (blocks.sum(1) == 29).all() and (hidden.sum(1) == 37).all() and (hidden | blocks).equal(hidden)
 
 
 def test_multifold_split_partitions_the_masked_set():

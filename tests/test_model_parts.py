@@ -135,3 +135,83 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
     torch.save(enc.vit.state_dict(), tmp_path / "pickle.safetensors")
     with pytest.raises(PipelineError, match="not a readable safetensors file"):
         load_encoder(tmp_path / "pickle.safetensors", params, 1)
+
+
+def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval():
+    """Stochastic depth: rates 0 -> p over the blocks (timm's rule, dBOT's and SdAE's); the same init as without it;
+    in training, draws from the step's generator (step_draws), the same global-batch draw cut to a rank's rows;
+    in eval mode (teachers, probes, pictures) the identity."""
+    from pipeline import distributed
+    from pipeline.encoder import DropPath, step_draws
+
+    model = dict(MODEL, depth=3)
+    plain, dropped = build_encoder(model, 8, 1, seed=0), build_encoder(model, 8, 1, seed=0, drop_path=0.5)
+    rates = [[m.drop_prob for m in b.modules() if isinstance(m, DropPath)] for b in dropped.vit.blocks]
+    assert rates == [[], [0.25, 0.25], [0.5, 0.5]]                     # block 0 rate 0: no module
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()))
+    x = torch.randn(8, 1, 8, 8)
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))
+    dropped.train()
+    with step_draws(torch.Generator().manual_seed(1)):
+        a = dropped(x)
+    with step_draws(torch.Generator().manual_seed(1)):
+        b = dropped(x)
+    with step_draws(torch.Generator().manual_seed(2)):
+        c = dropped(x)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain(x))
+    halves = []
+    for rows in (slice(0, 4), slice(4, 8)):                        # two ranks' rows of the same global batch
+        with distributed.batch_rows(rows, 8), step_draws(torch.Generator().manual_seed(1)):
+            halves.append(dropped(x[rows]))
+    assert torch.allclose(torch.cat(halves), a, atol=1e-6)
+    drop = DropPath(0.5).train()
+    with step_draws(torch.Generator().manual_seed(0)):
+        kept = drop(torch.ones(4000, 3))
+    assert set(kept.unique().tolist()) == {0.0, 2.0} and abs(kept.mean().item() - 1) < 0.1   # scaled by 1 / keep
+
+
+def test_decoder_drop_path_rises_over_its_blocks():
+    from pipeline.encoder import DropPath
+
+    dec = Decoder(grid=4, in_dim=32, dim=16, depth=3, heads=2, out_dim=12, drop_path=0.2)
+    rates = [sorted({round(m.drop_prob, 6) for m in b.modules() if isinstance(m, DropPath)}) for b in dec.blocks]
+    assert rates == [[], [0.1], [0.2]]
+
+
+def test_depth_zero_teacher_targets_are_the_embedded_tokens_and_depth_k_has_k_blocks():
+    """dBOT's stage-0 teacher cut to depth 0 (ViT-L/H): cls + patch embeddings + positions; depth k: k blocks."""
+    full = build_encoder(dict(MODEL, depth=3), 8, 1, seed=0)
+    x = torch.randn(2, 1, 8, 8)
+    zero = full.truncated(0)
+    assert len(zero.vit.blocks) == 0 and zero.config["depth"] == 0
+    embedded = full.vit.patch_embed(x) + full.vit.pos_embed[:, 1:]
+    cls = (full.vit.cls_token + full.vit.pos_embed[:, :1]).expand(2, -1, -1)
+    target = FrozenTeacher(zero).targets(x)
+    assert target.shape == (2, 17, 32) and torch.allclose(target, torch.cat([cls, embedded], 1), atol=1e-5)
+    assert torch.allclose(FrozenTeacher(zero, final_norm=True).targets(x), full.vit.norm(target), atol=1e-5)
+    two = full.truncated(2)
+    with torch.no_grad():
+        _, blocks = full.eval()(x, return_blocks=(1,))
+    assert len(two.vit.blocks) == 2 and torch.allclose(FrozenTeacher(two).targets(x), blocks[1], atol=1e-5)
+    with pytest.raises(ValueError, match="cannot keep 4 of 3 blocks"):
+        full.truncated(4)
+
+
+def test_depth_zero_encoder_saves_and_loads(tmp_path):
+    zero = build_encoder(MODEL, 8, 1, seed=0).truncated(0)
+    save_encoder(tmp_path / "t.safetensors", zero, {})
+    loaded, _ = load_encoder(tmp_path / "t.safetensors", {"model": MODEL, "data": {"img_size": 8}}, 1)
+    x = torch.randn(2, 1, 8, 8)
+    assert len(loaded.vit.blocks) == 0 and torch.equal(FrozenTeacher(loaded).targets(x), FrozenTeacher(zero).targets(x))
+
+
+def test_timm_init_has_learnable_positions_and_timms_weights():
+    """SdAE's official teacher (models_teacher.py: a timm VisionTransformer): timm's own init, not MAE's."""
+    mae, timm_init = build_encoder(MODEL, 8, 1, seed=0), build_encoder(MODEL, 8, 1, seed=0, init="timm")
+    assert timm_init.vit.pos_embed.requires_grad and not torch.equal(timm_init.vit.pos_embed[0], sincos_2d(32, 4))
+    assert 0.01 < timm_init.vit.pos_embed.std().item() < 0.03                       # trunc-normal 0.02
+    qkv = timm_init.vit.blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - 0.02) < 0.004                                      # trunc-normal 0.02
+    assert mae.vit.blocks[0].attn.qkv.weight.std().item() > 0.1                     # MAE: xavier-uniform (fan 32 + 96)
+    with pytest.raises(ValueError, match="unknown encoder init"):
+        build_encoder(MODEL, 8, 1, seed=0, init="jax")

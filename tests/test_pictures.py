@@ -57,14 +57,19 @@ def test_picture_kind_and_shapes(name, params):
 
 @pytest.mark.parametrize("name", PICTURED)
 def test_forward_loss_is_bit_identical_around_a_picture(name, params, tmp_path):
-    """picture() changes no weight, no mode and no forward behaviour: the same seed gives the same loss."""
+    """picture() changes no weight, no mode and no forward behaviour: the same seed gives the same loss (a
+    training forward draws drop-path from the step's generator, as the engine runs it: step_draws)."""
+    from pipeline.encoder import step_draws
+
     model = make(name, params).train()
     modes = {k: m.training for k, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = normalize(images(4), MEAN, STD)
-    before, out = model(x, gen(3))
+    with step_draws(g := gen(3)):
+        before, out = model(x, g)
     pictures.reconstruction_grid(model, images(4), MEAN, STD, 3, tmp_path / "grid.png")
-    after, _ = model(x, gen(3))
+    with step_draws(g := gen(3)):
+        after, _ = model(x, g)
     assert torch.equal(before, after)
     assert {k: m.training for k, m in model.named_modules()} == modes
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -1,12 +1,15 @@
 """Unit tests of BootMAE's target-aware decoder and the shared targets/losses (per-channel pixel norm,
-centre weighting, weighted means, loss-weight ramp, cosine losses)."""
+centre weighting, weighted means, loss-weight ramps, cosine losses). Official formulas are from LightDXY/BootMAE
+at commit f9512008 (modeling = models/modeling_pretrain_bootmae.py, run = run_pretraining.py)."""
 import math
 
 import pytest
 import torch
 
 from pipeline import losses
-from pipeline.decoder import TargetAwareDecoder
+import torch.nn.functional as F
+
+from pipeline.decoder import TargetAwareBlock, TargetAwareDecoder
 from pipeline.encoder import build_encoder
 from pipeline.masking import random_masking
 
@@ -21,9 +24,9 @@ def student_inputs(x, seed=0):
     return latent, [blocks[0], blocks[1]], mask
 
 
-def decoder(depth=2):
+def decoder(depth=2, **kw):
     torch.manual_seed(0)
-    return TargetAwareDecoder(grid=4, in_dim=32, dim=16, depth=depth, heads=2, out_dim=4, context_dim=32)
+    return TargetAwareDecoder(grid=4, in_dim=32, dim=16, depth=depth, heads=2, out_dim=4, context_dim=32, **kw)
 
 
 def test_target_aware_decoder_shape_and_context_dependence():
@@ -62,14 +65,73 @@ def test_target_aware_decoder_cannot_see_masked_pixels():
     assert not torch.allclose(dec(latent_v, mask.ids_restore, context_v), out)
 
 
-def test_target_aware_decoder_backward_reaches_cross_attention():
+@pytest.mark.parametrize("order", ["self_cross_mlp", "cross_self_mlp"])
+def test_target_aware_decoder_backward_reaches_cross_attention(order):
     latent, context, mask = student_inputs(torch.randn(2, 1, 8, 8))
-    dec = decoder()
+    dec = decoder(order=order)
     dec(latent, mask.ids_restore, context).pow(2).mean().backward()
     for block in dec.blocks:
         grads = {n: p.grad for n, p in block.cross.named_parameters()}
-        assert set(grads) >= {"context.weight", "q.weight", "kv.weight", "proj.weight"}
+        assert set(grads) >= {"context_norm.weight", "q.weight", "kv.weight", "proj.weight"}
+        assert ("context.weight" in grads) == (order == "cross_self_mlp")
         assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_mask_tokens_alone_get_positions_by_default():
+    """modeling:L481-484 (pixel decoder, its own sin-cos) and L492-495 (feature decoder, the encoder's
+    pos_embed): positions are gathered for the masked slots and added to the mask tokens only; visible
+    tokens and cls enter as the projected encoder output. positions "all" adds them to every token (MAE)."""
+    latent, _, mask = student_inputs(torch.randn(2, 1, 8, 8))
+    custom = torch.randn(17, 16)
+    for pos in (None, custom):
+        dec = decoder(pos=pos)
+        table = dec.pos[0]
+        assert torch.equal(table, custom) if pos is not None else table.shape == (17, 16)
+        tokens = dec.tokens(latent, mask.ids_restore)
+        embedded = dec.embed(latent)
+        assert tokens.shape == (2, 17, 16) and torch.equal(tokens[:, 0], embedded[:, 0])
+        for b in range(2):
+            visible = mask.ids_keep[b].tolist()
+            for j, patch in enumerate(visible):
+                assert torch.equal(tokens[b, 1 + patch], embedded[b, 1 + j])
+            for patch in set(range(16)) - set(visible):
+                assert torch.allclose(tokens[b, 1 + patch], dec.mask_token[0, 0] + table[1 + patch])
+        everywhere = decoder(positions="all", pos=pos)        # the same weights (seed), positions on every token
+        hidden = torch.cat([torch.zeros(2, 1), mask.mask], 1)[..., None]        # cls slot first
+        assert torch.allclose(everywhere.tokens(latent, mask.ids_restore) - table, tokens - hidden * table, atol=1e-6)
+    with pytest.raises(ValueError, match="'all' or 'masked'"):
+        decoder(positions="visible")
+
+
+def test_target_aware_block_is_self_attention_then_cross_attention_then_mlp():
+    """modeling:L153-157 (Decode_Block.forward): x += attn(norm1(x)); x += c_attn(norm3(x), norm4(fea));
+    x += mlp(norm2(x)), where norm4 is a LayerNorm at the context's width (L140) and the keys/values come
+    from Linear(context width) (L85). The old order (cross first, context through Linear then LayerNorm)
+    is order "cross_self_mlp"."""
+    torch.manual_seed(0)
+    block = TargetAwareBlock(16, 2, 32).eval()
+    cross = block.cross
+    assert isinstance(cross.context, torch.nn.Identity) and cross.context_norm.normalized_shape == (32,)
+    assert cross.kv.in_features == 32 and cross.kv.out_features == 32 and cross.q.in_features == 16
+    x, ctx = torch.randn(2, 9, 16), torch.randn(2, 5, 32)
+    b = block.block
+
+    def attend(q, k, v):                        # (B, N, 16) -> two heads of 8
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], 2, 8).transpose(1, 2)
+        out = F.softmax(split(q) @ split(k).transpose(-2, -1) / 8 ** 0.5, dim=-1) @ split(v)
+        return out.transpose(1, 2).reshape(q.shape)
+
+    h = x + b.attn.proj(attend(*b.attn.qkv(b.norm1(x)).chunk(3, dim=-1)))
+    k, v = cross.kv(F.layer_norm(ctx, (32,), cross.context_norm.weight, cross.context_norm.bias)).chunk(2, dim=-1)
+    h = h + cross.proj(attend(cross.q(cross.norm(h)), k, v))
+    h = h + b.mlp(b.norm2(h))
+    assert torch.allclose(block(x, ctx), h, atol=1e-5)
+    torch.manual_seed(0)
+    old = TargetAwareBlock(16, 2, 32, order="cross_self_mlp").eval()
+    assert old.cross.context.in_features == 32 and old.cross.context_norm.normalized_shape == (16,)
+    assert torch.allclose(old(x, ctx), old.block(old.cross(x, ctx)))
+    with pytest.raises(ValueError, match="self_cross_mlp, cross_self_mlp"):
+        TargetAwareBlock(16, 2, 32, order="mlp_first")
 
 
 def test_target_aware_decoder_single_context_is_shared_by_every_block():
@@ -135,6 +197,36 @@ def test_weighted_mean_of_a_mask_is_the_masked_mean_and_losses_unchanged():
     huber = torch.where(d.abs() < 2, 0.5 * d ** 2 / 2, d.abs() - 1)
     assert losses.smooth_l1(pred, target, m, beta=2.0).item() == pytest.approx(huber[m == 1].mean().item(),
                                                                               abs=1e-6)
+
+
+def test_masked_count_denominator_is_bootmaes_official_pixel_loss():
+    """run:L450 (pixels) and L459 (features): mean(weight * err) / mean(loss_mask), with the per-token weights
+    and the 0/1 mask upsampled to pixels (nearest) = sum of weighted per-token errors / number of masked
+    tokens, not / the sum of the weights."""
+    torch.manual_seed(0)
+    grid, p, channels = 4, 2, 3
+    mask = random_masking(3, 16, 0.75, torch.Generator().manual_seed(0)).mask
+    weights = losses.center_weights(mask, grid)
+    pred, target = torch.randn(3, channels, 8, 8), torch.randn(3, channels, 8, 8)
+    up = lambda t: F.interpolate(t.reshape(-1, 1, grid, grid), (8, 8), mode="nearest")
+    official = torch.mean(up(weights) * (pred - target) ** 2) / torch.mean(up(mask))
+    ours = losses.mse(losses.patchify(pred, p), losses.patchify(target, p), weights, count=mask)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-5)
+    by_weights = losses.mse(losses.patchify(pred, p), losses.patchify(target, p), weights)
+    assert by_weights.item() == pytest.approx(official.item() * mask.sum().item() / weights.sum().item(), rel=1e-5)
+    feat_pred, feat_target = torch.randn(3, 16, 6), torch.randn(3, 16, 6)   # L459: perc_mask (B, L, 1)
+    official = torch.mean(weights[..., None] * (feat_target - feat_pred) ** 2) / torch.mean(up(mask))
+    assert losses.mse(feat_pred, feat_target, weights, count=mask).item() == pytest.approx(official.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("epochs", [801, 12, 3])
+def test_epoch_ramp_is_bootmaes_official_feature_weight(epochs):
+    """run:L386-387: feature_weight = w (1 + epoch) / E, then min(4 feature_weight, w)."""
+    for w in (1.0, 0.5):
+        for epoch in range(epochs):
+            official = min(w * (1 + epoch) / epochs * 4, w)
+            assert losses.epoch_ramp(epoch, epochs, 0.25, end=w) == pytest.approx(official, rel=1e-12)
+    assert losses.epoch_ramp(0, 10, 0.0, end=0.7) == 0.7
 
 
 def test_ramp_endpoints_and_midpoint():

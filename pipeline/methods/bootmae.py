@@ -1,12 +1,26 @@
 """BootMAE (Dong et al., ECCV 2022): momentum-encoder feature targets and target-aware decoders.
 
-Masking is hybrid: BEiT blocks over `block_ratio` of the patches, topped up randomly to the mask ratio.
-Two target-aware decoders read the encoder's output and cross-attend to the student's own features of the
-visible patches: the pixel decoder to block 0's output, the feature decoder to the last block's. Targets:
-per-patch, per-colour-channel normalised pixels, and the EMA encoder's last-block features of the full
-image (before its final norm). Both predictions and feature targets go through a layer norm without affine.
-Loss: centre-weighted pixel MSE + w_f * centre-weighted feature MSE, with w_f ramped from 0 to
-`feature_weight` over the first `ramp_fraction` of training.
+Masking is hybrid: BEiT blocks (each at most `max_block` of the patches, redrawn until exactly
+`block_ratio` of them are hidden) topped up randomly to the mask ratio. Two target-aware decoders read the
+encoder's output and cross-attend to the student's own features of the visible patches: the pixel decoder
+(model.decoder_dim) to block 0's output, the feature decoder to the last block's. Targets: per-patch,
+per-colour-channel normalised pixels, and the EMA encoder's last-block features of the full image (before
+its final norm). Both predictions and feature targets go through a layer norm without affine. Loss:
+centre-weighted pixel MSE + w_f * centre-weighted feature MSE, each divided by the number of masked tokens,
+with w_f ramped per epoch.
+
+The defaults follow the official code, LightDXY/BootMAE at commit f9512008 (params/base.yaml `bootmae`
+cites file:line for each; the earlier choices stay as options):
+- feature decoder at the encoder's width and heads, its own projection and mask token, the encoder's position
+  embedding on its mask tokens (modeling_pretrain_bootmae.py:L341-353, L492-495): `feature_decoder`;
+- decoder positions on the mask tokens only (L481-484, L492-495): `decoder_positions`;
+- block = self-attention, cross-attention to LayerNorm(context), MLP (L153-157): `block_order`;
+- loss / number of masked tokens (run_pretraining.py:L450, L459): `loss_denominator`;
+- blocks capped at 60 of 196 patches and redrawn to the exact count (run_pretraining.py:L67,
+  masking_generator.py:L58, L83-85): `max_block`, `block_attempts`;
+- EMA decay 0.999 -> 0.9999 over the first 100 epochs, then -> 0.99999 by epoch 400 (utils.py:L586-593):
+  `momentum.schedule: piecewise`;
+- w_f = min(4 w (e + 1) / E, w) per epoch (run_pretraining.py:L386-387): `ramp: epoch`.
 """
 from __future__ import annotations
 
@@ -16,26 +30,35 @@ from pipeline import losses
 from pipeline.decoder import TargetAwareDecoder
 from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.encoder import build_encoder
-from pipeline.masking import hybrid_masking
+from pipeline.masking import hybrid_masking, max_block_patches
 
 
 class BootMAE(EMAMethod):
     def __init__(self, params: dict, in_chans: int, seed: int):
         super().__init__()
         m, d, cfg = params["model"], params["data"], params["bootmae"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
-        dim = m["embed_dim"]
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=cfg["drop_path"])
+        dim, grid = m["embed_dim"], self.encoder.grid
+        shared = dict(context_dim=dim, order=cfg["block_order"], positions=cfg["decoder_positions"])
+        if cfg["feature_decoder"] == "encoder":     # the encoder's width, heads and (frozen) sin-cos positions
+            feature = dict(dim=dim, heads=m["num_heads"], pos=self.encoder.vit.pos_embed[0])
+        else:
+            feature = dict(dim=m["decoder_dim"], heads=m["decoder_heads"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            args = (self.encoder.grid, dim, m["decoder_dim"], m["decoder_depth"], m["decoder_heads"])
-            self.pixel_decoder = TargetAwareDecoder(*args, m["patch_size"] ** 2 * in_chans, context_dim=dim)
-            self.feature_decoder = TargetAwareDecoder(*args, dim, context_dim=dim)
+            self.pixel_decoder = TargetAwareDecoder(
+                grid, dim, m["decoder_dim"], m["decoder_depth"], m["decoder_heads"], m["patch_size"] ** 2 * in_chans,
+                **shared)
+            self.feature_decoder = TargetAwareDecoder(
+                grid, dim, feature.pop("dim"), m["decoder_depth"], feature.pop("heads"), dim, **shared, **feature)
         self.teacher = EMATeacher(self.encoder)
         self.ema_schedule = EMASchedule(cfg["momentum"])
         self.evaluate_weights = cfg["evaluate_weights"]
         self.cfg, self.patch, self.channels = cfg, m["patch_size"], in_chans
         self.mask_ratio = params["pretrain"]["mask_ratio"]
+        self.max_block = max_block_patches(cfg["max_block"], self.encoder.num_patches)
         self.total_steps = None        # set by start_schedule; without it the feature weight is not ramped
+        self.steps_per_epoch = None
 
     @property
     def teacher_encoder(self):
@@ -50,16 +73,26 @@ class BootMAE(EMAMethod):
         encoder, block = super().evaluated_encoder(), self.cfg["probe_block"]
         return encoder if block is None else encoder.truncated(block)
 
+    def start_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        super().start_schedule(steps_per_epoch, total_steps)
+        self.steps_per_epoch = steps_per_epoch
+
     def feature_weight(self, step: int) -> float:
+        """w_f at optimiser step `step`: ramp "epoch" min(w (e + 1) / (ramp_fraction E), w) for the step's epoch
+        e of E (official: run_pretraining.py:L386-387), ramp "step" linear from 0 over ramp_fraction of the steps."""
+        cfg = self.cfg
         if self.total_steps is None:
-            return self.cfg["feature_weight"]
-        return self.cfg["feature_weight"] * losses.ramp(step, self.total_steps, self.cfg["ramp_fraction"])
+            return cfg["feature_weight"]
+        if cfg["ramp"] == "epoch":
+            return losses.epoch_ramp(step // self.steps_per_epoch, self.total_steps // self.steps_per_epoch,
+                                     cfg["ramp_fraction"], end=cfg["feature_weight"])
+        return cfg["feature_weight"] * losses.ramp(step, self.total_steps, cfg["ramp_fraction"])
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
         """imgs (B, C, H, W) normalised -> (loss, {"pred", "features", "mask", "pixel_loss", "feature_loss"})."""
         enc, cfg = self.encoder, self.cfg
         mask = hybrid_masking(imgs.shape[0], enc.num_patches, self.mask_ratio, generator, cfg["block_ratio"],
-                              cfg["min_block"]).to(imgs.device)
+                              cfg["min_block"], self.max_block, cfg["block_attempts"]).to(imgs.device)
         last = len(enc.vit.blocks) - 1
         latent, blocks = enc(imgs, mask.ids_keep, return_blocks=(0, last))
         pred = self.pixel_decoder(latent, mask.ids_restore, [blocks[0]])[:, 1:]
@@ -68,9 +101,10 @@ class BootMAE(EMAMethod):
         target_features = teacher_blocks[last][:, 1:]
         target_pixels = losses.normalize_patches_per_channel(losses.patchify(imgs, self.patch), self.channels)
         weights = losses.center_weights(mask.mask, enc.grid) if cfg["center_weight"] else mask.mask
-        pixel_loss = losses.mse(pred, target_pixels, weights)
+        count = mask.mask if cfg["loss_denominator"] == "masked" else None    # None: the sum of the weights
+        pixel_loss = losses.mse(pred, target_pixels, weights, count)
         feature_loss = losses.mse(losses.standardize_tokens(features), losses.standardize_tokens(target_features),
-                                  weights)
+                                  weights, count)
         loss = pixel_loss + self.feature_weight(step) * feature_loss
         return loss, {"pred": pred, "features": features, "mask": mask.mask, "pixel_loss": pixel_loss,
                       "feature_loss": feature_loss}

@@ -4,6 +4,9 @@ One stage: a freshly initialised student (MAE encoder on visible tokens + decode
 regresses a frozen teacher's last-block features of the full image, per-token standardised, with
 smooth-L1 (beta 2) over the masked tokens and the cls token. Stage 0's teacher is a copy of a random
 initialisation; stage k's teacher is stage k-1's student (made by the teacher_swap node).
+The student drops paths in its encoder (`drop_path`) and decoder (`decoder_drop_path`), both 0.2 as the official
+recipe (dbot PRETRAIN.md:20 --sdpr 0.2; models_mae.py:50 and :65-66 apply it to both); the teacher none (--tdpr 0,
+main_pretrain.py:61: it runs in eval mode).
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ class DBOT(nn.Module):
     def __init__(self, params: dict, in_chans: int, seed: int, teacher: FrozenTeacher):
         super().__init__()
         m, d, cfg = params["model"], params["data"], params["dbot"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=cfg["drop_path"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"],
-                                   m["decoder_depth"], m["decoder_heads"], teacher.width)
+            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
+                                   m["decoder_heads"], teacher.width, drop_path=cfg["decoder_drop_path"])
         self.teacher = teacher
         self.mask_ratio = params["pretrain"]["mask_ratio"]
         self.beta = cfg["beta"]

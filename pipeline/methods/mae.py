@@ -1,6 +1,7 @@
 """MAE (He et al. 2021): reconstruct the pixels of randomly masked patches from the visible ones.
 
 Target: per-patch normalised pixels (norm_pix_loss); loss: MSE averaged over masked patches only.
+Stochastic depth of the encoder in pre-training: `mae.drop_path` (official: none; RC-MAE passes its own).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pipeline.masking import Mask, random_masking
 
 
 class MAE(nn.Module):
-    def __init__(self, params: dict, in_chans: int, seed: int):
+    def __init__(self, params: dict, in_chans: int, seed: int, drop_path: float | None = None):
         super().__init__()
         m, d = params["model"], params["data"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        drop_path = params["mae"]["drop_path"] if drop_path is None else drop_path
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=drop_path)
         self.patch = m["patch_size"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)

@@ -19,7 +19,7 @@ class RCMAE(EMAMethod):
     def __init__(self, params: dict, in_chans: int, seed: int):
         super().__init__()
         cfg = params["rcmae"]
-        self.student = MAE(params, in_chans, seed)
+        self.student = MAE(params, in_chans, seed, drop_path=cfg["drop_path"])   # the teacher copy runs in eval mode
         self.teacher = EMATeacher(self.student)
         self.ema_schedule = EMASchedule(cfg["momentum"])
         self.gamma = cfg["consistency_weight"]

@@ -6,6 +6,10 @@ is split into `folds` disjoint folds, each run as its own sequence (+cls); its t
 outputs, per-token standardised. Loss: 1 - cosine (per token across channels, or the official code's
 cosine across the tokens of a fold: `cosine_axis`). The EMA follows the student encoder once per epoch
 by default; the teacher starts from its own random init (as the code) or from a copy of the student.
+The official teacher is a timm ViT with timm's own init and learnable positions (sdae models_teacher.py:20-24,
+:42; timm pinned at 0.3.2, main_pretrain.py:27): teacher_init "random" builds it so (seed + 2), not with MAE's
+init and sin-cos positions. The student's encoder drops paths (`drop_path` 0.25, main_pretrain.py:94, in the
+encoder only: models_mae.py:39); the teacher none (drop_path_rate 0, main_pretrain.py:218; it runs in eval mode).
 """
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ class SdAE(EMAMethod):
     def __init__(self, params: dict, in_chans: int, seed: int):
         super().__init__()
         m, d, cfg = params["model"], params["data"], params["sdae"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=cfg["drop_path"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
                                    m["decoder_heads"], m["embed_dim"])
-        if cfg["teacher_init"] == "random":     # its own random init, as the official code
-            self.teacher = EMATeacher(self.encoder, "random", build_encoder(m, d["img_size"], in_chans, seed + 2))
+        if cfg["teacher_init"] == "random":     # its own random timm init, as the official code
+            fresh = build_encoder(m, d["img_size"], in_chans, seed + 2, init="timm")
+            self.teacher = EMATeacher(self.encoder, "random", fresh)
         else:                                    # "student": a copy of the student
             self.teacher = EMATeacher(self.encoder, "copy")
         self.ema_schedule = EMASchedule(cfg["momentum"])

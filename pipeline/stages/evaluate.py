@@ -1,6 +1,9 @@
 """Shared body of the evaluation nodes (knn, linprobe): load data and weights, extract frozen features,
 run the protocol, write results/<protocol>/<weights>/metrics.json, log the child run. Its checks, weights
-record and tracked run are shared with finetune and robustness."""
+record and tracked run are shared with finetune and robustness.
+
+knn and linprobe also take --weights pixels (layout.PIXELS), the raw-pixel floor: the same protocol, split
+and settings on the normalised images, flattened (evaluation.pixel_features), instead of an encoder's output."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,17 +12,19 @@ from pipeline import data, hardware, layout
 from pipeline.checkpoint import write_json
 from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
-from pipeline.evaluation import extract_features
+from pipeline.checkpoint import read_json
+from pipeline.evaluation import extract_features, pixel_features
 from pipeline.node import tracked
 
 
 def add_args(parser) -> None:
     parser.add_argument("--weights", required=True,
-                        help="weights id: random_init, mae, ..., dbot_<chain>_stage<k> (see pipeline/layout.py)")
+                        help="weights id: random_init, mae, ..., dbot_<chain>_stage<k>; knn and linprobe also "
+                             "pixels (see pipeline/layout.py)")
 
 
-def check_weights_id(params: dict, args) -> None:
-    known = layout.all_weights(params)
+def check_weights_id(params: dict, args, known: list[str] | None = None) -> None:
+    known = known or layout.all_weights(params)
     if args.weights not in known:
         raise PipelineError(f"unknown weights {args.weights!r}; this study has {', '.join(known)}")
 
@@ -35,11 +40,19 @@ def check(params: dict, args) -> None:
     require(layout.DATASET, layout.weights_path(args.weights, args.seed))
 
 
+def check_probe(params: dict, args) -> None:
+    """knn and linprobe: an encoder of the study (as check), or the pixel floor, which reads only the dataset."""
+    check_weights_id(params, args, layout.probe_weights(params))
+    require(layout.DATASET, layout.weights_path(args.weights, args.seed))
+
+
 def weights_record(args, meta: dict, depth: int, path) -> dict:
-    """The "weights" entry of an evaluation's metrics.json: which encoder of which seed, and its file."""
+    """The "weights" entry of an evaluation's metrics.json: which encoder of which seed, and its file (for the
+    pixel floor: evaluated "pixels", depth 0, the prepared dataset)."""
     info = layout.describe_weights(args.weights)
+    floor = info["method"] in ("random", layout.PIXELS)
     return {"id": args.weights, "method": info["method"], "stage": info["stage"], "seed": args.seed,
-            "evaluated": "random" if info["method"] == "random" else meta.get("evaluated", "student"),
+            "evaluated": info["method"] if floor else meta.get("evaluated", "student"),
             "depth": depth,          # blocks evaluated (bootmae.probe_block may cut them)
             "path": str(path), "sha256": meta.get("sha256")}
 
@@ -62,21 +75,33 @@ def print_metrics(protocol: str, args, metrics: dict) -> None:
     print(f"{layout.node_id(protocol, args.seed, args.weights)}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
 
 
-def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
-    """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
+def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, dict, hardware.Precision]:
+    """(features(images, split) -> (N, D) float32, the weights record, the precision) of --weights: an encoder's
+    frozen features, or for the pixel floor the normalised pixels (fp32: no encoder runs)."""
     settings = params[protocol]
-    prep = data.load_prepared()
     path = layout.weights_path(args.weights, args.seed)
+    if args.weights == layout.PIXELS:
+        amp = hardware.Precision("fp32", settings["precision"], "raw pixels: the features are the normalised "
+                                 "images, no encoder runs")
+        weights = weights_record(args, {"sha256": read_json(layout.sidecar(path)).get("sha256")}, 0, path)
+        return lambda images, split: pixel_features(images, prep.mean, prep.std), weights, amp
     encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
     device = hardware.device(params["launch"]["device"])
     encoder.to(device)
     amp = hardware.resolve(settings["precision"], device)
     weights = weights_record(args, meta, encoder.config["depth"], path)
+    return (lambda images, split: extract_features(encoder, images, prep.mean, prep.std, settings["feature"], amp.name,
+                                                   desc=f"{protocol} {split}")), weights, amp
+
+
+def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
+    """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
+    settings = params[protocol]
+    prep = data.load_prepared()
+    features, weights, amp = feature_source(params, args, protocol, prep)
     out = layout.eval_metrics(protocol, args.weights, args.seed)
     with eval_run(params, args, protocol, weights, ["seed", protocol], amp) as run:
-        kind = settings["feature"]
-        train_f = extract_features(encoder, prep.train_x, prep.mean, prep.std, kind, amp.name, desc=f"{protocol} train")
-        val_f = extract_features(encoder, prep.val_x, prep.mean, prep.std, kind, amp.name, desc=f"{protocol} val")
+        train_f, val_f = features(prep.train_x, "train"), features(prep.val_x, "val")
         metrics, history = protocol_fn(params, train_f, prep.train_y, val_f, prep.val_y, len(prep.class_names))
         result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics, **amp.record()}
         if history:

@@ -14,7 +14,7 @@ import time
 from pipeline import data, finetune, hardware, layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
-from pipeline.config import section_hash
+from pipeline.config import node_seed, section_hash
 from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
 from pipeline.stages.evaluate import add_args, eval_run, log_history, print_metrics, weights_record
@@ -37,13 +37,14 @@ def work(params: dict, args) -> dict:
     path = layout.weights_path(args.weights, seed)
     encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
     weights = weights_record(args, meta, encoder.config["depth"], path)
-    model = finetune.from_encoder(encoder, len(prep.class_names), settings["drop_path"], seed)
+    draws = node_seed(params, "finetune")                 # head init, batch order, augmentation, drop path
+    model = finetune.from_encoder(encoder, len(prep.class_names), settings["drop_path"], draws)
     out = layout.eval_metrics("finetune", args.weights, seed)
     node = layout.node_id("finetune", seed, args.weights)
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(settings["precision"], device)
     with eval_run(params, args, "finetune", weights, SECTIONS, amp) as run:
-        metrics, history = finetune.finetune(model, prep, dict(settings, precision=amp.name), seed, device,
+        metrics, history = finetune.finetune(model, prep, dict(settings, precision=amp.name), draws, device,
                                              desc=node, on_epoch=lambda h: log_history(run, [h]))
         model_path = layout.finetuned_path(args.weights, seed)
         finetune.save_model(model_path, model, {"node": "finetune", "weights": weights,

@@ -2,12 +2,13 @@
 
 Cosine similarity between val and train features, the k nearest (k=20) vote with weight exp(sim / T)
 (T=0.07), as DINO's protocol. Features: knn.feature (cls token after the final norm, or mean of patches).
+--weights pixels: the raw-pixel floor (the same protocol on the normalised images, flattened).
 Tiny run: python -m pipeline.stages.knn --preset tiny --weights mae
 """
 from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.evaluation import knn_scores, topk_accuracy
-from pipeline.stages.evaluate import add_args, check, evaluate
+from pipeline.stages.evaluate import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):
@@ -20,7 +21,7 @@ def work(params: dict, args) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main("knn", __doc__, add_args, check, work, lambda a: layout.node_id("knn", a.seed, a.weights), argv)
+    stage_main("knn", __doc__, add_args, check_probe, work, lambda a: layout.node_id("knn", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,20 @@ MAE's protocol on frozen features (encoder in eval mode, computed once, no augme
 without affine parameters (linprobe.head: bn) followed by a linear layer, trained for linprobe.epochs with
 linprobe.optimizer (sgd | lars | adamw) + cosine lr; top-1/top-5 on the val split after the last epoch,
 with the per-epoch curve in "history". The settings are recorded beside the metric in metrics.json.
+--weights pixels: the raw-pixel floor (the same protocol on the normalised images, flattened).
 Tiny run: python -m pipeline.stages.linprobe --preset tiny --weights mae
 """
 from pipeline import layout
 from pipeline.cli import stage_main
+from pipeline.config import node_seed
 from pipeline.evaluation import linear_probe
-from pipeline.stages.evaluate import add_args, check, evaluate
+from pipeline.stages.evaluate import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):
     s = params["linprobe"]
     return linear_probe(train_f, train_y, val_f, val_y, num_classes, s["epochs"], s["batch_size"], s["lr"],
-                        s["momentum"], s["weight_decay"], params["seed"], s["head"], s["optimizer"])
+                        s["momentum"], s["weight_decay"], node_seed(params, "linprobe"), s["head"], s["optimizer"])
 
 
 def work(params: dict, args) -> None:
@@ -23,7 +25,7 @@ def work(params: dict, args) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main("linprobe", __doc__, add_args, check, work, lambda a: layout.node_id("linprobe", a.seed, a.weights), argv)
+    stage_main("linprobe", __doc__, add_args, check_probe, work, lambda a: layout.node_id("linprobe", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

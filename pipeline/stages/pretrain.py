@@ -3,7 +3,9 @@
 Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch, with the online k-NN top-1 of
 pretrain.online_knn; images seen, wall time and analytic training FLOPs, pipeline.compute), params.yaml,
 reconstruction.png (every masked-modelling method: pipeline.pictures) and, for single-stage methods, checkpoints/epoch<k>.safetensors every pretrain.keep_every_epochs
-(evaluated by checkpoint_eval). Resumable:
+(evaluated by checkpoint_eval). With dbot.carry_optimizer_state a dBOT node also writes optimizer.pt (its final
+AdamW state by parameter name) and stage k > 0 starts from stage k-1's (a declared input). Every node seeds its
+init, masks and augmentation with its own seed (pipeline.config.node_seed). Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
 rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
 With launch.tasks N > 1 (executor local or slurm) the node trains in N processes (pipeline.distributed).
@@ -16,10 +18,10 @@ import shutil
 import sys
 
 from pipeline import data, distributed, engine, hardware, layout
-from pipeline.checkpoint import read_json, write_json
+from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
 from pipeline.cli import dbot_key, stage_main
 from pipeline.compute import flops_per_image
-from pipeline.config import section_hash, student_seed
+from pipeline.config import node_seed, section_hash
 from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
 from pipeline.evaluation import online_knn_top1
@@ -66,15 +68,23 @@ def check(params: dict, args) -> None:
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     if args.method != "dbot" and args.stage is not None:
         raise PipelineError(f"--stage is for dbot only, not {args.method}")
-    for path in [layout.DATASET] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []):
+    for path in [layout.DATASET] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []) \
+            + [p for p in [carried_optimizer(params, args)] if p is not None]:
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
+
+
+def carried_optimizer(params: dict, args):
+    """The previous dBOT stage's optimizer.pt this node starts from (dbot.carry_optimizer_state), or None."""
+    return layout.carried_optimizer(params, args.stage, args.seed) if args.method == "dbot" else None
 
 
 def work(params: dict, args) -> None:
     prep = data.load_prepared()
     dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
-    in_chans, seed = prep.train_x.shape[1], student_seed(params, stage_number(args))   # a fresh student per stage
+    in_chans, seed = prep.train_x.shape[1], node_seed(params, args.method, stage_number(args))   # a fresh student per stage
+    carried = carried_optimizer(params, args)
+    initial = load_plain(carried) if carried else None
     teacher, teacher_meta = None, {}
     if args.method in NEEDS_TEACHER:
         enc, teacher_meta = load_encoder(layout.teacher_path(args.stage, args.seed), params, in_chans)
@@ -89,11 +99,13 @@ def work(params: dict, args) -> None:
         epochs=s["epochs"], batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256, min_lr=s["min_lr"],
         warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], precision=amp.name,
         crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=s["checkpoint_every_min"], seed=seed,
-        config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8],
-        desc=node_id(args))
+        config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8]
+        + (sha256_file(carried)[:8] if carried else ""),
+        desc=node_id(args), compile=params["launch"]["compile"])
     state = layout.resume_dir(node_id(args)) / "state.pt"
     if not distributed.world().is_main:    # another process of a launch.tasks job: it only computes gradients
-        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y, device=device)
+        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y, device=device,
+                     initial_optimizer_state=initial)
         return
     out = layout.pretrain_dir(args.method, args.seed, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
@@ -103,10 +115,12 @@ def work(params: dict, args) -> None:
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
         result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, on_epoch=on_epoch,
-                              extra={"run_id": run.run_id}, labels=prep.train_y, device=device)
+                              extra={"run_id": run.run_id}, labels=prep.train_y, device=device,
+                              initial_optimizer_state=initial)
         final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
-            shown = reconstruction_grid(model, prep.val_x, prep.mean, prep.std, args.seed, out / "reconstruction.png",
+            shown = reconstruction_grid(model, prep.val_x, prep.mean, prep.std, node_seed(params, "pictures"),
+                                        out / "reconstruction.png",
                                         method=node_id(args))
             run.log_metrics({f"picture_{k}": v for k, v in shown.items()})
             run.log_artifacts(out / "reconstruction.png")
@@ -161,6 +175,9 @@ def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, 
             "init_seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
     save_encoder(out / "encoder.safetensors", _evaluated(model), meta)
+    if args.method == "dbot" and params["dbot"]["carry_optimizer_state"]:   # the next stage's starting moments
+        save_state(layout.optimizer_path(args.stage, args.seed),
+                   {name: {k: v.cpu() for k, v in s.items()} for name, s in result.optimizer.items()})
     flops = flops_per_image(params, args.method, teacher_meta.get("model"))
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}

@@ -1,12 +1,13 @@
 """random_init: a randomly initialised encoder -> results/seed<S>/random_init/encoder.safetensors.
 
 It is the random floor of every evaluation and, by default, dBOT's stage-0 teacher: made with the same
-seed as the stage-0 student, it is a frozen copy of the student's own random initialisation.
+seed as the stage-0 student (pipeline.config.node_seed), it is a frozen copy of the student's own random
+initialisation (teacher_swap cuts it to dbot.stage0_teacher_depth blocks when that is set).
 Tiny run: python -m pipeline.stages.random_init --preset tiny
 """
 from pipeline import layout
 from pipeline.cli import stage_main
-from pipeline.config import section_hash, student_seed
+from pipeline.config import node_seed, section_hash
 from pipeline.encoder import build_encoder, save_encoder
 from pipeline.node import tracked
 
@@ -15,12 +16,13 @@ SECTIONS = ["seed", "data", "model"]
 
 def work(params: dict, args) -> None:
     d = params["data"]
-    enc = build_encoder(params["model"], d["img_size"], d["channels"], student_seed(params))
+    seed = node_seed(params, "random_init")
+    enc = build_encoder(params["model"], d["img_size"], d["channels"], seed)
     out = layout.weights_path("random_init", params["seed"])
     with tracked(params, "random_init", layout.node_id("random_init", params["seed"]), out.parent, SECTIONS,
                  {"weights": "random_init", "evaluated": "random"}):
         save_encoder(out, enc, {"node": "random_init", "method": "random", "stage": None,
-                                "seed": student_seed(params), "params_hash": section_hash(params, SECTIONS)})
+                                "seed": seed, "params_hash": section_hash(params, SECTIONS)})
     print(f"random_init: {sum(p.numel() for p in enc.parameters())} parameters -> {out}")
 
 

@@ -1,4 +1,7 @@
-"""report: every metrics file of the study -> results/summary.csv (long format), summary.md, plots/*.png.
+"""report: every metrics file of the study -> results/summary.csv (long format), summary.md, claims.csv, plots/*.png.
+
+summary.md marks each of the papers' claims holds / does not hold / within the seed spread (pipeline.claims);
+claims.csv holds the same comparisons for tools.
 
 Plots: pre-training loss, online k-NN during pre-training, the kept encoders' accuracy along
 training (checkpoint_eval), every protocol per encoder side by side, accuracy along the dBOT chains, the teacher-swap study (accuracy per chain and
@@ -34,8 +37,8 @@ def work(params: dict, args) -> None:
     pretrain, evals, analyses, curves = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seeds"]) as run:
         table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"], curves)
-        run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, *sorted(layout.PLOTS_DIR.glob("*.png")))
-    print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.PLOTS_DIR}/")
+        run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, layout.CLAIMS_CSV, *sorted(layout.PLOTS_DIR.glob("*.png")))
+    print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.CLAIMS_CSV}, {layout.PLOTS_DIR}/")
 
 
 def main(argv=None) -> None:

@@ -14,6 +14,7 @@ import time
 from pipeline import data, finetune, hardware, layout, robustness
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
+from pipeline.config import node_seed
 from pipeline.encoder import check_input
 from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require
 
@@ -50,7 +51,8 @@ def work(params: dict, args) -> dict:
         for name in settings["corruptions"]:
             table[name] = {}
             for severity in settings["severities"]:
-                acc = top1(robustness.corrupt(prep.val_x, name, severity, seed), f"robustness {name} {severity}")
+                acc = top1(robustness.corrupt(prep.val_x, name, severity, node_seed(params, "robustness")),
+                           f"robustness {name} {severity}")
                 table[name][str(severity)] = acc
                 run.log_metrics({f"{name}_top1": acc}, step=severity)
         metrics = {"clean_top1": clean,

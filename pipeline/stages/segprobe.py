@@ -18,6 +18,7 @@ import time
 from pipeline import data, hardware, layout, segmentation
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
+from pipeline.config import node_seed
 from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
 from pipeline.plots import save_png
@@ -56,7 +57,7 @@ def work(params: dict, args) -> dict:
         tokens_s, start = time.perf_counter() - start, time.perf_counter()
         metrics, ious, history, head = segmentation.train_probe(
             train_t, seg.train_m, val_t, seg.val_m, seg.num_classes, encoder.grid, s["epochs"], s["batch_size"],
-            s["lr"], s["weight_decay"], params["seed"], device)
+            s["lr"], s["weight_decay"], node_seed(params, "segprobe"), device)
         probe_s = time.perf_counter() - start
         result = {"protocol": PROTOCOL, "settings": s, "dataset": seg.info, "weights": weights, "metrics": metrics,
                   "per_class_iou": dict(zip(seg.class_names, ious)), "history": history, **amp.record()}

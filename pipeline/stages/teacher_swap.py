@@ -4,7 +4,10 @@ Stage 0's source is the chain's entry in params dbot.chains (the teacher-swap st
 method's result, the supervised model, or an external file such as a timm ViT state dict in safetensors, also
 one wider or deeper than the student); stage k > 0's source is stage k-1's student of the same chain. The
 source is verified (sha256, when it has a sidecar) and checked against the student's input geometry before
-it is copied; the sidecar JSON records where the teacher came from.
+it is copied; the sidecar JSON records where the teacher came from. With dbot.stage0_teacher_depth set, the random
+stage-0 teacher (a chain starting from random_init) keeps only its first k blocks: 0 = the patch embedding and
+positions, the official ViT-L/H stage-0 teacher (dbot PRETRAIN.md:37 --init_teacher_encoder_depth 0,
+main_pretrain.py:179-180, :220); trained teachers are copied whole.
 Tiny run: python -m pipeline.stages.teacher_swap --preset tiny --stage random_stage0
 """
 from pipeline import layout
@@ -34,7 +37,15 @@ def check(params: dict, args):
         raise PipelineError(f"teacher {src} sees {enc.config['img_size']}px images in "
                             f"{enc.config['patch_size']}px patches with {enc.config['in_chans']} channels; "
                             f"the student needs {d['img_size']}/{params['model']['patch_size']}/{d['channels']}")
-    return enc, meta, src
+    depth = stage0_depth(params, args.stage)
+    return (enc if depth is None else enc.truncated(depth)), meta, src
+
+
+def stage0_depth(params: dict, key: str) -> int | None:
+    """dbot.stage0_teacher_depth for the random stage-0 teacher of chain <key>, else None (the teacher whole)."""
+    chain, stage = layout.parse_dbot_key(key)
+    random = stage == 0 and params["dbot"]["chains"][chain] == "random_init"
+    return params["dbot"]["stage0_teacher_depth"] if random else None
 
 
 def work(params: dict, args) -> None:
@@ -44,6 +55,7 @@ def work(params: dict, args) -> None:
     provenance = {"node": "teacher_swap", "chain": chain, "stage": stage, "source": src,
                   "source_sha256": meta.get("sha256"), "source_node": meta.get("node", "external"),
                   "source_method": meta.get("method"), "source_stage": meta.get("stage"),
+                  "depth": enc.config["depth"], "source_depth": meta.get("model", {}).get("depth"),
                   "params_hash": section_hash(params, SECTIONS)}
     with tracked(params, f"dbot_{chain}", node(args), out.parent, SECTIONS,
                  {"chain": chain, "stage": stage, "teacher_source": src}):
