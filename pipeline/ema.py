@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.teacher import no_graph
+
 
 def _paired(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Both modules' parameters matched by name, in order; ValueError if names or shapes differ."""
@@ -71,7 +73,7 @@ class EMATeacher(nn.Module):
 
     def call(self, name: str, *args, **kw):
         """Run the teacher's method `name` (e.g. RC-MAE's `reconstruct`) as `forward` does."""
-        with torch.inference_mode():
+        with no_graph():
             out = getattr(self.module, name)(*args, **kw)
         return _cloned(out)
 

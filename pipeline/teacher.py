@@ -15,6 +15,12 @@ from torch import nn
 from pipeline.encoder import Encoder
 
 
+def no_graph():
+    """The context a teacher runs in: inference_mode (no autograd bookkeeping at all), except while torch.compile
+    traces the forward (launch.compile), which cannot trace inference tensors: there no_grad, the same math."""
+    return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+
+
 class FrozenTeacher(nn.Module):
     def __init__(self, encoder: Encoder, final_norm: bool = False):
         super().__init__()
@@ -28,7 +34,7 @@ class FrozenTeacher(nn.Module):
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) full image -> (B, 1+L, D_teacher) features, as a normal (non-inference) tensor."""
         depth = len(self.encoder.vit.blocks)
-        with torch.inference_mode():
+        with no_graph():
             if depth == 0:                                   # the embedded tokens (B, 1+L, D)
                 tokens = self.encoder.embed(x)
                 out = self.encoder.vit.norm(tokens) if self.final_norm else tokens

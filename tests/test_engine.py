@@ -226,3 +226,20 @@ def test_initial_optimizer_state_starts_a_fresh_run_only(tmp_path, monkeypatch):
     moments = first_step_moments(monkeypatch, lambda: engine.train(
         Tiny(), IMAGES, [0.5], [0.25], cfg(), tmp_path / "e.pt", initial_optimizer_state=carried))
     assert torch.equal(moments["lin.weight"], saved)
+
+
+@pytest.mark.parametrize("method", ["dbot", "rcmae"])
+def test_teacher_methods_compile(tmp_path, method):
+    """Frozen (dBOT) and EMA (RC-MAE) teachers run under inference_mode, which torch.compile cannot trace:
+    teacher.no_graph switches to no_grad while compiling, so launch.compile works for them too."""
+    from pipeline import config
+    from pipeline.encoder import build_encoder
+    from pipeline.methods import METHODS
+    from pipeline.teacher import FrozenTeacher
+
+    params = config.load("tiny")
+    teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if method == "dbot" else None
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = engine.train(METHODS[method](params, 1, 0, teacher), images, [0.5], [0.25],
+                          cfg(epochs=1, batch_size=16, compile="aot_eager"), tmp_path / "s.pt")
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
