@@ -5,6 +5,7 @@ from torch import nn
 
 from pipeline import engine
 from pipeline.errors import PipelineError
+from test_dbot_options import first_step_moments
 
 
 class Tiny(nn.Module):
@@ -74,6 +75,21 @@ class Crash(Exception):
     pass
 
 
+def crash_at_step(model, step: int, images, conf, state_path) -> None:
+    """Train `model` until its forward is called for step `step` (0-based), which raises Crash."""
+    calls, original = {"n": 0}, model.forward
+
+    def dies(x, gen, step_now):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise Crash
+        return original(x, gen, step_now)
+
+    model.forward = dies
+    with pytest.raises(Crash):
+        engine.train(model, images, [0.5], [0.25], conf, state_path)
+
+
 def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
     """The loop reads no tensor value (item, tolist, cpu: a host-device sync on a GPU) inside a step: the epoch
     loss is summed on the device and read once per epoch."""
@@ -91,18 +107,7 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
     conf = cfg(precision=precision)
     ref = Tiny()
     engine.train(ref, IMAGES, [0.5], [0.25], conf, tmp_path / "ref.pt")
-    model, calls = Tiny(), {"n": 0}
-    original = model.forward
-
-    def dies_at_step_7(x, gen, step):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise Crash
-        return original(x, gen, step)
-
-    model.forward = dies_at_step_7
-    with pytest.raises(Crash):
-        engine.train(model, IMAGES, [0.5], [0.25], conf, tmp_path / "run.pt")
+    crash_at_step(Tiny(), 7, IMAGES, conf, tmp_path / "run.pt")
     saved = torch.load(tmp_path / "run.pt", weights_only=True)
     assert saved["step"] == 7
     assert (saved["scaler"]["scale"] > 0) if precision == "fp16" else saved["scaler"] == {}
@@ -159,39 +164,13 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
     assert len([m for m in ref.encoder.modules() if isinstance(m, DropPath)]) == 2          # block 1 of 2
     assert len([m for m in ref.decoder.modules() if isinstance(m, DropPath)]) == 2
     engine.train(ref, DIGITS, [0.5], [0.25], conf, tmp_path / "ref.pt")
-    model, calls = dbot(params), {"n": 0}
-    original = model.forward
-
-    def dies_at_step_6(x, gen, step):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Crash
-        return original(x, gen, step)
-
-    model.forward = dies_at_step_6
-    with pytest.raises(Crash):
-        engine.train(model, DIGITS, [0.5], [0.25], conf, tmp_path / "run.pt")
+    crash_at_step(dbot(params), 6, DIGITS, conf, tmp_path / "run.pt")
     resumed = dbot(params)
     engine.train(resumed, DIGITS, [0.5], [0.25], conf, tmp_path / "run.pt")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
     no_drop = dbot(config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.0", "dbot.decoder_drop_path=0.0"]))
     engine.train(no_drop, DIGITS, [0.5], [0.25], conf, tmp_path / "no_drop.pt")
     assert not torch.equal(no_drop.encoder.vit.blocks[1].mlp.fc1.weight, ref.encoder.vit.blocks[1].mlp.fc1.weight)
-
-
-def first_step_moments(monkeypatch, run) -> dict:
-    """exp_avg of every parameter (by name) that the optimiser holds when the first step of `run()` begins."""
-    seen, step = {}, engine._step
-
-    def recording(model, opt, *args, **kw):
-        if not seen:
-            names = {id(p): n for n, p in model.named_parameters()}
-            seen.update({names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()} or {"": None})
-        return step(model, opt, *args, **kw)
-
-    monkeypatch.setattr(engine, "_step", recording)
-    run()
-    return {k: v for k, v in seen.items() if k}
 
 
 def test_initial_optimizer_state_starts_a_fresh_run_only(tmp_path, monkeypatch):
