@@ -162,6 +162,31 @@ def saved_step(state) -> int:
         return 0
 
 
+def job_state(job_id: str) -> str:
+    """squeue's state and reason of a job ("PENDING JobHeldAdmin"); "" once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
+    return out.strip()
+
+
+def preempt(job: str, seconds: float = 120) -> None:
+    """Slurm's preemption by requeue, then wait until the job runs again. Suspended first: a requeued running
+    job gets SIGTERM (which submitit ignores) and KillWait (5 s) before SIGKILL, in which a fast tiny run can
+    finish; a suspended one is killed at once and comes back held (JobHeldAdmin). The hold is set once the
+    killed job has completed: a release sent before that is lost (the job then stays held), so the release is
+    sent whenever the job is seen held."""
+    for cmd in ("suspend", "requeue"):
+        subprocess.run(["scontrol", cmd, job], check=True)
+    deadline, seen = time.time() + seconds, []
+    while time.time() < deadline:
+        seen.append(state := job_state(job))
+        if "Held" in state:
+            subprocess.run(["scontrol", "release", job], check=True)
+        elif state.startswith("RUNNING") and any(s.startswith("PENDING") for s in seen) or state == "":
+            return                                # running again after its requeue, or already ended
+        time.sleep(0.2)
+    pytest.fail(f"job {job} did not run again within {seconds} s of its requeue: {sorted(set(seen))}")
+
+
 @pytest.mark.parametrize("how", ["timeout", "preempt"])
 def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepared):
     import submitit
@@ -188,11 +213,8 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepar
             pytest.fail(f"the job ended or never got mid-run (job {job}, step {step}):\n{''.join(lines)[-3000:]}")
         if how == "timeout":
             submitit.SlurmJob(folder=workdir / "results/.submitit" / NODE, job_id=job)._interrupt(timeout=True)
-        else:   # suspended first: a requeued running job gets SIGTERM (which submitit ignores) and KillWait
-            # (5 s) before SIGKILL, in which a fast tiny run can finish; a suspended one is killed at once
-            # (and held: JobHeldAdmin, hence the release)
-            for cmd in ("suspend", "requeue", "release"):
-                subprocess.run(["scontrol", cmd, job], check=True)
+        else:
+            preempt(job)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
