@@ -5,6 +5,9 @@
   sha256 of the weights file, so provenance survives copying and corruption is detected before use.
 - Resumable training state (optimiser, RNG, schedule position, ...) is a torch file loaded with
   weights_only=True; it holds only tensors and plain Python values.
+- Weights are read and written as torch tensors (load_tensors, save_tensors) or, by nodes that only copy them,
+  as numpy arrays (load_arrays, save_arrays: the same files, without importing torch). torch and numpy are
+  imported by the functions that use them, so a node importing this module starts fast.
 - Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target:
   a killed or failing write never leaves a partial file under the final name (a SIGKILL can leave the hidden
   temporary file; the next write of the same file removes it).
@@ -17,14 +20,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from pipeline.errors import PipelineError
 from pipeline.layout import sidecar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 _UMASK = os.umask(0)
@@ -75,9 +80,24 @@ def sha256_file(path: Path | str) -> str:
 
 def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """Write tensors as safetensors and meta (+ sha256) as the sidecar JSON. Returns the sidecar dict."""
-    path = Path(path)
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    return _save(path, lambda p: save_file(tensors, str(p)), meta)
+
+
+def save_arrays(path: Path | str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    """save_tensors for numpy arrays: the same file as save_tensors writes for tensors of the same values."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    return _save(path, lambda p: save_file(arrays, str(p)), meta)
+
+
+def _save(path: Path | str, write: Callable[[Path], None], meta: dict) -> dict:
+    path = Path(path)
+    atomic_write(path, write)
     meta = dict(meta, sha256=sha256_file(path), file=path.name)
     write_json(sidecar(path), meta)
     return meta
@@ -89,6 +109,33 @@ def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     A file without a sidecar (an external checkpoint) is loaded unverified, with empty metadata; a sidecar
     that is there must hold the file's sha256 (a sidecar cannot switch the check off).
     """
+    from safetensors.torch import load_file
+
+    return _load(path, load_file)
+
+
+def load_arrays(path: Path | str) -> tuple[dict[str, np.ndarray], dict]:
+    """load_tensors as numpy arrays, verified the same way. Tensors of a type numpy lacks (bf16, fp8) are read
+    by torch and widened to float32, as loading them into float32 parameters does."""
+    return _load(path, _numpy_load)
+
+
+_NUMPY_TYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
+
+
+def _numpy_load(path: str) -> dict[str, np.ndarray]:
+    with safe_open(path, framework="numpy") as f:
+        if all(f.get_slice(k).get_dtype() in _NUMPY_TYPES for k in f.keys()):
+            return {k: f.get_tensor(k) for k in f.keys()}
+    import torch
+    from safetensors.torch import load_file
+
+    exact = (torch.float16, torch.float32, torch.float64)
+    return {k: (v.float() if v.is_floating_point() and v.dtype not in exact else v).numpy()
+            for k, v in load_file(path).items()}
+
+
+def _load(path: Path | str, load: Callable[[str], dict]) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"missing file: {path}")
@@ -100,19 +147,23 @@ def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     if meta and meta["sha256"] != sha256_file(path):
         raise PipelineError(f"{path} is corrupt: its sha256 does not match {sidecar(path)}")
     try:
-        return load_file(str(path)), meta
+        return load(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
         raise PipelineError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def save_state(path: Path | str, state: dict) -> None:
     """Resumable training state (tensors, numbers, strings, lists, dicts only)."""
+    import torch
+
     atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_plain(path: Path | str) -> dict:
     """A declared input saved with save_state (e.g. dBOT's carried optimizer.pt), loaded with weights_only=True;
     a missing or unreadable file is a PipelineError (unlike a resume state, it is never silently skipped)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"missing file: {path}")
@@ -124,6 +175,8 @@ def load_plain(path: Path | str) -> dict:
 
 def load_state(path: Path | str) -> dict | None:
     """The saved state, or None when there is none or it cannot be read (the caller starts fresh)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         return None

@@ -5,6 +5,12 @@ any work) and `work(params, args)` (the node itself), then calls `stage_main(...
 per seed of the study (all but prepare_data and report) take `--seed S` (default: the first of params
 seeds); their params hold it as params["seed"]. Training nodes pass `distributed=True`: they run in launch.tasks
 processes (pipeline.distributed); every other node in one.
+
+Start-up: this module and the stage modules import only light modules (argparse, yaml, the params and layout
+helpers); torch, timm, mlflow and the rest are imported by the work that uses them. A node's "first own work"
+is the moment stage_main has parsed its arguments, loaded and validated its params, and is about to call its
+check(): with $MIM_STARTUP_MARK naming a file, stage_main writes time.time() into it then
+(python -m pipeline.bench_startup measures it for every node type).
 """
 from __future__ import annotations
 
@@ -12,12 +18,13 @@ import argparse
 import fcntl
 import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable
 
 import yaml
 
-from pipeline import checkpoint, config, launch, layout
+from pipeline import checkpoint, config, layout
 from pipeline.errors import PipelineError
 
 
@@ -43,9 +50,12 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         if not per_seed:                       # a node of the whole study (prepare_data, report)
             params = {k: v for k, v in params.items() if k != "seed"}
         args.seed = params.get("seed")
+        mark_startup()
         check(params, args)
         with exclusive(node_id(args)):
             if compute:
+                from pipeline import launch          # submitit and torch: only for the work itself
+
                 launch.run(work, params, args, node_id(args), distributed_ok=distributed)
             else:
                 work(params, args)
@@ -56,6 +66,14 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
               "no output was replaced", file=sys.stderr)
         sys.exit(2)
+
+
+def mark_startup() -> None:
+    """The node's first own work begins: write time.time() into the file $MIM_STARTUP_MARK names, if it is set."""
+    path = os.environ.get("MIM_STARTUP_MARK")
+    if path:
+        with open(path, "w") as f:
+            f.write(repr(time.time()))
 
 
 @contextmanager

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.encoder_file import check_input, infer_model, state_mismatch   # noqa: F401  (check_input: re-exported)
+from pipeline.errors import PipelineError
+
 
 def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos positions, (1 + grid*grid, dim) with a zero row for cls (MAE's layout)."""
@@ -226,64 +229,30 @@ def save_encoder(path, encoder: Encoder, meta: dict) -> dict:
     return save_tensors(path, encoder.vit.state_dict(), dict(meta, model=encoder.config))
 
 
+def encoder_for(path, model: dict) -> Encoder:
+    """A fresh Encoder of the config `model` recorded for (or read from) the file `path`; one that cannot be
+    built is a one-line PipelineError."""
+    try:
+        return Encoder(model, model["img_size"], model["in_chans"], model.get("depth"))
+    except Exception as e:
+        raise PipelineError(f"{path}: cannot build the encoder its metadata describes ({e})") from None
+
+
 def load_encoder(path, params: dict, in_chans: int, img_size: int | None = None) -> tuple[Encoder, dict]:
     """An Encoder holding the weights of `path` (verified) for images of `in_chans` channels and `img_size`
     pixels (default params data.img_size): the images it will see. A mismatch is a one-line PipelineError.
 
     The architecture is the one recorded in the file's sidecar, else read from the tensor shapes (an external
-    timm ViT state dict; see infer_model).
+    timm ViT state dict; see infer_model). pipeline.encoder_file.load makes the same checks without torch.
     """
     from pipeline.checkpoint import load_tensors
-    from pipeline.errors import PipelineError
 
     tensors, meta = load_tensors(path)
     model = meta.get("model") or infer_model(tensors, params, in_chans)
-    try:
-        enc = Encoder(model, model["img_size"], model["in_chans"], model.get("depth"))
-    except Exception as e:
-        raise PipelineError(f"{path}: cannot build the encoder its metadata describes ({e})") from None
-    problems = _state_mismatch(enc.vit.state_dict(), tensors)
+    enc = encoder_for(path, model)
+    problems = state_mismatch(enc.vit.state_dict(), tensors)
     if problems:
         raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
     check_input(path, enc.config, in_chans, params["data"]["img_size"] if img_size is None else img_size)
     enc.vit.load_state_dict(tensors)
     return enc, meta
-
-
-def check_input(path, config: dict, in_chans: int, img_size: int) -> None:
-    """A ViT (config: its in_chans, img_size) takes exactly the images it was made for: a PipelineError,
-    before any work, for data of another channel count or size (timm would fail mid-run)."""
-    from pipeline.errors import PipelineError
-
-    if (config["in_chans"], config["img_size"]) != (in_chans, img_size):
-        raise PipelineError(f"{path} takes {config['in_chans']}-channel {config['img_size']}px images, but the data "
-                            f"has {in_chans}-channel {img_size}px images (data.channels, data.img_size)")
-
-
-def infer_model(tensors: dict, params: dict, in_chans: int) -> dict:
-    """The encoder config of a bare timm ViT state dict, from its shapes: width, depth, patch size, image size
-    and channels. Heads cannot be read from shapes: the study's own count at the study's width, else timm's
-    convention of 64-wide heads (ViT-Ti/S/B/L). Unknown layouts fall back to the study's model params."""
-    model = dict(params["model"], img_size=params["data"]["img_size"], in_chans=in_chans)
-    try:
-        proj = tensors["patch_embed.proj.weight"]                     # (D, C, p, p)
-        width, patch = proj.shape[0], proj.shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
-        grid = int(round((tensors["pos_embed"].shape[1] - 1) ** 0.5))
-    except (KeyError, ValueError, IndexError):
-        return model
-    heads = model["num_heads"] if width == model["embed_dim"] else max(1, width // 64)
-    return dict(model, embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, img_size=grid * patch,
-                in_chans=proj.shape[1])
-
-
-def _state_mismatch(expected: dict, got: dict) -> str:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in got and got[k].shape != v.shape]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if items:
-            parts.append(f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
-    return "; ".join(parts)

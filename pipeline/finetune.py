@@ -39,7 +39,8 @@ from tqdm import tqdm
 from pipeline import engine, hardware
 from pipeline.checkpoint import load_tensors, save_tensors
 from pipeline.data import Prepared, normalize
-from pipeline.encoder import Encoder, _state_mismatch
+from pipeline.encoder import Encoder
+from pipeline.encoder_file import state_mismatch
 from pipeline.errors import PipelineError
 from pipeline.evaluation import extract_features, topk_accuracy
 
@@ -98,7 +99,7 @@ def load_model(path) -> tuple[Classifier, dict]:
     if "model" not in meta or "num_classes" not in meta:
         raise PipelineError(f"{path} has no fine-tuned model config in its sidecar; rerun finetune")
     model = Classifier(meta["model"], meta["num_classes"])
-    problems = _state_mismatch(model.vit.state_dict(), tensors)
+    problems = state_mismatch(model.vit.state_dict(), tensors)
     if problems:
         raise PipelineError(f"{path} does not fit the model its sidecar describes: {problems}")
     model.vit.load_state_dict(tensors)

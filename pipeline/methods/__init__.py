@@ -1,4 +1,4 @@
-"""The method registry: name -> build(params, in_chans, seed, teacher) returning an nn.Module with
+"""The method registry: METHODS, name -> build(params, in_chans, seed, teacher) returning an nn.Module with
 
 - forward(imgs, generator, step) -> (loss, outputs dict holding at least "mask");
 - `.encoder`, the student encoder;
@@ -9,16 +9,19 @@ as the `supervised` node). `NEEDS_TEACHER` methods get a FrozenTeacher built fro
 `EMA_METHODS` carry their own EMA teacher (pipeline.ema.EMAMethod) and write the encoder chosen by
 their `evaluate_weights` param (student or teacher).
 """
-from pipeline.methods import bootmae, dbot, mae, rcmae, sdae, supervised
+import importlib
 
-METHODS = {
-    "mae": mae.build,
-    "dbot": dbot.build,
-    "sdae": sdae.build,
-    "rcmae": rcmae.build,
-    "bootmae": bootmae.build,
-    "supervised": supervised.build,
-}
+NAMES = ("mae", "dbot", "sdae", "rcmae", "bootmae", "supervised")   # pipeline.methods.<name>, METHODS' order
 NEEDS_LABELS = {"supervised"}
 NEEDS_TEACHER = {"dbot"}
 EMA_METHODS = {"sdae", "rcmae", "bootmae"}
+
+
+def __getattr__(name: str):
+    """METHODS (name -> build), made on first use: the methods' modules import torch and timm, which a node
+    that only checks its arguments (pretrain's check reads NAMES) does not need."""
+    if name != "METHODS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    methods = {n: importlib.import_module(f"pipeline.methods.{n}").build for n in NAMES}
+    globals()["METHODS"] = methods
+    return methods

@@ -5,16 +5,18 @@ singular values of each layer's normalised patch-token matrix, on the first `ana
 images (full image, eval mode). The report draws them for every encoder side by side.
 Tiny run: python -m pipeline.stages.analyze --preset tiny --weights mae
 """
-from pipeline import analysis, data, layout
+from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
-from pipeline.encoder import load_encoder
 from pipeline.node import tracked
-from pipeline.pictures import attention_grid
 from pipeline.stages.evaluate import add_args, check
 
 
 def work(params: dict, args) -> None:
+    from pipeline import analysis, data
+    from pipeline.encoder import load_encoder
+    from pipeline.pictures import attention_grid
+
     prep = data.load_prepared()
     encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params, prep.train_x.shape[1],
                                  prep.train_x.shape[-1])

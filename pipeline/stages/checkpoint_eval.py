@@ -10,12 +10,10 @@ Tiny run: python -m pipeline.stages.checkpoint_eval --preset tiny --weights mae
 """
 from __future__ import annotations
 
-from pipeline import data, hardware, layout, plots
+from pipeline import layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.cli import stage_main
-from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
-from pipeline.evaluation import extract_features
 from pipeline.node import tracked
 from pipeline.stages import knn, linprobe
 
@@ -39,6 +37,10 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
+    from pipeline import data, hardware, plots
+    from pipeline.encoder import load_encoder
+    from pipeline.evaluation import extract_features
+
     prep = data.load_prepared()
     out = layout.eval_metrics("checkpoint_eval", args.weights, args.seed)
     info = layout.describe_weights(args.weights)

@@ -10,12 +10,9 @@ Tiny run: python -m pipeline.stages.cka --preset tiny
 """
 from itertools import combinations
 
-import torch
-
-from pipeline import analysis, data, layout
+from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
-from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
 from pipeline.node import tracked
 
@@ -44,6 +41,11 @@ def other_pairs(params: dict) -> list[tuple[str, str]]:
 
 
 def work(params: dict, args) -> None:
+    import torch
+
+    from pipeline import analysis, data
+    from pipeline.encoder import load_encoder
+
     prep = data.load_prepared()
     images = data.normalize(prep.val_x[:params["analyze"]["images"]], prep.mean, prep.std)
     groups, pairs = swap_groups(params), other_pairs(params)

@@ -6,15 +6,15 @@ knn and linprobe also take --weights pixels (layout.PIXELS), the raw-pixel floor
 and settings on the normalised images, flattened (evaluation.pixel_features), instead of an encoder's output."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from pipeline import data, hardware, layout
-from pipeline.checkpoint import write_json
-from pipeline.encoder import load_encoder
+from pipeline import layout
+from pipeline.checkpoint import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.checkpoint import read_json
-from pipeline.evaluation import extract_features, pixel_features
 from pipeline.node import tracked
+
+if TYPE_CHECKING:
+    from pipeline.hardware import Precision
 
 
 def add_args(parser) -> None:
@@ -57,7 +57,7 @@ def weights_record(args, meta: dict, depth: int, path) -> dict:
             "path": str(path), "sha256": meta.get("sha256")}
 
 
-def eval_run(params: dict, args, protocol: str, weights: dict, sections: list[str], amp: hardware.Precision):
+def eval_run(params: dict, args, protocol: str, weights: dict, sections: list[str], amp: Precision):
     """The evaluation's tracked MLflow child run (in the weights' chain), its params written beside `out`; its
     tags include the precision it runs in and why."""
     out = layout.eval_metrics(protocol, args.weights, args.seed)
@@ -75,9 +75,13 @@ def print_metrics(protocol: str, args, metrics: dict) -> None:
     print(f"{layout.node_id(protocol, args.seed, args.weights)}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
 
 
-def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, dict, hardware.Precision]:
+def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, dict, Precision]:
     """(features(images, split) -> (N, D) float32, the weights record, the precision) of --weights: an encoder's
     frozen features, or for the pixel floor the normalised pixels (fp32: no encoder runs)."""
+    from pipeline import hardware
+    from pipeline.encoder import load_encoder
+    from pipeline.evaluation import extract_features, pixel_features
+
     settings = params[protocol]
     path = layout.weights_path(args.weights, args.seed)
     if args.weights == layout.PIXELS:
@@ -96,6 +100,8 @@ def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, d
 
 def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
+    from pipeline import data
+
     settings = params[protocol]
     prep = data.load_prepared()
     features, weights, amp = feature_source(params, args, protocol, prep)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import time
 
-from pipeline import data, finetune, hardware, layout
+from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.config import node_seed, section_hash
-from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
 from pipeline.stages.evaluate import add_args, eval_run, log_history, print_metrics, weights_record
 from pipeline.stages.evaluate import check as check_inputs
@@ -31,6 +30,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
+    from pipeline import data, finetune, hardware
+    from pipeline.encoder import load_encoder
+
     start = time.monotonic()
     settings, seed = params["finetune"], params["seed"]
     prep = data.load_prepared()

@@ -7,11 +7,12 @@ Tiny run: python -m pipeline.stages.knn --preset tiny --weights mae
 """
 from pipeline import layout
 from pipeline.cli import stage_main
-from pipeline.evaluation import knn_scores, topk_accuracy
 from pipeline.stages.evaluate import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):
+    from pipeline.evaluation import knn_scores, topk_accuracy
+
     s = params["knn"]
     return topk_accuracy(knn_scores(train_f, train_y, val_f, s["k"], s["temperature"], num_classes), val_y), None
 

@@ -10,11 +10,12 @@ Tiny run: python -m pipeline.stages.linprobe --preset tiny --weights mae
 from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.config import node_seed
-from pipeline.evaluation import linear_probe
 from pipeline.stages.evaluate import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):
+    from pipeline.evaluation import linear_probe
+
     s = params["linprobe"]
     return linear_probe(train_f, train_y, val_f, val_y, num_classes, s["epochs"], s["batch_size"], s["lr"],
                         s["momentum"], s["weight_decay"], node_seed(params, "linprobe"), s["head"], s["optimizer"])

@@ -5,7 +5,7 @@ Memory does not grow with the size of an image folder: its images are read one a
 file in results/prepare_data/ and written from there (see pipeline.data).
 Tiny run: python -m pipeline.stages.prepare_data --preset tiny
 """
-from pipeline import data, layout
+from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.config import section_hash
 from pipeline.node import tracked
@@ -14,6 +14,8 @@ SECTIONS = ["data"]
 
 
 def work(params: dict, args) -> None:
+    from pipeline import data
+
     # one split for every seed; an image folder's pixels go to an unnamed temporary file beside the output
     prep = data.prepare(params["data"], params["data"]["split_seed"], scratch=layout.DATA_DIR)
     meta = {"node": "prepare_data", "params_hash": section_hash(params, SECTIONS)}

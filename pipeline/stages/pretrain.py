@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
-from pipeline import data, distributed, engine, hardware, layout
+from pipeline import layout
 from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
 from pipeline.cli import dbot_key, stage_main
-from pipeline.compute import flops_per_image
 from pipeline.config import node_seed, section_hash
-from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
-from pipeline.evaluation import online_knn_top1
-from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.methods import NAMES, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.node import tracked
-from pipeline.pictures import reconstruction_grid
-from pipeline.teacher import FrozenTeacher
+
+if TYPE_CHECKING:
+    from pipeline.hardware import Precision
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(NAMES)}")
     parser.add_argument("--stage", type=dbot_key, default=None,
                         help="dBOT only: the node key <chain>_stage<k>, e.g. random_stage1")
 
@@ -62,8 +61,8 @@ def settings(params: dict, args) -> dict:
 
 
 def check(params: dict, args) -> None:
-    if args.method not in METHODS:
-        raise PipelineError(f"unknown method {args.method!r}; known: {', '.join(METHODS)}")
+    if args.method not in NAMES:
+        raise PipelineError(f"unknown method {args.method!r}; known: {', '.join(NAMES)}")
     if args.method == "dbot" and args.stage not in layout.dbot_keys(params):
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     if args.method != "dbot" and args.stage is not None:
@@ -80,6 +79,12 @@ def carried_optimizer(params: dict, args):
 
 
 def work(params: dict, args) -> None:
+    from pipeline import data, distributed, engine, hardware
+    from pipeline.encoder import load_encoder
+    from pipeline.methods import METHODS
+    from pipeline.pictures import reconstruction_grid
+    from pipeline.teacher import FrozenTeacher
+
     prep = data.load_prepared()
     dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
     in_chans, seed = prep.train_x.shape[1], node_seed(params, args.method, stage_number(args))   # a fresh student per stage
@@ -142,6 +147,9 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
     """The engine's on_epoch hook: online k-NN on a fixed subset (stored in the epoch's history entry, so
     a resumed run keeps it), the kept intermediate encoders (in the resume folder until the node ends:
     Snakemake and DVC delete declared outputs before a rerun), then the epoch's metrics to MLflow."""
+    from pipeline.encoder import save_encoder
+    from pipeline.evaluation import online_knn_top1
+
     online, kept = params["pretrain"]["online_knn"], layout.kept_epochs(params, weights_id(args))
 
     def on_epoch(m: dict) -> None:
@@ -169,7 +177,10 @@ def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
 
 
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict,
-                   amp: hardware.Precision) -> dict:
+                   amp: Precision) -> dict:
+    from pipeline.compute import flops_per_image
+    from pipeline.encoder import save_encoder
+
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,
             "init_seed": cfg.seed,

@@ -8,13 +8,14 @@ Tiny run: python -m pipeline.stages.random_init --preset tiny
 from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.config import node_seed, section_hash
-from pipeline.encoder import build_encoder, save_encoder
 from pipeline.node import tracked
 
 SECTIONS = ["seed", "data", "model"]
 
 
 def work(params: dict, args) -> None:
+    from pipeline.encoder import build_encoder, save_encoder
+
     d = params["data"]
     seed = node_seed(params, "random_init")
     enc = build_encoder(params["model"], d["img_size"], d["channels"], seed)

@@ -14,7 +14,6 @@ from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.errors import PipelineError
 from pipeline.node import tracked
-from pipeline.report import build_report
 
 
 def inputs(params: dict) -> tuple[list, list, list, list]:
@@ -34,6 +33,8 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
+    from pipeline.report import build_report
+
     pretrain, evals, analyses, curves = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seeds"]) as run:
         table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"], curves)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import time
 
-from pipeline import data, finetune, hardware, layout, robustness
+from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.config import node_seed
-from pipeline.encoder import check_input
 from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require
 
 SECTIONS = ["seed", "finetune", "robustness"]
@@ -30,6 +29,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
+    from pipeline import data, finetune, hardware, robustness
+    from pipeline.encoder_file import check_input
+
     start = time.monotonic()
     settings, seed = params["robustness"], params["seed"]
     prep = data.load_prepared()

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import time
 
-from pipeline import data, hardware, layout, segmentation
+from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.config import node_seed
-from pipeline.encoder import load_encoder
 from pipeline.errors import PipelineError
-from pipeline.plots import save_png
 from pipeline.stages import evaluate
 
 PROTOCOL = "segprobe"
@@ -33,6 +31,8 @@ def check(params: dict, args) -> None:
     evaluate.check(params, args)
     s = params[PROTOCOL]
     if s["dataset"] == "folder":
+        from pipeline import segmentation        # imports torch: only a folder dataset's check needs it
+
         segmentation.folder_pairs(s["path"])
     elif s["path"] is not None or s["num_classes"] is not None:
         raise PipelineError(f"segprobe.path and segprobe.num_classes are for segprobe.dataset folder, "
@@ -40,6 +40,10 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
+    from pipeline import data, hardware, segmentation
+    from pipeline.encoder import load_encoder
+    from pipeline.plots import save_png
+
     s = params[PROTOCOL]
     prep = data.load_prepared()
     seg = segmentation.load_dataset(params, prep)

@@ -7,13 +7,13 @@ source is verified (sha256, when it has a sidecar) and checked against the stude
 it is copied; the sidecar JSON records where the teacher came from. With dbot.stage0_teacher_depth set, the random
 stage-0 teacher (a chain starting from random_init) keeps only its first k blocks: 0 = the patch embedding and
 positions, the official ViT-L/H stage-0 teacher (dbot PRETRAIN.md:37 --init_teacher_encoder_depth 0,
-main_pretrain.py:179-180, :220); trained teachers are copied whole.
+main_pretrain.py:179-180, :220); trained teachers are copied whole. The weights are checked and copied as numpy
+arrays (pipeline.encoder_file): the node imports neither torch nor timm, and writes what save_encoder would.
 Tiny run: python -m pipeline.stages.teacher_swap --preset tiny --stage random_stage0
 """
-from pipeline import layout
+from pipeline import encoder_file, layout
 from pipeline.cli import dbot_key, stage_main
 from pipeline.config import section_hash
-from pipeline.encoder import load_encoder, save_encoder
 from pipeline.errors import PipelineError
 from pipeline.node import tracked
 
@@ -30,15 +30,17 @@ def check(params: dict, args):
     if args.stage not in layout.dbot_keys(params):
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     src = layout.teacher_source(params, args.stage, args.seed)
-    enc, meta = load_encoder(src, params, params["data"]["channels"])
+    arrays, config, meta = encoder_file.load(src, params, params["data"]["channels"])
     d = params["data"]
-    if (enc.config["img_size"], enc.config["patch_size"], enc.config["in_chans"]) != (
+    if (config["img_size"], config["patch_size"], config["in_chans"]) != (
             d["img_size"], params["model"]["patch_size"], d["channels"]):
-        raise PipelineError(f"teacher {src} sees {enc.config['img_size']}px images in "
-                            f"{enc.config['patch_size']}px patches with {enc.config['in_chans']} channels; "
+        raise PipelineError(f"teacher {src} sees {config['img_size']}px images in "
+                            f"{config['patch_size']}px patches with {config['in_chans']} channels; "
                             f"the student needs {d['img_size']}/{params['model']['patch_size']}/{d['channels']}")
     depth = stage0_depth(params, args.stage)
-    return (enc if depth is None else enc.truncated(depth)), meta, src
+    if depth is not None:
+        arrays, config = encoder_file.truncated(arrays, config, depth)
+    return arrays, config, meta, src
 
 
 def stage0_depth(params: dict, key: str) -> int | None:
@@ -49,17 +51,17 @@ def stage0_depth(params: dict, key: str) -> int | None:
 
 
 def work(params: dict, args) -> None:
-    enc, meta, src = check(params, args)
+    arrays, config, meta, src = check(params, args)
     chain, stage = layout.parse_dbot_key(args.stage)
     out = layout.teacher_path(args.stage, args.seed)
     provenance = {"node": "teacher_swap", "chain": chain, "stage": stage, "source": src,
                   "source_sha256": meta.get("sha256"), "source_node": meta.get("node", "external"),
                   "source_method": meta.get("method"), "source_stage": meta.get("stage"),
-                  "depth": enc.config["depth"], "source_depth": meta.get("model", {}).get("depth"),
+                  "depth": config["depth"], "source_depth": meta.get("model", {}).get("depth"),
                   "params_hash": section_hash(params, SECTIONS)}
     with tracked(params, f"dbot_{chain}", node(args), out.parent, SECTIONS,
                  {"chain": chain, "stage": stage, "teacher_source": src}):
-        save_encoder(out, enc, provenance)
+        encoder_file.save(out, arrays, config, provenance)
     print(f"{node(args)}: teacher <- {src} -> {out}")
 
 
