@@ -95,7 +95,7 @@ def stages(params: dict) -> dict:
             "outs": [DATASET, str(layout.sidecar(layout.DATASET))]},
         "random_init": {"foreach": {f"seed{s}": s for s in seeds}, "do": {
             "cmd": _cmd("random_init", "--seed ${item}"),
-            "deps": [PRESET, DATASET, "pipeline/encoder.py", "pipeline/stages/random_init.py"],
+            "deps": [PRESET, DATASET, "pipeline/encoder.py", "pipeline/encoder_file.py", "pipeline/stages/random_init.py"],
             "params": _params("data", "model"),
             "outs": ["results/seed${item}/random_init/encoder.safetensors",
                      "results/seed${item}/random_init/encoder.json"]}},
@@ -119,7 +119,7 @@ def stages(params: dict) -> dict:
         "teacher_swap": {"foreach": {f"seed{s}-{k}": Flow(seed=s, key=k, source=layout.teacher_source(params, k, s))
                                      for s in seeds for k in keys}, "do": {
             "cmd": _cmd("teacher_swap", "--seed ${item.seed}", "--stage ${item.key}"),
-            "deps": [PRESET, "${item.source}", "pipeline/stages/teacher_swap.py"],
+            "deps": [PRESET, "${item.source}", "pipeline/encoder_file.py", "pipeline/stages/teacher_swap.py"],
             "params": _params("data", "model", "dbot.chains", "dbot.stage0_teacher_depth"),
             "outs": [f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors", f"{sd}/teacher_swap/${{item.key}}/teacher.json"]}},
         "pretrain_dbot": {"foreach": {f"seed{s}-{k}": _dbot_item(params, s, k) for s in seeds for k in keys}, "do": {

@@ -50,7 +50,7 @@ def test_scaling_writes_well_formed_results(workdir, one_thread):
 
 
 def test_sweep_values_include_the_preset_and_stay_valid():
-    params = config.load("default")
+    params = config.load("full")                                     # the 98-px, 192-wide study
     assert bench_scaling.sweep_values(params, "img_size") == [42, 70, 98, 140, 196]   # grids 3, 5, 7, 10, 14
     assert bench_scaling.sweep_values(params, "patch_size") == [7, 14, 49]
     assert bench_scaling.sweep_values(params, "embed_dim") == [96, 192, 384, 768]
@@ -63,7 +63,7 @@ def test_sweep_values_include_the_preset_and_stay_valid():
 
 
 def test_bad_settings_fail_before_measuring(capsys):
-    params = config.load("default")
+    params = config.load("full")
     with pytest.raises(PipelineError, match="embed_dim 100 does not divide by model.num_heads 3"):
         bench_scaling.with_setting(params, "embed_dim", 100)
     with pytest.raises(SystemExit):

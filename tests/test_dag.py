@@ -40,10 +40,10 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
     assert {rule for rule, _ in smk} == {"prepare_data", "random_init", "pretrain", "supervised", "teacher_swap",
                                          "pretrain_dbot", "knn", "linprobe", "segprobe", "finetune", "robustness",
                                          "checkpoint_eval", "analyze", "cka", "report"}
-    # data, floor, 4 single-stage methods, supervised, (swap, stage) x 3 chains x 3 stages, 15 weights x (knn,
-    # linprobe, segprobe, analyze), the pixel floor x (knn, linprobe), 9 final weights x (finetune, robustness),
+    # data, floor, 4 single-stage methods, supervised, (swap, stage) x 1 chain x 3 stages, 9 weights x (knn,
+    # linprobe, segprobe, analyze), the pixel floor x (knn, linprobe), 7 final weights x (finetune, robustness),
     # 4 methods' checkpoint_eval, cka, report
-    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 9 + 15 * 4 + 2 + 9 * 2 + 4 + 1 + 1
+    assert len(smk) == 1 + 1 + 4 + 1 + 2 * 3 + 9 * 4 + 2 + 7 * 2 + 4 + 1 + 1
     pixels = {cmd for rule, cmd in smk if "--weights pixels" in cmd}
     assert pixels == {f"python -m pipeline.stages.{node} --preset default --seed 0 --weights pixels"
                       for node in ("knn", "linprobe")}
@@ -72,7 +72,7 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
     smk = snakemake_commands("two_seeds")
     assert smk == dvc_commands(workdir)
     per_seed = [cmd for rule, cmd in smk if rule not in ("prepare_data", "report", "analyze", "checkpoint_eval")]
-    assert len(smk) == 2 + 15 + 4 + 2 * (1 + 4 + 1 + 2 * 9 + 15 * 3 + 2 + 9 * 2 + 1)
+    assert len(smk) == 2 + 9 + 4 + 2 * (1 + 4 + 1 + 2 * 3 + 9 * 3 + 2 + 7 * 2 + 1)
     assert sorted(c for c in per_seed if "--seed 0" in c) == sorted(c.replace("--seed 1", "--seed 0")
                                                                     for c in per_seed if "--seed 1" in c)
 
