@@ -158,7 +158,7 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
     from pipeline import config
     from pipeline.encoder import DropPath
 
-    params = config.load("tiny", ["model.decoder_depth=2"])
+    params = config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.2", "dbot.decoder_drop_path=0.2"])
     conf = cfg(batch_size=8, seed=4, checkpoint_every_min=0.0)
     ref = dbot(params)
     assert len([m for m in ref.encoder.modules() if isinstance(m, DropPath)]) == 2          # block 1 of 2

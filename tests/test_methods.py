@@ -268,12 +268,12 @@ def test_init_depends_on_the_seed_only_not_the_global_generator(name, params):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-DROPPING = {"dbot": {}, "sdae": {}, "rcmae": {"drop_path": 0.3}, "bootmae": {"drop_path": 0.3}, "mae": {"drop_path": 0.3}}
+DROPPING = {"dbot": {"drop_path": 0.2, "decoder_drop_path": 0.2}, "sdae": {}, "rcmae": {"drop_path": 0.3}, "bootmae": {"drop_path": 0.3}, "mae": {"drop_path": 0.3}}
 
 
 @pytest.mark.parametrize("name", sorted(DROPPING))
 def test_students_drop_paths_and_teachers_never_do(name, params):
-    """Stochastic depth (dbot 0.2 encoder + decoder, sdae 0.25 by default) acts on the student in training only:
+    """Stochastic depth (dbot 0.2 encoder + decoder, the official value; sdae 0.25 by default) acts on the student in training only:
     the frozen or EMA teacher stays in eval mode, so its targets do not depend on the step's draws."""
     from pipeline.encoder import DropPath, step_draws
 
