@@ -33,6 +33,10 @@ include: "rules/analyze.smk"
 include: "rules/report.smk"
 
 
+onstart:
+    start_forkserver()
+
+
 rule all:
     input:
         rules.report.output,

@@ -31,6 +31,9 @@ from pipeline.errors import PipelineError
 def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
                node_id: Callable, argv: list[str] | None = None, compute: bool = True, per_seed: bool = True,
                distributed: bool = False) -> None:
+    warm_exit = delegate_to_forkserver()       # a node process: a fork server, if one runs, starts it warm
+    if warm_exit is not None:
+        sys.exit(warm_exit)
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", help="params/presets/<name>.yaml (default: default)")
@@ -66,6 +69,17 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
               "no output was replaced", file=sys.stderr)
         sys.exit(2)
+
+
+def delegate_to_forkserver() -> int | None:
+    """Run this node process (`python -m pipeline.stages.<stage> ...`) in a child of the fork server at
+    $MIM_FORKSERVER (pipeline.forkserver): its exit status, or None to run here."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if not os.environ.get("MIM_FORKSERVER") or spec is None or not spec.name.startswith("pipeline.stages."):
+        return None
+    from pipeline import forkserver
+
+    return forkserver.delegate(spec.name, sys.argv[1:])
 
 
 def mark_startup() -> None:

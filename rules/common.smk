@@ -3,7 +3,10 @@
 Inputs: PARAMS (resolved params) and config["preset"] from the Snakefile. Outputs: none.
 Per-seed nodes write under results/seed{seed}/ (the {seed} wildcard runs over params seeds).
 """
+import atexit
 import json
+import os
+import sys
 
 SEEDS = PARAMS["seeds"]
 DBOT_KEYS = layout.dbot_keys(PARAMS)
@@ -59,3 +62,18 @@ def kept(weights, node_dir):
 def checkpoint_eval_inputs(wildcards):
     """The kept encoders, the final knn/linprobe metrics and the training metrics of checkpoint_eval."""
     return [str(p) for p in layout.checkpoint_eval_inputs(PARAMS, wildcards.weights, int(wildcards.seed))]
+
+
+def start_forkserver():
+    """Nodes of a local run start warm: a fork server (pipeline.forkserver) for this Snakemake process's lifetime.
+
+    Off with --config forkserver=0, off Linux, and for jobs that do not run on this machine (an executor plugin
+    such as slurm); nodes that start before it has imported torch and the rest (~5 s) start cold."""
+    wanted = str(config.get("forkserver", 1)).lower() not in ("0", "false", "no")
+    if not wanted or sys.platform != "linux" or not workflow.executor_plugin.common_settings.local_exec:
+        return
+    from pipeline import forkserver
+
+    proc, path = forkserver.start(parent=os.getpid(), wait=False)
+    atexit.register(forkserver.stop, proc, path)
+    os.environ[forkserver.ENV] = path

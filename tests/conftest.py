@@ -62,14 +62,15 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
-    """The tiny study, built once by Snakemake (~110 processes) for tests/test_e2e_snakemake.py (whose last
+    """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.forkserver) for tests/test_e2e_snakemake.py (whose last
     tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built before, to reuse while working
     on these tests (they change its results)."""
     if os.environ.get("MIM_TINY_STUDY"):
         return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
-    run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
+    proc = run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
+    (workdir / "snakemake.stderr").write_text(proc.stderr)
     return workdir
 
 

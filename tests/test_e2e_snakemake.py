@@ -42,6 +42,9 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     workdir = study
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    log = (workdir / "snakemake.stderr").read_text()
+    assert "fork server ready" in log and "fork server stopped" in log          # nodes started warm
+    assert not [p for p in Path("results").rglob("logs/**/*.log") if "starts cold" in p.read_text()]
     table = pd.read_csv("results/summary.csv")
     assert {"method", "stage", "weights", "protocol", "metric", "value"} <= set(table.columns)
     knn_settings = {"k": 20, "temperature": 0.07, "feature": "cls", "precision": "auto"}
@@ -253,12 +256,39 @@ def remove_outputs(root: Path, outputs: list[str]) -> None:
         f.unlink()
 
 
+@pytest.fixture(scope="module")
+def warm(study):
+    """A fork server in the study's folder: the nodes below start warm, as Snakemake ran them (so the study's
+    benchmark times place each kill inside the node's own work)."""
+    from pipeline import forkserver
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(study)
+        proc, path = forkserver.start(parent=os.getpid())
+    yield proc, {**ENV, forkserver.ENV: path}
+    forkserver.stop(proc, path)
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is pid (the fork server's running nodes)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
 @pytest.mark.parametrize("node", list(NODES))
-def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, study, monkeypatch):
+def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, study, warm, monkeypatch):
     monkeypatch.chdir(study)
+    server, env = warm
     _, outputs, bench = NODES[node]
     if node == "report":        # its tables hold the training nodes' wall times, which the reruns above changed
-        run_cli(*node_argv(node), env=ENV, timeout=600)
+        run_cli(*node_argv(node), env=env, timeout=600)
     reference = {f.relative_to(study): digest(f) for f in files(study, outputs)}
     assert reference, f"the study made no outputs for {node}"
     seconds = float((study / bench).read_text().splitlines()[1].split("\t")[0])   # its uninterrupted run
@@ -266,7 +296,7 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, stu
     delay = rng.uniform(0.4, 0.95) * seconds
     remove_outputs(study, outputs)
     proc = subprocess.Popen(node_argv(node), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, **ENV), start_new_session=True)
+                            env=dict(os.environ, **env), start_new_session=True)
     try:
         proc.wait(timeout=delay)
         killed = False
@@ -274,10 +304,14 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, stu
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = True
+    deadline = time.time() + 10                 # the server kills the node's child when its process dies
+    while children(server.pid):
+        assert time.time() < deadline, f"{node}: the killed node's child still runs"
+        time.sleep(0.02)
     left = {f.relative_to(study): digest(f) for f in files(study, outputs) if not TEMPORARY.fullmatch(f.name)}
     partial = sorted(str(name) for name, h in left.items() if reference.get(name) != h)
     assert not partial, f"{node}: outputs unlike the study's after SIGKILL: {partial}"
-    run_cli(*node_argv(node), env=ENV, timeout=600)
+    run_cli(*node_argv(node), env=env, timeout=600)
     again = {f.relative_to(study): digest(f) for f in files(study, outputs)}
     differ = sorted(str(name) for name in again.keys() | reference.keys() if again.get(name) != reference.get(name))
     assert not differ, f"{node} (killed: {killed}, after {delay:.1f} s of ~{seconds:.0f} s): outputs differ: {differ}"
