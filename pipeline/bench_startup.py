@@ -160,6 +160,7 @@ def summarise(nodes: list[dict], imports: list[dict], machine_info: dict, repeat
             "imports": imports, "targets": TARGETS,
             "met": {"to_first_work_s": slowest["to_first_work_s"] <= TARGETS["to_first_work_s"],
                     "teacher_swap_total_s": swap["total_s"] <= TARGETS["teacher_swap_total_s"],
+                    "teacher_swap_warm_total_s": swap["warm_total_s"] <= TARGETS["teacher_swap_total_s"],
                     "tiny_study_s": tiny_study_s <= TARGETS["tiny_study_s"],
                     "slowest_to_first_work": slowest["node"]}}
 
@@ -176,8 +177,8 @@ def markdown(result: dict) -> str:
         f"Definitions: {result['definition']}. Each run is a fresh process, started as Snakemake starts it.", "",
         f"- to first work <= {targets['to_first_work_s']} s for every node: {yes(met['to_first_work_s'])} "
         f"(slowest: {slowest['node']}, {slowest['to_first_work_s']:.2f} s)",
-        f"- teacher_swap in all <= {targets['teacher_swap_total_s']} s: {yes(met['teacher_swap_total_s'])} "
-        f"({swap['total_s']:.2f} s)",
+        f"- teacher_swap in all <= {targets['teacher_swap_total_s']} s: cold {yes(met['teacher_swap_total_s'])} "
+        f"({swap['total_s']:.2f} s), warm {yes(met['teacher_swap_warm_total_s'])} ({swap['warm_total_s']:.2f} s)",
         f"- the tiny study ({PRESET}, `snakemake --cores 2`, warm nodes) <= {targets['tiny_study_s']:.0f} s: "
         f"{yes(met['tiny_study_s'])} ({result['tiny_study_s']:.0f} s)", "",
         "Cold: a fresh interpreter imports what the node uses. Warm: the node's process hands its run to a child of "

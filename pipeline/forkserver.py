@@ -8,8 +8,8 @@ it gets (SIGTERM, SIGINT, SIGHUP, SIGUSR1/2) and exits with the child's status. 
 (SIGKILL), the server kills the child; if the server dies, its children die with it (PR_SET_PDEATHSIG).
 
 A node runs cold (as if no server existed) whenever the server would not run it exactly as a fresh process:
-the server refuses a node whose Python, sys.path, pipeline package or start-up environment (torch, OpenMP,
-BLAS, CUDA, Python variables, read at import) differs from its own, and no node delegates inside a Slurm
+the server refuses a node whose Python, sys.path or start-up environment (torch, OpenMP, BLAS, CUDA, Python
+variables, read at import) differs from its own, and no node delegates inside a Slurm
 job (its allocation applies to the process it starts) or off Linux.
 
     snakemake --cores 2              # a server for the run (local jobs; --config forkserver=0: none)
@@ -41,16 +41,18 @@ IMPORT_ENV_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "OMP_", "GOMP_", "KMP_", "MK
 # thread counts (Snakemake sets them to a job's threads): not compared, a child applies them as a fresh process would
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+# read when a run is tracked, not at import: a node may set its own
+CALL_TIME_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 PR_SET_PDEATHSIG = 1
 
 
 def identity(environ: dict | None = None) -> dict:
     """What must be equal in a node process and the server for a forked child to run like a fresh process."""
-    import pipeline
-
-    env = {k: v for k, v in (environ or os.environ).items() if k.startswith(IMPORT_ENV_PREFIXES) and k not in THREAD_ENV}
-    return {"python": [sys.prefix, os.path.realpath(sys.executable), sys.version], "path": sys.path[1:], "pipeline": pipeline.__file__, "env": env}
+    env = {k: v for k, v in (environ or os.environ).items()
+           if k.startswith(IMPORT_ENV_PREFIXES) and k not in THREAD_ENV and k not in CALL_TIME_ENV}
+    return {"python": [sys.prefix, os.path.realpath(sys.executable), sys.version], "path": sys.path[1:], "env": env}
 
 
 # ---------------------------------------------------------------- the node side
@@ -210,6 +212,8 @@ def _become_node(request: dict, added: dict, fds: list[int], sockets: list[socke
     os.environ.clear()
     os.environ.update({**added, **request["env"]})       # a fresh process: its environment, then what imports set
     sys.path[0] = request["path0"]
+    for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+        del sys.modules[name]                            # the node imports this package from its own folder
     random.seed()                                        # a fresh process's unseeded generators
     sys.modules["numpy"].random.seed()
     _apply_threads(request["env"])
@@ -217,7 +221,7 @@ def _become_node(request: dict, added: dict, fds: list[int], sockets: list[socke
 
 def _differs(node: dict, server: dict) -> str:
     """'' if a child of this server runs the node as a fresh process would, else what differs."""
-    for key in ("python", "path", "pipeline"):
+    for key in ("python", "path"):
         if node[key] != server[key]:
             return f"its {key} differs from the server's"
     for name in sorted(set(node["env"]) | set(server["env"])):
@@ -305,7 +309,7 @@ def start(parent: int | None = None, idle_s: float = 600.0, wait: bool = True, c
           env: dict | None = None, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start a server in the background. Returns (process, socket path). With wait, return once it listens;
     without, at once: nodes that start before it listens (~5 s of imports) start cold. cwd and env: the
-    server's (default: this process's); nodes run warm only from the same folder's pipeline package."""
+    server's (default: this process's). A child imports the pipeline package anew, from the node's folder."""
     if sys.platform != "linux":
         raise OSError("the fork server needs Linux")
     path = os.path.join(tempfile.mkdtemp(prefix="mim-fork-"), "socket")
