@@ -135,7 +135,12 @@ def serve(path: str, parent: int | None, idle_s: float) -> None:
             for r in ready:
                 if r is listener:
                     conn, _ = listener.accept()
-                    pid = _fork_child(conn, server, listener, [wake_r, wake_w], children)   # a child exits in there
+                    try:
+                        pid = _fork_child(conn, server, listener, [wake_r, wake_w], children)   # a child exits in there
+                    except (OSError, ValueError, KeyError, TypeError) as e:   # a broken request: its node is gone
+                        print(f"fork server: a request failed ({e!r})", file=sys.stderr, flush=True)
+                        conn.close()
+                        continue
                     if pid > 0:
                         children[conn] = pid
                 elif r is wake_r:
@@ -160,6 +165,11 @@ def _fork_child(conn: socket.socket, server: dict, listener: socket.socket, pipe
     """Fork a child for one request: its pid in the server, 0 in the child (after it ran), -1 if refused."""
     conn.settimeout(10)
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    while data and not data.endswith(b"\n"):            # the rest of a long request (the fds came with its start)
+        more = conn.recv(1 << 20)
+        if not more:
+            break
+        data += more
     request = json.loads(data.decode())
     differs = _differs(request["identity"], server["identity"])
     if differs or len(fds) != 3:

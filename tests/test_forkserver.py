@@ -89,6 +89,18 @@ def test_a_node_whose_start_up_environment_differs_runs_cold(server):
     assert "starts cold: $ATEN_CPU_CAPABILITY differs" in proc.stderr and "usage:" in proc.stdout
 
 
+def test_a_broken_request_leaves_the_server_serving(server):
+    import socket
+
+    _, warm = server
+    for junk in (b"not json\n", b'{"module": "x"}\n', b""):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(next(iter(warm.values())))
+            conn.sendall(junk)
+    proc = node("knn", "--help", env=warm)
+    assert "usage:" in proc.stdout and "starts cold" not in proc.stderr
+
+
 def start_long_node(warm: dict) -> subprocess.Popen:
     """A pre-training node that runs for minutes (SdAE: its resume state stays apart from the MAE node's), as a
     process of its own: the fork server's client."""
