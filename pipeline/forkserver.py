@@ -20,7 +20,7 @@ Inputs: the modules to preload. Outputs: none (the server prints one line when i
 from __future__ import annotations
 
 import argparse
-import array
+import importlib
 import json
 import os
 import select
@@ -36,7 +36,8 @@ PRELOAD = ("numpy", "torch", "torchvision", "timm", "mlflow", "mlflow.store.trac
            "safetensors.torch", "submitit",
            "matplotlib.figure", "matplotlib.backends.backend_agg")
 # read by a library when it is imported: a server started with other values would not run a node as a fresh process
-IMPORT_ENV_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "CUDA_",
+# (not KMP_*: Intel OpenMP's, which torch's Linux builds do not load; scikit-learn sets KMP_DUPLICATE_LIB_OK)
+IMPORT_ENV_PREFIXES = ("ATEN_", "ONEDNN_", "DNNL_", "OMP_", "GOMP_", "MKL_", "OPENBLAS_", "CUDA_",
                        "PYTORCH_", "TORCH", "PYTHON", "MPLBACKEND", "MLFLOW_", "LD_")
 # thread counts (Snakemake sets them to a job's threads): not compared, a child applies them as a fresh process would
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
@@ -114,7 +115,7 @@ def serve(path: str, parent: int | None, idle_s: float) -> None:
     started = time.time()
     before = dict(os.environ)
     for name in PRELOAD:
-        __import__(name)
+        importlib.import_module(name)
     server = {"identity": identity(before),              # what a node's environment is compared with
               "added": {k: v for k, v in os.environ.items() if before.get(k) != v}}   # what the imports set
     me = os.getpid()
@@ -171,7 +172,7 @@ def _fork_child(conn: socket.socket, server: dict, listener: socket.socket, pipe
             break
         data += more
     request = json.loads(data.decode())
-    differs = _differs(request["identity"], server["identity"])
+    differs = _differs(request["identity"], server["identity"], server["added"])
     if differs or len(fds) != 3:
         _send(conn, {"refused": differs or "no stdin, stdout and stderr came with the request"})
         conn.close()
@@ -229,13 +230,15 @@ def _become_node(request: dict, added: dict, fds: list[int], sockets: list[socke
     _apply_threads(request["env"])
 
 
-def _differs(node: dict, server: dict) -> str:
-    """'' if a child of this server runs the node as a fresh process would, else what differs."""
+def _differs(node: dict, server: dict, added: dict) -> str:
+    """'' if a child of this server runs the node as a fresh process would, else what differs. A variable the
+    node has at the value the server's own imports set (`added`) is no difference: its imports would set it too."""
     for key in ("python", "path"):
         if node[key] != server[key]:
             return f"its {key} differs from the server's"
     for name in sorted(set(node["env"]) | set(server["env"])):
-        if node["env"].get(name) != server["env"].get(name):
+        value = node["env"].get(name)
+        if value != server["env"].get(name) and not (name in added and value == added[name]):
             return f"${name} differs from the server's (read when torch and the others are imported)"
     return ""
 

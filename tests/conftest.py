@@ -39,6 +39,23 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_nodes():
+    """Every node a test starts as a process (`python -m pipeline.stages.<stage>`) starts warm, from one fork
+    server per test process (pipeline.forkserver), as Snakemake's local runs start theirs; a node given
+    MIM_FORKSERVER="" starts cold. $MIM_TEST_COLD=1: every node cold."""
+    from pipeline import forkserver
+
+    if sys.platform != "linux" or os.environ.get("MIM_TEST_COLD"):
+        yield
+        return
+    proc, path = forkserver.start(parent=os.getpid(), idle_s=7200)
+    os.environ[forkserver.ENV] = path
+    yield
+    del os.environ[forkserver.ENV]
+    forkserver.stop(proc, path)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread (child processes inherit it): benchmark tests check outputs, not speed, and stay

@@ -11,9 +11,10 @@ pytestmark = pytest.mark.e2e
 
 
 def repro(*args, warm=True) -> set[str]:
-    """The stages `dvc repro` ran; warm: under `python -m pipeline.forkserver run --`, as docs/running.md shows."""
+    """The stages `dvc repro` ran; warm: under `python -m pipeline.forkserver run --`, as docs/running.md shows
+    (else cold: no fork server, not even the tests' own)."""
     prefix = [sys.executable, "-m", "pipeline.forkserver", "run", "--"] if warm else []
-    out = run_cli(*prefix, "dvc", "repro", *args).stdout
+    out = run_cli(*prefix, "dvc", "repro", *args, env=None if warm else {"MIM_FORKSERVER": ""}).stdout
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 

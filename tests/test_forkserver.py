@@ -56,6 +56,8 @@ def wait_for(condition, timeout=60.0):
 
 
 def test_a_warm_node_writes_what_a_cold_node_writes(server, tmp_path_factory, monkeypatch):
+    from pipeline import forkserver
+
     _, warm = server
     warm_dir = Path.cwd()
     cold_dir = copy_dag(tmp_path_factory.mktemp("cold"))
@@ -63,7 +65,8 @@ def test_a_warm_node_writes_what_a_cold_node_writes(server, tmp_path_factory, mo
     out = node("pretrain", "--seed", "0", "--method", "mae", env=warm)
     assert "starts cold" not in out.stderr
     monkeypatch.chdir(cold_dir)
-    node("pretrain", "--seed", "0", "--method", "mae", env={"MLFLOW_TRACKING_URI": f"sqlite:///{cold_dir}/mlflow.db"})
+    node("pretrain", "--seed", "0", "--method", "mae",
+         env={"MLFLOW_TRACKING_URI": f"sqlite:///{cold_dir}/mlflow.db", forkserver.ENV: ""})    # cold
     encoder = "results/seed0/pretrain/mae/encoder.safetensors"
     assert (warm_dir / encoder).read_bytes() == (cold_dir / encoder).read_bytes()
     from mlflow import MlflowClient
