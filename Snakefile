@@ -11,7 +11,8 @@ from pipeline import config as params_config
 from pipeline import layout
 
 config.setdefault("preset", "default")
-PARAMS = params_config.load(config["preset"])   # strict: a bad key or value stops here, before any job
+PARAMS = params_config.load(config["preset"], check_paths=False)   # strict: a bad key or value stops here; data.path
+                                                                   # is checked by the nodes (a DAG needs only params)
 validate(PARAMS, "params/schema.yaml")
 
 

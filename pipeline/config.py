@@ -61,8 +61,12 @@ def parse_override(item: str) -> dict:
     return value
 
 
-def load(preset: str = "default", overrides: list[str] = (), files: list[Path] = (), base: Path = BASE) -> dict:
-    """Resolve base <- preset <- files <- overrides and validate; PipelineError (one line) on any problem."""
+def load(preset: str = "default", overrides: list[str] = (), files: list[Path] = (), base: Path = BASE,
+         check_paths: bool = True) -> dict:
+    """Resolve base <- preset <- files <- overrides and validate; PipelineError (one line) on any problem.
+
+    check_paths=False skips the check that data.path exists: planning a DAG (the Snakefile, dvc.yaml's
+    generator) needs the params only; every stage CLI checks it."""
     params = _read_yaml(base)
     preset_file = PARAMS_DIR / "presets" / f"{preset}.yaml"
     if not preset_file.is_file():
@@ -80,7 +84,7 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
         if isinstance(values, dict) and "bf16" in values:
             raise PipelineError(f"invalid params ({source}): {section}.bf16 is now {section}.precision: auto | fp32 | "
                                 "bf16 | fp16 (bf16: true -> bf16, false -> fp32; auto chooses per machine)")
-    validate(params, source=source)
+    validate(params, source=source, check_paths=check_paths)
     return with_seed(params, params["seeds"][0])
 
 
@@ -128,17 +132,17 @@ def _momentum_problems(method: str, spec: dict):
         yield f"{method}.momentum.breakpoints must increase, got {points}"
 
 
-def validate(params: dict, source: str = "params") -> None:
+def validate(params: dict, source: str = "params", check_paths: bool = True) -> None:
     schema = _read_yaml(SCHEMA)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(params))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "top level"
         raise PipelineError(f"invalid params ({source}): {where}: {error.message}")
-    for problem in _cross_field_problems(params):
+    for problem in _cross_field_problems(params, check_paths):
         raise PipelineError(f"invalid params ({source}): {problem}")
 
 
-def _cross_field_problems(p: dict):
+def _cross_field_problems(p: dict, check_paths: bool = True):
     d, m, t = p["data"], p["model"], p["pretrain"]
     if d["img_size"] % m["patch_size"]:
         yield f"model.patch_size {m['patch_size']} does not divide data.img_size {d['img_size']}"
@@ -154,8 +158,10 @@ def _cross_field_problems(p: dict):
     if d["dataset"] in ("imagefolder", "cifar"):
         if not d["path"]:
             yield f"data.path is required for dataset {d['dataset']}"
-        elif not Path(d["path"]).is_dir():
+        elif check_paths and not Path(d["path"]).is_dir():
             yield f"data.path {d['path']} does not exist or is not a folder"
+    if d["format"] == "stream" and d["dataset"] != "imagefolder":
+        yield f"data.format stream needs data.dataset imagefolder ({d['dataset']} is always prepared as a tensor)"
     masked = num_patches - int(num_patches * (1 - t["mask_ratio"]))
     if p["sdae"]["folds"] > masked:
         yield f"sdae.folds {p['sdae']['folds']} exceeds the {masked} masked patches"

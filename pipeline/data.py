@@ -6,6 +6,8 @@ Every image is converted to data.channels (1 = grey, 3 = RGB) and data.img_size 
 An image folder is read image by image into tensors mapped from an unnamed temporary file, so preparing it
 takes memory independent of the number of images (the pixels sit in the page cache, written back to disk).
 Also the batched uint8 -> float transforms of training: normalize and augment (RandomResizedCrop + flip).
+With data.format stream an image folder is not read here but listed in a manifest (pipeline.stream);
+load_dataset gives either kind, batches / head read images from either.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ LUMA = (0.299, 0.587, 0.114)   # ITU-R 601, as Pillow's RGB -> L
 class Prepared:
     """A split dataset: *_x uint8 (N, C, H, W), *_y int64 (N,); mean/std per channel of train_x / 255.
 
-    *_x may be memory-mapped: from the prepared file (load_prepared) or an unnamed temporary file (imagefolder).
+    *_x may be memory-mapped: from the prepared file (load_prepared) or an unnamed temporary file (imagefolder);
+    for data.format stream they are pipeline.stream.StreamImages (load_dataset), read through batches / head.
     """
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -143,17 +146,24 @@ def _root(data: dict) -> Path:
 
 def _imagefolder(data: dict, seed: int, scratch: Path | None):
     root = _root(data)
+    train, val = split_folder(root, data["val_fraction"], seed)
+    (tx, ty), (vx, vy) = _read_images(train, data, scratch), _read_images(val, data, scratch)
+    return tx, ty, vx, vy, list(train), f"imagefolder {root} ({len(train)} classes)"
+
+
+def split_folder(root: Path, val_fraction: float, seed: int, select=lambda classes: classes) -> tuple[dict, dict]:
+    """An image folder's ({class: train files}, {class: val files}): its train/ and val/ class folders, or its
+    class folders split per class (_split_files). select({class: files}) -> the files to keep, before the split
+    (pipeline.stream keeps image files only)."""
     if (root / "train").is_dir() or (root / "val").is_dir():
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             raise PipelineError(f"{root} has only one of train/ and val/; give both or neither")
-        train, val = _class_files(root / "train"), _class_files(root / "val")
+        train, val = select(_class_files(root / "train")), select(_class_files(root / "val"))
         if list(train) != list(val):
             diff = sorted(set(train) ^ set(val))
             raise PipelineError(f"{root}: train/ and val/ have different class folders (e.g. {', '.join(diff[:5])})")
-    else:
-        train, val = _split_files(_class_files(root), data["val_fraction"], seed)
-    (tx, ty), (vx, vy) = _read_images(train, data, scratch), _read_images(val, data, scratch)
-    return tx, ty, vx, vy, list(train), f"imagefolder {root} ({len(train)} classes)"
+        return train, val
+    return _split_files(select(_class_files(root)), val_fraction, seed)
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
@@ -222,13 +232,25 @@ def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
             im = _to_mode(ImageOps.exif_transpose(im), mode)
     except Exception as e:   # Pillow raises many types for corrupt or foreign files
         raise PipelineError(f"cannot read image {path}: {e}") from None
+    return pil_to_tensor(_center_crop(im, size, size))
+
+
+def pil_to_tensor(im) -> torch.Tensor:
+    """A Pillow L or RGB image -> uint8 (C, H, W)."""
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy((arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy())
+
+
+def _center_crop(im, short: int, size: int):
+    """A Pillow image -> its shorter side resized to `short` (bicubic; not if it is already), centre size x size."""
+    from PIL import Image
+
     w, h = im.size
-    nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+    nw, nh = max(short, round(w * short / min(w, h))), max(short, round(h * short / min(w, h)))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return torch.from_numpy((arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy())
+    return im.crop((left, top, left + size, top + size))
 
 
 def _to_mode(im, mode: str):
@@ -342,6 +364,28 @@ def save_prepared(prep: Prepared, path: Path, params_meta: dict) -> dict:
                               for s in ("train", "val")},
                 shapes={name: list(t.shape) for name, t in tensors.items()}, dataset_hash=dataset_hash(tensors))
     return checkpoint.save_tensors(path, tensors, meta)
+
+
+def load_dataset(params: dict) -> Prepared:
+    """What prepare_data made for params: the tensor file (load_prepared), or for data.format stream the verified
+    manifest, whose train_x / val_x are pipeline.stream.StreamImages (len, shape, batches(), [indices])."""
+    if layout.data_format(params["data"]) == "stream":
+        from pipeline import stream
+
+        return stream.load(params)
+    return load_prepared()
+
+
+def batches(images, batch_size: int):
+    """uint8 images in order, batch by batch: slices of a tensor, or a stream's decoded (eval transform) batches."""
+    if isinstance(images, torch.Tensor):
+        return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    return images.batches(batch_size)
+
+
+def head(images, n: int) -> torch.Tensor:
+    """The first n images as a uint8 tensor (a stream's decoded with the eval transform)."""
+    return images[:n] if isinstance(images, torch.Tensor) else images[:n].tensor()
 
 
 def load_prepared(path: Path = layout.DATASET) -> Prepared:

@@ -28,7 +28,6 @@ HEADER = """\
 """
 TRAIN_CODE = ["pipeline/engine.py", "pipeline/encoder.py", "pipeline/compute.py", "pipeline/stages/pretrain.py"]
 PRESET = "params/presets/${preset}.yaml"
-DATASET = str(layout.DATASET)
 
 
 class Flow(dict):
@@ -81,6 +80,11 @@ def _dbot_item(params: dict, seed: int, key: str) -> Flow:
 
 
 def stages(params: dict) -> dict:
+    """Every stage; prepare_data's output (and everyone's data dep) is layout.dataset_path: the tensor file, or a
+    streamed image folder's manifest. DVC tracks that raw folder only if told: `dvc add data/<folder>`, then add
+    data/<folder>.dvc's path to prepare_data's deps (the manifest's file sizes catch a folder changed behind it)."""
+    data_file = str(layout.dataset_path(params))
+    streamed = ["pipeline/stream.py"] if data_file == str(layout.MANIFEST) else []
     seeds, weights, keys = params["seeds"], layout.all_weights(params), layout.dbot_keys(params)
     carry = params["dbot"]["carry_optimizer_state"]
     sd = _seed_dir()
@@ -90,19 +94,19 @@ def stages(params: dict) -> dict:
     out = {
         "prepare_data": {
             "cmd": _cmd("prepare_data"),
-            "deps": [PRESET, "pipeline/data.py", "pipeline/stages/prepare_data.py"],
+            "deps": [PRESET, "pipeline/data.py", "pipeline/stages/prepare_data.py"] + streamed,
             "params": _params("data"),
-            "outs": [DATASET, str(layout.sidecar(layout.DATASET))]},
+            "outs": [data_file, str(layout.sidecar(data_file))]},
         "random_init": {"foreach": {f"seed{s}": s for s in seeds}, "do": {
             "cmd": _cmd("random_init", "--seed ${item}"),
-            "deps": [PRESET, DATASET, "pipeline/encoder.py", "pipeline/encoder_file.py", "pipeline/stages/random_init.py"],
+            "deps": [PRESET, data_file, "pipeline/encoder.py", "pipeline/encoder_file.py", "pipeline/stages/random_init.py"],
             "params": _params("data", "model"),
             "outs": ["results/seed${item}/random_init/encoder.safetensors",
                      "results/seed${item}/random_init/encoder.json"]}},
         "pretrain": {"foreach": {f"seed{s}-{m}": Flow(seed=s, method=m)
                                  for s in seeds for m in layout.SINGLE_STAGE_METHODS}, "do": {
             "cmd": _cmd("pretrain", "--seed ${item.seed}", "--method ${item.method}"),
-            "deps": [PRESET, DATASET] + TRAIN_CODE + [
+            "deps": [PRESET, data_file] + TRAIN_CODE + [
                 "pipeline/decoder.py", "pipeline/losses.py", "pipeline/masking.py", "pipeline/ema.py",
                 "pipeline/methods/mae.py", "pipeline/methods/${item.method}.py"],
             "params": _params("data", "model", "pretrain", "${item.method}"),
@@ -112,7 +116,7 @@ def stages(params: dict) -> dict:
             "plots": [{f"{sd}/pretrain/${{item.method}}/reconstruction.png": {"cache": False}}]}},
         "supervised": {"foreach": {f"seed{s}": s for s in seeds}, "do": {
             "cmd": _cmd("supervised", "--seed ${item}"),
-            "deps": [PRESET, DATASET] + TRAIN_CODE + ["pipeline/methods/supervised.py", "pipeline/stages/supervised.py"],
+            "deps": [PRESET, data_file] + TRAIN_CODE + ["pipeline/methods/supervised.py", "pipeline/stages/supervised.py"],
             "params": _params("data", "model", "pretrain", "supervised"),
             "outs": ["results/seed${item}/supervised/encoder.safetensors", "results/seed${item}/supervised/encoder.json"],
             "metrics": [{"results/seed${item}/supervised/metrics.json": {"cache": False}}]}},
@@ -124,7 +128,7 @@ def stages(params: dict) -> dict:
             "outs": [f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors", f"{sd}/teacher_swap/${{item.key}}/teacher.json"]}},
         "pretrain_dbot": {"foreach": {f"seed{s}-{k}": _dbot_item(params, s, k) for s in seeds for k in keys}, "do": {
             "cmd": _cmd("pretrain_dbot", "--seed ${item.seed}", "--stage ${item.key}"),
-            "deps": [PRESET, DATASET, f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors"]
+            "deps": [PRESET, data_file, f"{sd}/teacher_swap/${{item.key}}/teacher.safetensors"]
             + (["${item.carried}"] if carry else []) + TRAIN_CODE + [
                 "pipeline/decoder.py", "pipeline/losses.py", "pipeline/masking.py", "pipeline/teacher.py",
                 "pipeline/methods/dbot.py", "pipeline/stages/pretrain_dbot.py"],
@@ -145,7 +149,7 @@ def stages(params: dict) -> dict:
             ("finetune", "pipeline/finetune.py", ("finetune",), tuned, "curve.png"),
             ("analyze", "pipeline/analysis.py", ("analyze",), first_seed, "attention_heads.png")):
         stage = {"cmd": _cmd(node, "--seed ${item.seed}", "--weights ${item.weights}"),
-                 "deps": [PRESET, DATASET, "${item.path}", code, "pipeline/stages/evaluate.py", f"pipeline/stages/{node}.py"],
+                 "deps": [PRESET, data_file, "${item.path}", code, "pipeline/stages/evaluate.py", f"pipeline/stages/{node}.py"],
                  "params": _params(*keys_read)}
         result = f"{sd}/{node}/${{item.weights}}/" + ("analysis.json" if node == "analyze" else "metrics.json")
         stage["outs" if node == "analyze" else "metrics"] = [{result: {"cache": False}}]
@@ -157,7 +161,7 @@ def stages(params: dict) -> dict:
     if params["robustness"]["enabled"]:
         out["robustness"] = {"foreach": {k: Flow(seed=v["seed"], weights=v["weights"]) for k, v in tuned.items()}, "do": {
             "cmd": _cmd("robustness", "--seed ${item.seed}", "--weights ${item.weights}"),
-            "deps": [PRESET, DATASET, f"{sd}/finetune/${{item.weights}}/model.safetensors", "pipeline/robustness.py",
+            "deps": [PRESET, data_file, f"{sd}/finetune/${{item.weights}}/model.safetensors", "pipeline/robustness.py",
                      "pipeline/finetune.py", "pipeline/stages/robustness.py"],
             "params": _params("robustness"),
             "metrics": [{f"{sd}/robustness/${{item.weights}}/metrics.json": {"cache": False}}],
@@ -174,7 +178,7 @@ def stages(params: dict) -> dict:
             "plots": [{f"{sd}/checkpoint_eval/${{item.weights}}/curve.png": {"cache": False}}]}}
     out["cka"] = {"foreach": {f"seed{s}": s for s in seeds}, "do": {
         "cmd": _cmd("cka", "--seed ${item}"),
-        "deps": [PRESET, DATASET] + [str(layout.weights_path(w, "${item}")) for w in weights]
+        "deps": [PRESET, data_file] + [str(layout.weights_path(w, "${item}")) for w in weights]
         + ["pipeline/analysis.py", "pipeline/stages/cka.py"],
         "params": _params("analyze", "dbot"),
         "outs": [{"results/seed${item}/cka/cka.json": {"cache": False}}],
@@ -198,7 +202,7 @@ def stages(params: dict) -> dict:
 
 
 def render(preset: str = "default") -> str:
-    params = config.load(preset)
+    params = config.load(preset, check_paths=False)
     body = yaml.safe_dump({"vars": [{"preset": preset}], "stages": stages(params)}, sort_keys=False, width=120)
     lines = []
     for line in body.splitlines():

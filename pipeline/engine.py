@@ -3,7 +3,8 @@
 Every random draw of a step (crop, flip, mask, and drop-path: pipeline.encoder.step_draws) comes from a generator
 seeded by (seed, global step), and the epoch's sample order from one seeded by (seed, epoch). So a run resumed from
 any saved step replays exactly the same batches, masks and dropped paths: on CPU it ends bit-identical to an
-uninterrupted run.
+uninterrupted run. A streamed dataset (data.format stream, pipeline.stream) is cropped per image by DataLoader
+workers instead, each crop and flip drawn from (seed, epoch, image index): replayed alike, whatever the workers.
 
 `initial_optimizer_state` starts a fresh (not resumed) run from another run's AdamW moments and step
 (named_optimizer_state; dBOT's carry_optimizer_state); `TrainResult.optimizer` is the run's own at its end.
@@ -141,22 +142,40 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return epoch_order(n, seed, epoch)[pos * bs:(pos + 1) * bs]
 
 
+def step_batches(images, labels: torch.Tensor | None, batch_size: int, seed: int, rows: slice, start: int,
+                 total: int):
+    """(uint8 batch, its labels or None, cropped) of steps start..total-1: this process's rows of
+    batch_indices(n, batch_size, seed, step). From a uint8 tensor: images[idx], not yet cropped (make_batch
+    augments it). From a stream (pipeline.stream.StreamImages): decoded and already cropped by its workers."""
+    if isinstance(images, torch.Tensor):
+        for step in range(start, total):
+            idx = batch_indices(len(images), batch_size, seed, step)[rows]
+            yield images[idx], None if labels is None else labels[idx], False
+    else:
+        for x, y in images.train_batches(batch_size, seed, rows, start, total):
+            yield x, y, True
+
+
 def make_batch(batch_u8: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
-               gen: torch.Generator, device: str) -> torch.Tensor:
+               gen: torch.Generator, device: str, cropped: bool = False) -> torch.Tensor:
     """uint8 images (B, C, H, W) -> the augmented, normalised float batch on `device` (batched, no loop).
 
     The uint8 batch moves first (a quarter of the float bytes; pinned, asynchronous on CUDA), so augmentation
-    and normalisation run on the device; the random draws stay on the CPU generator."""
+    and normalisation run on the device; the random draws stay on the CPU generator. A `cropped` batch (a
+    stream's: its workers did the crops) is only normalised."""
     batch_u8 = hardware.to_device(batch_u8, device)
-    x = augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
+    x = batch_u8 if cropped else augment(batch_u8, gen, tuple(cfg.crop_scale), cfg.hflip)
     return normalize(x, mean, std)
 
 
-def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], cfg: TrainConfig,
+def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: TrainConfig,
           state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
           extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None,
           initial_optimizer_state: dict | None = None) -> TrainResult:
     """Train `model` on uint8 images (N, C, H, W): forward(imgs, generator, step) -> (loss, outputs).
+
+    `images`: a uint8 tensor, or a streamed split (pipeline.stream.StreamImages: decoded and cropped per step
+    by DataLoader workers, for the same rows of the same batch_indices; see step_batches).
 
     Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
     `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py). A model with
@@ -191,13 +210,16 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
     bar = tqdm(total=total * bs, initial=st["step"] * bs, unit="img", unit_scale=True, desc=cfg.desc,
                file=sys.stderr, mininterval=2.0, smoothing=0.1, dynamic_ncols=True, disable=not world.is_main)
     last_save, t_epoch, step = time.monotonic(), time.monotonic(), st["step"]
+    needs_labels = getattr(model, "needs_labels", False)
+    batches = step_batches(images, labels if needs_labels else None, bs, cfg.seed, rows, step, total)
     model.train()
     while step < total:
         epoch = step // spe
-        idx = batch_indices(n, bs, cfg.seed, step)[rows]
-        batch_labels = {"labels": labels[idx]} if getattr(model, "needs_labels", False) else {}
+        batch_u8, batch_y, cropped = next(batches)
+        batch_labels = {"labels": batch_y} if needs_labels else {}
         with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
-            loss = _step(net, opt, images[idx], mean, std, cfg, lrs[step], step, device, batch_labels, amp, scaler)
+            loss = _step(net, opt, batch_u8, mean, std, cfg, lrs[step], step, device, batch_labels, amp, scaler,
+                         cropped)
         st["loss_sum"] += loss.detach().float()
         step += 1
         st["step"] = step
@@ -210,15 +232,17 @@ def train(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[f
                 and (world.size == 1 or distributed.weights_finite(model)):   # other ranks' losses: in the weights
             _save(st, state_path, model, opt, scaler)
             last_save = time.monotonic()
+    batches.close()
     bar.close()
     return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"], named_optimizer_state(model, opt))
 
 
 def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
-          batch_labels: dict, amp: hardware.Precision, scaler: torch.amp.GradScaler) -> torch.Tensor:
+          batch_labels: dict, amp: hardware.Precision, scaler: torch.amp.GradScaler,
+          cropped: bool = False) -> torch.Tensor:
     """One optimiser step in precision `amp`; `scaler` scales the loss for fp16 (disabled otherwise: a no-op)."""
     gen = step_generator(cfg.seed, step)
-    x = make_batch(batch_u8, mean, std, cfg, gen, device)
+    x = make_batch(batch_u8, mean, std, cfg, gen, device, cropped)
     for group in opt.param_groups:
         group["lr"] = lr
     with amp.autocast(model), step_draws(gen):       # drop-path draws from the step's generator too

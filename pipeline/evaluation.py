@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import normalize
+from pipeline.data import batches, normalize
 from pipeline import hardware
 from pipeline.encoder import Encoder
 
@@ -24,14 +24,14 @@ from pipeline.encoder import Encoder
 def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: str, precision: str = "fp32",
                      batch_size: int = 512, desc: str = "features", progress: bool = True) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> (N, D) float32 features, computed in `precision` (auto | fp32 | bf16 | fp16)
-    on the encoder's device."""
+    on the encoder's device. images: a tensor or a stream (pipeline.data.batches: the eval transform)."""
     encoder.eval()
     device = next(encoder.parameters()).device
     amp = hardware.resolve(precision, str(device))
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
-                  disable=not progress):
-        x = normalize(hardware.to_device(images[i:i + batch_size], device), mean, std)
+    for batch in tqdm(batches(images, batch_size), desc=desc, unit="batch", file=sys.stderr, mininterval=2,
+                      total=math.ceil(len(images) / batch_size), disable=not progress):
+        x = normalize(hardware.to_device(batch, device), mean, std)
         with amp.autocast(encoder):
             out.append(encoder.features(x, kind).float().cpu())
     return torch.cat(out)
@@ -40,7 +40,7 @@ def extract_features(encoder: Encoder, images: torch.Tensor, mean, std, kind: st
 def pixel_features(images: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> (N, C * H * W) float32: the images normalised with the train split's
     mean/std per channel (as every encoder sees them), flattened. The raw-pixel floor's features."""
-    chunks = [normalize(images[i:i + batch_size], mean, std).flatten(1) for i in range(0, len(images), batch_size)]
+    chunks = [normalize(batch, mean, std).flatten(1) for batch in batches(images, batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, math.prod(images.shape[1:]))
 
 

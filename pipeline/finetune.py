@@ -232,14 +232,15 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
     history, metrics = [], {}
     bar = tqdm(total=settings["epochs"] * spe * bs, unit="img", unit_scale=True, desc=desc, file=sys.stderr,
                mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
+    batches = engine.step_batches(prep.train_x, prep.train_y, bs, seed, slice(None), 0, settings["epochs"] * spe)
     with restored_rng():
         for epoch in range(settings["epochs"]):
             model.train()
             loss_sum = torch.zeros((), device=device)
             for step in range(epoch * spe, (epoch + 1) * spe):
                 seed_step(seed, step)
-                idx = engine.batch_indices(n, bs, seed, step)
-                x, y = train_batch(prep.train_x[idx], prep.train_y[idx], prep, transform, mixup, device)
+                images, labels, _ = next(batches)       # a stream's: with the train transform (crop, flip)
+                x, y = train_batch(images, labels, prep, transform, mixup, device)
                 for group in opt.param_groups:
                     group["lr"] = lrs[step].item() * group.get("lr_scale", 1.0)
                 with amp.autocast(model):

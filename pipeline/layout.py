@@ -3,7 +3,7 @@ generator and the report.
 
 All paths are relative to the working directory (the repository root, or a copy of it in tests).
 The study runs once per seed (params seeds). prepare_data (one split for every seed) writes
-results/prepare_data/; the report (across seeds) writes results/summary.*, results/swap_*.csv and
+results/prepare_data/ (dataset_path: the tensor file DATASET, or a streamed image folder's MANIFEST); the report (across seeds) writes results/summary.*, results/swap_*.csv and
 results/plots/; every other node writes results/seed<S>/<node>/<key>/. Resumable training state lives in
 results/.resume/<node id>/, which no node declares as an output (Snakemake and DVC delete declared outputs
 before a rerun).
@@ -25,12 +25,16 @@ linprobe@seed0-pixels write results/seed0/{knn,linprobe}/pixels/metrics.json.
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
 RESULTS = Path("results")
 DATA_DIR = RESULTS / "prepare_data"
 DATASET = DATA_DIR / "dataset.safetensors"          # uint8 images + int64 labels; meta in dataset.json
+MANIFEST = DATA_DIR / "manifest.jsonl"              # data.format stream: one line per image; meta in manifest.json
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RESUME_DIR = RESULTS / ".resume"
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
@@ -47,6 +51,39 @@ DBOT_KEY = re.compile(r"^(?P<chain>[a-z0-9]+)_stage(?P<stage>\d+)$")
 def sidecar(path: Path | str) -> Path:
     """The provenance JSON beside a weights or data file: x.safetensors -> x.json."""
     return Path(path).with_suffix(".json")
+
+
+def is_image_name(name: str) -> bool:
+    """A non-hidden file name with an image extension (what a streamed image folder reads; others are skipped)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@functools.lru_cache(maxsize=8)
+def count_images(root: str) -> int:
+    """Image files (is_image_name) in the class folders of an image folder (root/<class>/, or root/train/<class>/
+    and root/val/<class>/): one directory listing per class, no file opened."""
+    tops = [os.path.join(root, s) for s in ("train", "val") if os.path.isdir(os.path.join(root, s))] or [root]
+    classes = [e.path for top in tops for e in os.scandir(top) if e.is_dir() and not e.name.startswith(".")]
+    return sum(1 for c in classes for e in os.scandir(c) if e.is_file() and is_image_name(e.name))
+
+
+def data_format(data: dict) -> str:
+    """The params data section's resolved format: tensor or stream (data.format; auto = stream when the uint8
+    tensor of every image, N x channels x img_size^2 bytes, would exceed data.tensor_budget_gb). Only an image
+    folder streams; auto counts its images (count_images), so its folder must exist."""
+    if data["format"] != "auto" or data["dataset"] != "imagefolder":
+        return "tensor" if data["dataset"] != "imagefolder" else data["format"]
+    if not data["path"] or not os.path.isdir(data["path"]):
+        from pipeline.errors import PipelineError
+        raise PipelineError(f"data.format auto counts the images of data.path {data['path']}, which is not a folder; "
+                            "set data.format to tensor or stream")
+    nbytes = count_images(str(data["path"])) * data["channels"] * data["img_size"] ** 2
+    return "stream" if nbytes > data["tensor_budget_gb"] * 2 ** 30 else "tensor"
+
+
+def dataset_path(params: dict) -> Path:
+    """What prepare_data writes and every other node reads: DATASET (tensor) or MANIFEST (stream)."""
+    return MANIFEST if data_format(params["data"]) == "stream" else DATASET
 
 
 def seed_dir(seed: int) -> Path:
@@ -173,7 +210,7 @@ def checkpoint_eval_inputs(params: dict, weights: str, seed: int) -> list[Path]:
     metrics, and the training node's metrics.json (its online k-NN curve)."""
     kept = [checkpoint_path(weights, seed, e) for e in kept_epochs(params, weights)]
     finals = [eval_metrics(p, weights, seed) for p in ("knn", "linprobe")]
-    return [DATASET, *kept, *finals, weights_path(weights, seed).parent / "metrics.json"]
+    return [dataset_path(params), *kept, *finals, weights_path(weights, seed).parent / "metrics.json"]
 
 
 def checkpoint_eval_weights(params: dict) -> list[str]:
@@ -208,8 +245,9 @@ def all_weights(params: dict) -> list[str]:
 
 
 def probe_weights(params: dict) -> list[str]:
-    """Weights ids of the knn and linprobe nodes: every encoder (all_weights), then the pixel floor."""
-    return all_weights(params) + [PIXELS]
+    """Weights ids of the knn and linprobe nodes: every encoder (all_weights), then the pixel floor (not for a
+    streamed dataset: its flattened pixels would not fit in memory, e.g. 770 GB for ImageNet at 224)."""
+    return all_weights(params) + ([] if data_format(params["data"]) == "stream" else [PIXELS])
 
 
 def evaluation_metrics(params: dict, seed: int) -> list[Path]:

@@ -1,13 +1,13 @@
 """Analyses of the encoders: analyze (per weights) and cka (between all trained encoders).
 
-Inputs: results/prepare_data/dataset.safetensors and the weights files (layout.weights_path).
+Inputs: DATA (results/prepare_data/dataset.safetensors, or manifest.jsonl when streamed) and the weights files (layout.weights_path).
 Outputs (per seed): results/seed<S>/analyze/<weights>/{analysis.json,attention_heads.png}, results/seed<S>/cka/{cka.json,cka.png}.
 """
 
 
 rule analyze:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=weights_file,
     output:
         analysis="results/seed{seed}/analyze/{weights}/analysis.json",
@@ -28,7 +28,7 @@ rule analyze:
 
 rule cka:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=seed_weights,
     output:
         cka="results/seed{seed}/cka/cka.json",

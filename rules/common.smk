@@ -12,6 +12,7 @@ SEEDS = PARAMS["seeds"]
 DBOT_KEYS = layout.dbot_keys(PARAMS)
 WEIGHTS = layout.all_weights(PARAMS)              # every encoder of one seed
 PROBED = layout.probe_weights(PARAMS)              # knn, linprobe: the encoders and the pixel floor
+DATA = str(layout.dataset_path(PARAMS))           # what prepare_data writes: the tensor file, or a stream's manifest
 
 
 def node_params(*keys):

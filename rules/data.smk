@@ -1,14 +1,15 @@
 """prepare_data (one split for every seed) and random_init (per seed).
 
 Inputs: the dataset named by params data.* (embedded ones need no file).
-Outputs: results/prepare_data/dataset.{safetensors,json}; results/seed<S>/random_init/encoder.{safetensors,json}.
+Outputs: DATA + its sidecar: results/prepare_data/dataset.{safetensors,json}, or manifest.{jsonl,json} for a
+streamed image folder (data.format, layout.dataset_path); results/seed<S>/random_init/encoder.{safetensors,json}.
 """
 
 
 rule prepare_data:
     output:
-        data="results/prepare_data/dataset.safetensors",
-        meta="results/prepare_data/dataset.json",
+        data=DATA,
+        meta=str(layout.sidecar(DATA)),
     params:
         preset=config["preset"],
         node=node_params("data"),
@@ -24,7 +25,7 @@ rule prepare_data:
 
 rule random_init:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
     output:
         weights="results/seed{seed}/random_init/encoder.safetensors",
         meta="results/seed{seed}/random_init/encoder.json",

@@ -2,7 +2,7 @@
 (layout.finetune_weights), checkpoint_eval (the encoders kept during single-stage training). knn and linprobe
 also run on the raw-pixel floor, {weights} = pixels (layout.probe_weights), which reads only the dataset.
 
-Inputs: results/prepare_data/dataset.safetensors and the weights file of {weights} (layout.weights_path);
+Inputs: DATA (results/prepare_data/dataset.safetensors, or manifest.jsonl when streamed) and the weights file of {weights} (layout.weights_path);
 robustness the fine-tuned model; checkpoint_eval layout.checkpoint_eval_inputs.
 Outputs (per seed): results/seed<S>/<node>/<weights>/metrics.json (+ the node's plot).
 """
@@ -11,7 +11,7 @@ Outputs (per seed): results/seed<S>/<node>/<weights>/metrics.json (+ the node's 
 
 rule knn:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=weights_file,
     output:
         metrics="results/seed{seed}/knn/{weights}/metrics.json",
@@ -30,7 +30,7 @@ rule knn:
 
 rule linprobe:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=weights_file,
     output:
         metrics="results/seed{seed}/linprobe/{weights}/metrics.json",
@@ -49,7 +49,7 @@ rule linprobe:
 
 rule segprobe:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=weights_file,
     output:
         metrics="results/seed{seed}/segprobe/{weights}/metrics.json",
@@ -70,7 +70,7 @@ rule segprobe:
 
 rule finetune:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         weights=weights_file,
     output:
         metrics="results/seed{seed}/finetune/{weights}/metrics.json",
@@ -94,7 +94,7 @@ rule finetune:
 
 rule robustness:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         model="results/seed{seed}/finetune/{weights}/model.safetensors",
     output:
         metrics="results/seed{seed}/robustness/{weights}/metrics.json",

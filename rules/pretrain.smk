@@ -1,7 +1,7 @@
 """Pre-training: pretrain (single-stage methods), supervised, teacher_swap and pretrain_dbot (the dBOT chains).
 
 A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the teacher-swap study).
-Inputs: results/prepare_data/dataset.safetensors; dBOT node <key> also its teacher_swap output and, with
+Inputs: DATA (results/prepare_data/dataset.safetensors, or manifest.jsonl when streamed); dBOT node <key> also its teacher_swap output and, with
 dbot.carry_optimizer_state, stage k-1's pretrain_dbot/<chain>_stage<k-1>/optimizer.pt.
 Outputs (per seed, under results/seed<S>/): pretrain/<method>/, supervised/ and pretrain_dbot/<key>/:
 encoder.{safetensors,json}, metrics.json (with the online k-NN curve), reconstruction.png (not supervised);
@@ -18,7 +18,7 @@ CARRY = ["results/seed{seed}/pretrain_dbot/{key}/optimizer.pt"] if PARAMS["dbot"
 
 rule pretrain:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
     output:
         weights="results/seed{seed}/pretrain/{method}/encoder.safetensors",
         meta="results/seed{seed}/pretrain/{method}/encoder.json",
@@ -42,7 +42,7 @@ rule pretrain:
 
 rule supervised:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
     output:
         weights="results/seed{seed}/supervised/encoder.safetensors",
         meta="results/seed{seed}/supervised/encoder.json",
@@ -82,7 +82,7 @@ rule teacher_swap:
 
 rule pretrain_dbot:
     input:
-        data="results/prepare_data/dataset.safetensors",
+        data=DATA,
         teacher="results/seed{seed}/teacher_swap/{key}/teacher.safetensors",
         optimizer=carried_optimizer,
     output:

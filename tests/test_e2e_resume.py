@@ -21,9 +21,10 @@ def prepare(workdir):
     run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny")
 
 
-def kill_mid_epoch(state, steps_per_epoch=11):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_mid_epoch(state, steps_per_epoch=11, cmd=None):
+    """Run cmd (default: the tiny MAE node) and SIGKILL it once its saved state is past the first epoch, mid-epoch."""
+    cmd = cmd or [sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:

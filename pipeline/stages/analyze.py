@@ -9,7 +9,13 @@ from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.node import tracked
-from pipeline.stages.evaluate import add_args, check
+from pipeline.stages.evaluate import add_args, require_tensor
+from pipeline.stages.evaluate import check as check_inputs
+
+
+def check(params: dict, args) -> None:
+    require_tensor(params, "analyze")
+    check_inputs(params, args)
 
 
 def work(params: dict, args) -> None:

@@ -16,6 +16,7 @@ from pipeline.cli import stage_main
 from pipeline.errors import PipelineError
 from pipeline.node import tracked
 from pipeline.stages import knn, linprobe
+from pipeline.stages.evaluate import require_tensor
 
 PROTOCOLS = {"knn": knn.protocol, "linprobe": linprobe.protocol}
 
@@ -25,6 +26,7 @@ def add_args(parser) -> None:
 
 
 def check(params: dict, args) -> None:
+    require_tensor(params, "checkpoint_eval")
     if args.weights not in layout.KEEPS_CHECKPOINTS:
         raise PipelineError(f"checkpoint_eval --weights {args.weights}: only {', '.join(layout.KEEPS_CHECKPOINTS)} "
                             "keep intermediate encoders")

@@ -15,9 +15,11 @@ from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.errors import PipelineError
 from pipeline.node import tracked
+from pipeline.stages.evaluate import require_tensor
 
 
 def check(params: dict, args) -> None:
+    require_tensor(params, "cka")
     for path in [layout.DATASET] + [layout.weights_path(w, args.seed) for w in layout.all_weights(params)]:
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")

@@ -37,13 +37,19 @@ def require(*paths, hint: str = "run the node that makes it first") -> None:
 
 def check(params: dict, args) -> None:
     check_weights_id(params, args)
-    require(layout.DATASET, layout.weights_path(args.weights, args.seed))
+    require(layout.dataset_path(params), layout.weights_path(args.weights, args.seed))
+
+
+def require_tensor(params: dict, node: str) -> None:
+    """Nodes that read the prepared images as one tensor (segprobe, robustness, cka, analyze, checkpoint_eval)."""
+    if layout.data_format(params["data"]) == "stream":
+        raise PipelineError(f"{node} needs data.format tensor (it does not read a streamed image folder)")
 
 
 def check_probe(params: dict, args) -> None:
     """knn and linprobe: an encoder of the study (as check), or the pixel floor, which reads only the dataset."""
     check_weights_id(params, args, layout.probe_weights(params))
-    require(layout.DATASET, layout.weights_path(args.weights, args.seed))
+    require(layout.dataset_path(params), layout.weights_path(args.weights, args.seed))
 
 
 def weights_record(args, meta: dict, depth: int, path) -> dict:
@@ -103,7 +109,7 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     from pipeline import data
 
     settings = params[protocol]
-    prep = data.load_prepared()
+    prep = data.load_dataset(params)        # data.format stream: decoded with the eval transform
     features, weights, amp = feature_source(params, args, protocol, prep)
     out = layout.eval_metrics(protocol, args.weights, args.seed)
     with eval_run(params, args, protocol, weights, ["seed", protocol], amp) as run:

@@ -35,7 +35,7 @@ def work(params: dict, args) -> dict:
 
     start = time.monotonic()
     settings, seed = params["finetune"], params["seed"]
-    prep = data.load_prepared()
+    prep = data.load_dataset(params)        # data.format stream: train transform, then RandAugment
     path = layout.weights_path(args.weights, seed)
     encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
     weights = weights_record(args, meta, encoder.config["depth"], path)

@@ -67,7 +67,7 @@ def check(params: dict, args) -> None:
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     if args.method != "dbot" and args.stage is not None:
         raise PipelineError(f"--stage is for dbot only, not {args.method}")
-    for path in [layout.DATASET] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []) \
+    for path in [layout.dataset_path(params)] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []) \
             + [p for p in [carried_optimizer(params, args)] if p is not None]:
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
@@ -85,8 +85,8 @@ def work(params: dict, args) -> None:
     from pipeline.pictures import reconstruction_grid
     from pipeline.teacher import FrozenTeacher
 
-    prep = data.load_prepared()
-    dataset_hash = read_json(layout.sidecar(layout.DATASET))["dataset_hash"]
+    prep = data.load_dataset(params)        # data.format stream: images decoded and cropped per step
+    dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
     in_chans, seed = prep.train_x.shape[1], node_seed(params, args.method, stage_number(args))   # a fresh student per stage
     carried = carried_optimizer(params, args)
     initial = load_plain(carried) if carried else None
@@ -124,7 +124,7 @@ def work(params: dict, args) -> None:
                               initial_optimizer_state=initial)
         final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
-            shown = reconstruction_grid(model, prep.val_x, prep.mean, prep.std, node_seed(params, "pictures"),
+            shown = reconstruction_grid(model, data.head(prep.val_x, 8), prep.mean, prep.std, node_seed(params, "pictures"),
                                         out / "reconstruction.png",
                                         method=node_id(args))
             run.log_metrics({f"picture_{k}": v for k, v in shown.items()})

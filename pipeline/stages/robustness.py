@@ -15,13 +15,14 @@ from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.cli import stage_main
 from pipeline.config import node_seed
-from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require
+from pipeline.stages.evaluate import add_args, check_weights_id, eval_run, print_metrics, require, require_tensor
 
 SECTIONS = ["seed", "finetune", "robustness"]
 
 
 def check(params: dict, args) -> None:
     check_weights_id(params, args)
+    require_tensor(params, "robustness")
     require(layout.DATASET)
     require(layout.finetuned_path(args.weights, args.seed),
             hint=f"run the finetune node {layout.node_id('finetune', args.seed, args.weights)} first "

@@ -28,6 +28,7 @@ EXAMPLES = 4
 
 
 def check(params: dict, args) -> None:
+    evaluate.require_tensor(params, "segprobe")
     evaluate.check(params, args)
     s = params[PROTOCOL]
     if s["dataset"] == "folder":
