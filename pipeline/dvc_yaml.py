@@ -53,10 +53,6 @@ def _cmd(node: str, *args: str) -> str:
     return " ".join([f"python -m pipeline.stages.{node} --preset ${{preset}}", *args])
 
 
-REPORT_PLOTS = ("pretrain_loss", "online_knn", "protocols", "chain_accuracy", "accuracy_vs_compute",
-                "attention_distance", "singular_value_share", "swap_study")
-
-
 def _kept(params: dict, weights: str, node_dir: str) -> list[str]:
     """The intermediate encoders a training node keeps (pretrain.keep_every_epochs)."""
     return [f"{node_dir}/checkpoints/epoch{e}.{ext}" for e in layout.kept_epochs(params, weights)
@@ -157,8 +153,9 @@ def stages(params: dict) -> dict:
             stage["outs"] = [f"{sd}/finetune/${{item.weights}}/model.safetensors", f"{sd}/finetune/${{item.weights}}/model.json"]
         if plot:
             stage["plots"] = [{f"{sd}/{node}/${{item.weights}}/{plot}": {"cache": False}}]
-        out[node] = {"foreach": items, "do": stage}
-    if params["robustness"]["enabled"]:
+        if items and not (node in layout.IN_MEMORY_NODES and layout.streamed(params)):
+            out[node] = {"foreach": items, "do": stage}
+    if params["robustness"]["enabled"] and not layout.streamed(params):
         out["robustness"] = {"foreach": {k: Flow(seed=v["seed"], weights=v["weights"]) for k, v in tuned.items()}, "do": {
             "cmd": _cmd("robustness", "--seed ${item.seed}", "--weights ${item.weights}"),
             "deps": [PRESET, data_file, f"{sd}/finetune/${{item.weights}}/model.safetensors", "pipeline/robustness.py",
@@ -176,18 +173,20 @@ def stages(params: dict) -> dict:
             "params": _params("knn", "linprobe"),
             "metrics": [{f"{sd}/checkpoint_eval/${{item.weights}}/metrics.json": {"cache": False}}],
             "plots": [{f"{sd}/checkpoint_eval/${{item.weights}}/curve.png": {"cache": False}}]}}
-    out["cka"] = {"foreach": {f"seed{s}": s for s in seeds}, "do": {
-        "cmd": _cmd("cka", "--seed ${item}"),
-        "deps": [PRESET, data_file] + [str(layout.weights_path(w, "${item}")) for w in weights]
-        + ["pipeline/analysis.py", "pipeline/stages/cka.py"],
-        "params": _params("analyze", "dbot"),
-        "outs": [{"results/seed${item}/cka/cka.json": {"cache": False}}],
-        "plots": [{"results/seed${item}/cka/cka.png": {"cache": False}}]}}
+    cka_seeds = layout.cka_seeds(params)
+    if cka_seeds:
+        out["cka"] = {"foreach": {f"seed{s}": s for s in cka_seeds}, "do": {
+            "cmd": _cmd("cka", "--seed ${item}"),
+            "deps": [PRESET, data_file] + [str(layout.weights_path(w, "${item}")) for w in weights]
+            + ["pipeline/analysis.py", "pipeline/stages/cka.py"],
+            "params": _params("analyze", "dbot"),
+            "outs": [{"results/seed${item}/cka/cka.json": {"cache": False}}],
+            "plots": [{"results/seed${item}/cka/cka.png": {"cache": False}}]}}
     report_deps = [str(p) for s in seeds for p in layout.pretrain_metrics(params, s)]
     report_deps += [str(p) for s in seeds for p in layout.evaluation_metrics(params, s)]
     report_deps += [str(layout.eval_metrics("checkpoint_eval", w, seeds[0])) for w in curve_weights]
-    report_deps += [str(layout.analysis_path(w, seeds[0])) for w in weights]
-    report_deps += [str(layout.cka_path(s)) for s in seeds]
+    report_deps += [str(layout.analysis_path(w, seeds[0])) for w in layout.analysis_weights(params)]
+    report_deps += [str(layout.cka_path(s)) for s in cka_seeds]
     out["report"] = {
         "cmd": "python -m pipeline.stages.report --preset ${preset}",
         "deps": report_deps + ["pipeline/report.py", "pipeline/swap_study.py", "pipeline/claims.py", "pipeline/plots.py",
@@ -196,8 +195,7 @@ def stages(params: dict) -> dict:
         "outs": [{str(p): {"cache": False}} for p in (layout.SUMMARY_CSV, layout.SUMMARY_MD,
                                                       layout.RESULTS / "swap_study.csv", layout.RESULTS / "swap_spread.csv",
                                                       layout.CLAIMS_CSV)],
-        "plots": [{str(layout.PLOTS_DIR / f"{name}.png"): {"cache": False}}
-                  for name in REPORT_PLOTS + (("checkpoint_eval",) if curve_weights else ())]}
+        "plots": [{str(layout.PLOTS_DIR / f"{name}.png"): {"cache": False}} for name in layout.report_plots(params)]}
     return out
 
 

@@ -214,8 +214,38 @@ def checkpoint_eval_inputs(params: dict, weights: str, seed: int) -> list[Path]:
 
 
 def checkpoint_eval_weights(params: dict) -> list[str]:
-    """Weights ids whose training node keeps intermediate encoders (none if pretrain.keep_every_epochs is null)."""
+    """Weights ids whose training node keeps intermediate encoders (none if pretrain.keep_every_epochs is null,
+    and none on a streamed dataset: see IN_MEMORY_NODES)."""
+    if streamed(params):
+        return []
     return [w for w in KEEPS_CHECKPOINTS if kept_epochs(params, w)]
+
+
+# nodes that read every image of a split into memory: not in the DAG of a streamed dataset (data.format stream)
+IN_MEMORY_NODES = ("segprobe", "robustness", "analyze", "cka", "checkpoint_eval")
+
+
+def streamed(params: dict) -> bool:
+    """Whether the study reads its images streamed (data.format stream, or auto past the tensor budget)."""
+    return data_format(params["data"]) == "stream"
+
+
+def analysis_weights(params: dict) -> list[str]:
+    """Weights ids that analyze runs on (first seed only): every encoder, none on a streamed dataset."""
+    return [] if streamed(params) else all_weights(params)
+
+
+def cka_seeds(params: dict) -> list[int]:
+    """Seeds that cka runs for: every seed, none on a streamed dataset."""
+    return [] if streamed(params) else list(params["seeds"])
+
+
+def report_plots(params: dict) -> list[str]:
+    """Names of the report's plots (results/plots/<name>.png): the analyses' only with analyses, the
+    checkpoint curves only with checkpoint_eval nodes."""
+    names = ["pretrain_loss", "online_knn", "protocols", "chain_accuracy", "accuracy_vs_compute"]
+    names += ["attention_distance", "singular_value_share"] if analysis_weights(params) else []
+    return names + ["swap_study"] + (["checkpoint_eval"] if checkpoint_eval_weights(params) else [])
 
 
 def analysis_path(weights: str, seed: int) -> Path:
@@ -247,18 +277,19 @@ def all_weights(params: dict) -> list[str]:
 def probe_weights(params: dict) -> list[str]:
     """Weights ids of the knn and linprobe nodes: every encoder (all_weights), then the pixel floor (not for a
     streamed dataset: its flattened pixels would not fit in memory, e.g. 770 GB for ImageNet at 224)."""
-    return all_weights(params) + ([] if data_format(params["data"]) == "stream" else [PIXELS])
+    return all_weights(params) + ([] if streamed(params) else [PIXELS])
 
 
 def evaluation_metrics(params: dict, seed: int) -> list[Path]:
     """Every evaluation metrics.json of one seed that the report tabulates: knn and linprobe of every probe
     weights id (with pixels), segprobe of every encoder; finetune (and robustness, if robustness.enabled) of
-    layout.finetune_weights."""
+    layout.finetune_weights. On a streamed dataset, no segprobe or robustness (IN_MEMORY_NODES)."""
     weights, tuned = all_weights(params), finetune_weights(params)
     paths = [eval_metrics(p, w, seed) for p in ("knn", "linprobe") for w in probe_weights(params)]
-    paths += [eval_metrics("segprobe", w, seed) for w in weights]
+    paths += [] if streamed(params) else [eval_metrics("segprobe", w, seed) for w in weights]
     paths += [eval_metrics("finetune", w, seed) for w in tuned]
-    return paths + ([eval_metrics("robustness", w, seed) for w in tuned] if params["robustness"]["enabled"] else [])
+    robust = params["robustness"]["enabled"] and not streamed(params)
+    return paths + ([eval_metrics("robustness", w, seed) for w in tuned] if robust else [])
 
 
 def pretrain_metrics(params: dict, seed: int) -> list[Path]:

@@ -2,7 +2,7 @@
 
 Inputs (every seed S): results/seed<S>/{pretrain,supervised,pretrain_dbot}/**/metrics.json, every evaluation's
 metrics.json (layout.evaluation_metrics), results/seed<S>/cka/cka.json; the first seed's analyses and
-checkpoint evaluations. Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv,
+checkpoint evaluations (on a streamed dataset none of layout.IN_MEMORY_NODES). Outputs: results/summary.{csv,md}, results/swap_study.csv, results/swap_spread.csv,
 results/claims.csv, results/plots/*.png. `snakemake --report report.html` collects every output marked report() in rules/.
 """
 
@@ -14,8 +14,8 @@ rule report:
         pretrain=[str(p) for s in SEEDS for p in layout.pretrain_metrics(PARAMS, s)],
         evaluations=[str(p) for s in SEEDS for p in layout.evaluation_metrics(PARAMS, s)],
         curves=CURVES,
-        analyze=expand("results/seed{seed}/analyze/{weights}/analysis.json", seed=SEEDS[:1], weights=WEIGHTS),
-        cka=expand("results/seed{seed}/cka/cka.json", seed=SEEDS),
+        analyze=[str(layout.analysis_path(w, SEEDS[0])) for w in layout.analysis_weights(PARAMS)],
+        cka=[str(layout.cka_path(s)) for s in layout.cka_seeds(PARAMS)],
     output:
         csv="results/summary.csv",
         md="results/summary.md",
@@ -24,8 +24,8 @@ rule report:
         protocols=report("results/plots/protocols.png", category="evaluation"),
         chain=report("results/plots/chain_accuracy.png", category="evaluation"),
         compute=report("results/plots/accuracy_vs_compute.png", category="evaluation"),
-        distance=report("results/plots/attention_distance.png", category="analyses"),
-        singular=report("results/plots/singular_value_share.png", category="analyses"),
+        analyses=[report(f"results/plots/{name}.png", category="analyses") for name in layout.report_plots(PARAMS)
+                  if name in ("attention_distance", "singular_value_share")],
         swap=report("results/plots/swap_study.png", category="evaluation"),
         swap_csv="results/swap_study.csv",
         spread_csv="results/swap_spread.csv",

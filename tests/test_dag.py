@@ -77,6 +77,20 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
                                                                     for c in per_seed if "--seed 1" in c)
 
 
+def test_a_streamed_study_leaves_out_the_nodes_that_hold_every_image(workdir):
+    """preset imagenet streams (data.format stream): both DAGs build from params alone (no data folder) with the
+    same commands and none of layout.IN_MEMORY_NODES; knn and linprobe without the pixel floor."""
+    from pipeline import dvc_yaml, layout
+
+    (workdir / "dvc.yaml").write_text(dvc_yaml.render("imagenet"))
+    smk = snakemake_commands("imagenet")
+    assert smk == dvc_commands(workdir)
+    assert {rule for rule, _ in smk} == {"prepare_data", "random_init", "pretrain", "supervised", "teacher_swap",
+                                         "pretrain_dbot", "knn", "linprobe", "finetune", "report"}
+    assert not set(layout.IN_MEMORY_NODES) & {rule for rule, _ in smk}
+    assert not [cmd for _, cmd in smk if "--weights pixels" in cmd]
+
+
 def test_no_output_of_the_dag_is_committed(workdir):
     """An output committed at its own path counts as up to date: Snakemake in a fresh clone would build nothing
     (the default study's reference copy lives in results/reference/, which no node writes)."""

@@ -19,11 +19,11 @@ from pipeline.node import tracked
 def inputs(params: dict) -> tuple[list, list, list, list]:
     """Pre-training and evaluation metrics of every seed; analyses and checkpoint evaluations of the first
     seed (drawn side by side)."""
-    weights, seeds = layout.all_weights(params), params["seeds"]
+    seeds = params["seeds"]
     pretrain = [p for s in seeds for p in layout.pretrain_metrics(params, s)]
     evals = [p for s in seeds for p in layout.evaluation_metrics(params, s)]
     curves = [layout.eval_metrics("checkpoint_eval", w, seeds[0]) for w in layout.checkpoint_eval_weights(params)]
-    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in weights], curves
+    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in layout.analysis_weights(params)], curves
 
 
 def check(params: dict, args) -> None:
