@@ -36,6 +36,8 @@ DATASET = DATA_DIR / "dataset.safetensors"          # uint8 images + int64 label
 MANIFEST = DATA_DIR / "manifest.jsonl"              # data.format stream: one line per image; meta in manifest.json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RESUME_DIR = RESULTS / ".resume"
+IMPORTED_DIR = RESULTS / "imported"                 # import_weights: released checkpoints as encoder files
+IMPORTED_PREFIX = "imported_"                       # weights id imported_<name>: IMPORTED_DIR/<name>/encoder.safetensors
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
 CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.claims)
@@ -147,9 +149,11 @@ def carried_optimizer(params: dict, key: str, seed: int) -> Path | None:
 
 def weights_path(weights: str, seed: int) -> Path:
     """Encoder weights file of a weights id of one seed; for the pixel floor, the prepared dataset (its features
-    are the images)."""
+    are the images); for imported_<name>, results/imported/<name>/ (any seed: import_weights wrote it)."""
     if weights == PIXELS:
         return DATASET
+    if weights.startswith(IMPORTED_PREFIX):
+        return IMPORTED_DIR / weights.removeprefix(IMPORTED_PREFIX) / "encoder.safetensors"
     if weights == "random_init":
         return seed_dir(seed) / "random_init" / "encoder.safetensors"
     if weights.startswith("dbot_"):
@@ -312,4 +316,6 @@ def describe_weights(weights: str) -> dict:
     if weights.startswith("dbot_"):
         chain, stage = parse_dbot_key(weights.removeprefix("dbot_"))
         return {"id": weights, "method": "dbot", "stage": stage, "chain": f"dbot_{chain}"}
+    if weights.startswith(IMPORTED_PREFIX):
+        return {"id": weights, "method": "imported", "stage": None, "chain": weights}
     return {"id": weights, "method": weights, "stage": 0, "chain": weights}

@@ -183,6 +183,21 @@ def test_an_imported_teacher_starts_a_dbot_chain(workdir):
     assert made["model"]["embed_dim"] == 64 and made["model"]["num_heads"] == 1
 
 
+def test_an_evaluation_node_evaluates_an_imported_encoder(workdir):
+    """knn and linprobe of the tiny study take weights id imported_<name>: the file import_weights wrote."""
+    source = workdir / "released.safetensors"
+    save_file(vit(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2), str(source))
+    import_weights(str(source), "--format", "timm", "--num-heads", "2")
+    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny")
+    for node in ("knn", "linprobe"):
+        run_cli(sys.executable, "-m", f"pipeline.stages.{node}", "--preset", "tiny", "--weights", "imported_released")
+        metrics = json.loads((workdir / f"results/seed0/{node}/imported_released/metrics.json").read_text())
+        assert 0 <= metrics["metrics"]["top1"] <= 1 and metrics["weights"]["id"] == "imported_released"
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.knn", "--preset", "tiny", "--weights", "imported_nope",
+                   check=False)
+    assert proc.returncode == 2 and "no imported encoder results/imported/nope/encoder.safetensors" in proc.stderr
+
+
 # ---- refused: one line, exit 2, nothing written ----
 
 def test_missing_file(workdir):

@@ -19,14 +19,20 @@ if TYPE_CHECKING:
 
 def add_args(parser) -> None:
     parser.add_argument("--weights", required=True,
-                        help="weights id: random_init, mae, ..., dbot_<chain>_stage<k>; knn and linprobe also "
-                             "pixels (see pipeline/layout.py)")
+                        help="weights id: random_init, mae, ..., dbot_<chain>_stage<k>, imported_<name> (an "
+                             "import_weights output); knn and linprobe also pixels (see pipeline/layout.py)")
 
 
 def check_weights_id(params: dict, args, known: list[str] | None = None) -> None:
+    """A weights id of the study, or imported_<name> (an encoder file import_weights wrote)."""
     known = known or layout.all_weights(params)
-    if args.weights not in known:
-        raise PipelineError(f"unknown weights {args.weights!r}; this study has {', '.join(known)}")
+    if args.weights.startswith(layout.IMPORTED_PREFIX):
+        if not layout.weights_path(args.weights, args.seed).is_file():
+            raise PipelineError(f"no imported encoder {layout.weights_path(args.weights, args.seed)}; write it with "
+                                "python -m pipeline.stages.import_weights FILE --format ...")
+    elif args.weights not in known:
+        raise PipelineError(f"unknown weights {args.weights!r}; this study has {', '.join(known)}, or "
+                            f"{layout.IMPORTED_PREFIX}<name> for an encoder in {layout.IMPORTED_DIR}/<name>/")
 
 
 def require(*paths, hint: str = "run the node that makes it first") -> None:

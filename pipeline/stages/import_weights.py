@@ -37,9 +37,9 @@ or with the same --set on every node of the chain by hand:
         the evaluations of the chain's stages take the same $CHAIN: knn --weights dbot_dino_stage1 $CHAIN)
 
 teacher_swap verifies the sidecar's sha256 and copies it to the chain's stage-0 teacher; the file must see the
-student's image size, patch size and channels (data.img_size, model.patch_size, data.channels). The evaluation
-nodes (knn, linprobe, ...) take weights ids of the study (layout.weights_path), not paths: they evaluate the
-chain's stages (dbot_dino_stage<k>), not the imported encoder itself.
+student's image size, patch size and channels (data.img_size, model.patch_size, data.channels). An evaluation
+node evaluates the imported encoder itself as weights id imported_<name> (results/imported/<name>/, e.g.
+`python -m pipeline.stages.knn --preset P --weights imported_dino_vitbase16_pretrain`; layout.IMPORTED_PREFIX).
 
 This command is not a DAG node (its input is outside the study, its output is an input of a study) but it
 runs through pipeline.cli.stage_main (compute=False, per_seed=False) for the shared conventions: --preset/--set,
@@ -54,7 +54,7 @@ from pipeline import layout
 from pipeline.cli import stage_main
 from pipeline.errors import PipelineError
 
-IMPORTED = layout.RESULTS / "imported"
+IMPORTED = layout.IMPORTED_DIR
 
 
 def add_args(parser) -> None:
