@@ -3,7 +3,7 @@
 
     snakemake --cores 2                         # the default study (params/base.yaml)
     snakemake --cores 2 --config preset=tiny    # a preset from params/presets/
-Every rule calls a stage CLI, `python -m pipeline.stages.<rule>`; dvc.yaml runs the same commands.
+Every rule calls a stage CLI, `python -m pipeline.stages.<group>.<rule>` (pipeline.stages.stage_module); dvc.yaml runs the same commands.
 """
 from snakemake.utils import validate
 

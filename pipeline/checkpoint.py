@@ -39,7 +39,7 @@ os.umask(_UMASK)                         # read once: os.umask can only be read 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), fsync, then rename tmp_path to path. The temp file is removed on failure; one that a
     SIGKILL left (hidden, `.<name>.<random>.tmp`) is removed by the next write of the same path (a node runs
-    once at a time: pipeline.cli.exclusive)."""
+    once at a time: pipeline.orchestration.cli.exclusive)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):

@@ -132,8 +132,8 @@ class Precision:
     @contextmanager
     def autocast(self, module: torch.nn.Module | None = None):
         """Autocast to this precision (nothing for fp32), with the attention kernels that suit it on this device
-        (pipeline.encoder.attention_kernels) for `module`."""
-        from pipeline.encoder import attention_kernels
+        (pipeline.models.encoder.attention_kernels) for `module`."""
+        from pipeline.models.encoder import attention_kernels
 
         kind = self.device.split(":")[0]
         cast = torch.autocast(device_type=kind, dtype=self.autocast_dtype or torch.float32,

@@ -40,7 +40,7 @@ IMPORTED_DIR = RESULTS / "imported"                 # import_weights: released c
 IMPORTED_PREFIX = "imported_"                       # weights id imported_<name>: IMPORTED_DIR/<name>/encoder.safetensors
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
-CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.claims)
+CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.reporting.claims)
 PLOTS_DIR = RESULTS / "plots"
 
 SINGLE_STAGE_METHODS = ("mae", "sdae", "rcmae", "bootmae")   # methods whose pre-training is one `pretrain` node

@@ -10,7 +10,7 @@ atomically as PNG files.
 - accuracy_vs_compute(table, flops, path): top-1 against the training FLOPs that produced each encoder, so
   methods compare at equal compute as well as at equal epochs.
 - chain_accuracy(table, path): top-1 accuracy (k-NN and linear probe) vs dBOT stage, one line per chain, from
-  the long-format summary table of pipeline.report, with the single-stage methods and the floors (random
+  the long-format summary table of pipeline.reporting.report, with the single-stage methods and the floors (random
   init dashed, raw pixels dotted) as labelled horizontal lines.
 - swap_study(rows, spread, path): the teacher-swap study: top-1 per chain and stage (from the teacher on), and
   the spread across teachers per stage.
@@ -211,7 +211,7 @@ def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path
 def swap_study(rows: pd.DataFrame, spread: pd.DataFrame, path: Path | str) -> None:
     """Top: top-1 (%) per chain from its teacher through the stages (k-NN, linear). Bottom: the spread across
     teachers per stage (sample std and max - min, points)."""
-    from pipeline.swap_study import stage_order
+    from pipeline.reporting.swap_study import stage_order
 
     stages = sorted(rows["stage"].unique(), key=stage_order)
     xs = {s: i for i, s in enumerate(stages)}

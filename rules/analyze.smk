@@ -23,7 +23,7 @@ rule analyze:
     benchmark:
         "results/seed{seed}/benchmarks/analyze/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.analyze --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.analyze --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule cka:
@@ -43,4 +43,4 @@ rule cka:
     benchmark:
         "results/seed{seed}/benchmarks/cka.tsv"
     shell:
-        "python -m pipeline.stages.cka --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.cka --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"

@@ -66,14 +66,14 @@ def checkpoint_eval_inputs(wildcards):
 
 
 def start_forkserver():
-    """Nodes of a local run start warm: a fork server (pipeline.forkserver) for this Snakemake process's lifetime.
+    """Nodes of a local run start warm: a fork server (pipeline.orchestration.forkserver) for this Snakemake process's lifetime.
 
     Off with --config forkserver=0, off Linux, and for jobs that do not run on this machine (an executor plugin
     such as slurm); nodes that start before it has imported torch and the rest (~5 s) start cold."""
     wanted = str(config.get("forkserver", 1)).lower() not in ("0", "false", "no")
     if not wanted or sys.platform != "linux" or not workflow.executor_plugin.common_settings.local_exec:
         return
-    from pipeline import forkserver
+    from pipeline.orchestration import forkserver
 
     proc, path = forkserver.start(parent=os.getpid(), wait=False)
     atexit.register(forkserver.stop, proc, path)

@@ -20,7 +20,7 @@ rule prepare_data:
     benchmark:
         "results/benchmarks/prepare_data.tsv"
     shell:
-        "python -m pipeline.stages.prepare_data --preset {params.preset} > {log} 2>&1"
+        "python -m pipeline.stages.training.prepare_data --preset {params.preset} > {log} 2>&1"
 
 
 rule random_init:
@@ -39,4 +39,4 @@ rule random_init:
     benchmark:
         "results/seed{seed}/benchmarks/random_init.tsv"
     shell:
-        "python -m pipeline.stages.random_init --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"
+        "python -m pipeline.stages.training.random_init --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"

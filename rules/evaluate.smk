@@ -25,7 +25,7 @@ rule knn:
     benchmark:
         "results/seed{seed}/benchmarks/knn/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.knn --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.knn --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule linprobe:
@@ -44,7 +44,7 @@ rule linprobe:
     benchmark:
         "results/seed{seed}/benchmarks/linprobe/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.linprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.linprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule segprobe:
@@ -65,7 +65,7 @@ rule segprobe:
     benchmark:
         "results/seed{seed}/benchmarks/segprobe/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.segprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.segprobe --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule finetune:
@@ -89,7 +89,7 @@ rule finetune:
     benchmark:
         "results/seed{seed}/benchmarks/finetune/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.finetune --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.finetune --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule robustness:
@@ -110,7 +110,7 @@ rule robustness:
     benchmark:
         "results/seed{seed}/benchmarks/robustness/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.robustness --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.robustness --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
 
 
 rule checkpoint_eval:
@@ -130,4 +130,4 @@ rule checkpoint_eval:
     benchmark:
         "results/seed{seed}/benchmarks/checkpoint_eval/{weights}.tsv"
     shell:
-        "python -m pipeline.stages.checkpoint_eval --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.checkpoint_eval --preset {params.preset} --seed {wildcards.seed} --weights {wildcards.weights} > {log} 2>&1"

@@ -37,7 +37,7 @@ rule pretrain:
     benchmark:
         "results/seed{seed}/benchmarks/pretrain/{method}.tsv"
     shell:
-        "python -m pipeline.stages.pretrain --preset {params.preset} --seed {wildcards.seed} --method {wildcards.method} > {log} 2>&1"
+        "python -m pipeline.stages.training.pretrain --preset {params.preset} --seed {wildcards.seed} --method {wildcards.method} > {log} 2>&1"
 
 
 rule supervised:
@@ -58,7 +58,7 @@ rule supervised:
     benchmark:
         "results/seed{seed}/benchmarks/supervised.tsv"
     shell:
-        "python -m pipeline.stages.supervised --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"
+        "python -m pipeline.stages.training.supervised --preset {params.preset} --seed {wildcards.seed} > {log} 2>&1"
 
 
 rule teacher_swap:
@@ -77,7 +77,7 @@ rule teacher_swap:
     benchmark:
         "results/seed{seed}/benchmarks/teacher_swap/{key}.tsv"
     shell:
-        "python -m pipeline.stages.teacher_swap --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"
+        "python -m pipeline.stages.training.teacher_swap --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"
 
 
 rule pretrain_dbot:
@@ -105,4 +105,4 @@ rule pretrain_dbot:
     benchmark:
         "results/seed{seed}/benchmarks/pretrain_dbot/{key}.tsv"
     shell:
-        "python -m pipeline.stages.pretrain_dbot --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"
+        "python -m pipeline.stages.training.pretrain_dbot --preset {params.preset} --seed {wildcards.seed} --stage {wildcards.key} > {log} 2>&1"

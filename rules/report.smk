@@ -41,4 +41,4 @@ rule report:
     benchmark:
         "results/benchmarks/report.tsv"
     shell:
-        "python -m pipeline.stages.report --preset {params.preset} > {log} 2>&1"
+        "python -m pipeline.stages.evaluation.report --preset {params.preset} > {log} 2>&1"

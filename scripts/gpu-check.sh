@@ -36,7 +36,7 @@ if grep -q "^FAIL cuda" "$OUT/summary.txt"; then
   exit 1
 fi
 check gpu-tests "$PY" -m pytest -m gpu -n 0 -p no:cacheprovider tests/test_gpu.py
-check bench "$PY" -m pipeline.bench --preset default --device cuda --out "$OUT"
+check bench "$PY" -m pipeline.bench.throughput --preset default --device cuda --out "$OUT"
 echo
 cat "$OUT/summary.txt"
 [ $failed = 0 ] && echo "all GPU checks passed" || echo "some GPU checks FAILED"

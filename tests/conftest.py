@@ -42,9 +42,9 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def warm_nodes():
     """Every node a test starts as a process (`python -m pipeline.stages.<stage>`) starts warm, from one fork
-    server per test process (pipeline.forkserver), as Snakemake's local runs start theirs; a node given
+    server per test process (pipeline.orchestration.forkserver), as Snakemake's local runs start theirs; a node given
     MIM_FORKSERVER="" starts cold. $MIM_TEST_COLD=1: every node cold."""
-    from pipeline import forkserver
+    from pipeline.orchestration import forkserver
 
     if sys.platform != "linux" or os.environ.get("MIM_TEST_COLD"):
         yield
@@ -79,7 +79,7 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
-    """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.forkserver) for tests/test_e2e_snakemake.py (whose last
+    """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.orchestration.forkserver) for tests/test_e2e_snakemake.py (whose last
     tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built before, to reuse while working
     on these tests (they change its results)."""
     if os.environ.get("MIM_TINY_STUDY"):

@@ -36,8 +36,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import ROOT, copy_dag, run_cli
-from pipeline import checkpoint, config, data, finetune, layout
-from pipeline.encoder import build_encoder, save_encoder
+from pipeline.stages import stage_module
+from pipeline import checkpoint, config, layout
+from pipeline.data import datasets
+from pipeline.evaluation import finetune
+from pipeline.models.encoder import build_encoder, save_encoder
 from pipeline.errors import PipelineError
 
 TINY = ["--preset", "tiny"]
@@ -103,7 +106,8 @@ class Study:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """The tiny study's first outputs and the bad files outside results/, made once; cwd = the study folder."""
-    from pipeline.stages import knn, prepare_data, random_init
+    from pipeline.stages.evaluation import knn
+    from pipeline.stages.training import prepare_data, random_init
 
     root = tmp_path_factory.mktemp("bad_input")
     copy_dag(root)
@@ -178,10 +182,10 @@ def dataset_removed(params: dict) -> None:
 
 
 def dataset_labels_out_of_range(params: dict) -> None:
-    prep = data.load_prepared()
+    prep = datasets.load_prepared()
     prep.train_y = prep.train_y.clone()
     prep.train_y[0] = 12
-    data.save_prepared(prep, layout.DATASET, {"node": "prepare_data"})          # a valid file: sha256 matches
+    datasets.save_prepared(prep, layout.DATASET, {"node": "prepare_data"})          # a valid file: sha256 matches
 
 
 def rgb_teacher(params: dict) -> None:
@@ -336,10 +340,10 @@ CASES = [
 def run_in_process(node: str, argv: list[str], capsys) -> tuple[int, str]:
     """The node's main(argv) as its CLI runs it: (exit status, everything it printed)."""
     if node in ("pretrain_dbot", "supervised"):
-        from pipeline.stages.pretrain import main
+        from pipeline.stages.training.pretrain import main
         entry = lambda a: main(a, method="dbot" if node == "pretrain_dbot" else "supervised")
     else:
-        entry = importlib.import_module(f"pipeline.stages.{node}").main
+        entry = importlib.import_module(stage_module(node)).main
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         entry(TINY + argv)
@@ -348,7 +352,7 @@ def run_in_process(node: str, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def run_subprocess(node: str, argv: list[str]) -> tuple[int, str]:
-    proc = run_cli(sys.executable, "-m", f"pipeline.stages.{node}", *TINY, *argv, check=False, timeout=120)
+    proc = run_cli(sys.executable, "-m", stage_module(node), *TINY, *argv, check=False, timeout=120)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -390,8 +394,8 @@ UNSAFE_YAML = {"yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "ya
 
 # Legitimate uses: (file, what) -> why.
 ALLOWED = {
-    ("pipeline/data.py", "pickle.Unpickler"):
-        "CIFAR's official archive ships python pickles; data._RestrictedUnpickler subclasses pickle.Unpickler and "
+    ("pipeline/data/datasets.py", "pickle.Unpickler"):
+        "CIFAR's official archive ships python pickles; datasets._RestrictedUnpickler subclasses pickle.Unpickler and "
         "its find_class admits only numpy's array reconstruction and bytes, any other global is refused, so no "
         "code runs (tests/test_data.py::test_cifar_pickle_with_code_is_refused_not_run, data_pickle_with_code above)",
 }
@@ -487,7 +491,7 @@ def test_the_package_loads_no_pickles_and_runs_no_code_from_its_inputs():
     assert not found, "\n".join(found)
     assert allowed == set(ALLOWED), "an allow-list entry matches nothing: remove it"
     # the one allowed unpickler really is restricted
-    unpickler = data._RestrictedUnpickler(io.BytesIO(b""), Path("x"))
+    unpickler = datasets._RestrictedUnpickler(io.BytesIO(b""), Path("x"))
     for module, name in (("os", "system"), ("posix", "system"), ("builtins", "eval"), ("subprocess", "Popen")):
         with pytest.raises(PipelineError, match="refusing to unpickle"):
             unpickler.find_class(module, name)

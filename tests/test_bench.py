@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import bench, config, hardware
+from pipeline.bench import throughput
+from pipeline import config, hardware
 from pipeline.methods import METHODS
 
 ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",
@@ -27,7 +28,7 @@ CURVE_STEPS = 3
 
 
 def test_bench_writes_well_formed_results(workdir, one_thread):
-    result = bench.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS), "--precisions", "bf16",
+    result = throughput.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS), "--precisions", "bf16",
                          "--device", "cpu", "--peak-size", "256", "--compile-backend", "aot_eager", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "bench.json").read_text())
@@ -57,7 +58,7 @@ def check_default(written: dict) -> None:
         auto_row = next(r for r in rows if r["setting"] == "auto")
         assert auto_row["precision"] == auto.name
         assert math.isclose(ratio, auto_row["images_per_s"] / max(r["images_per_s"] for r in rows))
-    assert written["default_meets_target"] == (min(written["default_vs_fastest"].values()) >= bench.TARGET)
+    assert written["default_meets_target"] == (min(written["default_vs_fastest"].values()) >= throughput.TARGET)
 
 
 def check_rows_and_peaks(written: dict) -> None:
@@ -92,7 +93,7 @@ def check_modes(modes: dict, default: str) -> None:
 def test_failed_compile_is_recorded_not_raised(workdir):
     params = config.load("tiny")
     data = SimpleNamespace(train_x=torch.zeros(8, 1, 8, 8, dtype=torch.uint8), mean=[0.5], std=[0.25])
-    run = bench.mode_run(params, data, "compile", 2, "cpu", backend="no_such_backend")
+    run = throughput.mode_run(params, data, "compile", 2, "cpu", backend="no_such_backend")
     assert run["precision"] == "fp32" and run["backend"] == "no_such_backend"
     assert "no_such_backend" in run["error"] and "losses" not in run
 
@@ -105,6 +106,6 @@ def test_failed_compile_is_recorded_not_raised(workdir):
 ])
 def test_precisions_a_machine_lacks_are_skipped_unless_asked_for(monkeypatch, features, asked, measured, skipped):
     monkeypatch.setattr(hardware, "cpu_features", lambda: dict(features, onednn_max_isa=None))
-    default, got, why = bench.plan_precisions("cpu", asked)
+    default, got, why = throughput.plan_precisions("cpu", asked)
     assert got == measured and set(why) == skipped and default.name in got
     assert all("not native here; --precisions" in text for text in why.values())

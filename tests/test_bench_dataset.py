@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import bench_dataset, data, layout
+from pipeline.bench import dataset
+from pipeline.data import datasets
+from pipeline import layout
 from pipeline.errors import PipelineError
-from pipeline.stages import prepare_data
+from pipeline.stages.training import prepare_data
 
 ROW_KEYS = {"images", "train_images", "val_images", "file_mb", "raw_mb", "baseline_anon_mb", "baseline_file_mb",
             "generate_s", "prepare_peak_anon_mb", "prepare_peak_file_mb", "prepare_s", "train_peak_anon_mb",
@@ -21,7 +23,7 @@ ROW_KEYS = {"images", "train_images", "val_images", "file_mb", "raw_mb", "baseli
 
 
 def test_cli_writes_well_formed_results(workdir):
-    result = bench_dataset.main(["--sizes", "40", "80", "--preset", "tiny", "--img-size", "28", "--train-steps", "1",
+    result = dataset.main(["--sizes", "40", "80", "--preset", "tiny", "--img-size", "28", "--train-steps", "1",
                                  "--threads", "1", "--workdir", "work", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "dataset_memory.json").read_text())
@@ -42,11 +44,11 @@ def test_cli_writes_well_formed_results(workdir):
 
 
 def test_make_folder_is_seeded(tmp_path):
-    a, b = bench_dataset.make_folder(tmp_path / "a", 25), bench_dataset.make_folder(tmp_path / "b", 25)
+    a, b = dataset.make_folder(tmp_path / "a", 25), dataset.make_folder(tmp_path / "b", 25)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert len(files) == 25 and len({f.parent for f in files}) == bench_dataset.CLASSES
+    assert len(files) == 25 and len({f.parent for f in files}) == dataset.CLASSES
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert Image.open(a / files[0]).size == (bench_dataset.GEN_SIZE, bench_dataset.GEN_SIZE)
+    assert Image.open(a / files[0]).size == (dataset.GEN_SIZE, dataset.GEN_SIZE)
 
 
 # ---- streamed preparation -----------------------------------------------------------------------------------
@@ -65,34 +67,34 @@ def mapping(t: torch.Tensor) -> str:
     raise AssertionError(f"no mapping holds {ptr:#x}")
 
 
-def in_memory(d: dict, seed: int) -> data.Prepared:
+def in_memory(d: dict, seed: int) -> datasets.Prepared:
     """The image folder read as before streaming: every image stacked in memory, the same helpers."""
-    train, val = data._split_files(data._class_files(data._root(d)), d["val_fraction"], seed)
+    train, val = datasets._split_files(datasets._class_files(datasets._root(d)), d["val_fraction"], seed)
     mode = "L" if d["channels"] == 1 else "RGB"
 
     def read(classes):
         pairs = [(label, f) for label, files in enumerate(classes.values()) for f in files]
-        x = torch.stack([data._read_image(f, mode, d["img_size"]) for _, f in pairs])
+        x = torch.stack([datasets._read_image(f, mode, d["img_size"]) for _, f in pairs])
         return x, torch.tensor([label for label, _ in pairs])
     (tx, ty), (vx, vy) = read(train), read(val)
-    return data.Prepared(tx, ty, vx, vy, list(train), *data._channel_stats(tx),
+    return datasets.Prepared(tx, ty, vx, vy, list(train), *datasets._channel_stats(tx),
                          f"imagefolder {d['path']} ({len(train)} classes)")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_streamed_prepare_equals_in_memory(tmp_path, channels):
-    root = bench_dataset.make_folder(tmp_path / "images", 60)
+    root = dataset.make_folder(tmp_path / "images", 60)
     scratch = tmp_path / "scratch"
-    streamed = data.prepare(cfg(root, channels), seed=0, scratch=scratch)
+    streamed = datasets.prepare(cfg(root, channels), seed=0, scratch=scratch)
     assert list(scratch.iterdir()) == []                   # the temporary image file has no name
     assert str(scratch) in mapping(streamed.train_x) and mapping(streamed.train_x).endswith("(deleted)")
     reference = in_memory(cfg(root, channels), seed=0)
-    a = data.save_prepared(streamed, tmp_path / "a" / "dataset.safetensors", {"node": "prepare_data"})
-    b = data.save_prepared(reference, tmp_path / "b" / "dataset.safetensors", {"node": "prepare_data"})
+    a = datasets.save_prepared(streamed, tmp_path / "a" / "dataset.safetensors", {"node": "prepare_data"})
+    b = datasets.save_prepared(reference, tmp_path / "b" / "dataset.safetensors", {"node": "prepare_data"})
     assert a == b and a["counts"] == {"train": 50, "val": 10} and a["class_counts"]["val"] == [1] * 10
     assert (tmp_path / "a/dataset.safetensors").read_bytes() == (tmp_path / "b/dataset.safetensors").read_bytes()
-    loaded = data.load_prepared(tmp_path / "a" / "dataset.safetensors")
-    assert all(torch.equal(getattr(loaded, k), getattr(reference, k)) for k in data.TENSORS)
+    loaded = datasets.load_prepared(tmp_path / "a" / "dataset.safetensors")
+    assert all(torch.equal(getattr(loaded, k), getattr(reference, k)) for k in datasets.TENSORS)
 
 
 def test_channel_stats_in_place_gives_the_out_of_place_sums():
@@ -103,11 +105,11 @@ def test_channel_stats_in_place_gives_the_out_of_place_sums():
         s, s2 = s + c.sum((0, 2, 3)), s2 + (c * c).sum((0, 2, 3))
     mean = s / (4100 * 15)
     std = (s2 / (4100 * 15) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    assert data._channel_stats(x) == (mean.tolist(), std.tolist())
+    assert datasets._channel_stats(x) == (mean.tolist(), std.tolist())
 
 
 def test_corrupt_image_mid_folder_leaves_no_dataset(workdir, capsys):
-    root = bench_dataset.make_folder(workdir / "images", 40)
+    root = dataset.make_folder(workdir / "images", 40)
     bad = root / "class3" / "0000013.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     argv = ["--preset", "tiny", "--set", "data.dataset=imagefolder", "--set", f"data.path={root}"]
@@ -116,28 +118,28 @@ def test_corrupt_image_mid_folder_leaves_no_dataset(workdir, capsys):
     assert exit_.value.code == 2 and "cannot read image" in capsys.readouterr().err
     assert not layout.DATASET.exists() and list(layout.DATA_DIR.iterdir()) == []     # no temp file either
     with pytest.raises(PipelineError, match="cannot read image .*0000013.png"):
-        data.prepare(cfg(root), seed=0, scratch=workdir / "scratch")
+        datasets.prepare(cfg(root), seed=0, scratch=workdir / "scratch")
     assert list((workdir / "scratch").iterdir()) == []
 
 
 KILLED_MID_PREPARE = """
 import os, signal, sys
-from pipeline import data
-read, calls = data._read_image, []
+from pipeline.data import datasets
+read, calls = datasets._read_image, []
 
 def read_then_die(*args):
     calls.append(1)
     if len(calls) == 20:
         os.kill(os.getpid(), signal.SIGKILL)
     return read(*args)
-data._read_image = read_then_die
-data.prepare({"dataset": "imagefolder", "path": sys.argv[1], "img_size": 12, "channels": 1, "val_fraction": 0.2},
+datasets._read_image = read_then_die
+datasets.prepare({"dataset": "imagefolder", "path": sys.argv[1], "img_size": 12, "channels": 1, "val_fraction": 0.2},
              0, scratch=sys.argv[2])
 """
 
 
 def test_killed_prepare_leaves_no_temp_file(tmp_path):
-    root = bench_dataset.make_folder(tmp_path / "images", 40)
+    root = dataset.make_folder(tmp_path / "images", 40)
     scratch = tmp_path / "scratch"
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_PREPARE, str(root), str(scratch)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
@@ -147,13 +149,13 @@ def test_killed_prepare_leaves_no_temp_file(tmp_path):
 # ---- the stream benchmark (--stream) --------------------------------------------------------------------------
 
 def test_make_jpegs_is_seeded_and_photo_like(tmp_path):
-    a, b = bench_dataset.make_jpegs(tmp_path / "a", 12), bench_dataset.make_jpegs(tmp_path / "b", 12)
-    files = [p.relative_to(a) for p in bench_dataset.image_files(a)]
-    assert len(files) == 12 and len({f.parent for f in files}) == bench_dataset.CLASSES
+    a, b = dataset.make_jpegs(tmp_path / "a", 12), dataset.make_jpegs(tmp_path / "b", 12)
+    files = [p.relative_to(a) for p in dataset.image_files(a)]
+    assert len(files) == 12 and len({f.parent for f in files}) == dataset.CLASSES
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert bench_dataset.make_jpegs(tmp_path / "c", 12, seed=1) and \
+    assert dataset.make_jpegs(tmp_path / "c", 12, seed=1) and \
         (tmp_path / "c" / files[0]).read_bytes() != (a / files[0]).read_bytes()
-    (w0, h0), jitter = bench_dataset.JPEG_SIZE, bench_dataset.JPEG_JITTER
+    (w0, h0), jitter = dataset.JPEG_SIZE, dataset.JPEG_JITTER
     sizes = set()
     for f in files:
         with Image.open(a / f) as im:
@@ -167,9 +169,9 @@ def test_make_jpegs_is_seeded_and_photo_like(tmp_path):
 
 
 def test_link_folder_gives_distinct_paths(tmp_path):
-    files = bench_dataset.image_files(bench_dataset.make_jpegs(tmp_path / "made", 10))
-    root = bench_dataset.link_folder(files, tmp_path / "linked", 25)
-    linked = bench_dataset.image_files(root)
+    files = dataset.image_files(dataset.make_jpegs(tmp_path / "made", 10))
+    root = dataset.link_folder(files, tmp_path / "linked", 25)
+    linked = dataset.image_files(root)
     assert len(linked) == 25 and {p.parent.name for p in linked} == {p.parent.name for p in files}
     assert all(p.read_bytes() == files[int(p.stem) % 10].read_bytes() for p in linked)
 
@@ -186,7 +188,7 @@ def stream_result(rate=400.0, rss=(900.0, 920.0), startup=(8.0, 8.3)) -> dict:
               "loader": [{"workers": k, "images_per_s": k * rate, "images_per_s_per_worker": rate, "first_batch_s": 1.0}
                          for k in (1, 2)], "stats_images": 2048, "node": {"steps": 5, "data_workers": 1},
               "by_images": rows, "notes": "links"}
-    result["targets"] = bench_dataset.stream_targets(result)
+    result["targets"] = dataset.stream_targets(result)
     return result
 
 
@@ -194,7 +196,7 @@ def test_stream_targets_met():
     result = stream_result()
     assert {k: t["met"] for k, t in result["targets"].items()} == \
         {"decode_rate": True, "memory_flat": True, "startup_flat": True}
-    md = bench_dataset.stream_markdown(result)
+    md = dataset.stream_markdown(result)
     assert "NOT met" not in md and md.count(": met (") == 3
     assert "| 2 | 800 | 400 | 1.00 |" in md and "| 40000 | 32000 | 920 | 460 |" in md and "AVX2" in md
 
@@ -204,20 +206,20 @@ def test_stream_targets_met():
 def test_stream_targets_not_met(change, missed):
     result = stream_result(**change)
     assert [k for k, t in result["targets"].items() if not t["met"]] == [missed]
-    md = bench_dataset.stream_markdown(result)
+    md = dataset.stream_markdown(result)
     assert md.count("**NOT met**") == 1
     line = {"decode_rate": "images/s per worker", "memory_flat": "memory flat", "startup_flat": "start-up independent"}
     assert line[missed] in next(ln for ln in md.splitlines() if "NOT met" in ln)
 
 
 def test_stream_cli_tiny_run(workdir):
-    result = bench_dataset.main(["--stream", "--folder", "images", "--make", "40", "--img-size", "32", "--workers", "1",
+    result = dataset.main(["--stream", "--folder", "images", "--make", "40", "--img-size", "32", "--workers", "1",
                                  "--images", "60", "--node-steps", "2", "--decode-images", "20", "--loader-steps", "3",
                                  "--batch-size", "8", "--workdir", "work", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "stream.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert len(bench_dataset.image_files(workdir / "images")) == 40
+    assert len(dataset.image_files(workdir / "images")) == 40
     assert written["img_size"] == 32 and written["workers"] == [1] and written["images_per_s_per_worker"] > 0
     assert written["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [r["workers"] for r in written["loader"]] == [1] and written["loader"][0]["images_per_s"] > 0

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pipeline import bench_scaling, config
+from pipeline.bench import scaling
+from pipeline import config
 from pipeline.errors import PipelineError
 
 POINT_KEYS = {"value", "tokens", "step_s", "images_per_s", "flops_per_step", "gflops_per_s", "mfu", "flop_model_s",
@@ -14,12 +15,12 @@ POINT_KEYS = {"value", "tokens", "step_s", "images_per_s", "flops_per_step", "gf
 
 
 def test_scaling_writes_well_formed_results(workdir, one_thread):
-    result = bench_scaling.main(["--preset", "tiny", "--steps", "1", "--chain-stages", "2", "--chain-images", "128",
+    result = scaling.main(["--preset", "tiny", "--steps", "1", "--chain-stages", "2", "--chain-images", "128",
                                  "--peak-size", "256", "--device", "cpu", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "scaling.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert set(written["sweeps"]) == set(bench_scaling.SWEEPS)
+    assert set(written["sweeps"]) == set(scaling.SWEEPS)
     params = config.load("tiny")
     precisions = written["precisions"]          # fp32 and the native others: what this machine runs at full speed
     assert precisions[0] == "fp32" and written["chain_precision"] in precisions
@@ -28,7 +29,7 @@ def test_scaling_writes_well_formed_results(workdir, one_thread):
         assert {p["precision"] for p in points} == set(precisions)
         for precision in precisions:
             values = [p["value"] for p in points if p["precision"] == precision]
-            assert values == bench_scaling.sweep_values(params, name) and len(values) >= 2
+            assert values == scaling.sweep_values(params, name) and len(values) >= 2
             base = next(p for p in points if p["value"] == written["preset_settings"][name] and p["precision"] == precision)
             assert math.isclose(base["flop_model_s"], base["step_s"])
         for p in points:
@@ -44,20 +45,20 @@ def test_scaling_writes_well_formed_results(workdir, one_thread):
     assert math.isclose(chain[-1]["cumulative_s"], sum(s["stage_s"] for s in chain))
     assert all(math.isfinite(s["final_loss"]) for s in chain)
     md = (out / "scaling.md").read_text()
-    assert all(f"| {name} | precision | patches |" in md for name in bench_scaling.SWEEPS) and "## dBOT chain" in md
+    assert all(f"| {name} | precision | patches |" in md for name in scaling.SWEEPS) and "## dBOT chain" in md
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*")) and not (workdir / "results/bench").exists()
 
 
 def test_sweep_values_include_the_preset_and_stay_valid():
     params = config.load("full")                                     # the 98-px, 192-wide study
-    assert bench_scaling.sweep_values(params, "img_size") == [42, 70, 98, 140, 196]   # grids 3, 5, 7, 10, 14
-    assert bench_scaling.sweep_values(params, "patch_size") == [7, 14, 49]
-    assert bench_scaling.sweep_values(params, "embed_dim") == [96, 192, 384, 768]
-    assert bench_scaling.sweep_values(params, "batch_size") == [16, 32, 64, 128, 256]
-    for name in bench_scaling.SWEEPS:
-        for value in bench_scaling.sweep_values(params, name):
-            p = bench_scaling.with_setting(params, name, value)
+    assert scaling.sweep_values(params, "img_size") == [42, 70, 98, 140, 196]   # grids 3, 5, 7, 10, 14
+    assert scaling.sweep_values(params, "patch_size") == [7, 14, 49]
+    assert scaling.sweep_values(params, "embed_dim") == [96, 192, 384, 768]
+    assert scaling.sweep_values(params, "batch_size") == [16, 32, 64, 128, 256]
+    for name in scaling.SWEEPS:
+        for value in scaling.sweep_values(params, name):
+            p = scaling.with_setting(params, name, value)
             assert p["data"]["img_size"] % p["model"]["patch_size"] == 0
     assert params["model"]["embed_dim"] == 192                                # with_setting copies
 
@@ -65,7 +66,7 @@ def test_sweep_values_include_the_preset_and_stay_valid():
 def test_bad_settings_fail_before_measuring(capsys):
     params = config.load("full")
     with pytest.raises(PipelineError, match="embed_dim 100 does not divide by model.num_heads 3"):
-        bench_scaling.with_setting(params, "embed_dim", 100)
+        scaling.with_setting(params, "embed_dim", 100)
     with pytest.raises(SystemExit):
-        bench_scaling.parse_args(["--chain-stages", "-1"])
+        scaling.parse_args(["--chain-stages", "-1"])
     assert "--chain-stages >= 0" in capsys.readouterr().err

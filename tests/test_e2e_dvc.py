@@ -11,9 +11,9 @@ pytestmark = pytest.mark.e2e
 
 
 def repro(*args, warm=True) -> set[str]:
-    """The stages `dvc repro` ran; warm: under `python -m pipeline.forkserver run --`, as docs/running.md shows
+    """The stages `dvc repro` ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as docs/running.md shows
     (else cold: no fork server, not even the tests' own)."""
-    prefix = [sys.executable, "-m", "pipeline.forkserver", "run", "--"] if warm else []
+    prefix = [sys.executable, "-m", "pipeline.orchestration.forkserver", "run", "--"] if warm else []
     out = run_cli(*prefix, "dvc", "repro", *args, env=None if warm else {"MIM_FORKSERVER": ""}).stdout
     return set(re.findall(r"Running stage '([^']+)'", out))
 
@@ -28,7 +28,7 @@ def edit(path, pattern, new):
 def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     """On the tiny preset, the random-teacher dBOT chain and MAE's evaluations (a subset of the DAG, to keep
     the test short: dvc repro runs one stage at a time; tests/test_dag.py checks the whole DAG's commands)."""
-    from pipeline import dvc_yaml
+    from pipeline.orchestration import dvc_yaml
 
     (workdir / "dvc.yaml").write_text(dvc_yaml.render("tiny"))        # its lists (e.g. kept checkpoints) follow the preset
     run_cli("git", "init", "-q")

@@ -18,12 +18,12 @@ ARGS = ["--preset", "tiny", "--set", "pretrain.epochs=12", "--set", "pretrain.ch
 
 
 def prepare(workdir):
-    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny")
+    run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", "--preset", "tiny")
 
 
 def kill_mid_epoch(state, steps_per_epoch=11, cmd=None):
     """Run cmd (default: the tiny MAE node) and SIGKILL it once its saved state is past the first epoch, mid-epoch."""
-    cmd = cmd or [sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS]
+    cmd = cmd or [sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -45,11 +45,11 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory
     state = workdir / "results/.resume/pretrain@seed0-mae/state.pt"
     killed_at = kill_mid_epoch(state)
     assert not (workdir / "results/seed0/pretrain/mae/encoder.safetensors").exists()
-    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS)
+    run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS)
     resumed = load_file(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
 
     os.rename(workdir / "results/seed0/pretrain", workdir / "results/seed0/pretrain_killed")
-    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *ARGS,
+    run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS,
             env={"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/other.db"})
     reference = load_file(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
     assert killed_at > 0 and resumed.keys() == reference.keys()

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from browser import browser_page, mlflow_ui
 from conftest import run_cli
 from pipeline import hardware
+from pipeline.stages import stage_module
 
 pytestmark = pytest.mark.e2e
 CHAINS = ("random", "mae")      # params dbot.chains: the tiny preset adds the MAE-started chain (a teacher-swap study)
@@ -248,7 +249,7 @@ TEMPORARY = re.compile(r"\..+\.tmp")   # checkpoint.atomic_write's temporary fil
 
 
 def node_argv(node: str) -> list[str]:
-    return [sys.executable, "-m", f"pipeline.stages.{node}", "--preset", "tiny", *NODES[node][0]]
+    return [sys.executable, "-m", stage_module(node), "--preset", "tiny", *NODES[node][0]]
 
 
 def remove_outputs(root: Path, outputs: list[str]) -> None:
@@ -260,7 +261,7 @@ def remove_outputs(root: Path, outputs: list[str]) -> None:
 def warm(study):
     """A fork server in the study's folder: the nodes below start warm, as Snakemake ran them (so the study's
     benchmark times place each kill inside the node's own work)."""
-    from pipeline import forkserver
+    from pipeline.orchestration import forkserver
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(study)
@@ -320,7 +321,7 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, stu
 def test_a_failed_write_keeps_the_earlier_output_and_no_temporary(study, monkeypatch, capsys):
     """The disk fills up while knn writes its metrics: one line, the earlier metrics.json as it was."""
     from pipeline import checkpoint
-    from pipeline.stages import knn
+    from pipeline.stages.evaluation import knn
 
     monkeypatch.chdir(study)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study}/mlflow.db")
@@ -342,7 +343,7 @@ def test_a_failed_write_keeps_the_earlier_output_and_no_temporary(study, monkeyp
 def test_a_second_run_of_a_running_node_fails_at_once(study, monkeypatch, capsys):
     """The first run is a process; the second is started (in this process, so at once) while the first holds
     the node's lock: it stops with one line, and the first ends normally with the study's outputs."""
-    from pipeline.stages import linprobe
+    from pipeline.stages.evaluation import linprobe
 
     monkeypatch.chdir(study)
     outputs = NODES["linprobe"][1]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from pipeline.stages import stage_module
 from safetensors.torch import load_file
 
 from conftest import run_cli
@@ -25,14 +26,14 @@ def stream_args(root) -> list[str]:
 
 
 def pretrain(args, workers: int) -> list[str]:
-    return [sys.executable, "-m", "pipeline.stages.pretrain", "--method", "mae", *args,
+    return [sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *args,
             "--set", f"launch.data_workers={workers}"]
 
 
 def test_streamed_study_resumes_bit_identically_and_evaluates(workdir):
     root = image_folder(workdir / "images", classes=3, per_class=60)
     args = stream_args(root)
-    out = run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", *args).stdout
+    out = run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", *args).stdout
     assert "144 train / 36 val images, 3 classes, 2 non-image files skipped" in out
     assert (workdir / "results/prepare_data/manifest.jsonl").is_file()
     assert not (workdir / "results/prepare_data/dataset.safetensors").exists()
@@ -50,6 +51,6 @@ def test_streamed_study_resumes_bit_identically_and_evaluates(workdir):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
     for node in ("knn", "linprobe"):
-        run_cli(sys.executable, "-m", f"pipeline.stages.{node}", "--weights", "mae", *args)
+        run_cli(sys.executable, "-m", stage_module(node), "--weights", "mae", *args)
         metrics = json.loads((workdir / f"results/seed0/{node}/mae/metrics.json").read_text())["metrics"]
         assert 0 <= metrics["top1"] <= 1

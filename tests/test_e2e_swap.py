@@ -6,6 +6,7 @@ import sys
 import pytest
 import timm
 import torch
+from pipeline.stages import stage_module
 from safetensors.torch import save_file
 
 from conftest import run_cli
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def stage(name, *args, check=True):
-    return run_cli(sys.executable, "-m", f"pipeline.stages.{name}", "--preset", "tiny", *args, check=check)
+    return run_cli(sys.executable, "-m", stage_module(name), "--preset", "tiny", *args, check=check)
 
 
 def test_chain_from_a_wider_deeper_external_timm_checkpoint(workdir):

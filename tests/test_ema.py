@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.ema import (EMASchedule, EMATeacher, momentum_from_time_constant, momentum_schedule,
+from pipeline.models.ema import (EMASchedule, EMATeacher, momentum_from_time_constant, momentum_schedule,
                           piecewise_schedule, repo_rcmae_schedule)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import engine
+from pipeline.train import engine
 from pipeline.errors import PipelineError
 from test_dbot_options import first_step_moments
 
@@ -145,9 +145,9 @@ DIGITS = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch
 
 
 def dbot(params):
-    from pipeline.encoder import build_encoder
+    from pipeline.models.encoder import build_encoder
     from pipeline.methods import METHODS
-    from pipeline.teacher import FrozenTeacher
+    from pipeline.models.teacher import FrozenTeacher
 
     return METHODS["dbot"](params, 1, 0, FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)))
 
@@ -156,7 +156,7 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
     """dBOT drops paths in encoder and decoder (0.2): the draws come from the step's generator, so a run resumed
     after a crash replays them and ends bit-identical; another seed's run drops other paths."""
     from pipeline import config
-    from pipeline.encoder import DropPath
+    from pipeline.models.encoder import DropPath
 
     params = config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.2", "dbot.decoder_drop_path=0.2"])
     conf = cfg(batch_size=8, seed=4, checkpoint_every_min=0.0)
@@ -212,9 +212,9 @@ def test_teacher_methods_compile(tmp_path, method):
     """Frozen (dBOT) and EMA (RC-MAE) teachers run under inference_mode, which torch.compile cannot trace:
     teacher.no_graph switches to no_grad while compiling, so launch.compile works for them too."""
     from pipeline import config
-    from pipeline.encoder import build_encoder
+    from pipeline.models.encoder import build_encoder
     from pipeline.methods import METHODS
-    from pipeline.teacher import FrozenTeacher
+    from pipeline.models.teacher import FrozenTeacher
 
     params = config.load("tiny")
     teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if method == "dbot" else None

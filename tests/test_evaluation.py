@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.evaluation import knn_scores, linear_probe, topk_accuracy
+from pipeline.evaluation.probes import knn_scores, linear_probe, topk_accuracy
 
 
 def clusters(n_per, classes=4, dim=8, noise=0.1, seed=0):
@@ -56,7 +56,7 @@ def test_lars_scales_the_weight_step_by_the_trust_ratio():
     the bias takes a plain SGD step."""
     from torch import nn
 
-    from pipeline.evaluation import probe_optimizer
+    from pipeline.evaluation.probes import probe_optimizer
 
     linear = nn.Linear(4, 2)
     w0, b0 = linear.weight.detach().clone(), linear.bias.detach().clone()
@@ -68,7 +68,7 @@ def test_lars_scales_the_weight_step_by_the_trust_ratio():
 
 
 def test_pixel_features_are_the_normalised_images_flattened():
-    from pipeline.evaluation import pixel_features
+    from pipeline.evaluation.probes import pixel_features
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 2, 3, 4), dtype=torch.uint8, generator=g)
@@ -82,7 +82,7 @@ def test_pixel_features_are_the_normalised_images_flattened():
 
 def test_knn_on_pixels_of_trivially_separable_images_is_perfect():
     """Class c lights up quadrant c of an 8x8 grey image (plus noise): k-NN on the normalised pixels is 100%."""
-    from pipeline.evaluation import pixel_features
+    from pipeline.evaluation.probes import pixel_features
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat(15)
@@ -100,16 +100,18 @@ def test_pixels_node_runs_knn_and_linprobe_on_the_prepared_images(workdir):
     normalised pixels; metrics.json records the dataset as the 'weights'; each is a tracked MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import config, data, layout
+    from pipeline import config, layout
+    from pipeline.data import datasets
     from pipeline.checkpoint import read_json
-    from pipeline.evaluation import pixel_features
-    from pipeline.stages import knn, linprobe, prepare_data
+    from pipeline.evaluation.probes import pixel_features
+    from pipeline.stages.evaluation import knn, linprobe
+    from pipeline.stages.training import prepare_data
 
     tiny = ["--preset", "tiny"]
     prepare_data.main(tiny)
     knn.main(tiny + ["--weights", "pixels"])
     linprobe.main(tiny + ["--weights", "pixels"])
-    params, prep = config.load("tiny"), data.load_prepared()
+    params, prep = config.load("tiny"), datasets.load_prepared()
     doc = read_json(layout.eval_metrics("knn", "pixels", 0))
     assert doc["settings"] == params["knn"] and doc["precision"] == "fp32"
     assert doc["weights"] == {"id": "pixels", "method": "pixels", "stage": None, "seed": 0, "evaluated": "pixels",

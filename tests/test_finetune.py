@@ -8,9 +8,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import COPIED, ROOT
-from pipeline import data, finetune, layout
+from pipeline.data import datasets
+from pipeline.evaluation import finetune
+from pipeline import layout
 from pipeline.config import load
-from pipeline.encoder import build_encoder, sincos_2d
+from pipeline.models.encoder import build_encoder, sincos_2d
 from pipeline.errors import PipelineError
 
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=3, num_heads=2)
@@ -32,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A tiny study in a temp working dir: prepared digits and a trained (2-epoch) tiny MAE encoder."""
-    from pipeline.stages import prepare_data, pretrain
+    from pipeline.stages.training import prepare_data, pretrain
 
     root = tmp_path_factory.mktemp("finetune")
     for name in COPIED:
@@ -54,7 +56,7 @@ def tiny_prep(n=128, channels=1, size=8, classes=4, seed=0):
     x = (torch.rand(n, channels, size, size, generator=g) * 60).to(torch.uint8)
     for c in range(classes):                       # a bright block per class: learnable
         x[y == c, :, (2 * c) % size:(2 * c) % size + 2, :] = 230
-    return data.Prepared(x, y, x[:32].clone(), y[:32].clone(), [str(c) for c in range(classes)],
+    return datasets.Prepared(x, y, x[:32].clone(), y[:32].clone(), [str(c) for c in range(classes)],
                          [0.3] * channels, [0.3] * channels, "synthetic")
 
 
@@ -170,7 +172,7 @@ def test_saved_model_round_trip_and_corruption(tmp_path):
 
 
 def test_finetune_node_beats_chance_and_writes_its_outputs(study):
-    from pipeline.stages import finetune as stage
+    from pipeline.stages.evaluation import finetune as stage
 
     stage.main(["--preset", "tiny", "--weights", "mae", *LEARN])
     out = layout.eval_metrics("finetune", "mae", 0)
@@ -183,7 +185,7 @@ def test_finetune_node_beats_chance_and_writes_its_outputs(study):
     assert (out.parent / "curve.png").read_bytes()[:8] == PNG
     model, meta = finetune.load_model(layout.finetuned_path("mae", 0))
     assert meta["num_classes"] == 10 and meta["weights"] == doc["weights"]
-    prep = data.load_prepared()
+    prep = datasets.load_prepared()
     again = finetune.evaluate(model, prep.val_x, prep.val_y, prep.mean, prep.std)
     assert again["top1"] == pytest.approx(doc["metrics"]["top1"])
 
@@ -200,7 +202,7 @@ def test_finetune_node_beats_chance_and_writes_its_outputs(study):
 @pytest.mark.parametrize("weights, message", [("nope", "unknown weights 'nope'"),
                                                ("sdae", "missing input results/seed0/pretrain/sdae/encoder.safetensors")])
 def test_bad_input_is_a_one_line_error_before_any_work(study, capsys, weights, message):
-    from pipeline.stages import finetune as stage
+    from pipeline.stages.evaluation import finetune as stage
 
     with pytest.raises(SystemExit) as e:
         stage.main(["--preset", "tiny", "--weights", weights])
@@ -210,7 +212,7 @@ def test_bad_input_is_a_one_line_error_before_any_work(study, capsys, weights, m
 
 
 def test_odd_batch_with_mixup_is_refused(study, capsys):
-    from pipeline.stages import finetune as stage
+    from pipeline.stages.evaluation import finetune as stage
 
     with pytest.raises(SystemExit):
         stage.main(["--preset", "tiny", "--weights", "mae", "--set", "finetune.mixup=0.8",

@@ -1,4 +1,4 @@
-"""Warm node start (pipeline.forkserver): a node run by the server's child writes what a cold process writes,
+"""Warm node start (pipeline.orchestration.forkserver): a node run by the server's child writes what a cold process writes,
 exits with its status, forwards signals, dies with its node process or its server, and runs cold wherever a
 child would not run like a fresh process."""
 import os
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline.stages import stage_module
 
 from conftest import copy_dag, run_cli
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server
 def server(tmp_path_factory):
     """One server for these tests, started in a copy of the DAG files (its working directory, and theirs)
     where prepare_data has run; yields (server process, the environment that points a node to it)."""
-    from pipeline import forkserver
+    from pipeline.orchestration import forkserver
 
     root = copy_dag(tmp_path_factory.mktemp("warm"))
     with pytest.MonkeyPatch.context() as mp:
@@ -33,7 +34,7 @@ def server(tmp_path_factory):
 
 
 def node(*args, env=None, check=True):
-    return run_cli(sys.executable, "-m", f"pipeline.stages.{args[0]}", "--preset", "tiny", *args[1:], env=env, check=check)
+    return run_cli(sys.executable, "-m", stage_module(args[0]), "--preset", "tiny", *args[1:], env=env, check=check)
 
 
 def children(pid: int) -> list[int]:
@@ -56,7 +57,7 @@ def wait_for(condition, timeout=60.0):
 
 
 def test_a_warm_node_writes_what_a_cold_node_writes(server, tmp_path_factory, monkeypatch):
-    from pipeline import forkserver
+    from pipeline.orchestration import forkserver
 
     _, warm = server
     warm_dir = Path.cwd()
@@ -108,7 +109,7 @@ def start_long_node(warm: dict) -> subprocess.Popen:
     """A pre-training node that runs for minutes (SdAE: its resume state stays apart from the MAE node's), as a
     process of its own: the fork server's client."""
     env = dict(os.environ, **warm, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "pipeline.stages.pretrain", "--preset", "tiny", "--seed", "0", "--method", "sdae",
+    cmd = [sys.executable, "-m", "pipeline.stages.training.pretrain", "--preset", "tiny", "--seed", "0", "--method", "sdae",
            "--set", "pretrain.epochs=10000"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -11,8 +11,9 @@ import torch
 
 from conftest import copy_dag, run_cli
 from data_parallel import train_all
-from pipeline import bench, hardware
-from pipeline.encoder import attention_kernels, build_encoder
+from pipeline.bench import throughput
+from pipeline import hardware
+from pipeline.models.encoder import attention_kernels, build_encoder
 from pipeline.methods import METHODS
 
 pytestmark = [pytest.mark.gpu,
@@ -44,7 +45,7 @@ def test_fused_attention_stays_on_cuda_in_every_precision():
 
 
 def test_bench_measures_on_the_gpu(workdir):
-    result = bench.main(["--preset", "tiny", "--steps", "3", "--curve-steps", "3", "--device", "cuda",
+    result = throughput.main(["--preset", "tiny", "--steps", "3", "--curve-steps", "3", "--device", "cuda",
                          "--compile-backend", "aot_eager", "--out", "out/gpu"])
     assert result["device"] == "cuda" and result["default_precision"] in ("bf16", "fp16")
     assert {"fp32", "fp16"} <= set(result["measured_precisions"])      # fp16 runs natively on every CUDA GPU

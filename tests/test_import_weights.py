@@ -1,8 +1,8 @@
-"""python -m pipeline.stages.import_weights: released checkpoints (MAE, DeiT, DINO, timm) as encoder files.
+"""python -m pipeline.stages.training.import_weights: released checkpoints (MAE, DeiT, DINO, timm) as encoder files.
 
 Each test builds a tiny checkpoint in the format's official layout from a timm VisionTransformer (patch 4,
 width 32, depth 2, 2 heads, 16 px RGB), runs the real CLI in a copy of the repository, and checks the written
-tensors, the sidecar's provenance and that pipeline.encoder.load_encoder accepts it; bad input is one
+tensors, the sidecar's provenance and that pipeline.models.encoder.load_encoder accepts it; bad input is one
 `error:` line, exit 2, nothing written."""
 import argparse
 import hashlib
@@ -13,6 +13,7 @@ import sys
 import pytest
 import timm
 import torch
+from pipeline.stages import stage_module
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
@@ -40,7 +41,7 @@ def mae_decoder():
 
 
 def import_weights(*args, check=True):
-    return run_cli(sys.executable, "-m", "pipeline.stages.import_weights", *args, "--preset", "tiny", check=check)
+    return run_cli(sys.executable, "-m", "pipeline.stages.training.import_weights", *args, "--preset", "tiny", check=check)
 
 
 def sha256(path):
@@ -49,8 +50,9 @@ def sha256(path):
 
 def check_written(workdir, out, expected, source, fmt):
     """The encoder file holds `expected` exactly, its sidecar the provenance, and the repo's loaders take it."""
-    from pipeline import config, encoder_file
-    from pipeline.encoder import load_encoder
+    from pipeline import config
+    from pipeline.models import encoder_file
+    from pipeline.models.encoder import load_encoder
 
     got = load_file(str(workdir / out))
     assert got.keys() == expected.keys()
@@ -176,7 +178,7 @@ def test_an_imported_teacher_starts_a_dbot_chain(workdir):
     out = "results/imported/teacher/encoder.safetensors"
     proc = import_weights(str(source), "--format", "timm", "--num-heads", "1", "--expect-params", "geometry")
     assert f"--set dbot.chains.<name>={out}" in proc.stdout
-    run_cli(sys.executable, "-m", "pipeline.stages.teacher_swap", "--preset", "tiny", "--stage", "ext_stage0",
+    run_cli(sys.executable, "-m", "pipeline.stages.training.teacher_swap", "--preset", "tiny", "--stage", "ext_stage0",
             "--set", f"dbot.chains.ext={out}")
     made = json.loads((workdir / "results/seed0/teacher_swap/ext_stage0/teacher.json").read_text())
     assert made["source"] == out and made["source_node"] == "import_weights"
@@ -188,12 +190,12 @@ def test_an_evaluation_node_evaluates_an_imported_encoder(workdir):
     source = workdir / "released.safetensors"
     save_file(vit(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2), str(source))
     import_weights(str(source), "--format", "timm", "--num-heads", "2")
-    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny")
+    run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", "--preset", "tiny")
     for node in ("knn", "linprobe"):
-        run_cli(sys.executable, "-m", f"pipeline.stages.{node}", "--preset", "tiny", "--weights", "imported_released")
+        run_cli(sys.executable, "-m", stage_module(node), "--preset", "tiny", "--weights", "imported_released")
         metrics = json.loads((workdir / f"results/seed0/{node}/imported_released/metrics.json").read_text())
         assert 0 <= metrics["metrics"]["top1"] <= 1 and metrics["weights"]["id"] == "imported_released"
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.knn", "--preset", "tiny", "--weights", "imported_nope",
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny", "--weights", "imported_nope",
                    check=False)
     assert proc.returncode == 2 and "no imported encoder results/imported/nope/encoder.safetensors" in proc.stderr
 

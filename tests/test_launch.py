@@ -1,7 +1,8 @@
 """The submitit launcher: inline and local executors run the same work and return its result."""
 import pytest
 
-from pipeline import config, launch
+from pipeline import config
+from pipeline.orchestration import launch
 from pipeline.errors import PipelineError
 
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.encoder import build_encoder
+from pipeline.models.encoder import build_encoder
 from pipeline.methods import EMA_METHODS, METHODS, NEEDS_LABELS, NEEDS_TEACHER
 
 MIM = sorted(set(METHODS) - NEEDS_LABELS)   # the masked-image-modelling methods
-from pipeline.teacher import FrozenTeacher
+from pipeline.models.teacher import FrozenTeacher
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_bootmae_feature_decoder_runs_at_the_encoder_width(params):
 def test_bootmae_losses_divide_by_the_number_of_masked_tokens(params):
     """run_pretraining.py:L450, L459: sum of centre-weighted per-token errors / masked count (default); the
     option loss_denominator "weights" divides by the sum of the centre weights instead."""
-    from pipeline import losses
+    from pipeline.models import losses
 
     x = torch.randn(4, 1, 8, 8)
     for denominator in ("masked", "weights"):
@@ -197,11 +197,11 @@ def test_bootmae_earlier_choices_remain_options(params):
 
 @pytest.mark.parametrize("feature_decoder,block_order", [("encoder", "self_cross_mlp"), ("decoder", "cross_self_mlp")])
 def test_bootmae_flops_count_both_decoders_at_their_widths(params, feature_decoder, block_order):
-    """pipeline.compute's analytic count of the two decoders' blocks equals torch's FLOP counter on them."""
+    """pipeline.models.flops's analytic count of the two decoders' blocks equals torch's FLOP counter on them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.compute import cross_attention_flops, flops_per_image, token_counts
-    from pipeline.encoder import attention_kernels, encoder_flops
+    from pipeline.models.flops import cross_attention_flops, flops_per_image, token_counts
+    from pipeline.models.encoder import attention_kernels, encoder_flops
 
     p = config.merge(params, {"bootmae": {"feature_decoder": feature_decoder, "block_order": block_order}})
     model, m = METHODS["bootmae"](p, 1, 0), p["model"]
@@ -222,7 +222,7 @@ def test_bootmae_flops_count_both_decoders_at_their_widths(params, feature_decod
 
 def test_supervised_learns_labels_through_the_engine(params, tmp_path):
     """The engine passes the batch's labels to a needs_labels model; a few epochs fit separable data."""
-    from pipeline import engine
+    from pipeline.train import engine
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 2
@@ -240,7 +240,7 @@ def test_supervised_learns_labels_through_the_engine(params, tmp_path):
 
 
 def test_bootmae_probe_block_writes_the_encoder_cut_after_that_block(params, tmp_path):
-    from pipeline.encoder import load_encoder, save_encoder
+    from pipeline.models.encoder import load_encoder, save_encoder
 
     full = make("bootmae", params)
     cut = METHODS["bootmae"](config.merge(params, {"bootmae": {"probe_block": 1}}), 1, 0)
@@ -275,7 +275,7 @@ DROPPING = {"dbot": {"drop_path": 0.2, "decoder_drop_path": 0.2}, "sdae": {}, "r
 def test_students_drop_paths_and_teachers_never_do(name, params):
     """Stochastic depth (dbot 0.2 encoder + decoder, the official value; sdae 0.25 by default) acts on the student in training only:
     the frozen or EMA teacher stays in eval mode, so its targets do not depend on the step's draws."""
-    from pipeline.encoder import DropPath, step_draws
+    from pipeline.models.encoder import DropPath, step_draws
 
     p = config.merge(params, {"model": {"decoder_depth": 2}, name: DROPPING[name]})
     model = make(name, p).train()
@@ -299,8 +299,8 @@ def test_students_drop_paths_and_teachers_never_do(name, params):
 def test_saved_encoder_carries_no_drop_path_into_the_evaluations(params, tmp_path):
     """save_encoder writes weights only; the loaded encoder has no drop path, and the in-training encoder gives the
     same features in eval mode (k-NN and linear probe extract features with the encoder in eval mode)."""
-    from pipeline.encoder import DropPath, load_encoder, save_encoder, step_draws
-    from pipeline.evaluation import extract_features
+    from pipeline.models.encoder import DropPath, load_encoder, save_encoder, step_draws
+    from pipeline.evaluation.probes import extract_features
 
     model = make("sdae", params).train()
     save_encoder(tmp_path / "e.safetensors", model.evaluated_encoder(), {})
@@ -315,7 +315,7 @@ def test_saved_encoder_carries_no_drop_path_into_the_evaluations(params, tmp_pat
 def test_sdae_random_teacher_is_timm_initialised_with_learnable_positions(params):
     """The official teacher (sdae models_teacher.py:20-24): a timm ViT with timm's init and a learnable position
     embedding, not MAE's xavier init with fixed sin-cos positions; seeded apart from the student (seed + 2)."""
-    from pipeline.encoder import sincos_2d
+    from pipeline.models.encoder import sincos_2d
 
     model = make("sdae", config.merge(params, {"sdae": {"teacher_init": "random"}}))
     teacher, student = model.teacher.module.vit, model.encoder.vit

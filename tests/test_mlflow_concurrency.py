@@ -1,6 +1,6 @@
 """MLflow under concurrency: node processes log at once to one store, then every run, param and metric point
 is counted. Against the default SQLite store and against an `mlflow server` the tests start; no process may
-fail, and a store that stays locked past SQLite's own wait is retried (pipeline.tracking._retry)."""
+fail, and a store that stays locked past SQLite's own wait is retried (pipeline.orchestration.tracking._retry)."""
 import logging
 import multiprocessing
 import os
@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, tracking
+from pipeline import config
+from pipeline.orchestration import tracking
 
 STEPS = 25                                              # metric steps per node, one log_metrics call per metric
 METRICS = ("loss", "lr", "knn_acc")

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from pipeline import losses
-from pipeline.decoder import CrossAttention, Decoder
-from pipeline.encoder import attention_kernels, build_encoder, load_encoder, save_encoder, sincos_2d
+from pipeline.models import losses
+from pipeline.models.decoder import CrossAttention, Decoder
+from pipeline.models.encoder import attention_kernels, build_encoder, load_encoder, save_encoder, sincos_2d
 from pipeline.errors import PipelineError
-from pipeline.masking import random_masking
-from pipeline.teacher import FrozenTeacher
+from pipeline.models.masking import random_masking
+from pipeline.models.teacher import FrozenTeacher
 
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, num_heads=2)
 
@@ -141,8 +141,8 @@ def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval(
     """Stochastic depth: rates 0 -> p over the blocks (timm's rule, dBOT's and SdAE's); the same init as without it;
     in training, draws from the step's generator (step_draws), the same global-batch draw cut to a rank's rows;
     in eval mode (teachers, probes, pictures) the identity."""
-    from pipeline import distributed
-    from pipeline.encoder import DropPath, step_draws
+    from pipeline.train import distributed
+    from pipeline.models.encoder import DropPath, step_draws
 
     model = dict(MODEL, depth=3)
     plain, dropped = build_encoder(model, 8, 1, seed=0), build_encoder(model, 8, 1, seed=0, drop_path=0.5)
@@ -171,7 +171,7 @@ def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval(
 
 
 def test_decoder_drop_path_rises_over_its_blocks():
-    from pipeline.encoder import DropPath
+    from pipeline.models.encoder import DropPath
 
     dec = Decoder(grid=4, in_dim=32, dim=16, depth=3, heads=2, out_dim=12, drop_path=0.2)
     rates = [sorted({round(m.drop_prob, 6) for m in b.modules() if isinstance(m, DropPath)}) for b in dec.blocks]

@@ -1,13 +1,15 @@
-"""pipeline.pictures and the methods' picture() hooks on the tiny preset (8x8 images, 2x2 patches, 16 tokens)."""
+"""pipeline.reporting.figures and the methods' picture() hooks on the tiny preset (8x8 images, 2x2 patches, 16 tokens)."""
 import pytest
 import torch
 from PIL import Image
 
-from pipeline import config, losses, pictures
-from pipeline.data import normalize
-from pipeline.encoder import build_encoder
+from pipeline import config
+from pipeline.models import losses
+from pipeline.reporting import figures
+from pipeline.data.datasets import normalize
+from pipeline.models.encoder import build_encoder
 from pipeline.methods import METHODS, NEEDS_TEACHER
-from pipeline.teacher import FrozenTeacher
+from pipeline.models.teacher import FrozenTeacher
 
 PICTURED = ["bootmae", "dbot", "mae", "rcmae", "sdae"]
 PIXELS = {"mae", "rcmae", "bootmae"}
@@ -59,7 +61,7 @@ def test_picture_kind_and_shapes(name, params):
 def test_forward_loss_is_bit_identical_around_a_picture(name, params, tmp_path):
     """picture() changes no weight, no mode and no forward behaviour: the same seed gives the same loss (a
     training forward draws drop-path from the step's generator, as the engine runs it: step_draws)."""
-    from pipeline.encoder import step_draws
+    from pipeline.models.encoder import step_draws
 
     model = make(name, params).train()
     modes = {k: m.training for k, m in model.named_modules()}
@@ -67,7 +69,7 @@ def test_forward_loss_is_bit_identical_around_a_picture(name, params, tmp_path):
     x = normalize(images(4), MEAN, STD)
     with step_draws(g := gen(3)):
         before, out = model(x, g)
-    pictures.reconstruction_grid(model, images(4), MEAN, STD, 3, tmp_path / "grid.png")
+    figures.reconstruction_grid(model, images(4), MEAN, STD, 3, tmp_path / "grid.png")
     with step_draws(g := gen(3)):
         after, _ = model(x, g)
     assert torch.equal(before, after)
@@ -90,7 +92,7 @@ def test_mae_picture_reproduces_its_loss(norm_pix, params):
 @pytest.mark.parametrize("name", PICTURED)
 def test_grid_png_is_written(name, params, tmp_path):
     path = tmp_path / f"{name}.png"
-    numbers = pictures.reconstruction_grid(make(name, params), images(), MEAN, STD, 0, path, n=6, method=name)
+    numbers = figures.reconstruction_grid(make(name, params), images(), MEAN, STD, 0, path, n=6, method=name)
     with Image.open(path) as im:
         im.verify()
     with Image.open(path) as im:
@@ -108,17 +110,17 @@ def test_grid_png_is_written(name, params, tmp_path):
 def test_a_perfect_mae_decoder_reconstructs_the_original(norm_pix, params, monkeypatch, tmp_path):
     model = make("mae", config.merge(params, {"mae": {"norm_pix_loss": norm_pix}}))
     monkeypatch.setattr(model, "reconstruct", lambda imgs, mask: model.target(imgs))
-    numbers = pictures.reconstruction_grid(model, images(), MEAN, STD, 0, tmp_path / "perfect.png")
+    numbers = figures.reconstruction_grid(model, images(), MEAN, STD, 0, tmp_path / "perfect.png")
     assert numbers["mse_hidden"] < 1e-10 and numbers["target_mse_hidden"] == 0
     x = normalize(images(), MEAN, STD)
-    rows = pictures.pixel_rows(model.picture(x, gen()), x, MEAN, STD)
+    rows = figures.pixel_rows(model.picture(x, gen()), x, MEAN, STD)
     original = images().float() / 255
     assert torch.allclose(rows["original"], original, atol=1e-6)
     tol = 1e-5 if norm_pix else 1e-6                     # norm_pix: var + eps, inverted with the same eps
     assert torch.allclose(rows["reconstruction"], original, atol=tol)
     assert torch.allclose(rows["reconstruction + visible"], original, atol=tol)
-    hidden = pictures._hidden_pixels(model.picture(x, gen())["mask"], x)
-    assert (rows["masked input"][hidden] == pictures.GREY).all()
+    hidden = figures._hidden_pixels(model.picture(x, gen())["mask"], x)
+    assert (rows["masked input"][hidden] == figures.GREY).all()
     assert torch.equal(rows["masked input"][~hidden], rows["original"][~hidden])
 
 
@@ -126,8 +128,8 @@ def test_visible_patches_are_pasted_into_the_reconstruction(params):
     model = make("mae", params).eval()
     x = normalize(images(), MEAN, STD)
     pic = model.picture(x, gen())
-    rows = pictures.pixel_rows(pic, x, MEAN, STD)
-    hidden = pictures._hidden_pixels(pic["mask"], x)
+    rows = figures.pixel_rows(pic, x, MEAN, STD)
+    hidden = figures._hidden_pixels(pic["mask"], x)
     pasted = rows["reconstruction + visible"]
     assert torch.equal(pasted[~hidden], rows["original"][~hidden])
     assert torch.equal(pasted[hidden], rows["reconstruction"][hidden])
@@ -135,25 +137,25 @@ def test_visible_patches_are_pasted_into_the_reconstruction(params):
 
 def test_unnormalize_inverts_normalize_per_patch_and_per_channel():
     patches = torch.rand(2, 5, 12, generator=gen())
-    assert torch.allclose(pictures.unnormalize_patches(losses.normalize_patches(patches), patches), patches,
+    assert torch.allclose(figures.unnormalize_patches(losses.normalize_patches(patches), patches), patches,
                           atol=1e-5)
     per_channel = losses.normalize_patches_per_channel(patches, 3)
-    assert torch.allclose(pictures.unnormalize_patches(per_channel, patches, 3), patches, atol=1e-5)
+    assert torch.allclose(figures.unnormalize_patches(per_channel, patches, 3), patches, atol=1e-5)
 
 
 def test_pca_colours_are_identical_for_equal_features():
     target = torch.randn(3, 16, 32, generator=gen())
-    rgb_t, rgb_p = pictures.pca_colors(target, target.clone())
+    rgb_t, rgb_p = figures.pca_colors(target, target.clone())
     assert rgb_t.shape == (3, 16, 3) and torch.equal(rgb_t, rgb_p)
     assert rgb_t.min() == 0 and rgb_t.max() == 1
-    other_t, other_p = pictures.pca_colors(target, torch.randn(3, 16, 32, generator=gen(1)))
+    other_t, other_p = figures.pca_colors(target, torch.randn(3, 16, 32, generator=gen(1)))
     assert not torch.equal(other_t, other_p) and 0 <= other_p.min() and other_p.max() <= 1
 
 
 def test_pca_colours_leave_tokens_without_target_out():
     target = torch.randn(2, 16, 8, generator=gen())
     target[:, :4] = float("nan")
-    rgb_t, rgb_p = pictures.pca_colors(target, target.clone())
+    rgb_t, rgb_p = figures.pca_colors(target, target.clone())
     assert torch.isnan(rgb_t[:, :4]).all() and torch.isfinite(rgb_t[:, 4:]).all()
     assert torch.equal(rgb_t.nan_to_num(), rgb_p.nan_to_num())
 
@@ -162,14 +164,14 @@ def test_feature_grid_of_a_perfect_prediction(params, monkeypatch, tmp_path):
     model = make("dbot", params)
     hook = model.picture
     monkeypatch.setattr(model, "picture", lambda imgs, g: dict(pic := hook(imgs, g), pred=pic["target"]))
-    numbers = pictures.reconstruction_grid(model, images(), MEAN, STD, 0, tmp_path / "dbot.png")
+    numbers = figures.reconstruction_grid(model, images(), MEAN, STD, 0, tmp_path / "dbot.png")
     assert numbers["cosine_hidden"] == pytest.approx(1.0, abs=1e-6) and numbers["r2_hidden"] == pytest.approx(1.0)
 
 
 def test_predicting_the_mean_token_has_r2_zero_whatever_its_cosine():
     target = 5 + torch.randn(2, 16, 8, generator=gen(), dtype=torch.float64)        # a large common part
     mask = torch.ones(2, 16)
-    numbers = pictures._feature_numbers({"mask": mask, "target": target,
+    numbers = figures._feature_numbers({"mask": mask, "target": target,
                                          "pred": target.flatten(0, 1).mean(0).expand(2, 16, 8)})
     assert numbers["r2_hidden"] == pytest.approx(0.0, abs=1e-9) and numbers["cosine_hidden"] > 0.9
 
@@ -184,7 +186,7 @@ def test_same_seed_same_picture(params):
 
 def test_attention_grid_writes_a_png_and_keeps_the_mode(params, tmp_path):
     encoder = build_encoder(params["model"], 8, 1, seed=0).train()
-    pictures.attention_grid(encoder, images(), MEAN, STD, tmp_path / "attention.png", n=3)
+    figures.attention_grid(encoder, images(), MEAN, STD, tmp_path / "attention.png", n=3)
     assert encoder.training and all(m.training for m in encoder.modules())
     with Image.open(tmp_path / "attention.png") as im:
         width, height = im.size                      # 3 rows, 1 + 2 heads columns

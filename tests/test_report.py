@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.report import COLUMNS, build_report
+from pipeline.reporting.report import COLUMNS, build_report
 
 KNN = {"k": 20, "temperature": 0.07, "feature": "cls"}
 LINPROBE = {"epochs": 30, "batch_size": 256, "lr": 0.1, "feature": "cls"}
@@ -161,7 +161,7 @@ def test_several_seeds_give_mean_std_and_mark_differences_within_the_seed_spread
     assert spread.loc[("0", "knn"), "seed_std"] == pytest.approx(0.02 / 2 ** 0.5)
 
 
-# ---- the claims section (pipeline.claims) on small seed-mean tables ------------------------------------------
+# ---- the claims section (pipeline.reporting.claims) on small seed-mean tables ------------------------------------------
 
 CLAIM_CHAINS = {"random": "random_init", "mae": "mae"}
 # k-NN = linear top-1 of each encoder in three studies: every claim holds (one seed), every claim fails (one
@@ -178,9 +178,9 @@ EARLY = {"hold": (0.5, 0.4), "fail": (0.3, 0.4), "spread": (0.45, 0.44)}   # (rc
 
 
 def seed_mean_table(top1: dict, early: tuple, std: float = float("nan"), seeds: int = 1) -> pd.DataFrame:
-    """A table as pipeline.seed_stats.seed_mean makes it: k-NN and linear top-1 of every encoder, and the
+    """A table as pipeline.reporting.seed_stats.seed_mean makes it: k-NN and linear top-1 of every encoder, and the
     pre-training row early_online_knn_top1 of rcmae and mae."""
-    from pipeline.claims import EARLY_KNN
+    from pipeline.reporting.claims import EARLY_KNN
     from pipeline.layout import describe_weights
 
     rows = []
@@ -200,8 +200,8 @@ def seed_mean_table(top1: dict, early: tuple, std: float = float("nan"), seeds: 
     ("fail", FAIL, float("nan"), 1, "does not hold"),
     ("spread", SPREAD, 0.06, 3, "within the seed spread")])
 def test_each_claim_holds_fails_or_falls_within_the_seed_spread(case, top1, std, seeds, expected):
-    from pipeline import claims
-    from pipeline.report import claims_table
+    from pipeline.reporting import claims
+    from pipeline.reporting.report import claims_table
 
     found = claims_table(seed_mean_table(top1, EARLY[case], std, seeds), CLAIM_CHAINS)
     assert list(found.columns) == claims.COLUMNS
@@ -216,7 +216,7 @@ def test_each_claim_holds_fails_or_falls_within_the_seed_spread(case, top1, std,
 
 
 def test_claims_name_the_comparisons_that_fail():
-    from pipeline.report import claims_table
+    from pipeline.reporting.report import claims_table
 
     found = claims_table(seed_mean_table(FAIL, EARLY["fail"]), CLAIM_CHAINS).set_index(["claim", "comparison", "metric"])
     failed = found[found.verdict == "does not hold"]
@@ -235,7 +235,7 @@ def test_claims_name_the_comparisons_that_fail():
 
 
 def test_verdict_sign_and_spread():
-    from pipeline.claims import FAILS, HOLDS, SPREAD as WITHIN, overall, verdict
+    from pipeline.reporting.claims import FAILS, HOLDS, SPREAD as WITHIN, overall, verdict
 
     nan = float("nan")
     assert [verdict(0.0, nan, s) for s in (">", ">=", "<")] == [FAILS, HOLDS, FAILS]     # equal: only ">=" holds
@@ -245,7 +245,7 @@ def test_verdict_sign_and_spread():
 
 
 def test_early_online_knn_is_the_mean_over_the_first_half_of_the_epochs(tmp_path):
-    from pipeline.report import pretrain_rows
+    from pipeline.reporting.report import pretrain_rows
 
     doc = _pretrain_doc("rcmae", "rcmae", 0)                       # 4 epochs: the first half is epochs 0, 1
     for e, knn in zip(doc["epochs"], (0.1, 0.2, 0.6, 0.8)):

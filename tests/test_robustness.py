@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from pipeline import layout, robustness
+from pipeline import layout
+from pipeline.evaluation import robustness
 from test_finetune import PNG, one_thread, study  # noqa: F401  (fixtures: one thread, the tiny study)
 
 
@@ -44,8 +45,8 @@ def test_noise_is_seeded_and_levels_are_imagenet_c():
 
 
 def test_robustness_node_after_finetune(study):
-    from pipeline.stages import finetune as finetune_stage
-    from pipeline.stages import robustness as stage
+    from pipeline.stages.evaluation import finetune as finetune_stage
+    from pipeline.stages.evaluation import robustness as stage
 
     finetune_stage.main(["--preset", "tiny", "--weights", "mae"])
     stage.main(["--preset", "tiny", "--weights", "mae"])
@@ -68,7 +69,7 @@ def test_robustness_node_after_finetune(study):
 
 
 def test_missing_or_corrupt_finetuned_model_is_a_one_line_error(study, capsys):
-    from pipeline.stages import robustness as stage
+    from pipeline.stages.evaluation import robustness as stage
 
     with pytest.raises(SystemExit) as e:
         stage.main(["--preset", "tiny", "--weights", "supervised"])
@@ -82,7 +83,7 @@ def test_missing_or_corrupt_finetuned_model_is_a_one_line_error(study, capsys):
 
     model = layout.finetuned_path("mae", 0)
     if not model.exists():
-        from pipeline.stages import finetune as finetune_stage
+        from pipeline.stages.evaluation import finetune as finetune_stage
         finetune_stage.main(["--preset", "tiny", "--weights", "mae"])
     model.write_bytes(model.read_bytes()[:-4] + b"oops")
     with pytest.raises(SystemExit):

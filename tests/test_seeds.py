@@ -12,11 +12,12 @@ import contextlib
 import pytest
 import torch
 
-from pipeline import config, layout, robustness
-from pipeline.encoder import build_encoder
+from pipeline import config, layout
+from pipeline.evaluation import robustness
+from pipeline.models.encoder import build_encoder
 from pipeline.methods import METHODS
-from pipeline.stages import linprobe
-from pipeline.teacher import FrozenTeacher
+from pipeline.stages.evaluation import linprobe
+from pipeline.models.teacher import FrozenTeacher
 
 PROTOCOLS = ("linprobe", "segprobe", "finetune", "robustness")
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import segmentation as seg
-from pipeline.data import Prepared
+from pipeline.evaluation import segmentation as seg
+from pipeline.data.datasets import Prepared
 from pipeline.errors import PipelineError
 
 
@@ -199,7 +199,8 @@ def test_folder_errors_are_one_line(tmp_path, case, message):
 def test_node_end_to_end_on_the_tiny_preset(workdir, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages import prepare_data, random_init, segprobe
+    from pipeline.stages.training import prepare_data, random_init
+    from pipeline.stages.evaluation import segprobe
 
     prepare_data.main(["--preset", "tiny"])
     random_init.main(["--preset", "tiny"])

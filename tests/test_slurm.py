@@ -1,6 +1,6 @@
 """On a real one-node Slurm cluster (tests/slurm_cluster.py, fixture slurm_cluster; skipped where it cannot start):
 
-- a tiny pre-training node dispatched by pipeline/launch.py with launch.executor=slurm ends bit-identical to
+- a tiny pre-training node dispatched by pipeline/orchestration/launch.py with launch.executor=slurm ends bit-identical to
   the inline executor's run;
 - the same node interrupted mid-run, by a time-out (submitit's job._interrupt(timeout=True): the warning
   signal, then submitit checkpoints and requeues it) and by a preemption (`scontrol suspend`, `scontrol
@@ -72,8 +72,8 @@ def prepared(slurm_cluster, tmp_path_factory):
     for name in COPIED:
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, d / name)
     env = dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{d}/mlflow.db")
-    run_cli(sys.executable, "-m", "pipeline.stages.prepare_data", "--preset", "tiny", cwd=d, env=env)
-    run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, cwd=d, env=env)
+    run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", "--preset", "tiny", cwd=d, env=env)
+    run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS, cwd=d, env=env)
     return d, load_file(d / WEIGHTS)
 
 
@@ -89,7 +89,7 @@ def assert_same_weights(workdir, reference):
 
 def test_pretrain_on_slurm_is_bit_identical_to_inline(workdir, prepared):
     with_data(workdir, prepared)
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, *slurm_args(60), env=ENV)
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS, *slurm_args(60), env=ENV)
     job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
     assert final_state(job) == "COMPLETED"
     assert_same_weights(workdir, prepared[1])
@@ -97,7 +97,7 @@ def test_pretrain_on_slurm_is_bit_identical_to_inline(workdir, prepared):
 
 def test_two_task_job_trains_like_one_process(workdir, prepared):
     with_data(workdir, prepared)
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.pretrain", *ARGS, *slurm_args(60), "--set", "launch.tasks=2",
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS, *slurm_args(60), "--set", "launch.tasks=2",
                    env=ENV)
     job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
     assert final_state(job) == "COMPLETED" and "rank 0/2 joined" in proc.stdout
@@ -114,7 +114,8 @@ def test_refused_and_cancelled_jobs_are_one_line_errors(workdir, slurm_cluster, 
     """sbatch refusing the params' 8 CPUs on this 2-CPU node, and a job cancelled while it runs (no result)."""
     from pathlib import Path
 
-    from pipeline import config, launch
+    from pipeline import config
+    from pipeline.orchestration import launch
     from pipeline.errors import PipelineError
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))      # the job unpickles `sleeps` from here
@@ -192,7 +193,7 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepar
     import submitit
 
     with_data(workdir, prepared)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.pretrain", *ARGS,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS,
                              *slurm_args(3 if how == "timeout" else 60)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, **ENV))

@@ -3,9 +3,9 @@
 - every stage module imports no heavy package (torch, timm, mlflow, pandas, submitit, matplotlib) at import time,
   nor does loading and validating the params;
 - stage_main writes the moment of the node's first own work into $MIM_STARTUP_MARK, even when the check fails;
-- teacher_swap's numpy copy (pipeline.encoder_file) writes the file the torch path (load_encoder, truncated,
+- teacher_swap's numpy copy (pipeline.models.encoder_file) writes the file the torch path (load_encoder, truncated,
   save_encoder) wrote, byte for byte, and its layout of the plain timm ViTs is timm's;
-- pipeline.bench_startup's summary, import costs and files, on made-up timings (the benchmark itself builds the
+- pipeline.bench.startup's summary, import costs and files, on made-up timings (the benchmark itself builds the
   whole tiny study: minutes).
 """
 import json
@@ -19,21 +19,24 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT, run_cli
-from pipeline import bench_startup, config, encoder_file
+from pipeline.stages import stage_module
+from pipeline.bench import startup
+from pipeline import config
+from pipeline.models import encoder_file
 from pipeline.checkpoint import read_json
-from pipeline.encoder import Encoder, build_encoder, load_encoder, save_encoder
+from pipeline.models.encoder import Encoder, build_encoder, load_encoder, save_encoder
 from pipeline.errors import PipelineError
 from pipeline.layout import sidecar
 
 HEAVY = ("torch", "timm", "mlflow", "pandas", "submitit", "matplotlib")
-STAGES = sorted(p.stem for p in (ROOT / "pipeline" / "stages").glob("*.py") if p.stem != "__init__")
+STAGES = sorted(p.stem for p in (ROOT / "pipeline" / "stages").glob("*/*.py") if p.stem != "__init__")
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, num_heads=2)
 PARAMS = {"model": MODEL, "data": {"img_size": 8}}
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_module_imports_no_heavy_package(stage):
-    code = f"import pipeline.stages.{stage}, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    code = f"import {stage_module(stage)}, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -55,7 +58,7 @@ def test_an_arch_outside_the_written_out_ones_is_still_checked_by_timm():
 def test_the_startup_mark_is_written_before_the_check_even_when_it_fails(workdir):
     mark = workdir / "first_work.mark"
     start = time.time()
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.knn", "--preset", "tiny", "--weights", "random_init",
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny", "--weights", "random_init",
                    check=False, env={"MIM_STARTUP_MARK": str(mark)})
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: missing input results/prepare_data/dataset.safetensors: "
@@ -141,14 +144,14 @@ import time:       100 |        100 |       torch._C
 import time:       300 |        400 |     torch
 import time:        50 |         50 |     timm.layers
 import time:       200 |        650 |   timm
-import time:        10 |        660 | pipeline.encoder
+import time:        10 |        660 | pipeline.models.encoder
 import time:        20 |         20 | yaml
 """
 
 
 def test_import_costs_are_by_top_level_package_outermost_imports_only():
-    costs = {c["package"]: c for c in bench_startup.import_costs(IMPORTTIME)}
-    assert [c["package"] for c in bench_startup.import_costs(IMPORTTIME)] == ["pipeline", "timm", "torch", "yaml"]
+    costs = {c["package"]: c for c in startup.import_costs(IMPORTTIME)}
+    assert [c["package"] for c in startup.import_costs(IMPORTTIME)] == ["pipeline", "timm", "torch", "yaml"]
     assert costs["torch"] == {"package": "torch", "cumulative_us": 400, "self_us": 400}
     assert costs["timm"] == {"package": "timm", "cumulative_us": 650, "self_us": 250}
     assert costs["pipeline"]["cumulative_us"] == 660 and costs["yaml"]["cumulative_us"] == 20
@@ -156,15 +159,15 @@ def test_import_costs_are_by_top_level_package_outermost_imports_only():
 
 def test_the_summary_names_the_targets_and_whether_they_are_met(tmp_path):
     runs = {node: [{"to_first_work_s": 0.5 + i / 4, "total_s": 2.0 + i} for i in range(3)]
-            for node in bench_startup.NODES}
+            for node in startup.NODES}
     runs["report"] = [{"to_first_work_s": 2.5, "total_s": 9.0}] * 3
     warm = [{"to_first_work_s": 0.3, "total_s": 1.0 + i} for i in range(3)]
-    nodes = [{"node": node, **bench_startup.median_times(r), **bench_startup.median_times(warm, "warm_"), "runs": 3}
+    nodes = [{"node": node, **startup.median_times(r), **startup.median_times(warm, "warm_"), "runs": 3}
              for node, r in runs.items()]
     machine = {"class": "cpu-avx2", "cpu": "CPU capability AVX2", "model": "AMD EPYC", "cpu_capability": "AVX2",
                "cores": 2, "python": "3.11", "load_average": [0.1, 0.2, 0.3]}
-    result = bench_startup.summarise(nodes, bench_startup.import_costs(IMPORTTIME), machine, 3, tiny_study_s=80.0)
-    assert [n["node"] for n in result["nodes"]] == list(bench_startup.NODES)
+    result = startup.summarise(nodes, startup.import_costs(IMPORTTIME), machine, 3, tiny_study_s=80.0)
+    assert [n["node"] for n in result["nodes"]] == list(startup.NODES)
     assert next(n for n in result["nodes"] if n["node"] == "knn") == {
         "node": "knn", "to_first_work_s": 0.75, "total_s": 3.0, "warm_to_first_work_s": 0.3, "warm_total_s": 2.0,
         "runs": 3}
@@ -172,7 +175,7 @@ def test_the_summary_names_the_targets_and_whether_they_are_met(tmp_path):
                              "tiny_study_s": True, "slowest_to_first_work": "report"}
     assert result["targets"] == {"to_first_work_s": 2.0, "teacher_swap_total_s": 3.0, "tiny_study_s": 120.0}
     assert result["cpu_capability"] == "AVX2"
-    bench_startup.write(result, tmp_path)
+    startup.write(result, tmp_path)
     assert json.loads((tmp_path / "startup.json").read_text()) == result
     md = (tmp_path / "startup.md").read_text()
     assert "| knn | 0.75 | 3.00 | 0.30 | 2.00 |" in md and "warm nodes) <= 120 s: met (80 s)" in md and "| timm | 0.00 | 0.00 |" in md
@@ -183,6 +186,6 @@ def test_the_summary_names_the_targets_and_whether_they_are_met(tmp_path):
 def test_every_node_type_of_the_dag_is_measured():
     rules = {line.split()[1].rstrip(":") for p in (ROOT / "rules").glob("*.smk")
              for line in p.read_text().splitlines() if line.startswith("rule ")}
-    assert set(bench_startup.NODES) == rules
-    assert all(bench_startup.command(n)[1:3] == ["-m", f"pipeline.stages.{bench_startup.NODES[n][0]}"]
-               for n in bench_startup.NODES)
+    assert set(startup.NODES) == rules
+    assert all(startup.command(n)[1:3] == ["-m", stage_module(startup.NODES[n][0])]
+               for n in startup.NODES)

@@ -1,4 +1,4 @@
-"""data.format stream (pipeline/stream.py): the manifest, per-sample deterministic crops, the DDP rows contract,
+"""data.format stream (pipeline/data/stream.py): the manifest, per-sample deterministic crops, the DDP rows contract,
 skipped and bad files, and the format's resolution."""
 import json
 from pathlib import Path
@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import config, data, layout, stream
+from pipeline import config, layout
+from pipeline.data import datasets, stream
 from pipeline.checkpoint import sha256_file
-from pipeline.engine import batch_indices
+from pipeline.train.engine import batch_indices
 from pipeline.errors import PipelineError
 
 DATA = {"dataset": "imagefolder", "img_size": 16, "channels": 3, "val_fraction": 0.25, "split_seed": 0,
@@ -69,7 +70,7 @@ def test_manifest_lists_images_with_labels_and_sizes_and_hashes_itself(tmp_path,
 
 def test_the_split_is_the_tensor_formats(tmp_path, monkeypatch):
     d, man = prepared(tmp_path, monkeypatch, extras=False)
-    train, val = data.split_folder(Path(d["path"]), d["val_fraction"], 0)
+    train, val = datasets.split_folder(Path(d["path"]), d["val_fraction"], 0)
     listed = [str(f.relative_to(d["path"])).encode() for files in val.values() for f in files]
     assert man.paths["val"].tolist() == listed and len(man.paths["train"]) == sum(map(len, train.values()))
 

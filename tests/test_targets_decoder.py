@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from pipeline import losses
+from pipeline.models import losses
 import torch.nn.functional as F
 
-from pipeline.decoder import TargetAwareBlock, TargetAwareDecoder
-from pipeline.encoder import build_encoder
-from pipeline.masking import random_masking
+from pipeline.models.decoder import TargetAwareBlock, TargetAwareDecoder
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import random_masking
 
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, num_heads=2)
 

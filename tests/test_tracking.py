@@ -3,7 +3,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import config
-from pipeline.tracking import NodeRun, flatten
+from pipeline.orchestration.tracking import NodeRun, flatten
 
 
 @pytest.fixture

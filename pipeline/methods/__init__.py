@@ -6,7 +6,7 @@
 
 `NEEDS_LABELS` trains with labels (supervised: the reference and a teacher for the swap study; it runs
 as the `supervised` node). `NEEDS_TEACHER` methods get a FrozenTeacher built from a checkpoint by the pretrain stage (dBOT).
-`EMA_METHODS` carry their own EMA teacher (pipeline.ema.EMAMethod) and write the encoder chosen by
+`EMA_METHODS` carry their own EMA teacher (pipeline.models.ema.EMAMethod) and write the encoder chosen by
 their `evaluate_weights` param (student or teacher).
 """
 import importlib

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import losses
-from pipeline.decoder import TargetAwareDecoder
-from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.encoder import build_encoder
-from pipeline.masking import hybrid_masking, max_block_patches
+from pipeline.models import losses
+from pipeline.models.decoder import TargetAwareDecoder
+from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import hybrid_masking, max_block_patches
 
 
 class BootMAE(EMAMethod):
@@ -111,7 +111,7 @@ class BootMAE(EMAMethod):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's mask and both branches, for pipeline.pictures: the pixel prediction (per-patch, per-channel
+        """forward's mask and both branches, for pipeline.reporting.figures: the pixel prediction (per-patch, per-channel
         normalised target) and, under "features", the two standardised sides of the feature loss."""
         _, out = self(imgs, generator)
         last = len(self.encoder.vit.blocks) - 1

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline import losses
-from pipeline.decoder import Decoder
-from pipeline.encoder import build_encoder
-from pipeline.masking import random_masking
-from pipeline.teacher import FrozenTeacher
+from pipeline.models import losses
+from pipeline.models.decoder import Decoder
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import random_masking
+from pipeline.models.teacher import FrozenTeacher
 
 
 class DBOT(nn.Module):
@@ -48,7 +48,7 @@ class DBOT(nn.Module):
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
         """forward's mask, prediction and the teacher's (standardised) targets of the patch tokens, for
-        pipeline.pictures: {"kind": "features", "mask", "pred", "target"} (the cls token is left out)."""
+        pipeline.reporting.figures: {"kind": "features", "mask", "pred", "target"} (the cls token is left out)."""
         _, out = self(imgs, generator)
         target = self.teacher.targets(imgs)
         if self.target_norm:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline import losses
-from pipeline.decoder import Decoder
-from pipeline.encoder import build_encoder
-from pipeline.masking import Mask, random_masking
+from pipeline.models import losses
+from pipeline.models.decoder import Decoder
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import Mask, random_masking
 
 
 class MAE(nn.Module):
@@ -46,7 +46,7 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's own mask and prediction, for pipeline.pictures: {"kind": "pixels", "mask", "pred", "norm_pix"}."""
+        """forward's own mask and prediction, for pipeline.reporting.figures: {"kind": "pixels", "mask", "pred", "norm_pix"}."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.norm_pix}
 

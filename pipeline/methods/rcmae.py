@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import losses
-from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.masking import random_masking
+from pipeline.models import losses
+from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
+from pipeline.models.masking import random_masking
 from pipeline.methods.mae import MAE
 
 
@@ -49,7 +49,7 @@ class RCMAE(EMAMethod):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's mask and the student's reconstruction, for pipeline.pictures (the pixel target is MAE's)."""
+        """forward's mask and the student's reconstruction, for pipeline.reporting.figures (the pixel target is MAE's)."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.student.norm_pix}
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import losses
-from pipeline.decoder import Decoder
-from pipeline.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.encoder import build_encoder
-from pipeline.masking import multifold_split, random_masking
+from pipeline.models import losses
+from pipeline.models.decoder import Decoder
+from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import multifold_split, random_masking
 
 
 class SdAE(EMAMethod):
@@ -64,7 +64,7 @@ class SdAE(EMAMethod):
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
         """forward's mask, and on the patch grid the (standardised) predictions and the EMA teacher's targets of
-        the masked patches its folds cover, for pipeline.pictures. Tokens without a target (the visible ones,
+        the masked patches its folds cover, for pipeline.reporting.figures. Tokens without a target (the visible ones,
         which the teacher never sees, and a dropped remainder) are NaN in both."""
         _, out = self(imgs, generator)
         folds = out["folds"]

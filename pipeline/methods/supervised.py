@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoder import build_encoder
+from pipeline.models.encoder import build_encoder
 
 
 class Supervised(nn.Module):

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): step throughput, scaling, dataset memory, node start-up."""

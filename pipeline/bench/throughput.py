@@ -1,0 +1,407 @@
+"""Benchmark (not a test): speed, memory and compute efficiency of every method's training step at a preset.
+
+    python -m pipeline.bench.throughput --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16] [--out DIR]
+
+One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
+
+- which precision the pipeline's default (`precision: auto`, pipeline.hardware) picks here and why
+  (default_precision, default_precision_reason, cpu_capability), and which precisions it measures: fp32, plus
+  every other precision this device runs natively (bf16 on a GPU with bf16 or a CPU with AMX / AVX512-BF16, fp16
+  on a GPU). A precision the machine only emulates is skipped with the reason printed (skipped_precisions), unless
+  asked for with --precisions: an emulated bf16 step on an AVX2-only CPU takes ~17x the fp32 one;
+- peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), per measured precision;
+- rows, one per method x measured precision: the real training step (engine._step: augmentation,
+  masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
+  timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
+  max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
+  the model is built); the analytic FLOPs of a step (pipeline.models.flops.flops_per_image "train" x batch: student
+  forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
+  (against peak_gflops_here: the median GFLOP/s of one n x n matmul run after each timed step, in the same
+  process; the shared CPU's speed drifts, so the step and its ceiling are measured under the same conditions);
+  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision). The rows of the default precision are
+  measured through `precision: auto` itself (setting "auto"); default_vs_fastest holds, per method, the default's
+  images/s over the best images/s of any measured precision (target: >= 0.95 on every machine);
+- data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
+  train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
+- modes: MAE trained --curve-steps steps on the real train images in every measured precision and with
+  torch.compile (--compile-backend, in the default precision), same init, batches and masks: step time (median
+  after the first steps), first-step time (holds the compilation), loss curve, final-loss difference to fp32.
+  A compile failure is recorded as its error message. The curves are overlaid in modes_loss.png.
+
+Reading MFU (model FLOPs utilisation) = achieved GFLOP/s / the matmul peak of the precision the step runs in:
+the share of the machine's dense-matmul ceiling that the step turns into model FLOPs. Everything that is not a
+large matmul (augmentation, masking, norms, softmax, the optimiser, Python and dispatch overhead, small matmuls
+far from the peak) lowers it, so small models such as the tiny preset sit far below 1. The FLOP count leaves out
+patch embedding, heads and norms, so MFU slightly under-counts. A step ratio above the FLOP ratio: the method
+spends more time per FLOP than MAE (non-matmul work of its teacher or loss). Timings need an otherwise idle
+machine: on CPU cores shared with another job, torch's threads wait for each other and steps get 10-50x slower.
+
+Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out (default
+results/bench/<machine class>: cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gc
+import json
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.bench import render
+from pipeline import config, hardware
+from pipeline.train import engine
+from pipeline.checkpoint import write_json
+from pipeline.models.flops import flops_per_image
+from pipeline.data.datasets import prepare
+from pipeline.models.encoder import build_encoder
+from pipeline.layout import RESULTS
+from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.models.teacher import FrozenTeacher
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+TARGET = 0.95         # the default precision's images/s against the fastest measured, for every method
+WARMUP = 3            # untimed steps before every timing
+
+
+def timed(fn, device: str) -> tuple[float, object]:
+    """(seconds, fn()), the device synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, value
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, device: str, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n by n x n matmul (2 n^3 FLOPs) over `reps` runs after 2 warm-up runs."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = [timed(lambda: a @ b, device)[0] for _ in range(reps + 2)]
+    return 2 * n ** 3 / min(times[2:]) / 1e9
+
+
+class PeakProbe:
+    """The matmul ceiling measured between training steps: one n x n matmul after each step (operands and output
+    allocated once, up front, so they sit outside any memory reading taken after). On a machine whose speed
+    drifts (a shared CPU: 150-300 GFLOP/s fp32 within minutes here), the median over the timed steps is the
+    peak under the same conditions as the steps."""
+
+    def __init__(self, precision: str, n: int, device: str):
+        dtype = hardware.DTYPES[hardware.resolve(precision, device).name]     # "auto": what it picks here
+        self.a, self.b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        self.out, self.n, self.device, self.gflops = torch.empty_like(self.a), n, device, []
+
+    def __call__(self) -> None:
+        seconds, _ = timed(lambda: torch.matmul(self.a, self.b, out=self.out), self.device)
+        self.gflops.append(2 * self.n ** 3 / seconds / 1e9)
+
+
+def train_config(params: dict, precision: str) -> engine.TrainConfig:
+    """The pretrain section's step settings in `precision`, at a constant lr = blr * batch_size / 256."""
+    t = params["pretrain"]
+    return engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=t["blr"] * t["batch_size"] / 256,
+                              min_lr=t["min_lr"], warmup_epochs=0, weight_decay=t["weight_decay"],
+                              clip_grad=t["clip_grad"], precision=precision, crop_scale=t["crop_scale"], hflip=t["hflip"],
+                              checkpoint_every_min=1e9, seed=0, config_hash="bench")
+
+
+def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps: int) -> tuple:
+    """(model, AdamW) of `method` as the pretrain stage builds them (seed 0; dBOT: a random frozen teacher)."""
+    d = params["data"]
+    teacher = None
+    if method in NEEDS_TEACHER:
+        teacher = FrozenTeacher(build_encoder(params["model"], d["img_size"], d["channels"], seed=1))
+    labels = {"num_classes": 10} if method in NEEDS_LABELS else {}
+    model = METHODS[method](params, d["channels"], 0, teacher, **labels).train().to(device)
+    opt = engine.make_optimizer(model, cfg)
+    if hasattr(model, "start_schedule"):
+        model.start_schedule(steps, steps)     # one epoch: EMA updates as in training
+    return model, opt
+
+
+def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tensor, mean: list, std: list,
+                steps: int, compile_backend: str | None = None, between=None) -> list[tuple[float, float]]:
+    """(seconds, loss) of each of `steps` training steps (engine._step) of a fresh model on uint8 `images`;
+    with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation); `between()`,
+    if given, runs after each step, outside its time."""
+    model, opt = build(params, method, cfg, device, steps)
+    if compile_backend:
+        model.compile(backend=compile_backend)
+    amp = hardware.resolve(cfg.precision, device)
+    scaler = amp.grad_scaler()
+    labels = torch.arange(len(images)) % 10
+    out = []
+    for step in range(steps):
+        idx = engine.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
+        batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
+        out.append(timed(lambda: engine._step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
+                                              batch_labels, amp, scaler).item(), device))
+        if between:
+            between()
+    return out
+
+
+def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe) -> dict:
+    """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
+    matmul peak between the steps}, medians over `steps` steps after warm-up."""
+    d, cfg = params["data"], train_config(params, precision)
+    images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
+    out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
+                      WARMUP + steps, between=probe)
+    return {"step_s": statistics.median(t for t, _ in out[WARMUP:]),
+            "peak_gflops_here": statistics.median(probe.gflops[WARMUP:])}
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; elsewhere its peak so far)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2 ** 20
+    except OSError:
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
+def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int) -> dict:
+    """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
+    above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
+    torch.set_num_threads(threads)
+    probe = PeakProbe(precision, peak_size, "cpu")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # Linux: restart the peak-RSS count from here
+    except OSError:
+        pass
+    before = _rss_mb()
+    timing = time_method(params, method, precision, steps, "cpu", probe)
+    return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
+
+
+def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int) -> dict:
+    """{"step_s", "peak_gflops_here", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in
+    a fresh child. peak_gflops_here: the matmul peak measured between the steps, under the same conditions."""
+    if device == "cpu":
+        return pool.submit(_measure_child, params, method, precision, steps, torch.get_num_threads(),
+                           peak_size).result()
+    gc.collect()
+    torch.cuda.empty_cache()
+    probe = PeakProbe(precision, peak_size, device)
+    torch.cuda.reset_peak_memory_stats()
+    timing = time_method(params, method, precision, steps, device, probe)
+    return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+
+
+def child_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """One fresh process per task, one at a time: forkserver where the platform has it (its server imports torch
+    and the methods once, so a child starts in a fraction of a second instead of ~5 s), else spawn."""
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
+    if ctx.get_start_method() == "forkserver":    # not this module itself: each child runs it as __mp_main__
+        ctx.set_forkserver_preload(["pipeline.bench.render", "pipeline.data.datasets", "pipeline.train.engine", "pipeline.methods"])
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def make_row(params: dict, method: str, precision: str, measured: dict, mae: dict, peak: float,
+             setting: str | None = None) -> dict:
+    """One row of bench.json from a measurement, MAE's measurement (same precision) and the precision's matmul
+    peak of the run.
+
+    mfu: against the matmul peak measured between the steps (peak_gflops_here, see PeakProbe): like with like
+    on a machine whose speed drifts. mfu_vs_run_peak: against the run's one peak measurement (peak_gflops).
+    step_ratio_to_mae: the step times' ratio as measured, minutes apart; step_ratio_at_equal_peak: the same
+    ratio with each step time scaled by its own peak_gflops_here, i.e. as if both ran at the same machine
+    speed (= flop_ratio_to_mae x MAE's MFU / this MFU)."""
+    row = {"method": method, "precision": precision, "setting": setting or precision,
+           **throughput(params, method, measured)}
+    return dict(row, mfu_vs_run_peak=row["gflops_per_s"] / peak, step_ratio_to_mae=measured["step_s"] / mae["step_s"],
+                step_ratio_at_equal_peak=(measured["step_s"] * measured["peak_gflops_here"]
+                                          / (mae["step_s"] * mae["peak_gflops_here"])),
+                flop_ratio_to_mae=row["flops_per_step"] / (flops_per_image(params, "mae")["train"]
+                                                           * params["pretrain"]["batch_size"]))
+
+
+def throughput(params: dict, method: str, measured: dict) -> dict:
+    """A measurement ({"step_s", "peak_gflops_here", ...}) with its images/s, analytic FLOPs per step, GFLOP/s
+    and MFU at these params."""
+    batch = params["pretrain"]["batch_size"]
+    flops = flops_per_image(params, method)["train"] * batch
+    gflops = flops / measured["step_s"] / 1e9
+    return {**measured, "images_per_s": batch / measured["step_s"], "flops_per_step": flops,
+            "gflops_per_s": gflops, "mfu": gflops / measured["peak_gflops_here"]}
+
+
+def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Precision, list[str], dict[str, str]]:
+    """(the default precision here, the precisions to measure, {skipped precision: why}). Measured: fp32 (the
+    reference), the default, and either `asked` or every precision this device runs natively."""
+    default = hardware.resolve("auto", device)
+    wanted = asked if asked is not None else [p for p in PRECISIONS if hardware.native(p, device)[0]]
+    measured = [p for p in PRECISIONS if p in {"fp32", default.name, *wanted}]
+    skipped = {p: f"{hardware.native(p, device)[1]}: not native here; --precisions {' '.join(measured + [p])} "
+                  "measures it" for p in PRECISIONS if p not in measured}
+    return default, measured, skipped
+
+
+def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
+                 progress) -> list[dict]:
+    """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto"."""
+    rows = []
+    with child_pool() as pool:
+        for precision in peaks:
+            for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
+                setting = "auto" if precision == default else precision
+                measured = measure(params, method, setting, steps, device, pool, peak_size)
+                mae = measured if method == "mae" else mae
+                rows.append(make_row(params, method, precision, measured, mae, peaks[precision], setting))
+                progress(render.row_line(rows[-1]))
+    return rows
+
+
+def default_vs_fastest(rows: list[dict]) -> dict[str, float]:
+    """Per method: the default precision's images/s over the best images/s of any measured precision."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        out[method] = next(r for r in mine if r["setting"] == "auto")["images_per_s"] / max(
+            r["images_per_s"] for r in mine)
+    return out
+
+
+def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: float, precision: str) -> dict:
+    """Images/s of making training batches exactly as engine._step does before the model."""
+    cfg = train_config(params, precision)
+
+    def batch(step: int) -> torch.Tensor:
+        x = data.train_x[engine.batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
+        return engine.make_batch(x, data.mean, data.std, cfg, engine.step_generator(cfg.seed, step), device)
+    times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]
+    per_s = min(cfg.batch_size, len(data.train_x)) / statistics.median(times[WARMUP:])
+    return {"images_per_s": per_s, "ratio_to_mae_training": per_s / mae_images_per_s,
+            "mae_precision": precision}
+
+
+def mode_run(params: dict, data, mode: str, steps: int, device: str, backend: str = "inductor",
+             compile_precision: str = "fp32") -> dict:
+    """MAE's loss curve and step time in one mode: a precision (fp32 | bf16 | fp16) or compile (`backend`, in
+    `compile_precision`)."""
+    precision = compile_precision if mode == "compile" else mode
+    run = {"precision": precision, **({"backend": backend} if mode == "compile" else {})}
+    try:
+        out = train_steps(params, "mae", train_config(params, precision), device, data.train_x, data.mean, data.std,
+                          steps, compile_backend=backend if mode == "compile" else None)
+    except Exception as e:      # torch.compile may fail on a machine (no compiler, unsupported op): record it
+        if mode != "compile":
+            raise
+        return dict(run, error=f"{type(e).__name__}: {e}"[:2000])
+    finally:
+        if mode == "compile":
+            torch._dynamo.reset()
+    times, losses = [t for t, _ in out], [loss for _, loss in out]
+    return dict(run, step_s=statistics.median(times[min(WARMUP, steps - 1):]), first_step_s=times[0],
+                losses=losses, final_loss=losses[-1])
+
+
+def measure_modes(params: dict, data, steps: int, device: str, backend: str, precisions: list[str], default: str,
+                  progress) -> dict:
+    """MAE's loss curve in each of `precisions` (fp32 first) and compiled in the `default` precision."""
+    modes = {}
+    for mode in [*precisions, "compile"]:
+        modes[mode] = mode_run(params, data, mode, steps, device, backend, default)
+        if "final_loss" in modes[mode]:
+            modes[mode]["final_loss_diff_to_fp32"] = modes[mode]["final_loss"] - modes["fp32"]["final_loss"]
+        progress(render.mode_line(mode, modes[mode]))
+    return modes
+
+
+class Progress:
+    """Prints '[k/N] message (elapsed, ETA)'; the ETA assumes the measurements left take the mean time so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {message}  ({elapsed:.0f} s, ETA {eta:.0f} s)", flush=True)
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
+    parser.add_argument("--curve-steps", type=int, default=30, help="steps of each mode's loss curve (>= 2)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                        help="precisions to measure besides fp32 and the default (default: those this device runs "
+                             "natively; an emulated one is skipped, with the reason printed)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.curve_steps < 2:
+        parser.error("--steps must be >= 1 and --curve-steps >= 2")
+    return args
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--preset, --device, --peak-size and --out, shared with pipeline.bench.scaling."""
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): CUDA if torch sees a GPU, else the CPU")
+    parser.add_argument("--peak-size", type=int, default=None, help="matmul size n of the peak (2048 CPU, 8192 CUDA)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default results/bench/<machine class>, e.g. cpu-avx2, cpu-amx, gpu-h100)")
+
+
+def setup(args) -> tuple[dict, str, int]:
+    """(params of --preset, the device of --device, the matmul size of the peak); args.out defaults to
+    results/bench/<machine class>, so each kind of machine keeps its own numbers."""
+    device = hardware.device(args.device)
+    args.out = args.out or RESULTS / "bench" / hardware.machine_class(device)
+    return config.load(args.preset), device, args.peak_size or (8192 if device == "cuda" else 2048)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    params, device, n = setup(args)
+    default, measured, skipped = plan_precisions(device, args.precisions)
+    print(f"default precision: {default.name} ({default.reason})", flush=True)
+    for precision, why in skipped.items():
+        print(f"skipped {precision}: {why}", flush=True)
+    progress = Progress(len(measured) * (1 + len(METHODS)) + 1 + len(measured) + 1)
+    peaks = {}
+    for precision in measured:
+        peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
+        progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
+    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress)
+    data = prepare(params["data"], params["data"]["split_seed"])
+    mae = next(r for r in rows if r["method"] == "mae" and r["setting"] == "auto")
+    loading = data_loading(params, data, device, args.steps, mae["images_per_s"], default.name)
+    progress(render.loading_line(loading))
+    modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, measured, default.name,
+                          progress)
+    ratios = default_vs_fastest(rows)
+    result = {"default_precision": default.name, "default_precision_reason": default.reason,
+              "cpu_capability": hardware.cpu_features()["capability"], "cpu": hardware.describe_cpu(hardware.cpu_features()),
+              "default_vs_fastest": ratios, "default_meets_target": min(ratios.values()) >= TARGET,
+              "measured_precisions": measured, "skipped_precisions": skipped,
+              "preset": args.preset, "device": device, "device_name": hardware.device_name(device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "curve_steps": args.curve_steps,
+              "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "data_loading": loading, "modes": modes}
+    write_json(args.out / "bench.json", result)
+    render.write_markdown(result, args.out / "bench.md")
+    render.modes_loss(modes, args.out / "modes_loss.png")
+    print(json.dumps({"written": [str(args.out / f) for f in ("bench.json", "bench.md", "modes_loss.png")]}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation protocols on trained encoders: probes, fine-tuning, segmentation, robustness, analyses."""

@@ -1,0 +1,1 @@
+"""The networks and their parts: encoder, decoders, masking, targets and losses, teachers (incl. EMA), FLOPs."""

@@ -1,0 +1,1 @@
+"""Running nodes: the stage CLI, launchers, MLflow tracking, the fork server, dvc.yaml."""

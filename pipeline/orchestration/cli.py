@@ -1,0 +1,131 @@
+"""What every stage CLI shares: --preset/--set, strict params, fail-fast checks, one-line errors.
+
+A stage module defines `add_args(parser)`, `check(params, args)` (fast validation of its inputs, before
+any work) and `work(params, args)` (the node itself), then calls `stage_main(...)`. Nodes that run once
+per seed of the study (all but prepare_data and report) take `--seed S` (default: the first of params
+seeds); their params hold it as params["seed"]. Training nodes pass `distributed=True`: they run in launch.tasks
+processes (pipeline.train.distributed); every other node in one.
+
+Start-up: this module and the stage modules import only light modules (argparse, yaml, the params and layout
+helpers); torch, timm, mlflow and the rest are imported by the work that uses them. A node's "first own work"
+is the moment stage_main has parsed its arguments, loaded and validated its params, and is about to call its
+check(): with $MIM_STARTUP_MARK naming a file, stage_main writes time.time() into it then
+(python -m pipeline.bench.startup measures it for every node type).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import yaml
+
+from pipeline import checkpoint, config, layout
+from pipeline.errors import PipelineError
+from pipeline.stages import stage_module
+
+
+def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
+               node_id: Callable, argv: list[str] | None = None, compute: bool = True, per_seed: bool = True,
+               distributed: bool = False) -> None:
+    warm_exit = delegate_to_forkserver()       # a node process: a fork server, if one runs, starts it warm
+    if warm_exit is not None:
+        sys.exit(warm_exit)
+    parser = argparse.ArgumentParser(prog=f"python -m {stage_module(name)}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", help="params/presets/<name>.yaml (default: default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param, e.g. --set pretrain.epochs=3 (repeatable)")
+    parser.add_argument("--params", dest="files", action="append", default=[], metavar="FILE",
+                        help="a YAML file of overrides, merged after the preset (repeatable)")
+    if per_seed:
+        parser.add_argument("--seed", type=int, default=None,
+                            help="which of the study's seeds (params seeds) this node runs for (default: the first)")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        params = config.load(args.preset, args.overrides, args.files)
+        if per_seed and args.seed is not None:
+            params = config.with_seed(params, args.seed)
+        if not per_seed:                       # a node of the whole study (prepare_data, report)
+            params = {k: v for k, v in params.items() if k != "seed"}
+        args.seed = params.get("seed")
+        mark_startup()
+        check(params, args)
+        with exclusive(node_id(args)):
+            if compute:
+                from pipeline.orchestration import launch          # submitit and torch: only for the work itself
+
+                launch.run(work, params, args, node_id(args), distributed_ok=distributed)
+            else:
+                work(params, args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:                       # e.g. a full disk: atomic writes left every earlier output as it was
+        print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
+              "no output was replaced", file=sys.stderr)
+        sys.exit(2)
+
+
+def delegate_to_forkserver() -> int | None:
+    """Run this node process (`python -m pipeline.stages.<group>.<stage> ...`) in a child of the fork server at
+    $MIM_FORKSERVER (pipeline.orchestration.forkserver): its exit status, or None to run here."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if not os.environ.get("MIM_FORKSERVER") or spec is None or not spec.name.startswith("pipeline.stages."):
+        return None
+    from pipeline.orchestration import forkserver
+
+    return forkserver.delegate(spec.name, sys.argv[1:])
+
+
+def mark_startup() -> None:
+    """The node's first own work begins: write time.time() into the file $MIM_STARTUP_MARK names, if it is set."""
+    path = os.environ.get("MIM_STARTUP_MARK")
+    if path:
+        with open(path, "w") as f:
+            f.write(repr(time.time()))
+
+
+@contextmanager
+def exclusive(node: str):
+    """Hold results/.locks/<node>.lock while the node runs: a second run of the same node at once (two
+    shells, two DAG tools) fails at once with a one-line error instead of writing over the first's files.
+    The lock is the kernel's (flock), so it goes away with its process, even after SIGKILL."""
+    path = layout.RESULTS / ".locks" / f"{node}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise PipelineError(f"{node} is already running (pid {f.read().strip() or '?'}); "
+                                "wait for it to finish or stop it, then run it again") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_params(path, params: dict, sections: list[str]) -> None:
+    """The resolved params a node used, written beside its outputs."""
+    text = yaml.safe_dump({s: params[s] for s in sections}, sort_keys=False)
+    checkpoint.atomic_write(path, lambda p: p.write_text(text))
+
+
+def dbot_key(text: str) -> str:
+    """--stage value of the dBOT nodes: '<chain>_stage<k>', e.g. random_stage1 (their Snakemake/DVC key)."""
+    from pipeline.layout import parse_dbot_key
+
+    try:
+        parse_dbot_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -1,0 +1,1 @@
+"""The study's comparison: tables, claims, the teacher-swap study, seed statistics, figures."""

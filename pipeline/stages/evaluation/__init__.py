@@ -1,0 +1,1 @@
+"""Node CLIs that evaluate weights and report: `python -m pipeline.stages.evaluation.<node>`."""

@@ -1,0 +1,1 @@
+"""Node CLIs that make data and weights: `python -m pipeline.stages.training.<node>`."""
