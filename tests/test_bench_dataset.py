@@ -69,7 +69,7 @@ def mapping(t: torch.Tensor) -> str:
 
 def in_memory(d: dict, seed: int) -> datasets.Prepared:
     """The image folder read as before streaming: every image stacked in memory, the same helpers."""
-    train, val = datasets._split_files(datasets._class_files(datasets._root(d)), d["val_fraction"], seed)
+    train, val = datasets._split_files(datasets._class_files(datasets.data_folder(d)), d["val_fraction"], seed)
     mode = "L" if d["channels"] == 1 else "RGB"
 
     def read(classes):
@@ -77,7 +77,7 @@ def in_memory(d: dict, seed: int) -> datasets.Prepared:
         x = torch.stack([datasets._read_image(f, mode, d["img_size"]) for _, f in pairs])
         return x, torch.tensor([label for label, _ in pairs])
     (tx, ty), (vx, vy) = read(train), read(val)
-    return datasets.Prepared(tx, ty, vx, vy, list(train), *datasets._channel_stats(tx),
+    return datasets.Prepared(tx, ty, vx, vy, list(train), *datasets.tensor_channel_stats(tx),
                          f"imagefolder {d['path']} ({len(train)} classes)")
 
 
@@ -105,7 +105,7 @@ def test_channel_stats_in_place_gives_the_out_of_place_sums():
         s, s2 = s + c.sum((0, 2, 3)), s2 + (c * c).sum((0, 2, 3))
     mean = s / (4100 * 15)
     std = (s2 / (4100 * 15) - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    assert datasets._channel_stats(x) == (mean.tolist(), std.tolist())
+    assert datasets.tensor_channel_stats(x) == (mean.tolist(), std.tolist())
 
 
 def test_corrupt_image_mid_folder_leaves_no_dataset(workdir, capsys):

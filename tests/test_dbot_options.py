@@ -27,7 +27,7 @@ def dbot(*argv):
 
 def first_step_moments(monkeypatch, run) -> dict:
     """exp_avg by parameter name that the optimiser holds when the first training step begins."""
-    seen, step = {}, engine._step
+    seen, step = {}, engine.train_step
 
     def recording(model, opt, *args, **kw):
         if not seen:
@@ -35,9 +35,9 @@ def first_step_moments(monkeypatch, run) -> dict:
             seen.update({names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()} or {"": None})
         return step(model, opt, *args, **kw)
 
-    monkeypatch.setattr(engine, "_step", recording)
+    monkeypatch.setattr(engine, "train_step", recording)
     run()
-    monkeypatch.setattr(engine, "_step", step)
+    monkeypatch.setattr(engine, "train_step", step)
     return {k: v for k, v in seen.items() if k}
 
 

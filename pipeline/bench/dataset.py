@@ -9,8 +9,8 @@ where there is one, else spawn; one task per child) measures two phases:
 
 - prepare: datasets.prepare + datasets.save_prepared of the folder (dataset imagefolder, the preset's data section at
   --img-size / --channels, val_fraction 0.2, split_seed 0), as the prepare_data stage runs them;
-- train: datasets.load_prepared + --train-steps MAE training steps (pipeline.bench.throughput.train_steps: engine._step on
-  the batches of engine.batch_indices, the preset's pretrain settings).
+- train: datasets.load_prepared + --train-steps MAE training steps (pipeline.bench.throughput.train_steps:
+  engine.train_step on the batches of engine.batch_indices, the preset's pretrain settings).
 
 A background thread reads /proc/self/status every 5 ms (and once more at each phase end): the peak of RssAnon,
 the process's own memory (heap, tensors it allocates), and of RssFile, the pages of mapped files (the
@@ -62,7 +62,7 @@ from pipeline.plots import save_png
 CLASSES = 10
 GEN_SIZE = 32              # side of the generated PNGs; prepare resizes them to img_size
 VAL_FRACTION, SPLIT_SEED = 0.2, 0
-STATS_CHUNK = 4096         # images per float64 chunk of datasets._channel_stats
+STATS_CHUNK = 4096         # images per float64 chunk of datasets.tensor_channel_stats
 
 
 # ---- the synthetic image folder ------------------------------------------------------------------------
@@ -218,8 +218,8 @@ def findings(result: dict) -> str:
             f"prepared file (RssFile, page cache the kernel writes back and drops under pressure), prepare "
             f"{grew(a, b, 'prepare_peak_file_mb')}, training {grew(a, b, 'train_peak_file_mb')}. In anonymous memory "
             f"only small per-image parts grow: file paths and labels in prepare (8 B a label), the epoch order in "
-            f"training (8 B a train image). The mean/std pass (datasets._channel_stats) holds one float64 chunk of at "
-            f"most {STATS_CHUNK} images ({chunk_mb:.0f} MB at {result['img_size']}x{result['img_size']}x"
+            f"training (8 B a train image). The mean/std pass (datasets.tensor_channel_stats) holds one float64 chunk "
+            f"of at most {STATS_CHUNK} images ({chunk_mb:.0f} MB at {result['img_size']}x{result['img_size']}x"
             f"{result['channels']}): prepare's anonymous peak rises with the train split up to {STATS_CHUNK} "
             f"images and is flat beyond.")
     full = [r for r in rows if r["train_images"] >= STATS_CHUNK]
@@ -278,15 +278,15 @@ STREAM_TARGETS = {"images_per_s_per_worker": 150.0, "rss_growth": 0.10, "startup
 NODE_SETTINGS = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.decoder_dim=32",
                  "model.decoder_depth=1", "model.decoder_heads=2", "pretrain.precision=fp32", "pretrain.epochs=100",
                  "pretrain.online_knn.every_epochs=0"]
-# runs the real pretrain CLI with one hook: pipeline.train.engine._step, wrapped when the engine is first imported (so
-# the node imports what it imports, in its order), writes time.time() after the first step and after each step to
+# runs the real pretrain CLI with one hook: pipeline.train.engine.train_step, wrapped when the engine is first imported
+# (so the node imports what it imports, in its order), writes time.time() after the first step and after each step to
 # $BENCH_STREAM_STEPS, and ends the process (os._exit: workers die with it) after $BENCH_STREAM_MAX_STEPS steps
 NODE_RUNNER = r"""
 import importlib.abc, importlib.util, os, runpy, sys, time
 steps_file, max_steps = os.environ["BENCH_STREAM_STEPS"], int(os.environ["BENCH_STREAM_MAX_STEPS"])
 
 def patch(engine):
-    step, times = engine._step, []
+    step, times = engine.train_step, []
 
     def timed(*args, **kwargs):
         out = step(*args, **kwargs)
@@ -297,7 +297,7 @@ def patch(engine):
             sys.stdout.flush(); sys.stderr.flush()
             os._exit(0)
         return out
-    engine._step = timed
+    engine.train_step = timed
 
 class Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -596,7 +596,7 @@ def stream_markdown(result: dict) -> str:
               f"{a['prepare_s']:.1f} -> {b['prepare_s']:.1f} s from {a['images']} to {b['images']} images; its peak "
               f"RSS ({a['prepare_peak_rss_mb']:.0f} -> {b['prepare_peak_rss_mb']:.0f} MB) is flat: the channel "
               f"mean/std pass holds its {stats} sampled images in uint8 ({sample_mb:.0f} MB at {result['img_size']} "
-              f"px) and sums them in float64 chunks of at most 512 MiB (datasets._channel_stats).", ""]
+              f"px) and sums them in float64 chunks of at most 512 MiB (datasets.tensor_channel_stats).", ""]
     if result.get("notes"):
         lines += [result["notes"], ""]
     return "\n".join(lines)

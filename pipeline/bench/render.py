@@ -94,7 +94,7 @@ def markdown(result: dict) -> str:
         *_rows_table(result["rows"]), "",
         f"## Modes: MAE, {result['curve_steps']} steps on the real train images (same init and batches)", "",
         *_modes_table(result["modes"]), "",
-        loading_line(result["data_loading"]) + " (batches made as engine._step makes them)", "",
+        loading_line(result["data_loading"]) + " (batches made as engine.train_step makes them)", "",
         f"Matmul peak (n = {result['peak_matmul_size']}) at the start: "
         + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())
         + ". MFU = GFLOP/s / the matmul peak of the row's precision measured in the row's own process between its "

@@ -2,8 +2,8 @@
 
     python -m pipeline.bench.scaling --preset default [--steps 10] [--precisions ...] [--out DIR]
 
-Every point is MAE's real training step (pipeline.bench.throughput: engine._step, fresh child process, median of --steps
-timed steps after warm-up) at the preset with one setting changed, in fp32 and every other precision this device
+Every point is MAE's real training step (pipeline.bench.throughput: engine.train_step, fresh child process, median of
+--steps timed steps after warm-up) at the preset with one setting changed, in fp32 and every other precision this device
 runs natively (bf16 autocast on a CPU with AMX / AVX512-BF16 or a GPU with bf16; pipeline.bench.throughput.plan_precisions),
 or those of --precisions:
 

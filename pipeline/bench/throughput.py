@@ -10,7 +10,7 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   on a GPU). A precision the machine only emulates is skipped with the reason printed (skipped_precisions), unless
   asked for with --precisions: an emulated bf16 step on an AVX2-only CPU takes ~17x the fp32 one;
 - peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), per measured precision;
-- rows, one per method x measured precision: the real training step (engine._step: augmentation,
+- rows, one per method x measured precision: the real training step (engine.train_step: augmentation,
   masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
   timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
   max_memory_allocated; CPU: each measurement in a fresh child process, its ru_maxrss minus its RSS just before
@@ -21,7 +21,7 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   the step-time ratio to MAE next to the FLOP ratio to MAE (same precision). The rows of the default precision are
   measured through `precision: auto` itself (setting "auto"); default_vs_fastest holds, per method, the default's
   images/s over the best images/s of any measured precision (target: >= 0.95 on every machine);
-- data_loading: images/s of making the batches alone, as engine._step does before the model (index the uint8
+- data_loading: images/s of making the batches alone, as engine.train_step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
 - modes: MAE trained --curve-steps steps on the real train images in every measured precision and with
   torch.compile (--compile-backend, in the default precision), same init, batches and masks: step time (median
@@ -129,7 +129,7 @@ def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps
 
 def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tensor, mean: list, std: list,
                 steps: int, compile_backend: str | None = None, between=None) -> list[tuple[float, float]]:
-    """(seconds, loss) of each of `steps` training steps (engine._step) of a fresh model on uint8 `images`;
+    """(seconds, loss) of each of `steps` training steps (engine.train_step) of a fresh model on uint8 `images`;
     with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation); `between()`,
     if given, runs after each step, outside its time."""
     model, opt = build(params, method, cfg, device, steps)
@@ -142,7 +142,7 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
     for step in range(steps):
         idx = engine.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
-        out.append(timed(lambda: engine._step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
+        out.append(timed(lambda: engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
                                               batch_labels, amp, scaler).item(), device))
         if between:
             between()
@@ -276,7 +276,7 @@ def default_vs_fastest(rows: list[dict]) -> dict[str, float]:
 
 
 def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: float, precision: str) -> dict:
-    """Images/s of making training batches exactly as engine._step does before the model."""
+    """Images/s of making training batches exactly as engine.train_step does before the model."""
     cfg = train_config(params, precision)
 
     def batch(step: int) -> torch.Tensor:

@@ -70,12 +70,13 @@ def prepare(data: dict, seed: int, scratch: Path | None = None) -> Prepared:
         raise PipelineError(f"{source}: no train images for class(es) {', '.join(empty[:10])}")
     if len(val_y) == 0:
         raise PipelineError(f"{source}: the val split is empty (too few images per class for val_fraction)")
-    mean, std = _channel_stats(train_x)
+    mean, std = tensor_channel_stats(train_x)
     return Prepared(train_x, train_y, val_x, val_y, names, mean, std, source)
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of x / 255 over (N, H, W); x uint8 (N, C, H, W), summed in float64 chunks.
+def tensor_channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of x / 255 over (N, H, W); x uint8 (N, C, H, W), summed in float64 chunks (the
+    stats of a prepared dataset, and of the streamed path's decoded sample).
 
     One chunk is held at a time: 4096 images, fewer when that passes 512 MiB at 8 bytes a value (445 at 224 px
     RGB; 4096 up to 128 px grey or 73 px RGB: every preset but imagenet). Memory is bounded whatever N and size.
@@ -137,7 +138,9 @@ def _convert_chunk(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 # ---- image folders -------------------------------------------------------------------------------------
 
-def _root(data: dict) -> Path:
+def data_folder(data: dict) -> Path:
+    """The folder data.path names (an image folder or a CIFAR folder; pipeline.data.stream lists it too); a missing
+    path or folder is a PipelineError."""
     if not data.get("path"):
         raise PipelineError(f"data.path is required for dataset {data['dataset']}")
     root = Path(data["path"])
@@ -147,7 +150,7 @@ def _root(data: dict) -> Path:
 
 
 def _imagefolder(data: dict, seed: int, scratch: Path | None):
-    root = _root(data)
+    root = data_folder(data)
     train, val = split_folder(root, data["val_fraction"], seed)
     (tx, ty), (vx, vy) = _read_images(train, data, scratch), _read_images(val, data, scratch)
     return tx, ty, vx, vy, list(train), f"imagefolder {root} ({len(train)} classes)"
@@ -231,7 +234,7 @@ def _read_image(path: Path, mode: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
-            im = _to_mode(ImageOps.exif_transpose(im), mode)
+            im = convert_pil_mode(ImageOps.exif_transpose(im), mode)
     except Exception as e:   # Pillow raises many types for corrupt or foreign files
         raise PipelineError(f"cannot read image {path}: {e}") from None
     return pil_to_tensor(_center_crop(im, size, size))
@@ -255,8 +258,10 @@ def _center_crop(im, short: int, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def _to_mode(im, mode: str):
-    """Pillow image of any mode -> mode: palette transparency via RGBA, alpha dropped, 16-bit/float grey scaled."""
+def convert_pil_mode(im, mode: str):
+    """A Pillow image of any mode -> mode (L or RGB), as every image reader converts (this module's, the streamed path's
+    pipeline.data.stream, the segmentation images'): palette transparency via RGBA, alpha dropped, 16-bit/float grey
+    scaled."""
     from PIL import Image
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
@@ -311,7 +316,7 @@ def _field(d: dict, key: bytes, path: Path):
 
 
 def _cifar(data: dict, seed: int):
-    root = _root(data)
+    root = data_folder(data)
     if (root / "batches.meta").exists():        # cifar-10-batches-py
         meta, labels, names, test = root / "batches.meta", b"labels", b"label_names", "test_batch"
         train = [f"data_batch_{i}" for i in range(1, 6)]

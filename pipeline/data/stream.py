@@ -78,9 +78,9 @@ class Manifest:
 def scan(data: dict, seed: int) -> Manifest:
     """The image folder's split (pipeline.data.datasets.split_folder) of image files, with their sizes (one stat each);
     other files skipped and counted."""
-    from pipeline.data.datasets import _root, split_folder
+    from pipeline.data.datasets import data_folder, split_folder
 
-    root, skipped = _root(data), []
+    root, skipped = data_folder(data), []
     train, val = split_folder(root, data["val_fraction"], seed, lambda classes: _images_only(classes, root, skipped))
     if not any(val.values()):
         raise PipelineError(f"{root}: the val split is empty (too few images per class for val_fraction)")
@@ -106,12 +106,12 @@ def _images_only(classes: dict, root: Path, skipped: list) -> dict:
 
 def channel_stats(man: Manifest, data: dict, seed: int, loader: dict | None = None) -> tuple[list, list]:
     """Per-channel mean/std (of x / 255) of STATS_IMAGES train images (a fixed seeded sample), eval transform."""
-    from pipeline.data.datasets import _channel_stats
+    from pipeline.data.datasets import tensor_channel_stats
 
     n = len(man.labels["train"])
     pick = np.sort(np.random.default_rng(seed).choice(n, min(n, STATS_IMAGES), replace=False))
     images = split_images(man, "train", Path(data["path"]), data, loader or {})[torch.from_numpy(pick)]
-    return _channel_stats(images.tensor(desc="prepare_data channel stats"))
+    return tensor_channel_stats(images.tensor(desc="prepare_data channel stats"))
 
 
 def lines(man: Manifest) -> list[str]:
@@ -241,11 +241,11 @@ def read_image(path: str, size: int, mode: str) -> torch.Tensor:
 def _pillow(raw: bytes, path: str, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from pipeline.data.datasets import _to_mode
+    from pipeline.data.datasets import convert_pil_mode
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            return pil_to_tensor(_to_mode(ImageOps.exif_transpose(im), mode))
+            return pil_to_tensor(convert_pil_mode(ImageOps.exif_transpose(im), mode))
     except Exception as e:   # Pillow raises many types for corrupt files
         raise PipelineError(f"cannot read image {path}: {e}") from None
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.datasets import LUMA, Prepared, _to_mode
+from pipeline.data.datasets import LUMA, Prepared, convert_pil_mode
 from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import extract_features
 
@@ -174,7 +174,7 @@ def _read_pair(image: Path, mask: Path, mode: str, size: int, num_classes: int |
     from PIL import Image, ImageOps
     try:
         with Image.open(image) as im:
-            im = _to_mode(ImageOps.exif_transpose(im), mode)
+            im = convert_pil_mode(ImageOps.exif_transpose(im), mode)
         with Image.open(mask) as mk:
             mk.load()
     except Exception as e:   # Pillow raises many types for corrupt or foreign files

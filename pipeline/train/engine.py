@@ -219,8 +219,8 @@ def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: Tr
         batch_u8, batch_y, cropped = next(batches)
         batch_labels = {"labels": batch_y} if needs_labels else {}
         with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
-            loss = _step(net, opt, batch_u8, mean, std, cfg, lrs[step], step, device, batch_labels, amp, scaler,
-                         cropped)
+            loss = train_step(net, opt, batch_u8, mean, std, cfg, lrs[step], step, device, batch_labels, amp,
+                              scaler, cropped)
         st["loss_sum"] += loss.detach().float()
         step += 1
         st["step"] = step
@@ -238,10 +238,12 @@ def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: Tr
     return TrainResult(st["history"], st["images_seen"], st["wall_s"], st["extra"], named_optimizer_state(model, opt))
 
 
-def _step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
-          batch_labels: dict, amp: hardware.Precision, scaler: torch.amp.GradScaler,
-          cropped: bool = False) -> torch.Tensor:
-    """One optimiser step in precision `amp`; `scaler` scales the loss for fp16 (disabled otherwise: a no-op)."""
+def train_step(model, opt, batch_u8, mean, std, cfg: TrainConfig, lr: float, step: int, device: str,
+               batch_labels: dict, amp: hardware.Precision, scaler: torch.amp.GradScaler,
+               cropped: bool = False) -> torch.Tensor:
+    """One optimiser step in precision `amp`, as train() runs it (also what the benchmarks time,
+    pipeline.bench.throughput / dataset): the step's batch (make_batch), forward, backward, clipping, AdamW at `lr`, the
+    method's after_step hook. `scaler` scales the loss for fp16 (disabled otherwise: a no-op); returns the loss."""
     gen = step_generator(cfg.seed, step)
     x = make_batch(batch_u8, mean, std, cfg, gen, device, cropped)
     for group in opt.param_groups:
