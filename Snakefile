@@ -5,15 +5,13 @@
     snakemake --cores 2 --config preset=tiny    # a preset from params/presets/
 Every rule calls a stage CLI, `python -m pipeline.stages.<group>.<rule>` (pipeline.stages.stage_module); dvc.yaml runs the same commands.
 """
-from snakemake.utils import validate
-
 from pipeline import config as params_config
 from pipeline import layout
 
 config.setdefault("preset", "default")
-PARAMS = params_config.load(config["preset"], check_paths=False)   # strict: a bad key or value stops here; data.path
-                                                                   # is checked by the nodes (a DAG needs only params)
-validate(PARAMS, "params/schema.yaml")
+PARAMS = params_config.load(config["preset"], check_paths=False)   # strict (the schema and cross-field checks): a bad
+                                                                   # key or value stops here; data.path is checked by
+                                                                   # the nodes (a DAG needs only params)
 
 
 include: "rules/common.smk"

@@ -1,8 +1,7 @@
 """Params: params/base.yaml + params/presets/<preset>.yaml (+ key=value overrides), strictly validated.
 
 The resolved params are plain data (yaml.safe_load; never evaluated). Validation has two layers, both run
-before any work: the JSON schema in params/schema.yaml (types, ranges, unknown keys; the Snakefile checks
-the same schema) and the cross-field checks below (sizes that must divide, paths that must exist).
+before any work: the JSON schema (params/schema.yaml + each method's section from its module: types, ranges, unknown keys) and the cross-field checks below (sizes that must divide, paths that must exist).
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from pipeline import methods
 from pipeline.errors import PipelineError
 
 PARAMS_DIR = Path("params")
@@ -97,9 +97,10 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
 # their teacher), and a protocol's seed across the encoders it evaluates (every encoder gets the same probe).
 SEED_BLOCK = 1000
 DBOT_STAGE_SEEDS = 10                 # dBOT stage k: 1000 S + 10 k (k < 50, below the methods' offsets)
-SEED_OFFSETS = {"random_init": 0, "mae": 500, "sdae": 510, "rcmae": 520, "bootmae": 530, "supervised": 540,
+SEED_OFFSETS = {"random_init": 0, **{m: methods.spec(m)["seed_offset"] for m in methods.NAMES   # 500, 510, ..., 540
+                                     if methods.spec(m)["seed_offset"] is not None},
                 "linprobe": 900, "segprobe": 910, "finetune": 920, "pictures": 930, "robustness": 950}
-MAX_DBOT_STAGES = SEED_OFFSETS["mae"] // DBOT_STAGE_SEEDS
+MAX_DBOT_STAGES = min(v for v in SEED_OFFSETS.values() if v) // DBOT_STAGE_SEEDS
 
 
 def node_seed(params: dict, node: str, stage: int = 0) -> int:
@@ -132,9 +133,16 @@ def _momentum_problems(method: str, spec: dict):
         yield f"{method}.momentum.breakpoints must increase, got {points}"
 
 
+def schema() -> dict:
+    """params/schema.yaml with every method's section (its module's SPEC["params"], pipeline.methods.schema)."""
+    out = _read_yaml(SCHEMA)
+    out["required"] = out["required"] + list(methods.NAMES)
+    out["properties"].update({name: methods.schema(name) for name in methods.NAMES})
+    return out
+
+
 def validate(params: dict, source: str = "params", check_paths: bool = True) -> None:
-    schema = _read_yaml(SCHEMA)
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(params))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(params))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "top level"
         raise PipelineError(f"invalid params ({source}): {where}: {error.message}")
@@ -163,14 +171,16 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
     if d["format"] == "stream" and d["dataset"] != "imagefolder":
         yield f"data.format stream needs data.dataset imagefolder ({d['dataset']} is always prepared as a tensor)"
     masked = num_patches - int(num_patches * (1 - t["mask_ratio"]))
-    if p["sdae"]["folds"] > masked:
-        yield f"sdae.folds {p['sdae']['folds']} exceeds the {masked} masked patches"
-    for method in ("sdae", "rcmae", "bootmae"):
+    bounds = {"masked_patches": (masked, f"the {masked} masked patches"), "model.depth": (m["depth"], f"model.depth {m['depth']}")}
+    for method in methods.NAMES:                 # a method's params bounded by the study (its SPEC's at_most)
+        for key, bound in methods.spec(method)["at_most"].items():
+            limit, text = bounds[bound]
+            if p[method][key] is not None and p[method][key] > limit:
+                yield f"{method}.{key} {p[method][key]} exceeds {text}"
+    for method in sorted(methods.EMA_METHODS):
         if p[method]["momentum"]["update"] == "epoch" and p[method]["momentum"]["schedule"] == "repo":
             yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
         yield from _momentum_problems(method, p[method]["momentum"])
-    if p["bootmae"]["probe_block"] is not None and p["bootmae"]["probe_block"] > m["depth"]:
-        yield f"bootmae.probe_block {p['bootmae']['probe_block']} exceeds model.depth {m['depth']}"
     launch = p["launch"]
     if launch["tasks"] > 1 and launch["executor"] == "inline":
         yield f"launch.tasks {launch['tasks']} needs executor local or slurm (one process per task)"

@@ -30,6 +30,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline import methods
+
 RESULTS = Path("results")
 DATA_DIR = RESULTS / "prepare_data"
 DATASET = DATA_DIR / "dataset.safetensors"          # uint8 images + int64 labels; meta in dataset.json
@@ -43,7 +45,7 @@ SUMMARY_MD = RESULTS / "summary.md"
 CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.reporting.claims)
 PLOTS_DIR = RESULTS / "plots"
 
-SINGLE_STAGE_METHODS = ("mae", "sdae", "rcmae", "bootmae")   # methods whose pre-training is one `pretrain` node
+SINGLE_STAGE_METHODS = methods.with_node("pretrain")   # mae, sdae, rcmae, bootmae: pre-trained by one `pretrain` node
 TEACHER_SOURCES = ("random_init",) + SINGLE_STAGE_METHODS + ("supervised",)   # weights ids a dBOT chain may start from
 PIXELS = "pixels"                  # the raw-pixel floor: knn and linprobe on the normalised images
 FLOORS = ("random_init", PIXELS)   # weights ids no method trained: what every trained encoder should beat

@@ -23,12 +23,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline import methods
 from pipeline.checkpoint import atomic_write
 from pipeline.layout import parse_dbot_key
 
 PANELS = (("knn", "k-NN top-1"), ("linprobe", "Linear-probe top-1"))
-BASELINE_STYLE = {"mae": ("MAE", "tab:orange"), "sdae": ("SdAE", "tab:green"), "rcmae": ("RC-MAE", "tab:red"),
-                  "bootmae": ("BootMAE", "tab:purple"), "supervised": ("supervised", "black"),
+BASELINE_STYLE = {**{m: (methods.spec(m)["label"], methods.spec(m)["color"]) for m in methods.NAMES  # SPEC's style
+                     if m not in methods.with_node("pretrain_dbot")},
                   "random_init": ("random init (floor)", "tab:gray"), "pixels": ("raw pixels (floor)", "darkgoldenrod")}
 FLOOR_LINES = {"random_init": "--", "pixels": ":"}   # the two floors: random-init encoder, normalised raw pixels
 CHAIN_COLORS = ("tab:blue", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "navy")

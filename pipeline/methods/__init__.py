@@ -1,20 +1,79 @@
-"""The method registry: METHODS, name -> build(params, in_chans, seed, teacher) returning an nn.Module with
+"""The method registry. A method is one module, pipeline/methods/<name>.py, plus its params section
+(params/base.yaml `<name>:`) and its entry in NAMES. The module holds:
 
-- forward(imgs, generator, step) -> (loss, outputs dict holding at least "mask");
-- `.encoder`, the student encoder;
-- optional hooks the engine calls: start_schedule(steps_per_epoch, total_steps), after_step(step).
+- `SPEC`, plain data that everything else reads without importing the module (and so without torch):
+  label, color   how plots and tables name and draw it (pipeline.plots);
+  node           the training node that runs it: pretrain (one stage, the DAG's `method` wildcard), pretrain_dbot
+                 (a chain of stages) or supervised (pipeline.layout);
+  teacher        None | "frozen" (a checkpoint, built by the pretrain stage: dBOT) | "ema" (its own mean teacher,
+                 pipeline.models.ema.EMAMethod; its section has `momentum` and `evaluate_weights`: which encoder
+                 the node writes and the evaluations see);
+  labels         trains with labels (supervised);
+  seed_offset    its training node's seed offset in the study seed's block (pipeline.config.node_seed);
+  at_most        params of its section bounded by a quantity of the study: "masked_patches" or "model.depth";
+  params         the JSON schema of each key of its section (all required; params/schema.yaml has the rest).
+- `build(params, in_chans, seed, teacher)` -> an nn.Module with forward(imgs, generator, step) -> (loss, outputs
+  holding at least "mask"), `.encoder` (the student), optional hooks start_schedule(steps_per_epoch,
+  total_steps) and after_step(step);
+- `forward_flops(params, counts, teacher)` -> (student forward, teacher forward) FLOPs per image
+  (pipeline.models.flops: the report's equal-compute axis and the benchmark's MFU).
 
-`NEEDS_LABELS` trains with labels (supervised: the reference and a teacher for the swap study; it runs
-as the `supervised` node). `NEEDS_TEACHER` methods get a FrozenTeacher built from a checkpoint by the pretrain stage (dBOT).
-`EMA_METHODS` carry their own EMA teacher (pipeline.models.ema.EMAMethod) and write the encoder chosen by
-their `evaluate_weights` param (student or teacher).
+docs/adding-a-method.md walks through adding one; tests/test_methods_registry.py adds a toy method to a copy of
+the repository and finds it in both DAGs, the schema and the report.
 """
-import importlib
+from __future__ import annotations
 
-NAMES = ("mae", "dbot", "sdae", "rcmae", "bootmae", "supervised")   # pipeline.methods.<name>, METHODS' order
-NEEDS_LABELS = {"supervised"}
-NEEDS_TEACHER = {"dbot"}
-EMA_METHODS = {"sdae", "rcmae", "bootmae"}
+import ast
+import functools
+import importlib
+from pathlib import Path
+
+NAMES = ("mae", "dbot", "sdae", "rcmae", "bootmae", "supervised")   # the order of tables, plots and the bench
+NODES = ("pretrain", "pretrain_dbot", "supervised")
+TEACHERS = (None, "frozen", "ema")
+BOUNDS = ("masked_patches", "model.depth")
+
+
+@functools.cache
+def spec(name: str) -> dict:
+    """The method's SPEC, read from its module's source as a literal (the module itself imports torch)."""
+    path = Path(__file__).with_name(f"{name}.py")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["SPEC"]:
+            value = ast.literal_eval(node.value)
+            break
+    else:
+        raise ValueError(f"{path} has no SPEC = {{...}} literal")
+    if value["node"] not in NODES or value["teacher"] not in TEACHERS or not set(value["at_most"]) <= set(
+            value["params"]) or not set(value["at_most"].values()) <= set(BOUNDS):
+        raise ValueError(f"{path}: SPEC node must be one of {NODES}, teacher one of {TEACHERS}, at_most maps its "
+                         f"own params to one of {BOUNDS}")
+    return value
+
+
+def with_node(node: str) -> tuple[str, ...]:
+    """The methods a training node runs, in NAMES order: with_node("pretrain") = the single-stage methods."""
+    return tuple(n for n in NAMES if spec(n)["node"] == node)
+
+
+def with_teacher(kind: str | None) -> set[str]:
+    return {n for n in NAMES if spec(n)["teacher"] == kind}
+
+
+def schema(name: str) -> dict:
+    """The JSON schema of params section `name`."""
+    props = spec(name)["params"]
+    return {"type": "object", "additionalProperties": False, "required": list(props), "properties": props}
+
+
+NEEDS_LABELS = {n for n in NAMES if spec(n)["labels"]}
+NEEDS_TEACHER = with_teacher("frozen")
+EMA_METHODS = with_teacher("ema")
+
+
+def module(name: str):
+    """The method's module (imports torch and timm)."""
+    return importlib.import_module(f"pipeline.methods.{name}")
 
 
 def __getattr__(name: str):
@@ -22,6 +81,6 @@ def __getattr__(name: str):
     that only checks its arguments (pretrain's check reads NAMES) does not need."""
     if name != "METHODS":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    methods = {n: importlib.import_module(f"pipeline.methods.{n}").build for n in NAMES}
+    methods = {n: module(n).build for n in NAMES}
     globals()["METHODS"] = methods
     return methods

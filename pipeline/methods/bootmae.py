@@ -31,6 +31,37 @@ from pipeline.models.decoder import TargetAwareDecoder
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import hybrid_masking, max_block_patches
+from pipeline.models import flops
+from pipeline.models.encoder import encoder_flops
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "BootMAE",
+    "color": "tab:purple",
+    "node": "pretrain",
+    "teacher": "ema",
+    "labels": False,
+    "seed_offset": 530,
+    "at_most": {"probe_block": "model.depth"},
+    "params": {   # JSON schema of params section bootmae (every key required)
+        "feature_weight": {"type": "number", "minimum": 0},
+        "ramp": {"enum": ["epoch", "step"]},
+        "ramp_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "block_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "min_block": {"$ref": "#/$defs/posint"},
+        "max_block": {"oneOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}]},
+        "block_attempts": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/posint"}]},
+        "center_weight": {"type": "boolean"},
+        "loss_denominator": {"enum": ["masked", "weights"]},
+        "feature_decoder": {"enum": ["encoder", "decoder"]},
+        "decoder_positions": {"enum": ["masked", "all"]},
+        "block_order": {"enum": ["self_cross_mlp", "cross_self_mlp"]},
+        "momentum": {"$ref": "#/$defs/momentum"},
+        "evaluate_weights": {"$ref": "#/$defs/evaluate_weights"},
+        "probe_block": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/posint"}]},
+        "drop_path": {"$ref": "#/$defs/drop_path"},
+    },
+}
+
 
 
 class BootMAE(EMAMethod):
@@ -120,6 +151,20 @@ class BootMAE(EMAMethod):
                     "target": losses.standardize_tokens(target)}
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": True, "per_channel": True,
                 "features": features}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: the encoder on the visible patches, a pixel decoder at
+    decoder_dim and a feature decoder at embed_dim (or decoder_dim), each with its cross-attention to the
+    encoder's tokens; the momentum encoder on every patch."""
+    m, cfg = params["model"], params["bootmae"]
+    num, visible, _ = flops.token_counts(params)
+    project = cfg["block_order"] == "cross_self_mlp"
+    student = flops.visible_encoder(params)
+    for dim in (m["decoder_dim"], m["embed_dim"] if cfg["feature_decoder"] == "encoder" else m["decoder_dim"]):
+        student += encoder_flops(dim, m["decoder_depth"], 1 + num) + flops.cross_attention_flops(
+            dim, m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"], project)
+    return student, flops.full_encoder(params)
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> BootMAE:

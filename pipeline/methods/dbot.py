@@ -18,6 +18,29 @@ from pipeline.models.decoder import Decoder
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import random_masking
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.models import flops
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "dBOT",
+    "color": "tab:blue",
+    "node": "pretrain_dbot",
+    "teacher": "frozen",
+    "labels": False,
+    "seed_offset": None,
+    "at_most": {},
+    "params": {   # JSON schema of params section dbot (every key required)
+        "beta": {"$ref": "#/$defs/posnum"},
+        "target_norm": {"type": "boolean"},
+        "teacher_final_norm": {"type": "boolean"},
+        "drop_path": {"$ref": "#/$defs/drop_path"},
+        "decoder_drop_path": {"$ref": "#/$defs/drop_path"},
+        "carry_optimizer_state": {"type": "boolean"},
+        "stage0_teacher_depth": {"oneOf": [{"type": "null"}, {"type": "integer", "minimum": 0}]},
+        "chains": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[a-z0-9]+$"}, "additionalProperties": {"type": "string", "minLength": 1}},
+        "stages": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^stage[0-9]+$"}, "additionalProperties": {"$ref": "#/$defs/stage"}},
+    },
+}
+
 
 
 class DBOT(nn.Module):
@@ -54,6 +77,12 @@ class DBOT(nn.Module):
         if self.target_norm:
             target = losses.standardize_tokens(target)
         return {"kind": "features", "mask": out["mask"], "pred": out["pred"][:, 1:], "target": target[:, 1:]}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: MAE's student; the frozen teacher (`teacher`: its model config
+    when it differs from the student's) on every patch."""
+    return flops.visible_encoder(params) + flops.pixel_decoder(params), flops.full_encoder(params, teacher)
 
 
 def build(params: dict, in_chans: int, seed: int, teacher: FrozenTeacher | None = None) -> DBOT:

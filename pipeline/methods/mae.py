@@ -12,6 +12,22 @@ from pipeline.models import losses
 from pipeline.models.decoder import Decoder
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import Mask, random_masking
+from pipeline.models import flops
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "MAE",
+    "color": "tab:orange",
+    "node": "pretrain",
+    "teacher": None,
+    "labels": False,
+    "seed_offset": 500,
+    "at_most": {},
+    "params": {   # JSON schema of params section mae (every key required)
+        "norm_pix_loss": {"type": "boolean"},
+        "drop_path": {"$ref": "#/$defs/drop_path"},
+    },
+}
+
 
 
 class MAE(nn.Module):
@@ -49,6 +65,11 @@ class MAE(nn.Module):
         """forward's own mask and prediction, for pipeline.reporting.figures: {"kind": "pixels", "mask", "pred", "norm_pix"}."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.norm_pix}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: the encoder on the visible patches + the decoder; no teacher."""
+    return flops.visible_encoder(params) + flops.pixel_decoder(params), 0.0
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> MAE:

@@ -13,6 +13,24 @@ from pipeline.models import losses
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.models.masking import random_masking
 from pipeline.methods.mae import MAE
+from pipeline.models import flops
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "RC-MAE",
+    "color": "tab:red",
+    "node": "pretrain",
+    "teacher": "ema",
+    "labels": False,
+    "seed_offset": 520,
+    "at_most": {},
+    "params": {   # JSON schema of params section rcmae (every key required)
+        "consistency_weight": {"type": "number", "minimum": 0},
+        "momentum": {"$ref": "#/$defs/momentum"},
+        "evaluate_weights": {"$ref": "#/$defs/evaluate_weights"},
+        "drop_path": {"$ref": "#/$defs/drop_path"},
+    },
+}
+
 
 
 class RCMAE(EMAMethod):
@@ -52,6 +70,12 @@ class RCMAE(EMAMethod):
         """forward's mask and the student's reconstruction, for pipeline.reporting.figures (the pixel target is MAE's)."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.student.norm_pix}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: MAE's student, and the EMA teacher runs the same MAE."""
+    mae = flops.visible_encoder(params) + flops.pixel_decoder(params)
+    return mae, mae
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> RCMAE:

@@ -20,6 +20,27 @@ from pipeline.models.decoder import Decoder
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import multifold_split, random_masking
+from pipeline.models import flops
+from pipeline.models.encoder import flops_per_token_block
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "SdAE",
+    "color": "tab:green",
+    "node": "pretrain",
+    "teacher": "ema",
+    "labels": False,
+    "seed_offset": 510,
+    "at_most": {"folds": "masked_patches"},
+    "params": {   # JSON schema of params section sdae (every key required)
+        "folds": {"$ref": "#/$defs/posint"},
+        "teacher_init": {"enum": ["random", "student"]},
+        "cosine_axis": {"enum": ["channels", "tokens"]},
+        "momentum": {"$ref": "#/$defs/momentum"},
+        "evaluate_weights": {"$ref": "#/$defs/evaluate_weights"},
+        "drop_path": {"$ref": "#/$defs/drop_path"},
+    },
+}
+
 
 
 class SdAE(EMAMethod):
@@ -75,6 +96,15 @@ class SdAE(EMAMethod):
                                        dtype=x.dtype).scatter(1, ids, x.reshape(b, f * n, -1))
         return {"kind": "features", "mask": out["mask"], "pred": on_grid(losses.standardize_tokens(out["pred"])),
                 "target": on_grid(losses.standardize_tokens(target))}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: MAE's student; the teacher runs `folds` sequences of
+    (masked // folds) + cls tokens each."""
+    m, folds = params["model"], params["sdae"]["folds"]
+    masked = flops.token_counts(params)[2]
+    teacher_forward = folds * m["depth"] * flops_per_token_block(m["embed_dim"], 1 + masked // folds)
+    return flops.visible_encoder(params) + flops.pixel_decoder(params), teacher_forward
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> SdAE:

@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.encoder import build_encoder
+from pipeline.models import flops
+
+SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
+    "label": "supervised",
+    "color": "black",
+    "node": "supervised",
+    "teacher": None,
+    "labels": True,
+    "seed_offset": 540,
+    "at_most": {},
+    "params": {   # JSON schema of params section supervised (every key required)
+        "epochs": {"$ref": "#/$defs/posint"},
+        "label_smoothing": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+    },
+}
+
 
 
 class Supervised(nn.Module):
@@ -33,6 +49,11 @@ class Supervised(nn.Module):
         logits = self.head(self.encoder.features(imgs, "cls"))
         return F.cross_entropy(logits.float(), labels.to(logits.device), label_smoothing=self.label_smoothing), \
             {"logits": logits}
+
+
+def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
+    """(student, teacher) forward FLOPs per image: the encoder on every patch; no teacher."""
+    return flops.full_encoder(params), 0.0
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None, num_classes: int = 10) -> Supervised:

@@ -6,7 +6,7 @@ heads and norms are left out: they are under 2% of a step at every preset here.
 """
 from __future__ import annotations
 
-from pipeline.models.encoder import encoder_flops, flops_per_token_block
+from pipeline.models.encoder import encoder_flops
 
 
 def token_counts(params: dict) -> tuple[int, int, int]:
@@ -27,38 +27,32 @@ def cross_attention_flops(dim: int, depth: int, queries: int, context: int, cont
     return depth * (projections + 2 * 2 * queries * context * dim)
 
 
+def visible_encoder(params: dict) -> float:
+    """The encoder on the cls token + the visible patches."""
+    m = params["model"]
+    return encoder_flops(m["embed_dim"], m["depth"], 1 + token_counts(params)[1])
+
+
+def full_encoder(params: dict, model: dict | None = None) -> float:
+    """An encoder (the student's, or `model`: a teacher of another size) on the cls token + every patch."""
+    m = model or params["model"]
+    return encoder_flops(m["embed_dim"], m["depth"], 1 + token_counts(params)[0])
+
+
+def pixel_decoder(params: dict) -> float:
+    """MAE's light decoder on every token."""
+    m = params["model"]
+    return encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + token_counts(params)[0])
+
+
 def flops_per_image(params: dict, method: str, teacher: dict | None = None) -> dict[str, float]:
     """{"student_forward", "teacher_forward", "train"} FLOPs of one training image; train = 3 x student + teacher.
+    Each method counts its own forwards (its module's forward_flops, pipeline.methods).
 
     teacher: the model config of dBOT's frozen teacher when it differs from the student (a wider or deeper
     external checkpoint); by default the teacher is the student's architecture.
     """
-    m = params["model"]
-    num, visible, masked = token_counts(params)
-    enc_visible = encoder_flops(m["embed_dim"], m["depth"], 1 + visible)
-    enc_full = encoder_flops(m["embed_dim"], m["depth"], 1 + num)
-    if teacher:
-        full_teacher = encoder_flops(teacher["embed_dim"], teacher["depth"], 1 + num)
-    else:
-        full_teacher = enc_full
-    decoder = encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + num)
-    if method == "supervised":
-        student, teacher = enc_full, 0.0
-    elif method == "bootmae":       # a pixel decoder at decoder_dim, a feature decoder at embed_dim (or decoder_dim)
-        cfg = params["bootmae"]
-        project = cfg["block_order"] == "cross_self_mlp"
-        student = enc_visible
-        for dim in (m["decoder_dim"], m["embed_dim"] if cfg["feature_decoder"] == "encoder" else m["decoder_dim"]):
-            student += encoder_flops(dim, m["decoder_depth"], 1 + num) + cross_attention_flops(
-                dim, m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"], project)
-        teacher = enc_full
-    else:
-        student = enc_visible + decoder
-        teacher = {"mae": 0.0, "dbot": full_teacher, "rcmae": enc_visible + decoder,
-                   "sdae": _fold_flops(m, masked, params["sdae"]["folds"])}[method]
-    return {"student_forward": student, "teacher_forward": teacher, "train": 3 * student + teacher}
+    from pipeline import methods
 
-
-def _fold_flops(m: dict, masked: int, folds: int) -> float:
-    """SdAE's teacher: `folds` sequences of (masked // folds) + cls tokens each."""
-    return folds * m["depth"] * flops_per_token_block(m["embed_dim"], 1 + masked // folds)
+    student, teacher_forward = methods.module(method).forward_flops(params, teacher)
+    return {"student_forward": student, "teacher_forward": teacher_forward, "train": 3 * student + teacher_forward}
