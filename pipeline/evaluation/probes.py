@@ -45,7 +45,7 @@ def pixel_features(images: torch.Tensor, mean, std, batch_size: int = 512) -> to
 
 
 def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:
-    """k-NN top-1 (knn.k, temperature, feature, precision) of the first `train_images` train images against the
+    """k-NN top-1 (k, temperature, feature, precision of `knn`: pretrain.online_knn) of the first `train_images` train images against the
     first `val_images` val images: the cheap convergence probe run during pre-training. The encoder's
     train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
     was_training = encoder.training

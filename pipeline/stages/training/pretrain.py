@@ -157,7 +157,7 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
     def on_epoch(m: dict) -> None:
         done = m["epoch"] + 1
         if online["every_epochs"] and (done % online["every_epochs"] == 0 or done == epochs):
-            m["online_knn_top1"] = online_knn_top1(_evaluated(model), prep, params["knn"],
+            m["online_knn_top1"] = online_knn_top1(_evaluated(model), prep, online,
                                                    online["train_images"], online["val_images"])
         if done in kept:
             save_encoder(kept_dir / f"epoch{done}.safetensors", _evaluated(model),
