@@ -126,6 +126,9 @@ def study(tmp_path_factory):
         image_folder(inputs / "folder_empty_class", {"a": 3, "b": 0})
         image_folder(inputs / "folder_corrupt", {"a": 3, "b": 3})
         (inputs / "folder_corrupt" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+        (inputs / "folder_corrupt" / "a" / "notes.txt").write_text("a stray file is skipped, the corrupt png is not")
+        image_folder(inputs / "folder_no_images", {"a": 3, "b": 0})
+        (inputs / "folder_no_images" / "b" / "README").write_text("only non-image files: an empty class")
         cifar10(inputs / "cifar_grey", lambda n, b: {**b, b"data": b[b"data"][:, :1024]})       # 1 x 32 x 32 rows
         cifar10(inputs / "cifar_labels", lambda n, b: {**b, b"labels": [10, 0]} if n == "data_batch_2" else b)
         cifar10(inputs / "cifar_pickle_code", lambda n, b: {**b, b"x": Payload()} if n == "data_batch_2" else b)
@@ -274,6 +277,8 @@ CASES = [
          "empty class folder: inputs/folder_empty_class/b"),
     Case("data_corrupt_image", "prepare_data", IMAGEFOLDER + ["data.path=inputs/folder_corrupt"],
          "cannot read image inputs/folder_corrupt/b/broken.png"),
+    Case("data_class_without_images", "prepare_data", IMAGEFOLDER + ["data.path=inputs/folder_no_images"],
+         "empty class folder: inputs/folder_no_images/b (1 non-image files)"),
     Case("data_wrong_channel_count", "prepare_data", CIFAR + ["data.path=inputs/cifar_grey"],
          "inputs/cifar_grey/data_batch_1: data must be uint8 rows of 3072 values (3x32x32), got uint8 (2, 1024)"),
     Case("data_labels_out_of_range", "prepare_data", CIFAR + ["data.path=inputs/cifar_labels"],

@@ -69,7 +69,7 @@ def mapping(t: torch.Tensor) -> str:
 
 def in_memory(d: dict, seed: int) -> datasets.Prepared:
     """The image folder read as before streaming: every image stacked in memory, the same helpers."""
-    train, val = datasets._split_files(datasets._class_files(datasets.data_folder(d)), d["val_fraction"], seed)
+    train, val = datasets.split_folder(datasets.data_folder(d), d["val_fraction"], seed)
     mode = "L" if d["channels"] == 1 else "RGB"
 
     def read(classes):

@@ -112,6 +112,23 @@ def test_imagefolder_errors(tmp_path):
         datasets.prepare(cfg("imagefolder"), seed=0)
 
 
+def test_imagefolder_skips_non_image_files_and_counts_them(tmp_path):
+    """As torchvision's ImageFolder: files without an image extension are left out (counted per extension for
+    prepare_data's log), hidden ones ignored; a corrupt file with an image extension is still an error."""
+    write_images(tmp_path / "root")
+    (tmp_path / "root" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "root" / "dog" / "README").write_text("not an image")
+    (tmp_path / "root" / "dog" / "labels.TXT").write_text("a,b")
+    p = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, val_fraction=0.4), seed=3)
+    assert len(p.train_y) + len(p.val_y) == 10                     # 5 images per class, as without the strays
+    assert p.skipped == {".txt": 2, "no extension": 1}
+    assert datasets.skipped_note(p.skipped) == "3 non-image files skipped (.txt 2, no extension 1)"
+    assert datasets.prepare(cfg("digits", img_size=8), seed=0).skipped == {}
+    (tmp_path / "root" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    with pytest.raises(PipelineError, match=r"^cannot read image .*dog/broken\.png: "):
+        datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16), seed=0)
+
+
 # ---- CIFAR -------------------------------------------------------------------------------------------
 
 def dump(path, obj, protocol):

@@ -57,6 +57,7 @@ def test_manifest_lists_images_with_labels_and_sizes_and_hashes_itself(tmp_path,
     meta = json.loads(layout.sidecar(layout.MANIFEST).read_text())
     assert meta["sha256"] == meta["dataset_hash"] == sha256_file(layout.MANIFEST)
     assert meta["class_names"] == ["class0", "class1", "class2"] and meta["skipped_files"] == 2   # .DS_Store: hidden
+    assert meta["skipped_extensions"] == {".csv": 1, ".txt": 1} == man.skipped    # datasets.image_files, as tensor
     assert meta["counts"] == {"train": 18, "val": 6} and meta["class_counts"]["val"] == [2, 2, 2]
     assert [r["split"] for r in rows] == ["train"] * 18 + ["val"] * 6
     root = Path(d["path"])

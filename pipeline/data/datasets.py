@@ -18,7 +18,7 @@ import mmap
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class Prepared:
     mean: list[float]
     std: list[float]
     source: str
+    skipped: dict[str, int] = field(default_factory=dict)   # image folders: non-image files left out, per extension
 
 
 def prepare(data: dict, seed: int, scratch: Path | None = None) -> Prepared:
@@ -56,7 +57,8 @@ def prepare(data: dict, seed: int, scratch: Path | None = None) -> Prepared:
     scratch: the folder of an image folder's temporary image file (default: the system's temp folder); the
     file has no name there and is gone when the Prepared is, or when the process ends, killed or not.
     """
-    readers = {"mnist5k": _mnist5k, "digits": _digits, "imagefolder": lambda d, s: _imagefolder(d, s, scratch),
+    skipped = {}          # an image folder's non-image files, per extension
+    readers = {"mnist5k": _mnist5k, "digits": _digits, "imagefolder": lambda d, s: _imagefolder(d, s, scratch, skipped),
                "cifar": _cifar}
     if data.get("dataset") not in readers:
         raise PipelineError(f"unknown dataset {data.get('dataset')!r}; known: {', '.join(readers)}")
@@ -71,7 +73,7 @@ def prepare(data: dict, seed: int, scratch: Path | None = None) -> Prepared:
     if len(val_y) == 0:
         raise PipelineError(f"{source}: the val split is empty (too few images per class for val_fraction)")
     mean, std = tensor_channel_stats(train_x)
-    return Prepared(train_x, train_y, val_x, val_y, names, mean, std, source)
+    return Prepared(train_x, train_y, val_x, val_y, names, mean, std, source, skipped)
 
 
 def tensor_channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -149,39 +151,56 @@ def data_folder(data: dict) -> Path:
     return root
 
 
-def _imagefolder(data: dict, seed: int, scratch: Path | None):
+def _imagefolder(data: dict, seed: int, scratch: Path | None, skipped: dict):
     root = data_folder(data)
-    train, val = split_folder(root, data["val_fraction"], seed)
+    train, val = split_folder(root, data["val_fraction"], seed, skipped)
     (tx, ty), (vx, vy) = _read_images(train, data, scratch), _read_images(val, data, scratch)
     return tx, ty, vx, vy, list(train), f"imagefolder {root} ({len(train)} classes)"
 
 
-def split_folder(root: Path, val_fraction: float, seed: int, select=lambda classes: classes) -> tuple[dict, dict]:
-    """An image folder's ({class: train files}, {class: val files}): its train/ and val/ class folders, or its
-    class folders split per class (_split_files). select({class: files}) -> the files to keep, before the split
-    (pipeline.data.stream keeps image files only)."""
+def split_folder(root: Path, val_fraction: float, seed: int, skipped: dict | None = None) -> tuple[dict, dict]:
+    """An image folder's ({class: train image files}, {class: val image files}): its train/ and val/ class folders,
+    or its class folders split per class (_split_files). Both formats read what this gives (the tensor path here,
+    the streamed one in pipeline.data.stream). Only image files count (layout.is_image_name, as torchvision's
+    ImageFolder); the others are left out and counted by extension into `skipped` (see image_files)."""
+    skipped = {} if skipped is None else skipped
     if (root / "train").is_dir() or (root / "val").is_dir():
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             raise PipelineError(f"{root} has only one of train/ and val/; give both or neither")
-        train, val = select(_class_files(root / "train")), select(_class_files(root / "val"))
+        train, val = image_files(root / "train", skipped), image_files(root / "val", skipped)
         if list(train) != list(val):
             diff = sorted(set(train) ^ set(val))
             raise PipelineError(f"{root}: train/ and val/ have different class folders (e.g. {', '.join(diff[:5])})")
         return train, val
-    return _split_files(select(_class_files(root)), val_fraction, seed)
+    return _split_files(image_files(root, skipped), val_fraction, seed)
 
 
-def _class_files(folder: Path) -> dict[str, list[Path]]:
-    """Sorted class folder name -> its sorted non-hidden files; no class, or an empty class, is an error."""
+def image_files(folder: Path, skipped: dict) -> dict[str, list[Path]]:
+    """Sorted class folder name -> its sorted image files (layout.is_image_name: an image extension, as torchvision's
+    ImageFolder, plus .gif and .pbm). Other files (notes.txt, README) are skipped, counted per extension into
+    `skipped` ({".txt": 1, "no extension": 1}); hidden files (.DS_Store, ._x.jpg) are ignored. No class folder, or
+    one without image files, is an error; a corrupt file with an image extension is one when it is read."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise PipelineError(f"{folder} holds no class folders")
     out = {}
     for c in classes:
-        out[c.name] = sorted(f for f in c.iterdir() if f.is_file() and not f.name.startswith("."))
+        files = sorted(f for f in c.iterdir() if f.is_file() and not f.name.startswith("."))
+        out[c.name] = [f for f in files if layout.is_image_name(f.name)]
+        for f in files:
+            if not layout.is_image_name(f.name):
+                kind = f.suffix.lower() or "no extension"
+                skipped[kind] = skipped.get(kind, 0) + 1
         if not out[c.name]:
-            raise PipelineError(f"empty class folder: {c}")
+            others = f" ({len(files)} non-image files)" if files else ""
+            raise PipelineError(f"empty class folder: {c}{others}")
     return out
+
+
+def skipped_note(skipped: dict) -> str:
+    """prepare_data's words for the skipped files: "3 non-image files skipped (.txt 2, no extension 1)"."""
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(skipped.items(), key=lambda kn: (-kn[1], kn[0])))
+    return f"{sum(skipped.values())} non-image files skipped" + (f" ({kinds})" if kinds else "")
 
 
 def _split_files(classes: dict, val_fraction: float, seed: int) -> tuple[dict, dict]:

@@ -5,7 +5,7 @@ for the tensor format) and the params. Outputs:
 - prepare_manifest(data, seed) -> Manifest; save_manifest writes results/prepare_data/manifest.jsonl, one JSON
   line per image {"split", "path" (relative to data.path), "label", "size" (bytes)}, train then val, and its
   sidecar manifest.json (pipeline.checkpoint's convention: the jsonl's sha256, also its dataset_hash, plus class
-  names, per-channel mean/std, counts, and the files skipped for lacking an image extension).
+  names, per-channel mean/std, counts, and the files skipped for lacking an image extension, per extension).
   mean/std: of STATS_IMAGES train images drawn with a fixed seed (data.split_seed), through the eval transform.
 - load(params) -> data.Prepared whose train_x / val_x are StreamImages: the manifest's sha256 is checked against
   its sidecar; each image file's size is checked against the manifest when it is opened (never its pixels'
@@ -62,10 +62,11 @@ class Manifest:
     sizes: dict[str, np.ndarray]
     labels: dict[str, torch.Tensor]
     class_names: list[str]
-    skipped: int
+    skipped: dict[str, int]      # non-image files left out, per extension (pipeline.data.datasets.image_files)
 
     @classmethod
-    def of(cls, rows: dict[str, list[tuple[str, int, int]]], class_names: list[str], skipped: int) -> "Manifest":
+    def of(cls, rows: dict[str, list[tuple[str, int, int]]], class_names: list[str],
+           skipped: dict[str, int]) -> "Manifest":
         """From {split: [(relative path, size, label), ...]}."""
         return cls({s: np.array([p.encode() for p, _, _ in r], dtype=bytes) for s, r in rows.items()},
                    {s: np.array([b for _, b, _ in r], dtype=np.int64) for s, r in rows.items()},
@@ -76,12 +77,12 @@ class Manifest:
 # ---- the manifest -----------------------------------------------------------------------------------------
 
 def scan(data: dict, seed: int) -> Manifest:
-    """The image folder's split (pipeline.data.datasets.split_folder) of image files, with their sizes (one stat each);
-    other files skipped and counted."""
+    """The image folder's split (pipeline.data.datasets.split_folder, as the tensor format's) of image files, with
+    their sizes (one stat each); other files skipped and counted per extension."""
     from pipeline.data.datasets import data_folder, split_folder
 
-    root, skipped = data_folder(data), []
-    train, val = split_folder(root, data["val_fraction"], seed, lambda classes: _images_only(classes, root, skipped))
+    root, skipped = data_folder(data), {}
+    train, val = split_folder(root, data["val_fraction"], seed, skipped)
     if not any(val.values()):
         raise PipelineError(f"{root}: the val split is empty (too few images per class for val_fraction)")
     rows = {"train": [], "val": []}
@@ -91,17 +92,7 @@ def scan(data: dict, seed: int) -> Manifest:
             for label, files in enumerate(classes.values()):
                 rows[split] += [(str(f.relative_to(root)), f.stat().st_size, label) for f in files]
                 bar.update(len(files))
-    return Manifest.of(rows, list(train), sum(skipped))
-
-
-def _images_only(classes: dict, root: Path, skipped: list) -> dict:
-    """{class: files} -> {class: image files (layout.is_image_name)}; appends the number of others to skipped."""
-    kept = {c: [f for f in files if layout.is_image_name(f.name)] for c, files in classes.items()}
-    skipped.append(sum(len(files) - len(kept[c]) for c, files in classes.items()))
-    empty = [c for c, files in kept.items() if not files]
-    if empty:
-        raise PipelineError(f"{root}: no image files in class folder(s) {', '.join(empty[:5])}")
-    return kept
+    return Manifest.of(rows, list(train), skipped)
 
 
 def channel_stats(man: Manifest, data: dict, seed: int, loader: dict | None = None) -> tuple[list, list]:
@@ -125,7 +116,8 @@ def save_manifest(man: Manifest, path: Path, meta: dict) -> dict:
     checkpoint.atomic_write(path, lambda p: p.write_text(text))
     digest = checkpoint.sha256_file(path)
     k = len(man.class_names)
-    meta = dict(meta, format="stream", class_names=man.class_names, skipped_files=man.skipped,
+    meta = dict(meta, format="stream", class_names=man.class_names, skipped_files=sum(man.skipped.values()),
+                skipped_extensions=dict(sorted(man.skipped.items())),
                 counts={s: len(man.labels[s]) for s in ("train", "val")},
                 class_counts={s: torch.bincount(man.labels[s], minlength=k).tolist() for s in ("train", "val")},
                 dataset_hash=digest, sha256=digest, file=path.name)
@@ -146,7 +138,7 @@ def read_manifest(path: Path = layout.MANIFEST) -> tuple[Manifest, dict]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         e = _entry(line, path, i, len(meta["class_names"]))
         rows[e["split"]].append((e["path"], e["size"], e["label"]))
-    return Manifest.of(rows, meta["class_names"], meta.get("skipped_files", 0)), meta
+    return Manifest.of(rows, meta["class_names"], meta.get("skipped_extensions", {})), meta
 
 
 def _entry(line: str, path: Path, i: int, k: int) -> dict:

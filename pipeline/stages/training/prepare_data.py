@@ -30,15 +30,17 @@ def work(params: dict, args) -> None:
     with tracked(params, "data", "prepare_data", layout.DATA_DIR, SECTIONS) as run:
         saved = datasets.save_prepared(prep, layout.DATASET, meta)
         run.set_tags({"dataset_hash": saved["dataset_hash"]})
-        run.log_metrics({"train_images": len(prep.train_y), "val_images": len(prep.val_y)})
+        run.log_metrics({"train_images": len(prep.train_y), "val_images": len(prep.val_y),
+                         "skipped_files": sum(prep.skipped.values())})
         run.log_artifacts(layout.sidecar(layout.DATASET))
+    skipped = f", {datasets.skipped_note(prep.skipped)}" if prep.skipped else ""
     print(f"prepare_data: {len(prep.train_y)} train / {len(prep.val_y)} val images, "
-          f"{len(prep.class_names)} classes -> {layout.DATASET}")
+          f"{len(prep.class_names)} classes{skipped} -> {layout.DATASET}")
 
 
 def stream_work(params: dict) -> None:
     from pipeline import hardware
-    from pipeline.data import stream
+    from pipeline.data import datasets, stream
 
     d, seed = params["data"], params["data"]["split_seed"]
     man = stream.scan(d, seed)
@@ -51,10 +53,10 @@ def stream_work(params: dict) -> None:
         saved = stream.save_manifest(man, layout.MANIFEST, meta)
         run.set_tags({"dataset_hash": saved["dataset_hash"], "format": "stream"})
         run.log_metrics({"train_images": saved["counts"]["train"], "val_images": saved["counts"]["val"],
-                         "skipped_files": man.skipped})
+                         "skipped_files": saved["skipped_files"]})
         run.log_artifacts(layout.sidecar(layout.MANIFEST))
     print(f"prepare_data: {saved['counts']['train']} train / {saved['counts']['val']} val images, "
-          f"{len(man.class_names)} classes, {man.skipped} non-image files skipped -> {layout.MANIFEST}")
+          f"{len(man.class_names)} classes, {datasets.skipped_note(man.skipped)} -> {layout.MANIFEST}")
 
 
 def main(argv=None) -> None:
