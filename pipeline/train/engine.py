@@ -81,18 +81,21 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
     return torch.where(steps < warm, cfg.lr * steps / max(1, warm), cos)
 
 
+NO_WEIGHT_DECAY = ("*token", "*pos_embed")     # fnmatch patterns of parameter names: tokens, learnable positions
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and 1-D params (timm's add_weight_decay), nor on tokens and
-    positions: every parameter whose name ends in "token" (cls, mask tokens) or "pos_embed" (when learnable).
+    """AdamW groups, timm's param_groups_weight_decay: no weight decay on biases, norms and 1-D params, nor on
+    tokens and positions (NO_WEIGHT_DECAY: every parameter whose name ends in "token" (cls, mask tokens) or
+    "pos_embed" (when learnable)); frozen parameters in no group; the decayed group first (the order of states saved
+    by the hand-written grouping this replaced, so they resume; tests/test_param_groups.py pins the groups).
     BootMAE's optimiser skips its no_weight_decay() names, {pos_embed, cls_token} (BootMAE optim_factory.py:65,
     modeling_pretrain_bootmae.py no_weight_decay), as timm's ViT does; MAE's timm 0.3.2 add_weight_decay decays
     the 3-D cls and mask tokens. Here no token is decayed (params pretrain.weight_decay)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            token = name.endswith("token") or name.endswith("pos_embed")
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or token else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return sorted(groups, key=lambda group: group["weight_decay"] == 0)
 
 
 def named_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
