@@ -83,6 +83,15 @@ def log_history(run, history: list[dict]) -> None:
         run.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
 
 
+def log_on_chain(run, protocol: str, weights: str, metrics: dict) -> None:
+    """The protocol's metrics (knn_top1, linprobe_top5, ...) on the chain's parent run, at step = the weights'
+    stage (a dBOT stage's index; 0 for a single-stage method and the floors): the parent's chart follows the
+    bootstrap chain stage by stage."""
+    stage = layout.describe_weights(weights)["stage"]
+    run.log_chain_metrics({f"{protocol}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                          step=stage or 0)
+
+
 def print_metrics(protocol: str, args, metrics: dict) -> None:
     print(f"{layout.node_id(protocol, args.seed, args.weights)}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
 
@@ -127,6 +136,7 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
             log_history(run, history)
         write_json(out, result)
         run.log_metrics(metrics)
+        log_on_chain(run, protocol, args.weights, metrics)
         run.log_artifacts(out)
     print_metrics(protocol, args, metrics)
     return result

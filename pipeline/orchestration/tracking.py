@@ -5,6 +5,13 @@ resumed node continues its own run by id instead of starting a duplicate. Defaul
 SQLite file (sqlite:///mlflow.db, git-ignored); params `tracking.uri` or $MLFLOW_TRACKING_URI point
 elsewhere, e.g. an `mlflow server` when many cluster jobs log at once.
 
+What the MLflow UI reads is logged in its own keys: the experiment tag `mlflow.experimentKind` (its training
+view), on every run `mlflow.source.git.commit`, `mlflow.source.name` (the node's module), `mlflow.source.type` and
+`mlflow.user`; the prepared dataset as a run input (log_input: a MetaDataset whose digest is the pipeline's
+dataset hash, for every node that reads it, see DATA_CONTEXT); system metrics (`system/...`) of the training
+nodes; and on each chain's parent run the k-NN and linear-probe accuracy of its stages (step = stage), so a
+parent's chart follows the chain.
+
 Every client call goes through `_retry`: a busy store (SQLite "database is locked", a server's 429/5xx or a
 dropped connection) is retried with backoff for up to RETRY_BUDGET_S seconds instead of failing the node.
 """
@@ -12,17 +19,23 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import getpass
+import importlib.util
 import itertools
+import json
 import logging
+import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from pipeline.config import section_hash, tracking_uri
+from pipeline import layout
 from pipeline.layout import RESULTS
 from pipeline.orchestration.cli import write_params
 
@@ -32,6 +45,20 @@ retries = 0                  # transient store errors retried in this process (l
 _TRANSIENT_TEXT = ("database is locked", "database table is locked", "max retries exceeded", "connection refused",
                    "connection reset", "connection aborted", "remotedisconnected", "timeout exception")
 log = logging.getLogger(__name__)
+
+# The UI's kind of an experiment (mlflow.experimentKind): its "Machine learning" view, which lists training runs.
+# MLflow 3.17's UI only reads it when its workflow switch is off; with the switch (the default) the view follows
+# the URL's ?workflowType=machine_learning or the switch's choice stored in the browser (docs/running.md).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+TRAINING_NODES = ("pretrain", "pretrain_dbot", "supervised")      # nodes with MLflow system metrics
+# nodes that read the prepared dataset -> the run input's context (mlflow.data.context)
+DATA_CONTEXT = {**dict.fromkeys(TRAINING_NODES, "training"),
+                **dict.fromkeys(("knn", "linprobe", "finetune", "segprobe", "robustness", "analyze", "cka",
+                                 "checkpoint_eval"), "evaluation")}
+NODE_PACKAGES = ("pipeline.stages.training", "pipeline.stages.evaluation")
+# seconds between system-metric samples (MLflow's $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it); a node
+# shorter than this logs none, and the sampling thread wakes at most this often (cheap next to training)
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -43,16 +70,40 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def node_name(node_id: str) -> str:
+    """'pretrain@seed0-mae' -> 'pretrain' (node ids: pipeline.layout)."""
+    return node_id.split("@")[0]
+
+
+def source_name(node_id: str) -> str:
+    """The module of a node (mlflow.source.name), e.g. pipeline.stages.training.pretrain; for a name that is no
+    node module, the program that runs."""
+    name = node_name(node_id)
+    for package in NODE_PACKAGES:
+        if name.isidentifier() and importlib.util.find_spec(f"{package}.{name}") is not None:
+            return f"{package}.{name}"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec else Path(sys.argv[0]).name or "python"
+
+
 def environment_tags() -> dict[str, str]:
-    """Git revision (with -dirty), package versions and host: what a reader needs to reproduce a run."""
+    """Git commit (mlflow.source.git.commit; git_dirty: tracked files differ from it), how the node runs
+    (mlflow.source.type: JOB in a Slurm job, else LOCAL), user, host, package versions: what a reader needs to
+    reproduce a run."""
+    tags = {"mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        tags["mlflow.source.git.commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                          text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        rev += "-dirty" if dirty else ""
+        tags["git_dirty"] = "true" if dirty else "false"
     except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    tags = {"git_revision": rev, "host": platform.node(), "python": platform.python_version()}
+        tags["git_dirty"] = "unknown"                 # no git, or not a repository: no commit tag
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    tags.update(host=platform.node(), python=platform.python_version())
     for pkg in PACKAGES:
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)
@@ -134,14 +185,18 @@ class NodeRun:
         uri = tracking_uri(params)
         if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (seconds of import: not under the lock)
+        self._env = environment_tags()          # git and package look-ups: outside the lock
         with _store_lock():
             self.client = _RetryingClient(_retry(MlflowClient, uri))    # opens the store, makes its tables if new
             self.experiment_id = self._experiment(params["study"])
             seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
-            parent = self._parent(chain, seed)
+            self.parent_id = self._parent(chain, seed)
+        self.uri = uri
+        self._monitor = None
         if run_id is None:
-            tags = {**environment_tags(), **{k: str(v) for k, v in tags.items()},
-                    "mlflow.parentRunId": parent, "chain": chain, "node": node_id, "seed": seed}
+            tags = {**self._env, "mlflow.source.name": source_name(node_id),
+                    **{k: str(v) for k, v in tags.items()},
+                    "mlflow.parentRunId": self.parent_id, "chain": chain, "node": node_id, "seed": seed}
             run_id = self.client.create_run(self.experiment_id, run_name=node_id, tags=tags).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -150,12 +205,14 @@ class NodeRun:
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
+        key, kind = EXPERIMENT_KIND
         exp = self.client.get_experiment_by_name(name)
         if exp:
+            if key not in exp.tags:          # made before the tag was set (a kind someone chose stays)
+                self.client.set_experiment_tag(exp.experiment_id, key, kind)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(
-                name, tags={"mlflow.experimentKind": "custom_model_development"})   # the UI's training view
+            return self.client.create_experiment(name, tags={key: kind})     # the UI's training view
         except MlflowException as e:          # another machine made it first (the name is unique in the store)
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -177,8 +234,8 @@ class NodeRun:
         if found := oldest():
             return found
         name = chain if seed == "all" else f"{chain} seed{seed}"
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"chain": chain, "seed": seed, "role": "chain"})
+        tags = {**self._env, "mlflow.source.name": "pipeline", "chain": chain, "seed": seed, "role": "chain"}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return oldest()
 
@@ -197,6 +254,57 @@ class NodeRun:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=items)
 
+    def log_chain_metrics(self, metrics: dict, step: int) -> None:
+        """Metrics of this node on its chain's parent run at step `step` (the chain's stage), so the parent's
+        chart shows them across the chain."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_dataset(self, params: dict, context: str) -> bool:
+        """The prepared dataset (layout.dataset_path) as an input of this run (the UI's Dataset column): a
+        MetaDataset, no pixels read; name: data.dataset and image size; digest: the first 36 characters of the
+        dataset hash of its sidecar (36: the SQL stores' digest column), the whole hash in the input tag
+        dataset_hash; source: the artefact's path. False (nothing logged) when the dataset has no sidecar yet."""
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        path = layout.dataset_path(params)
+        try:
+            digest = json.loads(layout.sidecar(path).read_text())["dataset_hash"]
+        except (OSError, ValueError, KeyError):
+            return False
+        source = get_dataset_source_from_json(json.dumps({"uri": str(path.resolve())}), "local")
+        d = params["data"]
+        dataset = MetaDataset(source, name=f"{d['dataset']} {d['img_size']}px", digest=digest[:36])
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("dataset_hash", digest)]
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+        return True
+
+    def start_system_metrics(self, resume: bool = False) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU where there is
+        one) of this run, sampled every SYSTEM_METRICS_INTERVAL_S seconds by a daemon thread until finish();
+        resume continues a continued run's steps. A monitor that cannot start is logged, never fatal."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                           resume_logging=resume, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as e:                     # e.g. psutil missing: the node runs without system metrics
+            log.warning("no system metrics for run %s: %s", self.run_id, e)
+            return
+        self._monitor = monitor
+
+    def stop_system_metrics(self) -> None:
+        """Stop the sampling thread (it wakes at once) and log what it holds."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
     def log_artifacts(self, *paths: Path | str) -> None:
         for p in paths:
             if Path(p).is_file():
@@ -207,7 +315,10 @@ class NodeRun:
             self.client.set_tag(self.run_id, k, str(v))
 
     def finish(self, ok: bool = True) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        try:
+            self.stop_system_metrics()
+        finally:
+            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
 
 @contextmanager
@@ -215,15 +326,25 @@ def tracked(params: dict, chain: str, node_id: str, out_dir: Path, sections: lis
             tags: dict | None = None, run_id: str | None = None):
     """Start (or continue) the node's child run, log its params, write out_dir/params.yaml, yield the run.
 
-    The run ends FINISHED when the block completes and FAILED when it raises.
+    A node that reads the prepared dataset (DATA_CONTEXT) logs it as the run's input; prepare_data logs the
+    dataset it wrote when its block ends. A training node (TRAINING_NODES) records system metrics while the
+    block runs. The run ends FINISHED when the block completes and FAILED when it raises; either way the
+    system-metrics thread stops.
     """
     run = NodeRun(params, chain, node_id, dict(tags or {}, params_hash=section_hash(params, sections)), run_id)
-    run.log_params({s: params[s] for s in sections})
-    write_params(Path(out_dir) / "params.yaml", params, sections)
+    node = node_name(node_id)
     try:
+        run.log_params({s: params[s] for s in sections})
+        write_params(Path(out_dir) / "params.yaml", params, sections)
+        if node in DATA_CONTEXT:
+            run.log_dataset(params, DATA_CONTEXT[node])
+        if node in TRAINING_NODES:
+            run.start_system_metrics(resume=run_id is not None)
         yield run
+        run.log_artifacts(Path(out_dir) / "params.yaml")
+        if node == "prepare_data":
+            run.log_dataset(params, "prepared")
     except BaseException:
         run.finish(ok=False)
         raise
-    run.log_artifacts(Path(out_dir) / "params.yaml")
     run.finish(ok=True)
