@@ -30,6 +30,7 @@ import math
 import pandas as pd
 
 from pipeline.reporting import seed_stats
+from pipeline.reporting.tables import markdown_table
 from pipeline.layout import FLOORS, dbot_key, dbot_weights
 
 HOLDS, FAILS, SPREAD = "holds", "does not hold", "within the seed spread"
@@ -128,17 +129,18 @@ def _detail(found: pd.DataFrame) -> list[str]:
         protocol = r.metric.split("/")[0]
         what = " (online k-NN, first half of the epochs)" if protocol == "pretrain" else ""
         cells.setdefault((r.claim, r.comparison + what), {})[names.get(protocol, protocol)] = _cell(r)
-    lines = ["| claim | comparison | " + " | ".join(columns) + " |", "|:--|:--|" + ":--|" * len(columns)]
-    return lines + [f"| {claim} | {comparison} | " + " | ".join(c.get(col, "—") for col in columns) + " |"
-                    for (claim, comparison), c in cells.items()]
+    return markdown_table(["claim", "comparison", *columns],
+                          [[claim, comparison, *(c.get(col, "—") for col in columns)]
+                           for (claim, comparison), c in cells.items()], "l")
 
 
 def markdown(found: pd.DataFrame, seeds: int) -> str:
     """The "Claims" section of summary.md: each claim's verdict and counts, then every comparison."""
-    lines = ["| claim | verdict | comparisons: holds / does not hold / within the spread |", "|:--|:--|:--|"]
+    rows = []
     for claim, (text, _) in CLAIMS.items():
         v = list(found.loc[found.claim == claim, "verdict"])
-        lines.append(f"| {text} (`{claim}`) | **{overall(v)}** | {v.count(HOLDS)} / {v.count(FAILS)} / {v.count(SPREAD)} |")
+        rows.append([f"{text} (`{claim}`)", f"**{overall(v)}**", f"{v.count(HOLDS)} / {v.count(FAILS)} / {v.count(SPREAD)}"])
+    lines = markdown_table(["claim", "verdict", "comparisons: holds / does not hold / within the spread"], rows, "l")
     detail = _detail(found)
     if seeds < 2:
         note = ("One seed: the seed spread is undefined, so each verdict is the sign of Δ alone (none can be "

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline.reporting import claims, seed_stats, swap_study
+from pipeline.reporting.tables import markdown_table
 from pipeline import plots
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
@@ -204,8 +205,7 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "teacher when the study made it. Evaluation settings: "
              f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.reporting.report; the long "
              "format with all metrics is summary.csv.\n\n")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--", ":--", "--:", ":--"] + ["--:"] * (len(header) - 4)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(table, chains)]
+    lines = markdown_table(header, summary_rows(table, chains), "llrlr")
     compared = seed_stats.markdown(table, chains or {}, dbot_stages(table))
     swap = swap_study.markdown(swap_study.chain_rows(table, chains), chains) if chains else ""
     seeds = int(table["seeds"].max()) if len(table) else 0

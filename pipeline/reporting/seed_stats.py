@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 
+from pipeline.reporting.tables import markdown_table
 from pipeline.layout import FLOORS, SINGLE_STAGE_METHODS, dbot_key, dbot_weights
 
 GROUP = ["method", "stage", "weights", "evaluated", "protocol", "metric", "settings"]
@@ -67,13 +68,14 @@ def within(delta: float, noise: float) -> bool | None:
 def markdown(agg: pd.DataFrame, chains: dict[str, str], stages: list[int]) -> str:
     """The 'Differences against the seed spread' section of summary.md."""
     seeds = int(agg["seeds"].max()) if len(agg) else 0
-    lines = ["| comparison | k-NN Δ (points) | linear Δ (points) |", "|:--|--:|--:|"]
+    rows = []
     for a, b in comparisons(agg, chains, stages):
         cells = []
         for protocol, _ in PROTOCOLS:
             d = difference(agg, a, b, protocol)
             cells.append("—" if d is None else f"{100 * d[0]:+.1f}" + (f" {WITHIN}" if d[1] else ""))
-        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+        rows.append([f"{a} vs {b}", *cells])
+    lines = markdown_table(["comparison", "k-NN Δ (points)", "linear Δ (points)"], rows, "lr")
     if seeds < 2:
         note = (f"One seed: no seed spread, so none of these differences is tested; set params `seeds` to several "
                 f"seeds to mark the differences that are within their spread ({WITHIN}).")

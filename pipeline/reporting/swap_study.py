@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline.layout import TEACHER_SOURCES, parse_dbot_key
 from pipeline.reporting.seed_stats import WITHIN
+from pipeline.reporting.tables import markdown_table
 
 PROTOCOLS = ("knn", "linprobe")
 COLUMNS = ["stage", "chain", "protocol", "top1", "seed_std"]
@@ -62,7 +63,7 @@ def markdown(rows: pd.DataFrame, chains: dict[str, str]) -> str:
     value = rows.set_index(["stage", "chain", "protocol"])["top1"]
     header = ["stage"] + [f"{c} ({chains[c]})" for c in chains] + [
         "k-NN std", "k-NN max-min", "k-NN seed std", "linear std", "linear max-min", "linear seed std"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
+    body = []
 
     def pct(v):
         return "—" if v is None or pd.isna(v) else f"{100 * v:.1f}"
@@ -78,7 +79,8 @@ def markdown(rows: pd.DataFrame, chains: dict[str, str]) -> str:
                 continue
             within = not pd.isna(hit["seed_std"]) and not pd.isna(hit["std"]) and hit["std"] <= hit["seed_std"]
             cells += [pct(hit["std"]) + (f" {WITHIN}" if within else ""), pct(hit["range"]), pct(hit["seed_std"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = markdown_table(header, body, "lr")
     return ("\n## Teacher-swap study\n\n"
             "dBOT chains that differ only in their stage-0 teacher (params dbot.chains; the same student seeds, "
             "stages and settings). Cells: k-NN / linear top-1 (%) of each chain's student after each stage (mean "
