@@ -12,6 +12,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
 from pipeline.checkpoint import atomic_write
 from pipeline.plots import save_png
+from pipeline.reporting.tables import markdown_table
 
 MODE_STYLE = {"fp32": ("tab:blue", "-"), "bf16": ("tab:orange", "--"), "fp16": ("tab:purple", "-."),
               "compile": ("tab:green", ":")}
@@ -51,25 +52,25 @@ def _cell(text: str) -> str:
 
 
 def _rows_table(rows: list[dict]) -> list[str]:
-    head = ["| method | precision | img/s | step ms | GFLOP/s | matmul peak here | MFU % | peak MB | step ratio "
-            "| step ratio at equal peak | FLOP ratio |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    return head + [f"| {r['method']} | {_precision(r)} | {r['images_per_s']:.1f} | {1000 * r['step_s']:.1f} | "
-                   f"{r['gflops_per_s']:.1f} | {r['peak_gflops_here']:.1f} | {100 * r['mfu']:.2f} | {r['peak_mem_mb']:.1f} | "
-                   f"{r['step_ratio_to_mae']:.2f} | {r['step_ratio_at_equal_peak']:.2f} | {r['flop_ratio_to_mae']:.2f} |"
-                   for r in rows]
+    header = ["method", "precision", "img/s", "step ms", "GFLOP/s", "matmul peak here", "MFU %", "peak MB",
+              "step ratio", "step ratio at equal peak", "FLOP ratio"]
+    return markdown_table(header, [[r["method"], _precision(r), f"{r['images_per_s']:.1f}", f"{1000 * r['step_s']:.1f}",
+                                    f"{r['gflops_per_s']:.1f}", f"{r['peak_gflops_here']:.1f}", f"{100 * r['mfu']:.2f}",
+                                    f"{r['peak_mem_mb']:.1f}", f"{r['step_ratio_to_mae']:.2f}",
+                                    f"{r['step_ratio_at_equal_peak']:.2f}", f"{r['flop_ratio_to_mae']:.2f}"]
+                                   for r in rows], "llr")
 
 
 def _modes_table(modes: dict) -> list[str]:
-    lines = ["| mode (precision) | step ms | first step ms | final loss | final loss - fp32 |",
-             "|---|--:|--:|--:|--:|"]
+    rows = []
     for mode, run in modes.items():
         if "error" in run:
-            lines.append(f"| {_mode_name(mode, run)} | failed: {_cell(run['error'])} | | | |")
+            rows.append([_mode_name(mode, run), f"failed: {_cell(run['error'])}", "", "", ""])
         else:
-            lines.append(f"| {_mode_name(mode, run)} | {1000 * run['step_s']:.1f} | "
-                         f"{1000 * run['first_step_s']:.0f} | {run['final_loss']:.4f} | "
-                         f"{run['final_loss_diff_to_fp32']:+.2e} |")
-    return lines
+            rows.append([_mode_name(mode, run), f"{1000 * run['step_s']:.1f}", f"{1000 * run['first_step_s']:.0f}",
+                         f"{run['final_loss']:.4f}", f"{run['final_loss_diff_to_fp32']:+.2e}"])
+    return markdown_table(["mode (precision)", "step ms", "first step ms", "final loss", "final loss - fp32"], rows,
+                          "lr")
 
 
 def _default_lines(result: dict) -> list[str]:
@@ -150,22 +151,20 @@ def scaling_markdown(result: dict) -> str:
              "same setting.", ""]
     for name in _sweep_order(result):
         points, base = result["sweeps"][name], result["preset_settings"][name]
+        rows = [[f"**{p['value']}**" if p["value"] == base else str(p["value"]), p["precision"], p["tokens"],
+                 f"{p['flops_per_step'] / 1e9:.2f}", f"{1000 * p['step_s']:.1f}", f"{1000 * p['flop_model_s']:.1f}",
+                 f"{p['images_per_s']:.1f}", f"{100 * p['mfu']:.1f}", f"{p['peak_mem_mb']:.1f}", _speedup(points, p)]
+                for p in sorted(points, key=lambda q: (q["value"], q["precision"]))]
         lines += [f"## {SWEEP_LABELS.get(name, name)}", "",
-                  f"| {name} | precision | patches | GFLOP/step | step ms | FLOP model ms | img/s | MFU % | peak MB "
-                  "| speed-up vs fp32 |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        for p in sorted(points, key=lambda q: (q["value"], q["precision"])):
-            value = f"**{p['value']}**" if p["value"] == base else str(p["value"])
-            lines.append(f"| {value} | {p['precision']} | {p['tokens']} | {p['flops_per_step'] / 1e9:.2f} | "
-                         f"{1000 * p['step_s']:.1f} | {1000 * p['flop_model_s']:.1f} | {p['images_per_s']:.1f} | "
-                         f"{100 * p['mfu']:.1f} | {p['peak_mem_mb']:.1f} | {_speedup(points, p)} |")
-        lines.append("")
+                  *markdown_table([name, "precision", "patches", "GFLOP/step", "step ms", "FLOP model ms", "img/s",
+                                   "MFU %", "peak MB", "speed-up vs fp32"], rows, "rlr"), ""]
     if result["dbot_chain"]:
         c = result["dbot_chain_settings"]
         lines += [f"## dBOT chain: stages trained one after another ({c['epochs']} epoch(s) each on {c['images']} "
                   f"images, batch {c['batch_size']}, {result['chain_precision']})", "",
-                  "| stages | this stage s | chain total s | final loss |", "|--:|--:|--:|--:|"]
-        lines += [f"| {s['stages']} | {s['stage_s']:.1f} | {s['cumulative_s']:.1f} | {s['final_loss']:.4f} |"
-                  for s in result["dbot_chain"]]
+                  *markdown_table(["stages", "this stage s", "chain total s", "final loss"],
+                                  [[s["stages"], f"{s['stage_s']:.1f}", f"{s['cumulative_s']:.1f}",
+                                    f"{s['final_loss']:.4f}"] for s in result["dbot_chain"]], "r")]
         lines.append("")
     return "\n".join(lines)
 
