@@ -156,3 +156,32 @@ def test_system_metrics_of_training_nodes_stop_with_the_node(params, workdir, mo
     tags = {t.key: t.value for t in client.get_run(run.run_id).inputs.dataset_inputs[0].tags}
     assert tags["mlflow.data.context"] == "training"
     assert client.get_run(failed.run_id).info.status == "FAILED"
+
+
+def test_mlflow_ui_opens_training_runs_and_charts_the_chain(params, workdir):
+    """A real `mlflow ui` on the store, in headless Chromium: the experiment's link opens its runs table (not the
+    GenAI overview), the node run shows its dataset, and the chain's parent charts knn_top1 over the stages."""
+    from browser import browser_page, chromium, mlflow_ui
+
+    chromium()                                                      # skip before building anything
+    prepared(params)
+    for stage in (0, 1, 2):
+        weights = f"dbot_mae_stage{stage}"
+        with tracked(params, "dbot_mae", f"knn@seed0-{weights}", workdir / f"results/seed0/knn/{weights}",
+                     ["seed"]) as run:
+            log_on_chain(run, "knn", weights, {"top1": 0.25 + stage / 10})
+    client = MlflowClient(config.tracking_uri(params))
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    dataset = client.get_run(run.run_id).inputs.dataset_inputs[0].dataset.name
+    with mlflow_ui(workdir / "mlflow.db") as url, browser_page() as page:
+        page.goto(f"{url}/#/experiments/{experiment}?{tracking.UI_QUERY}", timeout=60000)
+        page.wait_for_selector("text=dbot_mae seed0", timeout=60000)
+        assert f"/experiments/{experiment}/runs" in page.url and "overview" not in page.url
+        page.locator("[role=row]", has_text="dbot_mae seed0").first.locator("button").first.click()   # expand
+        page.get_by_text("knn@seed0-dbot_mae_stage2", exact=True).wait_for(timeout=30000)
+        page.get_by_text(dataset, exact=False).first.wait_for(timeout=30000)     # the Dataset column
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{run.parent_id}/model-metrics?{tracking.UI_QUERY}")
+        page.get_by_text("knn_top1", exact=True).first.wait_for(timeout=60000)       # the chart's title
+        page.locator(".js-plotly-plot .scatterlayer .point").nth(2).wait_for(timeout=60000)
+        assert page.locator(".js-plotly-plot .scatterlayer .point").count() == 3      # one point per stage
+        assert "Step" in page.inner_text(".js-plotly-plot")

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # MLflow 3.17's UI only reads it when its workflow switch is off; with the switch (the default) the view follows
 # the URL's ?workflowType=machine_learning or the switch's choice stored in the browser (docs/running.md).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "workflowType=machine_learning"     # <ui>/#/experiments/<id>?UI_QUERY opens the runs table in 3.17+
 TRAINING_NODES = ("pretrain", "pretrain_dbot", "supervised")      # nodes with MLflow system metrics
 # nodes that read the prepared dataset -> the run input's context (mlflow.data.context)
 DATA_CONTEXT = {**dict.fromkeys(TRAINING_NODES, "training"),
