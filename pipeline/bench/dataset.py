@@ -58,6 +58,7 @@ from pipeline.checkpoint import atomic_write, write_json
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
 from pipeline.plots import save_png
+from pipeline.reporting.tables import markdown_table
 
 CLASSES = 10
 GEN_SIZE = 32              # side of the generated PNGs; prepare resizes them to img_size
@@ -231,21 +232,20 @@ def findings(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    head = ["| images | train / val | pixels MB | file MB | baseline anon / file MB | prepare peak anon MB | "
-            "prepare peak file MB | prepare s | train peak anon MB | train peak file MB | train s |",
-            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    lines = [f"| {r['images']} | {r['train_images']} / {r['val_images']} | {r['raw_mb']:.1f} | {r['file_mb']:.1f} | "
-             f"{r['baseline_anon_mb']:.1f} / {r['baseline_file_mb']:.1f} | {r['prepare_peak_anon_mb']:.1f} | "
-             f"{r['prepare_peak_file_mb']:.1f} | "
-             f"{r['prepare_s']:.1f} | {r['train_peak_anon_mb']:.1f} | {r['train_peak_file_mb']:.1f} | "
-             f"{r['train_s']:.1f} |" for r in result["rows"]]
+    header = ["images", "train / val", "pixels MB", "file MB", "baseline anon / file MB", "prepare peak anon MB",
+              "prepare peak file MB", "prepare s", "train peak anon MB", "train peak file MB", "train s"]
+    table = markdown_table(header, [
+        [r["images"], f"{r['train_images']} / {r['val_images']}", f"{r['raw_mb']:.1f}", f"{r['file_mb']:.1f}",
+         f"{r['baseline_anon_mb']:.1f} / {r['baseline_file_mb']:.1f}", f"{r['prepare_peak_anon_mb']:.1f}",
+         f"{r['prepare_peak_file_mb']:.1f}", f"{r['prepare_s']:.1f}", f"{r['train_peak_anon_mb']:.1f}",
+         f"{r['train_peak_file_mb']:.1f}", f"{r['train_s']:.1f}"] for r in result["rows"]], "r")
     return "\n".join([
         f"# Dataset memory: preset {result['preset']}, {result['img_size']}x{result['img_size']}x{result['channels']} "
         f"images, {result['train_steps']} MAE steps ({result['device']}, {result['threads']} threads, torch "
         f"{result['torch']})", "",
         "Peak RssAnon / RssFile of one fresh process per size (MB = 2^20 bytes), sampled every 5 ms: prepare = "
         "datasets.prepare + save_prepared of a synthetic image folder, train = load_prepared + the MAE steps.", "",
-        *head, *lines, "", findings(result), ""])
+        *table, "", findings(result), ""])
 
 
 def plot(result: dict, path: Path | str) -> None:
@@ -574,9 +574,9 @@ def stream_markdown(result: dict) -> str:
         f"{tuple(result['crop_scale'])} + flip; decoding alone {result['decode']['decode_images_per_s']:.0f} images/s.",
         "", f"StreamImages.train_batches (the training step's DataLoader, batch {result['batch_size']}, prefetch 2), "
         "timed from the first batch:", "",
-        "| workers | images/s | per worker | first batch s |", "|--:|--:|--:|--:|",
-        *(f"| {r['workers']} | {r['images_per_s']:.0f} | {r['images_per_s_per_worker']:.0f} | "
-          f"{r['first_batch_s']:.2f} |" for r in result["loader"]), "",
+        *markdown_table(["workers", "images/s", "per worker", "first batch s"], [
+            [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}", f"{r['first_batch_s']:.2f}"]
+            for r in result["loader"]], "r"), "",
         f"## A training node against the number of images", "",
         f"Per folder: prepare_data (the manifest, and the channel mean/std of up to {result['stats_images']} images), then "
         f"`python -m pipeline.stages.training.pretrain --method mae` ({result['node']['steps']} steps of a small MAE, "
@@ -584,12 +584,12 @@ def stream_markdown(result: dict) -> str:
         "process starts to its first training step done (first work: to $MIM_STARTUP_MARK, params validated). "
         "Peak RSS: the node's process tree (the node and its decoding workers, sampled every 50 ms), RSS summed "
         "(pages shared after the fork counted in each process) and PSS (shared pages split).", "",
-        "| images | train | peak RSS MB | peak PSS MB | node RSS MB | processes | start-up s | first work s | "
-        "step s | prepare_data s | prepare_data peak RSS MB |", "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-        *(f"| {r['images']} | {r['train_images']} | {r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} | "
-          f"{r['main_peak_rss_mb']:.0f} | {r['processes']} | {r['startup_s']:.2f} | {r['first_work_s']:.2f} | "
-          f"{r['step_s'] if r['step_s'] is None else format(r['step_s'], '.2f')} | {r['prepare_s']:.1f} | "
-          f"{r['prepare_peak_rss_mb']:.0f} |" for r in rows), ""]
+        *markdown_table(["images", "train", "peak RSS MB", "peak PSS MB", "node RSS MB", "processes", "start-up s",
+                         "first work s", "step s", "prepare_data s", "prepare_data peak RSS MB"], [
+            [r["images"], r["train_images"], f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}",
+             f"{r['main_peak_rss_mb']:.0f}", r["processes"], f"{r['startup_s']:.2f}", f"{r['first_work_s']:.2f}",
+             "None" if r["step_s"] is None else f"{r['step_s']:.2f}", f"{r['prepare_s']:.1f}",
+             f"{r['prepare_peak_rss_mb']:.0f}"] for r in rows], "r"), ""]
     stats = min(a["train_images"], result["stats_images"])
     sample_mb = stats * 3 * result["img_size"] ** 2 / 2 ** 20
     lines += [f"prepare_data is not a training node: it lists every file (one stat each) and writes the manifest, "

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from pipeline.checkpoint import atomic_write, write_json
+from pipeline.reporting.tables import markdown_table
 from pipeline.stages import stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,14 +185,15 @@ def markdown(result: dict) -> str:
         f"{yes(met['tiny_study_s'])} ({result['tiny_study_s']:.0f} s)", "",
         "Cold: a fresh interpreter imports what the node uses. Warm: the node's process hands its run to a child of "
         "a fork server that has torch, timm and MLflow imported (pipeline.orchestration.forkserver).", "",
-        "| node | cold: to first work (s) | cold: in all (s) | warm: to first work (s) | warm: in all (s) |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {n['node']} | {n['to_first_work_s']:.2f} | {n['total_s']:.2f} | {n['warm_to_first_work_s']:.2f} | "
-          f"{n['warm_total_s']:.2f} |" for n in result["nodes"]), "",
+        *markdown_table(["node", "cold: to first work (s)", "cold: in all (s)", "warm: to first work (s)",
+                         "warm: in all (s)"], [
+            [n["node"], f"{n['to_first_work_s']:.2f}", f"{n['total_s']:.2f}", f"{n['warm_to_first_work_s']:.2f}",
+             f"{n['warm_total_s']:.2f}"] for n in result["nodes"]], "lr"), "",
         f"## Import costs of {result['imports_node']} (python -X importtime), by top-level package", "",
         "cumulative: its outermost imports, with what they imported that was not loaded yet; self: its own modules.", "",
-        "| package | cumulative (s) | self (s) |", "|---|---:|---:|",
-        *(f"| {c['package']} | {c['cumulative_us'] / 1e6:.2f} | {c['self_us'] / 1e6:.2f} |" for c in result["imports"]),
+        *markdown_table(["package", "cumulative (s)", "self (s)"], [
+            [c["package"], f"{c['cumulative_us'] / 1e6:.2f}", f"{c['self_us'] / 1e6:.2f}"] for c in result["imports"]],
+            "lr"),
         ""])
 
 
