@@ -35,7 +35,7 @@ rule cka:
         plot=report("results/seed{seed}/cka/cka.png", category="analyses"),
     params:
         preset=config["preset"],
-        node=node_params("analyze", "dbot"),
+        node=node_params("cka"),
     conda:
         "envs/pipeline.yaml"
     log:

@@ -15,19 +15,21 @@ PROBED = layout.probe_weights(PARAMS)              # knn, linprobe: the encoders
 DATA = str(layout.dataset_path(PARAMS))           # what prepare_data writes: the tensor file, or a stream's manifest
 
 
-def node_params(*keys):
-    """The params a node reads, as one string: Snakemake reruns the node when it changes."""
+def node_params(node):
+    """The params the node reads (pipeline.orchestration.params_reads.NODE_PARAMS, as dvc.yaml's), with their
+    values, as one string: Snakemake reruns the node when it changes."""
+    from pipeline.orchestration import params_reads
 
     def get(wildcards):
         fields = dict(wildcards)
         if "key" in fields:                     # a dBOT node: {chain} and {stage} come from its key
             fields["chain"], fields["stage"] = layout.parse_dbot_key(fields["key"])
         out = {}
-        for key in keys:
+        for key in params_reads.declared(node, **fields):
             value = PARAMS
-            for part in key.format(**fields).split("."):
+            for part in key.split("."):
                 value = value[part]
-            out[key.format(**fields)] = value
+            out[key] = value
         return json.dumps(out, sort_keys=True)
 
     return get

@@ -12,7 +12,7 @@ rule prepare_data:
         meta=str(layout.sidecar(DATA)),
     params:
         preset=config["preset"],
-        node=node_params("data"),
+        node=node_params("prepare_data"),
     conda:
         "envs/pipeline.yaml"
     log:
@@ -31,7 +31,7 @@ rule random_init:
         meta="results/seed{seed}/random_init/encoder.json",
     params:
         preset=config["preset"],
-        node=node_params("data", "model"),
+        node=node_params("random_init"),
     conda:
         "envs/pipeline.yaml"
     log:

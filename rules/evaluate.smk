@@ -57,7 +57,7 @@ rule segprobe:
                         subcategory="{weights}", labels={"node": "segprobe@seed{seed}-{weights}"}),
     params:
         preset=config["preset"],
-        node=node_params("data", "segprobe"),
+        node=node_params("segprobe"),
     conda:
         "envs/pipeline.yaml"
     log:
@@ -122,7 +122,7 @@ rule checkpoint_eval:
                      subcategory="{weights}", labels={"node": "checkpoint_eval@seed{seed}-{weights}"}),
     params:
         preset=config["preset"],
-        node=node_params("knn", "linprobe"),
+        node=node_params("checkpoint_eval"),
     conda:
         "envs/pipeline.yaml"
     log:

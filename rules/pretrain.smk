@@ -4,7 +4,8 @@ A dBOT node's key is <chain>_stage<k> (params dbot.chains x dbot.stages: the tea
 Inputs: DATA (results/prepare_data/dataset.safetensors, or manifest.jsonl when streamed); dBOT node <key> also its teacher_swap output and, with
 dbot.carry_optimizer_state, stage k-1's pretrain_dbot/<chain>_stage<k-1>/optimizer.pt.
 Outputs (per seed, under results/seed<S>/): pretrain/<method>/, supervised/ and pretrain_dbot/<key>/:
-encoder.{safetensors,json}, metrics.json (with the online k-NN curve), reconstruction.png (not supervised);
+encoder.{safetensors,json}, metrics.json (with the online k-NN curve), loss.csv and online_knn.csv (the curves as
+data series), reconstruction.png (not supervised);
 pretrain/<method>/ also checkpoints/epoch<k>.{safetensors,json} every
 pretrain.keep_every_epochs; pretrain_dbot/<key>/optimizer.pt with dbot.carry_optimizer_state;
 teacher_swap/<key>/teacher.{safetensors,json}.
@@ -23,12 +24,14 @@ rule pretrain:
         weights="results/seed{seed}/pretrain/{method}/encoder.safetensors",
         meta="results/seed{seed}/pretrain/{method}/encoder.json",
         metrics="results/seed{seed}/pretrain/{method}/metrics.json",
+        loss="results/seed{seed}/pretrain/{method}/loss.csv",                # the curves as data series (DVC plots)
+        online_knn="results/seed{seed}/pretrain/{method}/online_knn.csv",
         picture=report("results/seed{seed}/pretrain/{method}/reconstruction.png", category="reconstructions",
                        subcategory="{method}", labels={"node": "pretrain@seed{seed}-{method}"}),
         kept=kept("mae", "results/seed{seed}/pretrain/{method}"),   # every single-stage method: pretrain.epochs
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "pretrain", "{method}"),
+        node=node_params("pretrain"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
@@ -47,9 +50,11 @@ rule supervised:
         weights="results/seed{seed}/supervised/encoder.safetensors",
         meta="results/seed{seed}/supervised/encoder.json",
         metrics="results/seed{seed}/supervised/metrics.json",
+        loss="results/seed{seed}/supervised/loss.csv",                # the curves as data series (DVC plots)
+        online_knn="results/seed{seed}/supervised/online_knn.csv",
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "pretrain", "supervised"),
+        node=node_params("supervised"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"
@@ -69,7 +74,7 @@ rule teacher_swap:
         meta="results/seed{seed}/teacher_swap/{key}/teacher.json",
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "dbot.chains.{chain}", "dbot.stage0_teacher_depth"),
+        node=node_params("teacher_swap"),
     conda:
         "envs/pipeline.yaml"
     log:
@@ -89,14 +94,14 @@ rule pretrain_dbot:
         weights="results/seed{seed}/pretrain_dbot/{key}/encoder.safetensors",
         meta="results/seed{seed}/pretrain_dbot/{key}/encoder.json",
         metrics="results/seed{seed}/pretrain_dbot/{key}/metrics.json",
+        loss="results/seed{seed}/pretrain_dbot/{key}/loss.csv",                # the curves as data series (DVC plots)
+        online_knn="results/seed{seed}/pretrain_dbot/{key}/online_knn.csv",
         picture=report("results/seed{seed}/pretrain_dbot/{key}/reconstruction.png", category="reconstructions",
                        subcategory="dbot {key}", labels={"node": "pretrain_dbot@seed{seed}-{key}"}),
         optimizer=CARRY,
     params:
         preset=config["preset"],
-        node=node_params("data", "model", "pretrain", "dbot.beta", "dbot.target_norm", "dbot.teacher_final_norm",
-                         "dbot.drop_path", "dbot.decoder_drop_path", "dbot.carry_optimizer_state",
-                         "dbot.stages.stage{stage}"),
+        node=node_params("pretrain_dbot"),
     threads: TRAIN_THREADS
     conda:
         "envs/pipeline.yaml"

@@ -33,7 +33,7 @@ rule report:
         curve_plot=[report("results/plots/checkpoint_eval.png", category="convergence")] if CURVES else [],
     params:
         preset=config["preset"],
-        node=node_params("seeds", "dbot.chains"),
+        node=node_params("report"),
     conda:
         "envs/pipeline.yaml"
     log:

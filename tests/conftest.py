@@ -85,7 +85,8 @@ def study(tmp_path_factory):
     if os.environ.get("MIM_TINY_STUDY"):
         return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
+           "MIM_PARAMS_READS": str(workdir / "reads")}     # each node's params reads (pipeline.orchestration.params_reads)
     proc = run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
     (workdir / "snakemake.stderr").write_text(proc.stderr)
     return workdir

@@ -25,7 +25,8 @@ def snakemake_commands(preset="default") -> set[tuple[str, str]]:
 def dvc_commands(workdir) -> set[tuple[str, str]]:
     run_cli("dvc", "init", "--no-scm", "-q")
     with Repo(str(workdir)) as repo:
-        return {(stage.name.split("@")[0], stage.cmd) for stage in repo.index.stages}
+        return {(stage.name.split("@")[0], stage.cmd) for stage in repo.index.stages
+                if stage.name != "resolve_params"}         # DVC's own: writes the resolved params its stages declare
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
@@ -102,7 +103,7 @@ def test_no_output_of_the_dag_is_committed(workdir):
         outs = {str(Path(out.fs_path).relative_to(workdir)) for stage in repo.index.stages for out in stage.outs}
     assert any(o.startswith("results/plots") for o in outs) and "results/summary.md" in outs
     committed = [f for f in tracked if any(f == o or f.startswith(o + "/") for o in outs)]
-    assert not committed, committed
+    assert committed == ["params/resolved/default.yaml"], committed   # not Snakemake's: the values DVC compares
 
 
 def dbot_job_files(preset: str, target: str) -> dict[str, tuple[set, set]]:
@@ -141,3 +142,31 @@ def test_carried_optimizer_state_is_an_edge_of_both_dags_only_when_enabled(workd
             deps = {str(d.def_path) for d in stages["pretrain_dbot@seed0-random_stage1"].deps}
             outs = {str(o.def_path) for o in stages["pretrain_dbot@seed0-random_stage0"].outs}
         assert (state[0] in deps, state[0] in outs) == (on, on), preset
+
+
+def test_both_dags_declare_the_params_of_node_params(workdir):
+    """Snakemake's rules and dvc.yaml's stages take their params keys from params_reads.NODE_PARAMS (their reads
+    are checked by tests/test_e2e_*.py); dvc.yaml's come from the resolved params, which resolve_params writes from
+    base.yaml and the preset: the committed one is the resolved default study."""
+    from dvc.dependency.param import ParamsDependency
+
+    from pipeline import layout
+    from pipeline.orchestration import dvc_yaml, params_reads
+
+    assert Path("params/resolved/default.yaml").read_text() == dvc_yaml.resolved_text("default"), \
+        "regenerate: python -m pipeline.orchestration.dvc_yaml --resolve"
+    run_cli("dvc", "init", "--no-scm", "-q")
+    with Repo(str(workdir)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+    for name, stage in stages.items():
+        files = {str(d.def_path): list(dict.fromkeys(d.params)) for d in stage.deps if isinstance(d, ParamsDependency)}
+        if name == "resolve_params":
+            assert set(files) == {"params/base.yaml", "params/presets/default.yaml"} and not any(files.values())
+            continue
+        node, _, item = name.partition("@")
+        key = item.split("-", 1)[1] if "-" in item else ""
+        fields = dict(zip(("chain", "stage"), layout.parse_dbot_key(key))) if node in ("teacher_swap", "pretrain_dbot") \
+            else {"method": key}
+        assert files == {"params/resolved/default.yaml": params_reads.declared(node, **fields)}, name
+    rules = " ".join(p.read_text() for p in Path("rules").glob("*.smk"))
+    assert sorted(re.findall(r'node=node_params\("(\w+)"\)', rules)) == sorted(params_reads.NODE_PARAMS)

@@ -1,21 +1,41 @@
 """The tiny study through real `dvc repro` in a temporary git repository: a param edit reruns exactly
 the stages it reaches."""
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
+from pipeline.orchestration import params_reads
 
 pytestmark = pytest.mark.e2e
 
 
-def repro(*args, warm=True) -> set[str]:
-    """The stages `dvc repro` ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as docs/running.md shows
-    (else cold: no fork server, not even the tests' own)."""
+def repro(*args, warm=True, command=("repro",)) -> set[str]:
+    """The stages `dvc repro` (or `command`) ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as
+    docs/running.md shows (else cold: no fork server, not even the tests' own). Every node records the params keys
+    it reads into reads/ (pipeline.orchestration.params_reads)."""
     prefix = [sys.executable, "-m", "pipeline.orchestration.forkserver", "run", "--"] if warm else []
-    out = run_cli(*prefix, "dvc", "repro", *args, env=None if warm else {"MIM_FORKSERVER": ""}).stdout
+    env = {params_reads.ENV: str(Path("reads").resolve())}
+    out = run_cli(*prefix, "dvc", *command, *args, env=env if warm else {**env, "MIM_FORKSERVER": ""}).stdout
     return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def status(*targets) -> set[str]:
+    """The stages `dvc status` lists as changed: the targets and what they depend on."""
+    return set(json.loads(run_cli("dvc", "status", "--json", "--with-deps", *targets).stdout))
+
+
+def declared_params(workdir) -> dict[str, list[str]]:
+    """dvc.yaml's params of every stage (foreach items resolved): stage name -> keys of the resolved params file."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        return {stage.name: [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
+                for stage in repo.index.stages if stage.name != "resolve_params"}
 
 
 def edit(path, pattern, new):
@@ -35,16 +55,16 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     run_cli("dvc", "init", "-q")
     targets = ["knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"]
     first = repro(*targets)
-    assert first == {"prepare_data", "random_init@seed0", "pretrain@seed0-mae", "linprobe@seed0-mae"} | {
+    assert first == {"resolve_params", "prepare_data", "random_init@seed0", "pretrain@seed0-mae", "linprobe@seed0-mae"} | {
         f"{node}@seed0-random_stage{k}" for node in ("teacher_swap", "pretrain_dbot") for k in range(3)} | {
         "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     assert "up to date" in run_cli("dvc", "status", *targets).stdout.lower()
 
     edit(workdir / "params/base.yaml", r"  lr: 0\.1 ", "  lr: 0.05 ")
-    assert repro(*targets, warm=False) == {"linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    assert repro(*targets, warm=False) == {"resolve_params", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
 
     edit(workdir / "params/base.yaml", r"stage1: \{epochs: (\d+), blr: 1\.5e-3\}", r"stage1: {epochs: \1, blr: 3.0e-3}")
-    assert repro(*targets) == {"pretrain_dbot@seed0-random_stage1", "teacher_swap@seed0-random_stage2",
+    assert repro(*targets) == {"resolve_params", "pretrain_dbot@seed0-random_stage1", "teacher_swap@seed0-random_stage2",
                                "pretrain_dbot@seed0-random_stage2", "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     metrics = run_cli("dvc", "metrics", "show").stdout
     assert "results/seed0/knn/dbot_random_stage2/metrics.json" in metrics
@@ -52,3 +72,46 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     page = (workdir / "dvc_plots/index.html").read_text()
     for picture in ("pretrain/mae/reconstruction.png", "pretrain_dbot/random_stage1/reconstruction.png"):
         assert picture.replace("/", "_") in page or picture in page, picture
+
+    # Every node ran reads exactly the params dvc.yaml declares for it (and the Snakefile: the same NODE_PARAMS;
+    # tests/test_e2e_snakemake.py checks every node of both DAGs).
+    declared = declared_params(workdir)
+    ran = sorted(Path("reads").glob("*.json"))
+    assert {p.stem for p in ran} == first - {"resolve_params"}
+    for path in ran:
+        assert not params_reads.problems(json.loads(path.read_text()), declared[path.stem]), path.stem
+
+    # Training curves as data series: dvc plots show renders loss.csv and online_knn.csv (x epoch).
+    shown = json.loads(run_cli("dvc", "plots", "show", "--json").stdout)
+    for series, y in (("pretrain/mae/loss.csv", "loss"), ("pretrain_dbot/random_stage1/online_knn.csv", "online_knn_top1")):
+        assert not [e for e in shown.get("errors", []) if e["name"] == f"results/seed0/{series}"], series  # built
+        (entry,) = shown["data"][f"results/seed0/{series}"]
+        text = json.dumps(entry)
+        assert entry["type"] == "vega" and '"epoch"' in text and f'"{y}"' in text, (series, text[:500])
+
+    # A preset edit: `dvc params diff` shows it, and once resolve_params has run, `dvc status` lists exactly the
+    # stages that read the key (knn.k: the knn stage, not pre-training: its online k-NN has its own keys).
+    run_cli("git", "add", "-A")
+    run_cli("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny study")
+    preset = workdir / "params/presets/tiny.yaml"
+    before = preset.read_text()
+    preset.write_text(before + "knn: {k: 3}\n")
+    diff = run_cli("dvc", "params", "diff").stdout
+    assert "params/presets/tiny.yaml" in diff and "knn.k" in diff, diff
+    assert status(*targets) == {"resolve_params"}
+    assert repro("resolve_params") == {"resolve_params"}
+    assert status(*targets) == {"knn@seed0-dbot_random_stage2"}
+    assert re.search(r"params/resolved/tiny.yaml\s+knn.k\s+20\s+3", run_cli("dvc", "params", "diff").stdout)
+    preset.write_text(before)
+    repro("resolve_params")
+    assert status(*targets) == set()
+
+    # An experiment: `dvc exp run -S` edits a params file and reruns exactly what the edit reaches.
+    exp = repro("-S", "params/base.yaml:knn.k=3", "-n", "k3", *targets, command=("exp", "run"))
+    assert exp == {"resolve_params", "knn@seed0-dbot_random_stage2"}
+    shown = run_cli("dvc", "exp", "show", "--json").stdout
+    rows = [e for rev in json.loads(shown) for e in rev.get("experiments") or [] for e in e.get("revs", [])]
+    (k3,) = [r for r in rows if r.get("name") == "k3"]
+    params = k3["data"]["params"]
+    assert params["params/resolved/tiny.yaml"]["data"]["knn"]["k"] == 3
+    assert params["params/base.yaml"]["data"]["knn"]["k"] == 3

@@ -148,6 +148,39 @@ def shown_in_report(page, uri: str) -> dict[tuple[str, str], int]:
     return shown
 
 
+def test_every_node_reads_the_params_both_dags_declare(study, tmp_path, monkeypatch):
+    """Each node of the tiny study recorded the params keys it read (the study fixture sets $MIM_PARAMS_READS):
+    they equal the params its Snakemake job declared (Snakemake's metadata of the job) and its dvc.yaml stage's."""
+    import ast
+
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    from conftest import copy_dag
+    from pipeline.orchestration import dvc_yaml, params_reads
+
+    reads = {p.stem: json.loads(p.read_text()) for p in (study / "reads").glob("*.json")}
+    smk = {}
+    for path in (study / ".snakemake/metadata").iterdir():
+        meta = json.loads(path.read_text())
+        log = Path(meta["log"][0])                      # results/seed<S>/logs/<rule>/<key>.log, or .../<rule>.log
+        seed = re.search(r"seed(\d+)", str(log))
+        key = f"-{log.stem}" if log.parent.name == meta["rule"] else ""
+        node = f"{meta['rule']}@seed{seed.group(1)}{key}" if seed else meta["rule"]
+        smk[node] = sorted(json.loads(ast.literal_eval(meta["params"][1])))
+    work = copy_dag(tmp_path)
+    (work / "dvc.yaml").write_text(dvc_yaml.render("tiny"))
+    monkeypatch.chdir(work)
+    run_cli("dvc", "init", "--no-scm", "-q")
+    with Repo(str(work)) as repo:
+        dvc = {s.name: sorted({k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params})
+               for s in repo.index.stages if s.name != "resolve_params"}
+    assert set(reads) == set(smk) == set(dvc) and len(reads) == 91
+    for node, recorded in reads.items():
+        assert smk[node] == dvc[node], node
+        assert not params_reads.problems(recorded, dvc[node]), node
+
+
 def test_snakemake_report_shows_every_plot_in_chromium(study):
     run_cli("snakemake", "--cores", "1", "--report", "report.html", "--config", "preset=tiny", cwd=study, timeout=600)
     with browser_page() as page:

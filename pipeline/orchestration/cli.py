@@ -26,6 +26,7 @@ import yaml
 
 from pipeline import checkpoint, config, layout
 from pipeline.errors import PipelineError
+from pipeline.orchestration import params_reads
 from pipeline.stages import stage_module
 
 
@@ -54,15 +55,21 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         if not per_seed:                       # a node of the whole study (prepare_data, report)
             params = {k: v for k, v in params.items() if k != "seed"}
         args.seed = params.get("seed")
+        params, reads = params_reads.recording(params)   # $MIM_PARAMS_READS: which keys the node reads
         mark_startup()
-        check(params, args)
-        with exclusive(node_id(args)):
-            if compute:
-                from pipeline.orchestration import launch          # submitit and torch: only for the work itself
+        try:
+            check(params, args)
+            if reads:
+                reads.phase = "work"
+            with exclusive(node_id(args)):
+                if compute:
+                    from pipeline.orchestration import launch          # submitit and torch: only for the work itself
 
-                launch.run(work, params, args, node_id(args), distributed_ok=distributed)
-            else:
-                work(params, args)
+                    launch.run(work, params, args, node_id(args), distributed_ok=distributed)
+                else:
+                    work(params, args)
+        finally:
+            params_reads.save(reads, node_id(args))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import layout
 from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
+from pipeline.orchestration import params_reads
 from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.config import node_seed, section_hash
 from pipeline.errors import PipelineError
@@ -99,6 +100,9 @@ def work(params: dict, args) -> None:
     labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
     model = METHODS[args.method](params, in_chans, seed, teacher, **labels)
     sections = ["seed", "data", "model", "pretrain", args.method]
+    logged = params                     # what params.yaml and the params hash record: dBOT the dbot keys it reads
+    if args.method == "dbot":
+        logged = params_reads.view(params, params_reads.declared("pretrain_dbot", stage=stage_number(args)))
     s = settings(params, args)
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(s["precision"], device)
@@ -106,7 +110,7 @@ def work(params: dict, args) -> None:
         epochs=s["epochs"], batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256, min_lr=s["min_lr"],
         warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], precision=amp.name,
         crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=s["checkpoint_every_min"], seed=seed,
-        config_hash=section_hash(params, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8]
+        config_hash=section_hash(logged, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8]
         + (sha256_file(carried)[:8] if carried else ""),
         desc=node_id(args), compile=params["launch"]["compile"])
     state = layout.resume_dir(node_id(args)) / "state.pt"
@@ -118,7 +122,7 @@ def work(params: dict, args) -> None:
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
     tags = {"method": args.method, "stage": stage_number(args), "weights": weights_id(args), "evaluated": evaluated,
             "dataset_hash": dataset_hash, "teacher_sha256": teacher_meta.get("sha256", "none"), **amp.record()}
-    with tracked(params, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
+    with tracked(logged, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
         result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, on_epoch=on_epoch,
@@ -196,7 +200,19 @@ def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, 
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights", "seed")},
                                       "epochs": result.history, "final": final, **amp.record()})
+    write_series(out, result.history)
     return final
+
+
+def write_series(out, history: list[dict]) -> None:
+    """The training curves as data series, declared as DVC plots (x epoch, 1-based): loss.csv (epoch,loss) and
+    online_knn.csv (epoch,online_knn_top1; the epochs it ran, header only when off)."""
+    from pipeline.checkpoint import atomic_write
+
+    for name, column in (("loss", "loss"), ("online_knn", "online_knn_top1")):
+        rows = [f"{h['epoch'] + 1},{h[column]}" for h in history if column in h]
+        atomic_write(out / f"{name}.csv", lambda p, rows=rows, column=column: p.write_text(
+            "\n".join([f"epoch,{column}", *rows]) + "\n"))
 
 
 def main(argv=None, method: str | None = None) -> None:

@@ -15,6 +15,7 @@ from pipeline.models import encoder_file
 from pipeline import layout
 from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.config import section_hash
+from pipeline.orchestration import params_reads
 from pipeline.errors import PipelineError
 from pipeline.orchestration.tracking import tracked
 
@@ -55,12 +56,13 @@ def work(params: dict, args) -> None:
     arrays, config, meta, src = check(params, args)
     chain, stage = layout.parse_dbot_key(args.stage)
     out = layout.teacher_path(args.stage, args.seed)
+    logged = params_reads.view(params, params_reads.declared("teacher_swap", chain=chain))   # its dbot keys only
     provenance = {"node": "teacher_swap", "chain": chain, "stage": stage, "source": src,
                   "source_sha256": meta.get("sha256"), "source_node": meta.get("node", "external"),
                   "source_method": meta.get("method"), "source_stage": meta.get("stage"),
                   "depth": config["depth"], "source_depth": meta.get("model", {}).get("depth"),
-                  "params_hash": section_hash(params, SECTIONS)}
-    with tracked(params, f"dbot_{chain}", node(args), out.parent, SECTIONS,
+                  "params_hash": section_hash(logged, SECTIONS)}
+    with tracked(logged, f"dbot_{chain}", node(args), out.parent, SECTIONS,
                  {"chain": chain, "stage": stage, "teacher_source": src}):
         encoder_file.save(out, arrays, config, provenance)
     print(f"{node(args)}: teacher <- {src} -> {out}")
