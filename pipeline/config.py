@@ -203,7 +203,7 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
         if source not in TEACHER_SOURCES and not Path(source).is_file():
             yield (f"dbot.chains.{chain}: {source!r} is neither a weights id of this study "
                    f"({', '.join(TEACHER_SOURCES)}) nor an existing file")
-    from pipeline.models.encoder_file import PLAIN_VITS     # timm names known here without importing timm (seconds)
+    from pipeline.models.encoder_file import PLAIN_VITS  # timm names known here without importing timm (seconds)
 
     if m["arch"] not in PLAIN_VITS:
         import timm  # late: only for another arch, and slow to import

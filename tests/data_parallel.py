@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from pipeline import config
-from pipeline.train import distributed, engine
-from pipeline.models.encoder import build_encoder
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.models.encoder import build_encoder
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.train import distributed, engine
 
 GLOBAL_BATCH, IMAGES = 16, 64         # 4 steps per epoch, 2 epochs
 ATOL, RTOL = 1e-6, 1e-5               # N processes vs one: summation order differs

@@ -24,24 +24,24 @@ import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import timm
 import torch
+from conftest import ROOT, copy_dag, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT, copy_dag, run_cli
-from pipeline.stages import stage_module
 from pipeline import checkpoint, config, layout
 from pipeline.data import datasets
+from pipeline.errors import PipelineError
 from pipeline.evaluation import finetune
 from pipeline.models.encoder import build_encoder, save_encoder
-from pipeline.errors import PipelineError
+from pipeline.stages import stage_module
 
 TINY = ["--preset", "tiny"]
 MARKER = "pwned"          # what the code hidden in a bad pickle or YAML file would create (in the study folder)

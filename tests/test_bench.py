@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.bench import throughput
 from pipeline import config, hardware
+from pipeline.bench import throughput
 from pipeline.methods import METHODS
 
 ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",

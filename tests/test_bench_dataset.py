@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import layout
 from pipeline.bench import dataset
 from pipeline.data import datasets
-from pipeline import layout
 from pipeline.errors import PipelineError
 from pipeline.stages.training import prepare_data
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline.bench import scaling
 from pipeline import config
+from pipeline.bench import scaling
 from pipeline.errors import PipelineError
 
 POINT_KEYS = {"value", "tokens", "step_s", "images_per_s", "flops_per_step", "gflops_per_s", "mfu", "flop_model_s",

@@ -1,12 +1,12 @@
 """The Snakefile and dvc.yaml describe the same nodes with the same commands; Snakemake lints clean."""
 import re
 import subprocess
-from pipeline.stages import stage_module
 from pathlib import Path
 
+from conftest import ROOT, run_cli
 from dvc.repo import Repo
 
-from conftest import ROOT, run_cli
+from pipeline.stages import stage_module
 
 
 def snakemake_commands(preset="default") -> set[tuple[str, str]]:
@@ -82,8 +82,8 @@ def test_every_per_seed_node_runs_once_per_seed_in_both_dags(workdir):
 def test_a_streamed_study_leaves_out_the_nodes_that_hold_every_image(workdir):
     """preset imagenet streams (data.format stream): both DAGs build from params alone (no data folder) with the
     same commands and none of layout.IN_MEMORY_NODES; knn and linprobe without the pixel floor."""
-    from pipeline.orchestration import dvc_yaml
     from pipeline import layout
+    from pipeline.orchestration import dvc_yaml
 
     (workdir / "dvc.yaml").write_text(dvc_yaml.render("imagenet"))
     smk = snakemake_commands("imagenet")
@@ -170,3 +170,17 @@ def test_both_dags_declare_the_params_of_node_params(workdir):
         assert files == {"params/resolved/default.yaml": params_reads.declared(node, **fields)}, name
     rules = " ".join(p.read_text() for p in Path("rules").glob("*.smk"))
     assert sorted(re.findall(r'node=node_params\("(\w+)"\)', rules)) == sorted(params_reads.NODE_PARAMS)
+
+
+def rule_graph(dot: str) -> set[tuple[str, str]]:
+    """The (from rule, to rule) edges of a `snakemake --rulegraph` dot file."""
+    names = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', dot, re.M))
+    return {(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
+
+
+def test_the_committed_dag_picture_is_the_rule_graph():
+    """docs/dag.dot (drawn as docs/dag.png, README's picture) is what Snakemake says today (docs/dag.md: how to
+    redraw it)."""
+    proc = run_cli("snakemake", "--cores", "1", "--rulegraph")
+    committed = rule_graph((ROOT / "docs/dag.dot").read_text())
+    assert rule_graph(proc.stdout) == committed and len(committed) > 20

@@ -9,10 +9,10 @@ The DAG edge of carry_optimizer_state (both DAGs) is tested in tests/test_dag.py
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train import engine
 from pipeline import layout
 from pipeline.checkpoint import read_json
-from pipeline.stages.training import pretrain, prepare_data, random_init, teacher_swap
+from pipeline.stages.training import prepare_data, pretrain, random_init, teacher_swap
+from pipeline.train import engine
 
 CARRY = ["--set", "dbot.carry_optimizer_state=true"]
 

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_cli
+from data_parallel import ATOL, RTOL, assert_close_states, free_port, train_all
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
-from data_parallel import ATOL, RTOL, assert_close_states, free_port, train_all
 from pipeline import config
 from pipeline.errors import PipelineError
+
 
 def test_two_processes_train_every_method_like_one(tmp_path):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from pipeline.orchestration import params_reads
 
 pytestmark = pytest.mark.e2e
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 def repro(*args, warm=True, command=("repro",)) -> set[str]:
     """The stages `dvc repro` (or `command`) ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as
-    docs/running.md shows (else cold: no fork server, not even the tests' own). Every node records the params keys
+    docs/snakemake-dvc-mlflow.md shows (else cold: no fork server, not even the tests' own). Every node records the params keys
     it reads into reads/ (pipeline.orchestration.params_reads)."""
     prefix = [sys.executable, "-m", "pipeline.orchestration.forkserver", "run", "--"] if warm else []
     env = {params_reads.ENV: str(Path("reads").resolve())}

@@ -8,10 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import run_cli
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
-
-from conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 ARGS = ["--preset", "tiny", "--set", "pretrain.epochs=12", "--set", "pretrain.checkpoint_every_min=0"]

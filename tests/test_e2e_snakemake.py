@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from browser import browser_page, mlflow_ui
 from conftest import run_cli
+from mlflow.tracking import MlflowClient
+
 from pipeline import hardware
 from pipeline.stages import stage_module
 
@@ -153,10 +153,10 @@ def test_every_node_reads_the_params_both_dags_declare(study, tmp_path, monkeypa
     they equal the params its Snakemake job declared (Snakemake's metadata of the job) and its dvc.yaml stage's."""
     import ast
 
+    from conftest import copy_dag
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    from conftest import copy_dag
     from pipeline.orchestration import dvc_yaml, params_reads
 
     reads = {p.stem: json.loads(p.read_text()) for p in (study / "reads").glob("*.json")}

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from pipeline.stages import stage_module
-from safetensors.torch import load_file
-
 from conftest import run_cli
+from safetensors.torch import load_file
 from test_e2e_resume import kill_mid_epoch
 from test_stream import image_folder
+
+from pipeline.stages import stage_module
 
 pytestmark = pytest.mark.e2e
 STEPS_PER_EPOCH = 9              # 144 train images / batch 16

@@ -6,10 +6,10 @@ import sys
 import pytest
 import timm
 import torch
-from pipeline.stages import stage_module
+from conftest import run_cli
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from pipeline.stages import stage_module
 
 pytestmark = pytest.mark.e2e
 

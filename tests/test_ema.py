@@ -5,8 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models.ema import (EMASchedule, EMATeacher, momentum_from_time_constant, momentum_schedule,
-                          piecewise_schedule, repo_rcmae_schedule)
+from pipeline.models.ema import (
+    EMASchedule,
+    EMATeacher,
+    momentum_from_time_constant,
+    momentum_schedule,
+    piecewise_schedule,
+    repo_rcmae_schedule,
+)
 
 
 def linear(w: float, b: float) -> nn.Linear:

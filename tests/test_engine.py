@@ -1,11 +1,11 @@
 """The training engine: schedule, weight-decay groups, resume bit-identical, non-finite loss handling."""
 import pytest
 import torch
+from test_dbot_options import first_step_moments
 from torch import nn
 
-from pipeline.train import engine
 from pipeline.errors import PipelineError
-from test_dbot_options import first_step_moments
+from pipeline.train import engine
 
 
 class Tiny(nn.Module):
@@ -145,8 +145,8 @@ DIGITS = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch
 
 
 def dbot(params):
-    from pipeline.models.encoder import build_encoder
     from pipeline.methods import METHODS
+    from pipeline.models.encoder import build_encoder
     from pipeline.models.teacher import FrozenTeacher
 
     return METHODS["dbot"](params, 1, 0, FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)))
@@ -212,8 +212,8 @@ def test_teacher_methods_compile(tmp_path, method):
     """Frozen (dBOT) and EMA (RC-MAE) teachers run under inference_mode, which torch.compile cannot trace:
     teacher.no_graph switches to no_grad while compiling, so launch.compile works for them too."""
     from pipeline import config
-    from pipeline.models.encoder import build_encoder
     from pipeline.methods import METHODS
+    from pipeline.models.encoder import build_encoder
     from pipeline.models.teacher import FrozenTeacher
 
     params = config.load("tiny")

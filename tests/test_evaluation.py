@@ -101,8 +101,8 @@ def test_pixels_node_runs_knn_and_linprobe_on_the_prepared_images(workdir):
     from mlflow.tracking import MlflowClient
 
     from pipeline import config, layout
-    from pipeline.data import datasets
     from pipeline.checkpoint import read_json
+    from pipeline.data import datasets
     from pipeline.evaluation.probes import pixel_features
     from pipeline.stages.evaluation import knn, linprobe
     from pipeline.stages.training import prepare_data

@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import COPIED, ROOT
 from mlflow.tracking import MlflowClient
 
-from conftest import COPIED, ROOT
-from pipeline.data import datasets
-from pipeline.evaluation import finetune
 from pipeline import layout
 from pipeline.config import load
-from pipeline.models.encoder import build_encoder, sincos_2d
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
+from pipeline.evaluation import finetune
+from pipeline.models.encoder import build_encoder, sincos_2d
 
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=3, num_heads=2)
 PNG = b"\x89PNG\r\n\x1a\n"

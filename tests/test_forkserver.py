@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline.stages import stage_module
-
 from conftest import copy_dag, run_cli
+
+from pipeline.stages import stage_module
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux only")
 

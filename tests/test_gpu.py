@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
-
 from conftest import copy_dag, run_cli
 from data_parallel import train_all
-from pipeline.bench import throughput
+
 from pipeline import hardware
-from pipeline.models.encoder import attention_kernels, build_encoder
+from pipeline.bench import throughput
 from pipeline.methods import METHODS
+from pipeline.models.encoder import attention_kernels, build_encoder
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")]

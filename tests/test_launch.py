@@ -2,8 +2,8 @@
 import pytest
 
 from pipeline import config
-from pipeline.orchestration import launch
 from pipeline.errors import PipelineError
+from pipeline.orchestration import launch
 
 
 def work(params, args):

@@ -5,10 +5,17 @@ import functools
 import pytest
 import torch
 
-from pipeline.models.encoder import build_encoder
 from pipeline.models import masking
-from pipeline.models.masking import (block_masking, block_masking_grid, hybrid_masking, mask_from_bool, max_block_patches,
-                              multifold_split, random_masking)
+from pipeline.models.encoder import build_encoder
+from pipeline.models.masking import (
+    block_masking,
+    block_masking_grid,
+    hybrid_masking,
+    mask_from_bool,
+    max_block_patches,
+    multifold_split,
+    random_masking,
+)
 
 MASKERS = {
     "random": random_masking,

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.models.encoder import build_encoder
 from pipeline.methods import EMA_METHODS, METHODS, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.models.encoder import build_encoder
 
 MIM = sorted(set(METHODS) - NEEDS_LABELS)   # the masked-image-modelling methods
 from pipeline.models.teacher import FrozenTeacher
@@ -200,8 +200,8 @@ def test_bootmae_flops_count_both_decoders_at_their_widths(params, feature_decod
     """pipeline.models.flops's analytic count of the two decoders' blocks equals torch's FLOP counter on them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.models.flops import cross_attention_flops, flops_per_image, token_counts
     from pipeline.models.encoder import attention_kernels, encoder_flops
+    from pipeline.models.flops import cross_attention_flops, flops_per_image, token_counts
 
     p = config.merge(params, {"bootmae": {"feature_decoder": feature_decoder, "block_order": block_order}})
     model, m = METHODS["bootmae"](p, 1, 0), p["model"]
@@ -299,8 +299,8 @@ def test_students_drop_paths_and_teachers_never_do(name, params):
 def test_saved_encoder_carries_no_drop_path_into_the_evaluations(params, tmp_path):
     """save_encoder writes weights only; the loaded encoder has no drop path, and the in-training encoder gives the
     same features in eval mode (k-NN and linear probe extract features with the encoder in eval mode)."""
-    from pipeline.models.encoder import DropPath, load_encoder, save_encoder, step_draws
     from pipeline.evaluation.probes import extract_features
+    from pipeline.models.encoder import DropPath, load_encoder, save_encoder, step_draws
 
     model = make("sdae", params).train()
     save_encoder(tmp_path / "e.safetensors", model.evaluated_encoder(), {})

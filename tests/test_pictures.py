@@ -4,12 +4,12 @@ import torch
 from PIL import Image
 
 from pipeline import config
-from pipeline.models import losses
-from pipeline.reporting import figures
 from pipeline.data.datasets import normalize
-from pipeline.models.encoder import build_encoder
 from pipeline.methods import METHODS, NEEDS_TEACHER
+from pipeline.models import losses
+from pipeline.models.encoder import build_encoder
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.reporting import figures
 
 PICTURED = ["bootmae", "dbot", "mae", "rcmae", "sdae"]
 PIXELS = {"mae", "rcmae", "bootmae"}

@@ -187,8 +187,8 @@ EARLY = {"hold": (0.5, 0.4), "fail": (0.3, 0.4), "spread": (0.45, 0.44)}   # (rc
 def seed_mean_table(top1: dict, early: tuple, std: float = float("nan"), seeds: int = 1) -> pd.DataFrame:
     """A table as pipeline.reporting.seed_stats.seed_mean makes it: k-NN and linear top-1 of every encoder, and the
     pre-training row early_online_knn_top1 of rcmae and mae."""
-    from pipeline.reporting.claims import EARLY_KNN
     from pipeline.layout import describe_weights
+    from pipeline.reporting.claims import EARLY_KNN
 
     rows = []
     for weights, value in top1.items():
@@ -242,7 +242,8 @@ def test_claims_name_the_comparisons_that_fail():
 
 
 def test_verdict_sign_and_spread():
-    from pipeline.reporting.claims import FAILS, HOLDS, SPREAD as WITHIN, overall, verdict
+    from pipeline.reporting.claims import FAILS, HOLDS, overall, verdict
+    from pipeline.reporting.claims import SPREAD as WITHIN
 
     nan = float("nan")
     assert [verdict(0.0, nan, s) for s in (">", ">=", "<")] == [FAILS, HOLDS, FAILS]     # equal: only ">=" holds

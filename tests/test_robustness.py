@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
+from test_finetune import PNG, one_thread, study  # noqa: F401  (fixtures: one thread, the tiny study)
 
 from pipeline import layout
 from pipeline.evaluation import robustness
-from test_finetune import PNG, one_thread, study  # noqa: F401  (fixtures: one thread, the tiny study)
 
 
 def images(n=4, channels=1, size=98):

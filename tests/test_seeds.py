@@ -14,10 +14,10 @@ import torch
 
 from pipeline import config, layout
 from pipeline.evaluation import robustness
-from pipeline.models.encoder import build_encoder
 from pipeline.methods import METHODS
-from pipeline.stages.evaluation import linprobe
+from pipeline.models.encoder import build_encoder
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.stages.evaluation import linprobe
 
 PROTOCOLS = ("linprobe", "segprobe", "finetune", "robustness")
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.evaluation import segmentation as seg
 from pipeline.data.datasets import Prepared
 from pipeline.errors import PipelineError
+from pipeline.evaluation import segmentation as seg
 
 
 def fake_prepared(n_train=40, n_val=12, size=8, channels=1, seed=0):
@@ -199,8 +199,8 @@ def test_folder_errors_are_one_line(tmp_path, case, message):
 def test_node_end_to_end_on_the_tiny_preset(workdir, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages.training import prepare_data, random_init
     from pipeline.stages.evaluation import segprobe
+    from pipeline.stages.training import prepare_data, random_init
 
     prepare_data.main(["--preset", "tiny"])
     random_init.main(["--preset", "tiny"])

@@ -26,11 +26,10 @@ import time
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
-
 from conftest import COPIED, ROOT, run_cli
 from data_parallel import assert_close_states
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slurm
 
@@ -115,8 +114,8 @@ def test_refused_and_cancelled_jobs_are_one_line_errors(workdir, slurm_cluster, 
     from pathlib import Path
 
     from pipeline import config
-    from pipeline.orchestration import launch
     from pipeline.errors import PipelineError
+    from pipeline.orchestration import launch
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))      # the job unpickles `sleeps` from here
     params = config.load("tiny", ["launch.executor=slurm", "launch.slurm.cpus_per_task=64"])

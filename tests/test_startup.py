@@ -17,17 +17,17 @@ import time
 import pytest
 import timm
 import torch
+from conftest import ROOT, run_cli
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_cli
-from pipeline.stages import stage_module
-from pipeline.bench import startup
 from pipeline import config
-from pipeline.models import encoder_file
+from pipeline.bench import startup
 from pipeline.checkpoint import read_json
-from pipeline.models.encoder import Encoder, build_encoder, load_encoder, save_encoder
 from pipeline.errors import PipelineError
 from pipeline.layout import sidecar
+from pipeline.models import encoder_file
+from pipeline.models.encoder import Encoder, build_encoder, load_encoder, save_encoder
+from pipeline.stages import stage_module
 
 HEAVY = ("torch", "timm", "mlflow", "pandas", "submitit", "matplotlib")
 STAGES = sorted(p.stem for p in (ROOT / "pipeline" / "stages").glob("*/*.py") if p.stem != "__init__")

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-
-from pipeline.models import losses
 import torch.nn.functional as F
 
+from pipeline.models import losses
 from pipeline.models.decoder import TargetAwareBlock, TargetAwareDecoder
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import random_masking

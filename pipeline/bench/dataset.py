@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from pipeline.bench import throughput
 from pipeline import config, hardware
-from pipeline.data import datasets
+from pipeline.bench import throughput
 from pipeline.checkpoint import atomic_write, write_json
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
 from pipeline.plots import save_png
@@ -468,7 +468,7 @@ def run_sampled(cmd: list[str], cwd: Path, env: dict, interval: float = 0.05, ti
 def node_args(folder: Path, img_size: int, batch_size: int, workers: int | None) -> list[str]:
     """--preset tiny --set ... of the streamed training node on folder (RGB at img_size, 16-px patches or 8)."""
     patch = 16 if img_size % 16 == 0 else 8
-    sets = [f"data.dataset=imagefolder", f"data.path={folder}", "data.format=stream", "data.channels=3",
+    sets = ["data.dataset=imagefolder", f"data.path={folder}", "data.format=stream", "data.channels=3",
             f"data.img_size={img_size}", f"data.val_fraction={VAL_FRACTION}", f"model.patch_size={patch}",
             f"pretrain.batch_size={batch_size}", *NODE_SETTINGS,
             f"launch.data_workers={'null' if workers is None else workers}"]
@@ -511,6 +511,7 @@ def node_run(folder: Path, workdir: Path, img_size: int, batch_size: int, steps:
 def stream_machine() -> dict:
     """CPU model, cores, torch's CPU capability, the load average now."""
     import platform
+
     from pipeline import hardware
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
@@ -577,7 +578,7 @@ def stream_markdown(result: dict) -> str:
         *markdown_table(["workers", "images/s", "per worker", "first batch s"], [
             [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}", f"{r['first_batch_s']:.2f}"]
             for r in result["loader"]], "r"), "",
-        f"## A training node against the number of images", "",
+        "## A training node against the number of images", "",
         f"Per folder: prepare_data (the manifest, and the channel mean/std of up to {result['stats_images']} images), then "
         f"`python -m pipeline.stages.training.pretrain --method mae` ({result['node']['steps']} steps of a small MAE, "
         f"launch.data_workers {result['node']['data_workers']}), each a fresh process. Start-up: from just before the "

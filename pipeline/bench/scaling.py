@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import throughput
-from pipeline.train import engine
 from pipeline.bench.render import scaling_markdown, scaling_plot
 from pipeline.checkpoint import atomic_write, write_json
 from pipeline.data.datasets import prepare
-from pipeline.models.encoder import build_encoder
 from pipeline.errors import PipelineError
 from pipeline.methods import METHODS
+from pipeline.models.encoder import build_encoder
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.train import engine
 
 # sweep name -> (params section, key, values as multiples of the preset's value; None = the values below)
 SWEEPS = {

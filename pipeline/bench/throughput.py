@@ -54,16 +54,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import render
 from pipeline import config, hardware
-from pipeline.train import engine
+from pipeline.bench import render
 from pipeline.checkpoint import write_json
-from pipeline.models.flops import flops_per_image
 from pipeline.data.datasets import prepare
-from pipeline.models.encoder import build_encoder
 from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.models.encoder import build_encoder
+from pipeline.models.flops import flops_per_image
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.train import engine
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TARGET = 0.95         # the default precision's images/s against the fastest measured, for every method

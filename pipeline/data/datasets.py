@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint, layout
-from pipeline.train.distributed import rand_rows
 from pipeline.errors import PipelineError
+from pipeline.train.distributed import rand_rows
 
 TENSORS = ("train_x", "train_y", "val_x", "val_y")
 LUMA = (0.299, 0.587, 0.114)   # ITU-R 601, as Pillow's RGB -> L

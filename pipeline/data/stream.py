@@ -66,7 +66,7 @@ class Manifest:
 
     @classmethod
     def of(cls, rows: dict[str, list[tuple[str, int, int]]], class_names: list[str],
-           skipped: dict[str, int]) -> "Manifest":
+           skipped: dict[str, int]) -> Manifest:
         """From {split: [(relative path, size, label), ...]}."""
         return cls({s: np.array([p.encode() for p, _, _ in r], dtype=bytes) for s, r in rows.items()},
                    {s: np.array([b for _, b, _ in r], dtype=np.int64) for s, r in rows.items()},
@@ -154,7 +154,7 @@ def _entry(line: str, path: Path, i: int, k: int) -> dict:
     return e
 
 
-def load(params: dict) -> "Prepared":
+def load(params: dict) -> Prepared:
     """The streamed dataset of params (manifest verified): Prepared with StreamImages as train_x and val_x."""
     from pipeline import hardware
     from pipeline.data.datasets import Prepared
@@ -180,7 +180,7 @@ def loader_settings(launch: dict, device: str) -> dict:
 
 
 def split_images(man: Manifest, split: str, root: Path, data: dict, loader: dict, crop_scale=(1.0, 1.0),
-                 hflip: bool = False) -> "StreamImages":
+                 hflip: bool = False) -> StreamImages:
     files = _Files(str(root), man.paths[split], man.sizes[split], man.labels[split], "L" if data["channels"] == 1
                    else "RGB", data["img_size"], tuple(crop_scale), hflip)
     return StreamImages(files, np.arange(len(man.paths[split])), loader)
@@ -301,7 +301,7 @@ class StreamImages:
     def shape(self) -> tuple[int, int, int, int]:
         return len(self), 1 if self.files.mode == "L" else 3, self.files.size, self.files.size
 
-    def __getitem__(self, key) -> "StreamImages":
+    def __getitem__(self, key) -> StreamImages:
         key = key.numpy() if isinstance(key, torch.Tensor) else key
         return StreamImages(self.files, self.index[key], self.loader)
 

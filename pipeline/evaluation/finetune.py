@@ -36,14 +36,14 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.train import engine
 from pipeline import hardware
 from pipeline.checkpoint import load_tensors, save_tensors
 from pipeline.data.datasets import Prepared, normalize
-from pipeline.models.encoder import Encoder
-from pipeline.models.encoder_file import state_mismatch
 from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import extract_features, topk_accuracy
+from pipeline.models.encoder import Encoder
+from pipeline.models.encoder_file import state_mismatch
+from pipeline.train import engine
 
 HEAD_STD = 2e-5                 # MAE: trunc_normal_(head.weight, std=2e-5)
 

@@ -6,7 +6,8 @@ knn and linprobe also take --weights pixels (layout.PIXELS), the raw-pixel floor
 and settings on the normalised images, flattened (evaluation.pixel_features), instead of an encoder's output."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipeline import layout
 from pipeline.checkpoint import read_json, write_json
@@ -100,8 +101,8 @@ def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, d
     """(features(images, split) -> (N, D) float32, the weights record, the precision) of --weights: an encoder's
     frozen features, or for the pixel floor the normalised pixels (fp32: no encoder runs)."""
     from pipeline import hardware
-    from pipeline.models.encoder import load_encoder
     from pipeline.evaluation.probes import extract_features, pixel_features
+    from pipeline.models.encoder import load_encoder
 
     settings = params[protocol]
     path = layout.weights_path(args.weights, args.seed)

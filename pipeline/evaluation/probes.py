@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data.datasets import batches, normalize
 from pipeline import hardware
+from pipeline.data.datasets import batches, normalize
 from pipeline.models.encoder import Encoder
 
 
@@ -120,7 +120,7 @@ def linear_probe(train_f, train_y, val_f, val_y, num_classes: int, epochs: int, 
 def probe_optimizer(name: str, linear: nn.Linear, lr: float, momentum: float, weight_decay: float):
     """The probe's optimiser: weight decay (and LARS's trust ratio) on the weight matrix, not the bias."""
     if name == "lars":
-        from timm.optim import Lars   # timm's LARS; always_adapt: scale by the trust ratio even without wd (MAE)
+        from timm.optim import Lars  # timm's LARS; always_adapt: scale by the trust ratio even without wd (MAE)
 
         return Lars([{"params": [linear.weight], "weight_decay": weight_decay, "always_adapt": True},
                      {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],

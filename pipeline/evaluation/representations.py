@@ -16,8 +16,8 @@ each block's input with the block's own modules while the blocks run one by one.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

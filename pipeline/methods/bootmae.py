@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import losses
+from pipeline.models import flops, losses
 from pipeline.models.decoder import TargetAwareDecoder
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import build_encoder, encoder_flops
 from pipeline.models.masking import hybrid_masking, max_block_patches
-from pipeline.models import flops
-from pipeline.models.encoder import encoder_flops
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "BootMAE",

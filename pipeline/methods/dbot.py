@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import losses
+from pipeline.models import flops, losses
 from pipeline.models.decoder import Decoder
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import random_masking
 from pipeline.models.teacher import FrozenTeacher
-from pipeline.models import flops
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "dBOT",

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import losses
+from pipeline.methods.mae import MAE
+from pipeline.models import flops, losses
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.models.masking import random_masking
-from pipeline.methods.mae import MAE
-from pipeline.models import flops
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "RC-MAE",

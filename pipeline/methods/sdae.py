@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import losses
+from pipeline.models import flops, losses
 from pipeline.models.decoder import Decoder
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import build_encoder, flops_per_token_block
 from pipeline.models.masking import multifold_split, random_masking
-from pipeline.models import flops
-from pipeline.models.encoder import flops_per_token_block
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "SdAE",

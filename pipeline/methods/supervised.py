@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.encoder import build_encoder
 from pipeline.models import flops
+from pipeline.models.encoder import build_encoder
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "supervised",

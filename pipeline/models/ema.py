@@ -55,7 +55,7 @@ class EMATeacher(nn.Module):
         module.zero_grad(set_to_none=True)
         self.module = module.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "EMATeacher":
+    def train(self, mode: bool = True) -> EMATeacher:
         return super().train(False)   # always in eval mode, whatever the student does
 
     @torch.no_grad()

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.encoder_file import check_input, infer_model, state_mismatch   # noqa: F401  (check_input: re-exported)
 from pipeline.errors import PipelineError
+from pipeline.models.encoder_file import check_input, infer_model, state_mismatch  # noqa: F401  (check_input: re-exported)
 
 
 def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -170,7 +170,7 @@ class Encoder(nn.Module):
         h = self(x)
         return h[:, 0] if kind == "cls" else h[:, 1:].mean(dim=1)
 
-    def truncated(self, depth: int) -> "Encoder":
+    def truncated(self, depth: int) -> Encoder:
         """A copy with only the first `depth` blocks (then the final norm), e.g. BootMAE's probe on an
         intermediate block, or dBOT's depth-0 stage-0 teacher (patch embedding and positions only); the state
         dict is that of a timm ViT of depth `depth`."""

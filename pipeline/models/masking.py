@@ -20,7 +20,7 @@ class Mask:
     ids_restore: torch.Tensor  # (B, L) inverse permutation: unshuffles [visible, masked] to grid order
     mask: torch.Tensor         # (B, L) float, 1 = hidden from the student, 0 = visible
 
-    def to(self, device) -> "Mask":
+    def to(self, device) -> Mask:
         return Mask(self.ids_keep.to(device), self.ids_restore.to(device), self.mask.to(device))
 
 

@@ -28,7 +28,7 @@ class FrozenTeacher(nn.Module):
         self.final_norm = final_norm
         self.width = encoder.embed_dim
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)   # always in eval mode, whatever the student does
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:

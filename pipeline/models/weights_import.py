@@ -36,8 +36,8 @@ import pickle
 import re
 from pathlib import Path
 
-from pipeline.models.encoder_file import PLAIN_VITS, plain_vit_state, state_mismatch
 from pipeline.errors import PipelineError
+from pipeline.models.encoder_file import PLAIN_VITS, plain_vit_state, state_mismatch
 
 FORMATS = ("mae", "timm", "deit", "dino")
 ENTRIES = {                                  # where each format keeps the encoder's dict, first found first

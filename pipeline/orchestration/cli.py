@@ -19,8 +19,8 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import yaml
 
@@ -63,7 +63,7 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
                 reads.phase = "work"
             with exclusive(node_id(args)):
                 if compute:
-                    from pipeline.orchestration import launch          # submitit and torch: only for the work itself
+                    from pipeline.orchestration import launch  # submitit and torch: only for the work itself
 
                     launch.run(work, params, args, node_id(args), distributed_ok=distributed)
                 else:

@@ -25,15 +25,15 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import submitit
 
-from pipeline.train import distributed
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
+from pipeline.train import distributed
 
 
 class NodeJob(submitit.helpers.Checkpointable):

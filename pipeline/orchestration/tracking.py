@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import section_hash, tracking_uri
 from pipeline import layout
+from pipeline.config import section_hash, tracking_uri
 from pipeline.layout import RESULTS
 from pipeline.orchestration.cli import write_params
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # The UI's kind of an experiment (mlflow.experimentKind): its "Machine learning" view, which lists training runs.
 # MLflow 3.17's UI only reads it when its workflow switch is off; with the switch (the default) the view follows
-# the URL's ?workflowType=machine_learning or the switch's choice stored in the browser (docs/running.md).
+# the URL's ?workflowType=machine_learning or the switch's choice stored in the browser (docs/snakemake-dvc-mlflow.md).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 UI_QUERY = "workflowType=machine_learning"     # <ui>/#/experiments/<id>?UI_QUERY opens the runs table in 3.17+
 TRAINING_NODES = ("pretrain", "pretrain_dbot", "supervised")      # nodes with MLflow system metrics

@@ -29,9 +29,9 @@ import math
 
 import pandas as pd
 
+from pipeline.layout import FLOORS, dbot_key, dbot_weights
 from pipeline.reporting import seed_stats
 from pipeline.reporting.tables import markdown_table
-from pipeline.layout import FLOORS, dbot_key, dbot_weights
 
 HOLDS, FAILS, SPREAD = "holds", "does not hold", "within the seed spread"
 EARLY_KNN = "early_online_knn_top1"     # pipeline.reporting.report's pre-training row of the online k-NN, first half

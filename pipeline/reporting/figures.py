@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from pipeline.models import losses
-from pipeline.evaluation.representations import attention_maps
 from pipeline.data.datasets import normalize
+from pipeline.evaluation.representations import attention_maps
+from pipeline.models import losses
 from pipeline.plots import save_png
 
 GREY = 0.5          # hidden patches of the masked input, and tokens without a target

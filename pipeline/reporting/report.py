@@ -23,12 +23,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.reporting import claims, seed_stats, swap_study
-from pipeline.reporting.tables import markdown_table
 from pipeline import plots
 from pipeline.checkpoint import atomic_write, read_json
 from pipeline.errors import PipelineError
 from pipeline.layout import FLOORS, SINGLE_STAGE_METHODS, parse_dbot_key
+from pipeline.reporting import claims, seed_stats, swap_study
+from pipeline.reporting.tables import markdown_table
 
 COLUMNS = ["seed", "method", "stage", "weights", "evaluated", "protocol", "metric", "value", "settings"]
 PRETRAIN_METRICS = (("final_loss", "loss"), ("wall_s", "wall_s"), ("images_seen", "images_seen"),
@@ -229,7 +229,7 @@ def _read_all(files: list[Path]) -> list[tuple[Path, dict]]:
 
 def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
     """Attention distance and singular-value share of every analysed encoder, side by side."""
-    from pipeline.evaluation import representations   # late: pulls in the model code, which the tables alone do not need
+    from pipeline.evaluation import representations  # late: pulls in the model code, which the tables alone do not need
 
     docs = sorted(docs, key=lambda d: weights_key(d["weights"]["id"]))
     representations.plot_attention_distance({d["weights"]["id"]: torch.tensor(d["attention_distance"]) for d in docs},

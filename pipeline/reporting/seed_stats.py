@@ -12,8 +12,8 @@ import math
 
 import pandas as pd
 
-from pipeline.reporting.tables import markdown_table
 from pipeline.layout import FLOORS, SINGLE_STAGE_METHODS, dbot_key, dbot_weights
+from pipeline.reporting.tables import markdown_table
 
 GROUP = ["method", "stage", "weights", "evaluated", "protocol", "metric", "settings"]
 WITHIN = "≈"          # the mark of a difference within the seed spread

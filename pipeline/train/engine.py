@@ -29,19 +29,19 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, hardware
-from pipeline.train import distributed
 from pipeline.data.datasets import augment, normalize
-from pipeline.models.encoder import step_draws
 from pipeline.errors import PipelineError
+from pipeline.models.encoder import step_draws
+from pipeline.train import distributed
 
 
 @dataclass

@@ -7,10 +7,10 @@ Tiny run: python -m pipeline.stages.evaluation.analyze --preset tiny --weights m
 """
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.orchestration.cli import stage_main
-from pipeline.orchestration.tracking import tracked
 from pipeline.evaluation.nodes import add_args, require_tensor
 from pipeline.evaluation.nodes import check as check_inputs
+from pipeline.orchestration.cli import stage_main
+from pipeline.orchestration.tracking import tracked
 
 
 def check(params: dict, args) -> None:
@@ -19,8 +19,8 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
-    from pipeline.evaluation import representations
     from pipeline.data import datasets
+    from pipeline.evaluation import representations
     from pipeline.models.encoder import load_encoder
     from pipeline.reporting.figures import attention_grid
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pipeline import layout
 from pipeline.checkpoint import read_json, write_json
-from pipeline.orchestration.cli import stage_main
 from pipeline.errors import PipelineError
+from pipeline.evaluation.nodes import require_tensor
+from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 from pipeline.stages.evaluation import knn, linprobe
-from pipeline.evaluation.nodes import require_tensor
 
 PROTOCOLS = {"knn": knn.protocol, "linprobe": linprobe.protocol}
 
@@ -39,10 +39,10 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> None:
-    from pipeline.data import datasets
     from pipeline import hardware, plots
-    from pipeline.models.encoder import load_encoder
+    from pipeline.data import datasets
     from pipeline.evaluation.probes import extract_features
+    from pipeline.models.encoder import load_encoder
 
     prep = datasets.load_prepared()
     out = layout.eval_metrics("checkpoint_eval", args.weights, args.seed)

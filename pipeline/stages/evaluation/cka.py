@@ -12,10 +12,10 @@ from itertools import combinations
 
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.orchestration.cli import stage_main
 from pipeline.errors import PipelineError
-from pipeline.orchestration.tracking import tracked
 from pipeline.evaluation.nodes import require_tensor
+from pipeline.orchestration.cli import stage_main
+from pipeline.orchestration.tracking import tracked
 
 
 def check(params: dict, args) -> None:
@@ -45,8 +45,8 @@ def other_pairs(params: dict) -> list[tuple[str, str]]:
 def work(params: dict, args) -> None:
     import torch
 
-    from pipeline.evaluation import representations
     from pipeline.data import datasets
+    from pipeline.evaluation import representations
     from pipeline.models.encoder import load_encoder
 
     prep = datasets.load_prepared()

@@ -13,11 +13,11 @@ import time
 
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import node_seed, section_hash
 from pipeline.errors import PipelineError
 from pipeline.evaluation.nodes import add_args, eval_run, log_history, print_metrics, weights_record
 from pipeline.evaluation.nodes import check as check_inputs
+from pipeline.orchestration.cli import stage_main
 
 SECTIONS = ["seed", "finetune"]
 
@@ -30,9 +30,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
+    from pipeline import hardware
     from pipeline.data import datasets
     from pipeline.evaluation import finetune
-    from pipeline import hardware
     from pipeline.models.encoder import load_encoder
 
     start = time.monotonic()

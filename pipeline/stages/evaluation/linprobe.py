@@ -8,9 +8,9 @@ with the per-epoch curve in "history". The settings are recorded beside the metr
 Tiny run: python -m pipeline.stages.evaluation.linprobe --preset tiny --weights mae
 """
 from pipeline import layout
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import node_seed
 from pipeline.evaluation.nodes import add_args, check_probe, evaluate
+from pipeline.orchestration.cli import stage_main
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):

@@ -11,8 +11,8 @@ stage, spread across teachers), accuracy against compute, and the analyses of ev
 Tiny run: python -m pipeline.stages.evaluation.report --preset tiny
 """
 from pipeline import layout
-from pipeline.orchestration.cli import stage_main
 from pipeline.errors import PipelineError
+from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 
 

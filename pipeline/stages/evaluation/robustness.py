@@ -13,9 +13,9 @@ import time
 
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import node_seed
 from pipeline.evaluation.nodes import add_args, check_weights_id, eval_run, print_metrics, require, require_tensor
+from pipeline.orchestration.cli import stage_main
 
 SECTIONS = ["seed", "finetune", "robustness"]
 
@@ -30,9 +30,9 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
+    from pipeline import hardware
     from pipeline.data import datasets
     from pipeline.evaluation import finetune, robustness
-    from pipeline import hardware
     from pipeline.models.encoder_file import check_input
 
     start = time.monotonic()

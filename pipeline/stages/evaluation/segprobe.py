@@ -17,10 +17,10 @@ import time
 
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import node_seed
 from pipeline.errors import PipelineError
 from pipeline.evaluation import nodes
+from pipeline.orchestration.cli import stage_main
 
 PROTOCOL = "segprobe"
 SECTIONS = ["seed", "data", PROTOCOL]
@@ -32,7 +32,7 @@ def check(params: dict, args) -> None:
     nodes.check(params, args)
     s = params[PROTOCOL]
     if s["dataset"] == "folder":
-        from pipeline.evaluation import segmentation        # imports torch: only a folder dataset's check needs it
+        from pipeline.evaluation import segmentation  # imports torch: only a folder dataset's check needs it
 
         segmentation.folder_pairs(s["path"])
     elif s["path"] is not None or s["num_classes"] is not None:
@@ -41,8 +41,8 @@ def check(params: dict, args) -> None:
 
 
 def work(params: dict, args) -> dict:
-    from pipeline.data import datasets
     from pipeline import hardware
+    from pipeline.data import datasets
     from pipeline.evaluation import segmentation
     from pipeline.models.encoder import load_encoder
     from pipeline.plots import save_png

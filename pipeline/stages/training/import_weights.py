@@ -51,8 +51,8 @@ import re
 from pathlib import Path
 
 from pipeline import layout
-from pipeline.orchestration.cli import stage_main
 from pipeline.errors import PipelineError
+from pipeline.orchestration.cli import stage_main
 
 IMPORTED = layout.IMPORTED_DIR
 

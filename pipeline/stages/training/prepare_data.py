@@ -12,8 +12,8 @@ and make its .dvc file a dep of this stage.
 Tiny run: python -m pipeline.stages.training.prepare_data --preset tiny
 """
 from pipeline import layout
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import section_hash
+from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 
 SECTIONS = ["data"]

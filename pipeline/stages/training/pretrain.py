@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 from pipeline import layout
 from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
-from pipeline.orchestration import params_reads
-from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.config import node_seed, section_hash
 from pipeline.errors import PipelineError
 from pipeline.methods import NAMES, NEEDS_LABELS, NEEDS_TEACHER
+from pipeline.orchestration import params_reads
+from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.orchestration.tracking import tracked
 
 if TYPE_CHECKING:
@@ -80,13 +80,13 @@ def carried_optimizer(params: dict, args):
 
 
 def work(params: dict, args) -> None:
-    from pipeline.data import datasets
-    from pipeline.train import distributed, engine
     from pipeline import hardware
-    from pipeline.models.encoder import load_encoder
+    from pipeline.data import datasets
     from pipeline.methods import METHODS
-    from pipeline.reporting.figures import reconstruction_grid
+    from pipeline.models.encoder import load_encoder
     from pipeline.models.teacher import FrozenTeacher
+    from pipeline.reporting.figures import reconstruction_grid
+    from pipeline.train import distributed, engine
 
     prep = datasets.load_dataset(params)        # data.format stream: images decoded and cropped per step
     dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
@@ -153,8 +153,8 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
     """The engine's on_epoch hook: online k-NN on a fixed subset (stored in the epoch's history entry, so
     a resumed run keeps it), the kept intermediate encoders (in the resume folder until the node ends:
     Snakemake and DVC delete declared outputs before a rerun), then the epoch's metrics to MLflow."""
-    from pipeline.models.encoder import save_encoder
     from pipeline.evaluation.probes import online_knn_top1
+    from pipeline.models.encoder import save_encoder
 
     online, kept = params["pretrain"]["online_knn"], layout.kept_epochs(params, weights_id(args))
 
@@ -184,8 +184,8 @@ def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
 
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict,
                    amp: Precision) -> dict:
-    from pipeline.models.flops import flops_per_image
     from pipeline.models.encoder import save_encoder
+    from pipeline.models.flops import flops_per_image
 
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
             "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,

@@ -6,8 +6,8 @@ initialisation (teacher_swap cuts it to dbot.stage0_teacher_depth blocks when th
 Tiny run: python -m pipeline.stages.training.random_init --preset tiny
 """
 from pipeline import layout
-from pipeline.orchestration.cli import stage_main
 from pipeline.config import node_seed, section_hash
+from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 
 SECTIONS = ["seed", "data", "model"]

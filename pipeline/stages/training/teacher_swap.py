@@ -11,12 +11,12 @@ main_pretrain.py:179-180, :220); trained teachers are copied whole. The weights 
 arrays (pipeline.models.encoder_file): the node imports neither torch nor timm, and writes what save_encoder would.
 Tiny run: python -m pipeline.stages.training.teacher_swap --preset tiny --stage random_stage0
 """
-from pipeline.models import encoder_file
 from pipeline import layout
-from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.config import section_hash
-from pipeline.orchestration import params_reads
 from pipeline.errors import PipelineError
+from pipeline.models import encoder_file
+from pipeline.orchestration import params_reads
+from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.orchestration.tracking import tracked
 
 SECTIONS = ["seed", "data", "model", "dbot"]
