@@ -171,7 +171,8 @@ def load_plain(path: Path | str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PipelineError(f"{path} is not a readable torch file of plain tensors ({str(e).splitlines()[0]})") from None
+        raise PipelineError(f"{path} is not a readable torch file of plain tensors "
+                            f"({str(e).splitlines()[0]})") from None
 
 
 def load_state(path: Path | str) -> dict | None:

@@ -1,7 +1,8 @@
 """Params: params/base.yaml + params/presets/<preset>.yaml (+ key=value overrides), strictly validated.
 
 The resolved params are plain data (yaml.safe_load; never evaluated). Validation has two layers, both run
-before any work: the JSON schema (params/schema.yaml + each method's section from its module: types, ranges, unknown keys) and the cross-field checks below (sizes that must divide, paths that must exist).
+before any work: the JSON schema (params/schema.yaml + each method's section from its module: types, ranges, unknown
+keys) and the cross-field checks below (sizes that must divide, paths that must exist).
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def _momentum_problems(method: str, spec: dict):
     taus, points = spec["tau_epochs"], spec.get("breakpoints")
     if spec["schedule"] != "piecewise":
         if len(taus) != 2:
-            yield f"{method}.momentum: schedule {spec['schedule']} takes tau_epochs [start, end], got {len(taus)} values"
+            yield (f"{method}.momentum: schedule {spec['schedule']} takes tau_epochs [start, end], "
+                   f"got {len(taus)} values")
     elif points is None or len(taus) != len(points) + 1:
         yield (f"{method}.momentum: schedule piecewise needs one more tau_epochs than breakpoints, got {len(taus)} "
                f"and {0 if points is None else len(points)}")
@@ -171,7 +173,8 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
     if d["format"] == "stream" and d["dataset"] != "imagefolder":
         yield f"data.format stream needs data.dataset imagefolder ({d['dataset']} is always prepared as a tensor)"
     masked = num_patches - int(num_patches * (1 - t["mask_ratio"]))
-    bounds = {"masked_patches": (masked, f"the {masked} masked patches"), "model.depth": (m["depth"], f"model.depth {m['depth']}")}
+    bounds = {"masked_patches": (masked, f"the {masked} masked patches"),
+              "model.depth": (m["depth"], f"model.depth {m['depth']}")}
     for method in methods.NAMES:                 # a method's params bounded by the study (its SPEC's at_most)
         for key, bound in methods.spec(method)["at_most"].items():
             limit, text = bounds[bound]

@@ -99,7 +99,8 @@ def native(precision: str, dev: str) -> tuple[bool, str]:
     """(whether `precision` runs at full speed on `dev`, what was seen): fp32 always; bf16 on a CUDA device with
     bf16 or a CPU with bf16 units; fp16 on any CUDA device, never on a CPU (no fp16 matmul units targeted)."""
     if dev.startswith("cuda"):
-        seen = f"CUDA {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+        seen = (f"CUDA {torch.cuda.get_device_name()} "
+                f"(capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
         return precision != "bf16" or cuda_bf16(), seen
     f = cpu_features()
     return precision == "fp32" or (precision == "bf16" and cpu_bf16_native(f)), describe_cpu(f)

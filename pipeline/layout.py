@@ -3,7 +3,8 @@ generator and the report.
 
 All paths are relative to the working directory (the repository root, or a copy of it in tests).
 The study runs once per seed (params seeds). prepare_data (one split for every seed) writes
-results/prepare_data/ (dataset_path: the tensor file DATASET, or a streamed image folder's MANIFEST); the report (across seeds) writes results/summary.*, results/swap_*.csv and
+results/prepare_data/ (dataset_path: the tensor file DATASET, or a streamed image folder's MANIFEST); the report
+(across seeds) writes results/summary.*, results/swap_*.csv and
 results/plots/; every other node writes results/seed<S>/<node>/<key>/. Resumable training state lives in
 results/.resume/<node id>/, which no node declares as an output (Snakemake and DVC delete declared outputs
 before a rerun).
@@ -39,10 +40,12 @@ MANIFEST = DATA_DIR / "manifest.jsonl"              # data.format stream: one li
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RESUME_DIR = RESULTS / ".resume"
 IMPORTED_DIR = RESULTS / "imported"                 # import_weights: released checkpoints as encoder files
-IMPORTED_PREFIX = "imported_"                       # weights id imported_<name>: IMPORTED_DIR/<name>/encoder.safetensors
+IMPORTED_PREFIX = "imported_"                       # weights id imported_<name>:
+                                                    # IMPORTED_DIR/<name>/encoder.safetensors
 SUMMARY_CSV = RESULTS / "summary.csv"
 SUMMARY_MD = RESULTS / "summary.md"
-CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison (pipeline.reporting.claims)
+CLAIMS_CSV = RESULTS / "claims.csv"                 # the report's claims, one row per comparison
+                                                    # (pipeline.reporting.claims)
 PLOTS_DIR = RESULTS / "plots"
 
 SINGLE_STAGE_METHODS = methods.with_node("pretrain")   # mae, sdae, rcmae, bootmae: pre-trained by one `pretrain` node
@@ -136,7 +139,8 @@ def teacher_path(key: str, seed: int) -> Path:
 
 
 def optimizer_path(key: str, seed: int) -> Path:
-    """dBOT node <key>'s final AdamW state (dbot.carry_optimizer_state): results/seed<S>/pretrain_dbot/<key>/optimizer.pt."""
+    """dBOT node <key>'s final AdamW state (dbot.carry_optimizer_state):
+    results/seed<S>/pretrain_dbot/<key>/optimizer.pt."""
     return pretrain_dir("dbot", seed, key) / "optimizer.pt"
 
 

@@ -86,7 +86,8 @@ def training_curve(docs: list[dict], key: str, path: Path | str) -> None:
     for i, chain in enumerate(dict.fromkeys(_chain_name(d["weights"]) for d in dbot)):
         offset, color = 0, CHAIN_COLORS[i % len(CHAIN_COLORS)]
         for doc in sorted((d for d in dbot if _chain_name(d["weights"]) == chain), key=lambda d: d["stage"]):
-            ax.plot(*points(doc, offset), marker="o", ms=3, color=color, label=f"dBOT chain {chain}" if offset == 0 else None)
+            ax.plot(*points(doc, offset), marker="o", ms=3, color=color,
+                    label=f"dBOT chain {chain}" if offset == 0 else None)
             if offset:
                 boundaries.add(offset + 0.5)
             offset += len(doc["epochs"])
@@ -146,7 +147,8 @@ def chain_accuracy(table: pd.DataFrame, path: Path | str) -> None:
                     color=CHAIN_COLORS[i % len(CHAIN_COLORS)], label=f"dBOT chain {name}")
         for weights, (label, color) in BASELINE_STYLE.items():
             for value in rows.loc[rows["weights"] == weights, "value"]:
-                ax.axhline(100 * value, ls=FLOOR_LINES.get(weights, "--"), color=color, label=f"{label}: {100 * value:.1f}%")
+                ax.axhline(100 * value, ls=FLOOR_LINES.get(weights, "--"), color=color,
+                           label=f"{label}: {100 * value:.1f}%")
         ax.set_xticks(sorted(stages))
 
     _top1_panels(table, draw, "dBOT stage", "Accuracy along the dBOT chain", path)

@@ -30,8 +30,8 @@ The streamed image-folder path (data.format stream, pipeline.data.stream), run f
   one torch thread, as one DataLoader worker runs it; and StreamImages.train_batches (the training step's DataLoader)
   with each number of workers (default 1..cores);
 - by_images: per folder size n (n names hard-linked to DIR's files), prepare_data and then the real pretrain node
-  (`python -m pipeline.stages.training.pretrain --method mae`, a small MAE, ended after --node-steps steps), each a fresh
-  process in its own folder: the peak RSS (and PSS) of the node's process tree (its decoding workers too), its
+  (`python -m pipeline.stages.training.pretrain --method mae`, a small MAE, ended after --node-steps steps), each a
+  fresh process in its own folder: the peak RSS (and PSS) of the node's process tree (its decoding workers too), its
   start-up (process start to the first training step done) and its first own work ($MIM_STARTUP_MARK).
 Writes stream.json, stream.md (with the targets, STREAM_TARGETS, met or not) and stream.png under --out.
 """
@@ -274,7 +274,8 @@ JPEG_SIZE = (400, 350)     # --make: ImageNet-like sizes, each side varied by up
 JPEG_JITTER = 0.15
 JPEG_QUALITY = 90
 STREAM_TARGETS = {"images_per_s_per_worker": 150.0, "rss_growth": 0.10, "startup_growth": 0.20, "startup_slack_s": 1.0}
-# the pretrain node of the by_images series: a small MAE at the image size, a few real steps (pipeline.stages.training.pretrain)
+# the pretrain node of the by_images series: a small MAE at the image size, a few real steps
+# (pipeline.stages.training.pretrain)
 NODE_SETTINGS = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.decoder_dim=32",
                  "model.decoder_depth=1", "model.decoder_heads=2", "pretrain.precision=fp32", "pretrain.epochs=100",
                  "pretrain.online_knn.every_epochs=0"]
@@ -477,8 +478,8 @@ def node_args(folder: Path, img_size: int, batch_size: int, workers: int | None)
 
 def node_run(folder: Path, workdir: Path, img_size: int, batch_size: int, steps: int, workers: int | None) -> dict:
     """prepare_data (manifest) and then the MAE pretrain node on folder, each a fresh cold process in workdir (its
-    own results/, MLflow store and a copy of params/); the pretrain node ends after `steps` training steps (NODE_RUNNER). Times from
-    just before each process starts; memory: its process tree (run_sampled)."""
+    own results/, MLflow store and a copy of params/); the pretrain node ends after `steps` training steps
+    (NODE_RUNNER). Times from just before each process starts; memory: its process tree (run_sampled)."""
     import sys
     repo, workdir = Path(__file__).resolve().parents[1], Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -570,16 +571,19 @@ def stream_markdown(result: dict) -> str:
         f"({a['startup_s']:.1f} s at {a['images']} images, {b['startup_s']:.1f} s at {b['images']}: "
         f"{targets['startup_flat']['value']:+.1f} s, limit +{targets['startup_flat']['target']:.1f} s)", "",
         "## Decoding and DataLoader workers", "",
-        f"One worker (the train item of pipeline.data.stream in one process at one torch thread, {result['decode']['count']} "
+        "One worker (the train item of pipeline.data.stream in one process at one torch thread, "
+        f"{result['decode']['count']} "
         f"images): {result['images_per_s_per_worker']:.0f} images/s read + decode_jpeg + RandomResizedCrop "
         f"{tuple(result['crop_scale'])} + flip; decoding alone {result['decode']['decode_images_per_s']:.0f} images/s.",
         "", f"StreamImages.train_batches (the training step's DataLoader, batch {result['batch_size']}, prefetch 2), "
         "timed from the first batch:", "",
         *markdown_table(["workers", "images/s", "per worker", "first batch s"], [
-            [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}", f"{r['first_batch_s']:.2f}"]
+            [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}",
+             f"{r['first_batch_s']:.2f}"]
             for r in result["loader"]], "r"), "",
         "## A training node against the number of images", "",
-        f"Per folder: prepare_data (the manifest, and the channel mean/std of up to {result['stats_images']} images), then "
+        "Per folder: prepare_data (the manifest, and the channel mean/std of up to "
+        f"{result['stats_images']} images), then "
         f"`python -m pipeline.stages.training.pretrain --method mae` ({result['node']['steps']} steps of a small MAE, "
         f"launch.data_workers {result['node']['data_workers']}), each a fresh process. Start-up: from just before the "
         "process starts to its first training step done (first work: to $MIM_STARTUP_MARK, params validated). "
@@ -721,21 +725,25 @@ def parse_args(argv) -> argparse.Namespace:
     stream = parser.add_argument_group("--stream: a streamed image folder (data.format stream)")
     stream.add_argument("--stream", action="store_true", help="benchmark the stream path instead: stream.{json,md,png}")
     stream.add_argument("--folder", type=Path, default=None, help="the image folder (with --make: written first)")
-    stream.add_argument("--make", type=int, default=None, metavar="N", help="first write N synthetic JPEGs into --folder")
+    stream.add_argument("--make", type=int, default=None, metavar="N",
+                        help="first write N synthetic JPEGs into --folder")
     stream.add_argument("--seed", type=int, default=0, help="seed of --make and of the crops (default 0)")
     stream.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 1..cores)")
     stream.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     stream.add_argument("--decode-images", type=int, default=1000, help="images of the one-worker rate (default 1000)")
     stream.add_argument("--loader-steps", type=int, default=30, help="batches per worker count (default 30)")
     stream.add_argument("--images", type=int, nargs="+", default=None,
-                        help="folder sizes of the training-node series (links to the files; default 10000 40000 160000)")
+                        help="folder sizes of the training-node series (links to the files; "
+                             "default 10000 40000 160000)")
     stream.add_argument("--node-steps", type=int, default=5, help="training steps of each pretrain node (default 5)")
-    stream.add_argument("--node-workers", type=int, default=None, help="launch.data_workers of the nodes (default null)")
+    stream.add_argument("--node-workers", type=int, default=None,
+                        help="launch.data_workers of the nodes (default null)")
     args = parser.parse_args(argv)
     if args.stream:
         if args.folder is None or min(args.images or [2 * CLASSES]) < 2 * CLASSES or args.node_steps < 1 \
                 or args.loader_steps < 1 or (args.make is not None and args.make < 1):
-            parser.error(f"--stream needs --folder; --images >= {2 * CLASSES}, --node-steps, --loader-steps, --make >= 1")
+            parser.error(f"--stream needs --folder; --images >= {2 * CLASSES}, --node-steps, --loader-steps, "
+                         "--make >= 1")
         return args
     if min(args.sizes) < 2 * CLASSES or args.train_steps < 1:
         parser.error(f"--sizes must be >= {2 * CLASSES} (a train and a val image per class), --train-steps >= 1")

@@ -147,8 +147,8 @@ def scaling_markdown(result: dict) -> str:
              f"({result['device']}, {result['threads']} threads, median of {result['steps']} steps)", "",
              "FLOP model = the preset's step time (same precision) x this point's FLOPs / the preset's FLOPs. MFU "
              f"against the matmul peak (n = {result['peak_matmul_size']}) of the row's precision, measured in the "
-             "row's own process between its steps. Speed-up vs fp32 = the fp32 step time / the point's step time at the "
-             "same setting.", ""]
+             "row's own process between its steps. Speed-up vs fp32 = the fp32 step time / the point's step time "
+             "at the same setting.", ""]
     for name in _sweep_order(result):
         points, base = result["sweeps"][name], result["preset_settings"][name]
         rows = [[f"**{p['value']}**" if p["value"] == base else str(p["value"]), p["precision"], p["tokens"],

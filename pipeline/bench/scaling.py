@@ -4,8 +4,8 @@
 
 Every point is MAE's real training step (pipeline.bench.throughput: engine.train_step, fresh child process, median of
 --steps timed steps after warm-up) at the preset with one setting changed, in fp32 and every other precision this device
-runs natively (bf16 autocast on a CPU with AMX / AVX512-BF16 or a GPU with bf16; pipeline.bench.throughput.plan_precisions),
-or those of --precisions:
+runs natively (bf16 autocast on a CPU with AMX / AVX512-BF16 or a GPU with bf16;
+pipeline.bench.throughput.plan_precisions), or those of --precisions:
 
 - tokens: data.img_size at the preset's patch size, and model.patch_size at the preset's image size
   (patches L = (img_size / patch_size)^2; the encoder sees 1 + L (1 - mask_ratio), the decoder 1 + L);
@@ -19,9 +19,9 @@ line: overhead that does not shrink with the work (small models, small batches);
 to the peak.
 
 - dbot_chain: a dBOT chain of --chain-stages stages trained one after the other in one process, in the default
-  precision (`precision: auto` here) (stage k's frozen teacher is stage k-1's student, stage 0's a random encoder), each --chain-epochs
-  epochs on the first --chain-images train images: wall seconds per stage and cumulative, against the number of
-  stages.
+  precision (`precision: auto` here) (stage k's frozen teacher is stage k-1's student, stage 0's a random encoder), each
+  --chain-epochs epochs on the first --chain-images train images: wall seconds per stage and cumulative, against the
+  number of stages.
 
 Writes scaling.json (`sweeps`: name -> points; `dbot_chain`: stages), scaling.md and scaling.png under --out.
 Peak memory against dataset size is the separate pipeline.bench.dataset (it generates image folders).
@@ -105,8 +105,8 @@ def measure_sweeps(params: dict, names: list[str], precisions: list[str], steps:
                 for value in sweep_values(params, name):
                     p = with_setting(params, name, value)
                     point = base if p == params else measure_point(p, precision, steps, device, pool, peak_size)
-                    sweeps[name].append({"value": value, "tokens": _tokens(p), **point,
-                                         "flop_model_s": base["step_s"] * point["flops_per_step"] / base["flops_per_step"]})
+                    sweeps[name].append({"value": value, "tokens": _tokens(p), **point, "flop_model_s":
+                                         base["step_s"] * point["flops_per_step"] / base["flops_per_step"]})
                     progress(f"{name} {value} {precision}: step {1000 * point['step_s']:.1f} ms (FLOP model "
                              f"{1000 * sweeps[name][-1]['flop_model_s']:.1f} ms), MFU {100 * point['mfu']:.1f}%")
     return sweeps

@@ -8,8 +8,8 @@ type (NODES) runs again, --repeats times, each time in a fresh process started a
 (`python -m pipeline.stages.<stage> --preset tiny ...`), with $MIM_STARTUP_MARK set:
 
 - to_first_work_s: from just before the process is started to the node's first own work, the moment
-  pipeline.orchestration.cli.stage_main has parsed the arguments, loaded and validated the params and is about to call the
-  node's check() (stage_main writes time.time() into $MIM_STARTUP_MARK then);
+  pipeline.orchestration.cli.stage_main has parsed the arguments, loaded and validated the params and is about to call
+  the node's check() (stage_main writes time.time() into $MIM_STARTUP_MARK then);
 - total_s: from the same moment to the process's exit;
 - tiny_study_s: the Snakemake build of the tiny study (from an empty results/, with its fork server).
 
@@ -54,8 +54,8 @@ NODES = {
 }
 IMPORTS_NODE = "knn"          # a representative compute node: torch, timm and mlflow
 TARGETS = {"to_first_work_s": 2.0, "teacher_swap_total_s": 3.0, "tiny_study_s": 120.0}
-DEFINITION = ("to first work: from just before the process starts to the moment pipeline.orchestration.cli.stage_main has parsed "
-              "the node's arguments, loaded and validated its params and is about to call its check() "
+DEFINITION = ("to first work: from just before the process starts to the moment pipeline.orchestration.cli.stage_main "
+              "has parsed the node's arguments, loaded and validated its params and is about to call its check() "
               "($MIM_STARTUP_MARK); in all: to the process's exit")
 
 
@@ -83,7 +83,8 @@ def build_study(root: Path, env: dict) -> None:
 
 
 def time_node(node: str, root: Path, env: dict) -> dict:
-    """One run of the node in a fresh process (a fork server's child if env names one): {"to_first_work_s", "total_s"}."""
+    """One run of the node in a fresh process (a fork server's child if env names one):
+    {"to_first_work_s", "total_s"}."""
     mark = root / "startup.mark"
     mark.unlink(missing_ok=True)
     start = time.time()
@@ -145,7 +146,8 @@ def machine() -> dict:
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
     features = hardware.cpu_features()
     return {"class": hardware.machine_class("cpu"), "cpu": hardware.describe_cpu(features), "model": model,
             "cpu_capability": features["capability"], "cores": os.cpu_count(), "python": platform.python_version(),
@@ -157,9 +159,9 @@ def summarise(nodes: list[dict], imports: list[dict], machine_info: dict, repeat
     they are met."""
     slowest = max(nodes, key=lambda n: n["to_first_work_s"])
     swap = next(n for n in nodes if n["node"] == "teacher_swap")
-    return {"machine": machine_info, "cpu_capability": machine_info["cpu_capability"], "preset": PRESET, "repeats": repeats,
-            "definition": DEFINITION, "nodes": nodes, "tiny_study_s": tiny_study_s, "imports_node": IMPORTS_NODE,
-            "imports": imports, "targets": TARGETS,
+    return {"machine": machine_info, "cpu_capability": machine_info["cpu_capability"], "preset": PRESET,
+            "repeats": repeats, "definition": DEFINITION, "nodes": nodes, "tiny_study_s": tiny_study_s,
+            "imports_node": IMPORTS_NODE, "imports": imports, "targets": TARGETS,
             "met": {"to_first_work_s": slowest["to_first_work_s"] <= TARGETS["to_first_work_s"],
                     "teacher_swap_total_s": swap["total_s"] <= TARGETS["teacher_swap_total_s"],
                     "teacher_swap_warm_total_s": swap["warm_total_s"] <= TARGETS["teacher_swap_total_s"],
@@ -190,7 +192,8 @@ def markdown(result: dict) -> str:
             [n["node"], f"{n['to_first_work_s']:.2f}", f"{n['total_s']:.2f}", f"{n['warm_to_first_work_s']:.2f}",
              f"{n['warm_total_s']:.2f}"] for n in result["nodes"]], "lr"), "",
         f"## Import costs of {result['imports_node']} (python -X importtime), by top-level package", "",
-        "cumulative: its outermost imports, with what they imported that was not loaded yet; self: its own modules.", "",
+        "cumulative: its outermost imports, with what they imported that was not loaded yet; self: its own modules.",
+        "",
         *markdown_table(["package", "cumulative (s)", "self (s)"], [
             [c["package"], f"{c['cumulative_us'] / 1e6:.2f}", f"{c['self_us'] / 1e6:.2f}"] for c in result["imports"]],
             "lr"),

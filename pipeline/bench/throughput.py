@@ -1,6 +1,7 @@
 """Benchmark (not a test): speed, memory and compute efficiency of every method's training step at a preset.
 
-    python -m pipeline.bench.throughput --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16] [--out DIR]
+    python -m pipeline.bench.throughput --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16]
+        [--out DIR]
 
 One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
 
@@ -109,8 +110,8 @@ def train_config(params: dict, precision: str) -> engine.TrainConfig:
     t = params["pretrain"]
     return engine.TrainConfig(epochs=1, batch_size=t["batch_size"], lr=t["blr"] * t["batch_size"] / 256,
                               min_lr=t["min_lr"], warmup_epochs=0, weight_decay=t["weight_decay"],
-                              clip_grad=t["clip_grad"], precision=precision, crop_scale=t["crop_scale"], hflip=t["hflip"],
-                              checkpoint_every_min=1e9, seed=0, config_hash="bench")
+                              clip_grad=t["clip_grad"], precision=precision, crop_scale=t["crop_scale"],
+                              hflip=t["hflip"], checkpoint_every_min=1e9, seed=0, config_hash="bench")
 
 
 def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps: int) -> tuple:
@@ -206,7 +207,8 @@ def child_pool() -> concurrent.futures.ProcessPoolExecutor:
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                       else "spawn")
     if ctx.get_start_method() == "forkserver":    # not this module itself: each child runs it as __mp_main__
-        ctx.set_forkserver_preload(["pipeline.bench.render", "pipeline.data.datasets", "pipeline.train.engine", "pipeline.methods"])
+        ctx.set_forkserver_preload(["pipeline.bench.render", "pipeline.data.datasets", "pipeline.train.engine",
+                                    "pipeline.methods"])
     return concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
 
 
@@ -389,7 +391,8 @@ def main(argv=None) -> dict:
                           progress)
     ratios = default_vs_fastest(rows)
     result = {"default_precision": default.name, "default_precision_reason": default.reason,
-              "cpu_capability": hardware.cpu_features()["capability"], "cpu": hardware.describe_cpu(hardware.cpu_features()),
+              "cpu_capability": hardware.cpu_features()["capability"],
+              "cpu": hardware.describe_cpu(hardware.cpu_features()),
               "default_vs_fastest": ratios, "default_meets_target": min(ratios.values()) >= TARGET,
               "measured_precisions": measured, "skipped_precisions": skipped,
               "preset": args.preset, "device": device, "device_name": hardware.device_name(device),

@@ -334,13 +334,15 @@ class StreamImages:
 
         workers = min(self.loader.get("workers", 0), len(batches))
         extra = {"prefetch_factor": self.loader.get("prefetch", 2), "persistent_workers": True} if workers else {}
-        return DataLoader(self.files, batch_sampler=batches, num_workers=workers, pin_memory=self.loader.get("pin", False),
+        return DataLoader(self.files, batch_sampler=batches, num_workers=workers,
+                          pin_memory=self.loader.get("pin", False),
                           worker_init_fn=functools.partial(_die_with_parent, os.getpid()), **extra)
 
 
 def _die_with_parent(parent: int, worker: int) -> None:
     """A decoding worker ends with the node's process, even a SIGKILLed one (Linux: PR_SET_PDEATHSIG), so it never
-    outlives it holding the node's lock (pipeline.orchestration.cli.exclusive's flock, inherited by the fork) for a rerun."""
+    outlives it holding the node's lock (pipeline.orchestration.cli.exclusive's flock, inherited by the fork) for a
+    rerun."""
     if sys.platform == "linux":
         import ctypes
 

@@ -74,7 +74,8 @@ def eval_run(params: dict, args, protocol: str, weights: dict, sections: list[st
     """The evaluation's tracked MLflow child run (in the weights' chain), its params written beside `out`; its
     tags include the precision it runs in and why."""
     out = layout.eval_metrics(protocol, args.weights, args.seed)
-    return tracked(params, layout.describe_weights(args.weights)["chain"], layout.node_id(protocol, args.seed, args.weights),
+    return tracked(params, layout.describe_weights(args.weights)["chain"],
+                   layout.node_id(protocol, args.seed, args.weights),
                    out.parent, sections, {"weights": args.weights, "evaluated": weights["evaluated"],
                                           "protocol": protocol, "weights_sha256": weights["sha256"], **amp.record()})
 
@@ -94,7 +95,8 @@ def log_on_chain(run, protocol: str, weights: str, metrics: dict) -> None:
 
 
 def print_metrics(protocol: str, args, metrics: dict) -> None:
-    print(f"{layout.node_id(protocol, args.seed, args.weights)}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
+    print(f"{layout.node_id(protocol, args.seed, args.weights)}: "
+          + ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()))
 
 
 def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, dict, Precision]:

@@ -45,14 +45,15 @@ def pixel_features(images: torch.Tensor, mean, std, batch_size: int = 512) -> to
 
 
 def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:
-    """k-NN top-1 (k, temperature, feature, precision of `knn`: pretrain.online_knn) of the first `train_images` train images against the
-    first `val_images` val images: the cheap convergence probe run during pre-training. The encoder's
-    train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
+    """k-NN top-1 (k, temperature, feature, precision of `knn`: pretrain.online_knn) of the first `train_images` train
+    images against the first `val_images` val images: the cheap convergence probe run during pre-training. The
+    encoder's train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
     was_training = encoder.training
     feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn["feature"], knn["precision"], progress=False)
              for x, n in ((prep.train_x, train_images), (prep.val_x, val_images))]
     encoder.train(was_training)
-    scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn["k"], knn["temperature"], len(prep.class_names))
+    scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn["k"], knn["temperature"],
+                        len(prep.class_names))
     return topk_accuracy(scores, prep.val_y[:val_images], ks=(1,))["top1"]
 
 

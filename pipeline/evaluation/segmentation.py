@@ -148,7 +148,8 @@ def folder_pairs(path) -> list[tuple[Path, Path]]:
         raise PipelineError(f"{root / 'images'} holds no .png/.jpg images")
     stems = [p.stem for p in images]
     if len(set(stems)) < len(stems):
-        raise PipelineError(f"{root / 'images'}: two images share the stem {next(s for s in stems if stems.count(s) > 1)!r}")
+        raise PipelineError(f"{root / 'images'}: two images share the stem "
+                            f"{next(s for s in stems if stems.count(s) > 1)!r}")
     pairs = [(p, root / "masks" / f"{p.stem}.png") for p in images]
     missing = [m for _, m in pairs if not m.is_file()]
     if missing:

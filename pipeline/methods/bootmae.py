@@ -140,8 +140,8 @@ class BootMAE(EMAMethod):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's mask and both branches, for pipeline.reporting.figures: the pixel prediction (per-patch, per-channel
-        normalised target) and, under "features", the two standardised sides of the feature loss."""
+        """forward's mask and both branches, for pipeline.reporting.figures: the pixel prediction (per-patch,
+        per-channel normalised target) and, under "features", the two standardised sides of the feature loss."""
         _, out = self(imgs, generator)
         last = len(self.encoder.vit.blocks) - 1
         target = self.teacher(imgs, return_blocks=(last,))[1][last][:, 1:]

@@ -35,8 +35,10 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
         "decoder_drop_path": {"$ref": "#/$defs/drop_path"},
         "carry_optimizer_state": {"type": "boolean"},
         "stage0_teacher_depth": {"oneOf": [{"type": "null"}, {"type": "integer", "minimum": 0}]},
-        "chains": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[a-z0-9]+$"}, "additionalProperties": {"type": "string", "minLength": 1}},
-        "stages": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^stage[0-9]+$"}, "additionalProperties": {"$ref": "#/$defs/stage"}},
+        "chains": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[a-z0-9]+$"},
+                   "additionalProperties": {"type": "string", "minLength": 1}},
+        "stages": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^stage[0-9]+$"},
+                   "additionalProperties": {"$ref": "#/$defs/stage"}},
     },
 }
 

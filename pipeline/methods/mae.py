@@ -61,7 +61,8 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's own mask and prediction, for pipeline.reporting.figures: {"kind": "pixels", "mask", "pred", "norm_pix"}."""
+        """forward's own mask and prediction, for pipeline.reporting.figures:
+        {"kind": "pixels", "mask", "pred", "norm_pix"}."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.norm_pix}
 

@@ -66,7 +66,8 @@ class RCMAE(EMAMethod):
 
     @torch.no_grad()
     def picture(self, imgs: torch.Tensor, generator: torch.Generator) -> dict:
-        """forward's mask and the student's reconstruction, for pipeline.reporting.figures (the pixel target is MAE's)."""
+        """forward's mask and the student's reconstruction, for pipeline.reporting.figures (the pixel target is
+        MAE's)."""
         _, out = self(imgs, generator)
         return {"kind": "pixels", "mask": out["mask"], "pred": out["pred"], "norm_pix": self.student.norm_pix}
 

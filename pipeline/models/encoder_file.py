@@ -62,7 +62,8 @@ def state_mismatch(expected: dict, got: dict) -> str:
     shape = lambda v: tuple(getattr(v, "shape", v))
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shapes = [f"{k} {shape(got[k])} != {shape(v)}" for k, v in expected.items() if k in got and shape(got[k]) != shape(v)]
+    shapes = [f"{k} {shape(got[k])} != {shape(v)}" for k, v in expected.items()
+              if k in got and shape(got[k]) != shape(v)]
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
         if items:
@@ -122,5 +123,6 @@ def truncated(arrays: dict, config: dict, depth: int) -> tuple[dict, dict]:
 
 
 def save(path, arrays: dict, config: dict, meta: dict) -> dict:
-    """pipeline.models.encoder.save_encoder for arrays: the state dict as safetensors, the model config in the sidecar."""
+    """pipeline.models.encoder.save_encoder for arrays: the state dict as safetensors, the model config in the
+    sidecar."""
     return save_arrays(path, arrays, dict(meta, model=config))

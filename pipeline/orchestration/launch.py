@@ -67,8 +67,8 @@ class NodeJob(submitit.helpers.Checkpointable):
 def slurm_parameters(launch: dict, name: str, tasks: int = 1) -> dict:
     """AutoExecutor parameters of a Slurm job from params.launch.slurm: `tasks` tasks on one node."""
     s = launch["slurm"]
-    p = dict(name=name, nodes=1, tasks_per_node=tasks, gpus_per_node=s["gpus_per_node"], cpus_per_task=s["cpus_per_task"],
-             mem_gb=s["mem_gb"], timeout_min=s["timeout_min"], slurm_setup=s["setup"])
+    p = dict(name=name, nodes=1, tasks_per_node=tasks, gpus_per_node=s["gpus_per_node"],
+             cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], timeout_min=s["timeout_min"], slurm_setup=s["setup"])
     p.update({key: s[k] for key, k in (("slurm_partition", "partition"), ("slurm_account", "account")) if s[k]})
     return p
 

@@ -139,7 +139,8 @@ def markdown(found: pd.DataFrame, seeds: int) -> str:
     rows = []
     for claim, (text, _) in CLAIMS.items():
         v = list(found.loc[found.claim == claim, "verdict"])
-        rows.append([f"{text} (`{claim}`)", f"**{overall(v)}**", f"{v.count(HOLDS)} / {v.count(FAILS)} / {v.count(SPREAD)}"])
+        rows.append([f"{text} (`{claim}`)", f"**{overall(v)}**",
+                     f"{v.count(HOLDS)} / {v.count(FAILS)} / {v.count(SPREAD)}"])
     lines = markdown_table(["claim", "verdict", "comparisons: holds / does not hold / within the spread"], rows, "l")
     detail = _detail(found)
     if seeds < 2:

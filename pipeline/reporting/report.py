@@ -1,7 +1,8 @@
 """The study's comparison: every metrics.json -> a long-format table, summary.csv, summary.md and plots.
 
 - summary.csv: one row per (seed, weights, protocol, metric); columns seed, method, stage, weights,
-  evaluated, protocol, metric, value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold fractions in [0, 1];
+  evaluated, protocol, metric, value, settings. Evaluation rows (protocol knn/linprobe, metric top1/top5/...) hold
+  fractions in [0, 1];
   pre-training rows (protocol "pretrain") hold final_loss, wall_s, images_seen, train_flops and, where the node
   logged an online k-NN, early_online_knn_top1 (its mean over the first half of the epochs). stage is empty for
   the floors (random_init, and pixels: knn and linprobe on the normalised raw pixels); settings is the
@@ -10,8 +11,8 @@
   percentages (mean ± std over seeds), final pre-training loss and wall time, under a paragraph naming the
   evaluation settings; then the papers' claims marked holds / does not hold / within the seed spread
   (pipeline.reporting.claims, also written as claims.csv); then the comparisons marked against the seed spread
-  (pipeline.reporting.seed_stats); then the teacher-swap study (pipeline.reporting.swap_study), also written as swap_study.csv
-  (per chain) and swap_spread.csv (spread across teachers per stage).
+  (pipeline.reporting.seed_stats); then the teacher-swap study (pipeline.reporting.swap_study), also written as
+  swap_study.csv (per chain) and swap_spread.csv (spread across teachers per stage).
 - plots/*.png (see pipeline.plots).
 """
 from __future__ import annotations
@@ -201,10 +202,10 @@ def markdown(table: pd.DataFrame, chains: dict[str, str] | None = None) -> str:
              "Final pre-train loss is the mean loss of "
              "the last pre-training epoch (methods regress different targets, so losses compare only within a "
              f"method); wall time is the summed epoch time of the node; train compute is the analytic FLOPs of "
-             "training (pipeline.models.flops), summed along a dBOT chain up to that stage, with the training of its stage-0 "
-             "teacher when the study made it. Evaluation settings: "
-             f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.reporting.report; the long "
-             "format with all metrics is summary.csv.\n\n")
+             "training (pipeline.models.flops), summed along a dBOT chain up to that stage, with the training of its "
+             "stage-0 teacher when the study made it. Evaluation settings: "
+             f"{settings_sentence(table)}. Generated from the metrics.json files by pipeline.reporting.report; the "
+             "long format with all metrics is summary.csv.\n\n")
     lines = markdown_table(header, summary_rows(table, chains), "llrlr")
     compared = seed_stats.markdown(table, chains or {}, dbot_stages(table))
     swap = swap_study.markdown(swap_study.chain_rows(table, chains), chains) if chains else ""
@@ -234,7 +235,8 @@ def _analysis_plots(docs: list[dict], plots_dir: Path) -> None:
     docs = sorted(docs, key=lambda d: weights_key(d["weights"]["id"]))
     representations.plot_attention_distance({d["weights"]["id"]: torch.tensor(d["attention_distance"]) for d in docs},
                                      plots_dir / "attention_distance.png")
-    representations.plot_singular_value_share({d["weights"]["id"]: torch.tensor(d["singular_value_share"]) for d in docs},
+    representations.plot_singular_value_share({d["weights"]["id"]: torch.tensor(d["singular_value_share"])
+                                               for d in docs},
                                        plots_dir / "singular_value_share.png")
 
 
@@ -248,7 +250,8 @@ def build_report(pretrain_files: list[Path], eval_files: list[Path], out_dir: Pa
 
     Every input is read and checked before anything is written.
     """
-    pretrain_docs, eval_docs, analysis_docs = _read_all(pretrain_files), _read_all(eval_files), _read_all(analysis_files)
+    pretrain_docs, eval_docs, analysis_docs = (_read_all(pretrain_files), _read_all(eval_files),
+                                               _read_all(analysis_files))
     curve_docs = _read_all(curve_files)
     table = long_table(pretrain_docs, eval_docs)
     mean = seed_stats.seed_mean(table)

@@ -51,7 +51,8 @@ def comparisons(agg: pd.DataFrame, params_chains: dict[str, str], stages: list[i
     return [(a, b) for a, b in pairs if a in present and b in present]
 
 
-def difference(agg: pd.DataFrame, a: str, b: str, protocol: str, metric: str = "top1") -> tuple[float, bool | None] | None:
+def difference(agg: pd.DataFrame, a: str, b: str, protocol: str,
+               metric: str = "top1") -> tuple[float, bool | None] | None:
     """(mean_a - mean_b, within the seed spread?) of a metric (top-1); within is None when the spread is undefined."""
     sa, sb = stat(agg, a, protocol, metric), stat(agg, b, protocol, metric)
     if sa is None or sb is None:

@@ -69,7 +69,7 @@ class TrainResult:
     images_seen: int
     wall_s: float
     extra: dict = field(default_factory=dict)   # values the caller stored in the state (e.g. run id)
-    optimizer: dict = field(default_factory=dict)   # the final optimiser state by parameter name (named_optimizer_state)
+    optimizer: dict = field(default_factory=dict)  # the final optimiser state by parameter name (named_optimizer_state)
 
 
 def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""analyze: representation analyses of one encoder -> results/seed<S>/analyze/<weights>/{analysis.json,attention_heads.png}.
+"""analyze: representation analyses of one encoder
+-> results/seed<S>/analyze/<weights>/{analysis.json,attention_heads.png}.
 
 As the dBOT repository's analyses: mean attention distance per layer and head, and the share of the top-k
 singular values of each layer's normalised patch-token matrix, on the first `analyze.images` validation
@@ -35,8 +36,8 @@ def work(params: dict, args) -> None:
         distance = representations.mean_attention_distance(encoder, images)
         share = representations.singular_value_share(encoder, images, params["analyze"]["top_k"])
         attention_grid(encoder, prep.val_x, prep.mean, prep.std, out.parent / "attention_heads.png")
-        write_json(out, {"weights": {"id": args.weights, "method": info["method"], "stage": info["stage"], "seed": args.seed,
-                                     "sha256": meta.get("sha256")},
+        write_json(out, {"weights": {"id": args.weights, "method": info["method"], "stage": info["stage"],
+                                     "seed": args.seed, "sha256": meta.get("sha256")},
                          "settings": params["analyze"],
                          "attention_distance": distance.tolist(), "singular_value_share": share.tolist()})
         run.log_metrics({f"attention_distance_layer{i}": float(v) for i, v in enumerate(distance.mean(1))})

@@ -49,7 +49,8 @@ def work(params: dict, args) -> None:
     info = layout.describe_weights(args.weights)
     training = read_json(layout.weights_path(args.weights, args.seed).parent / "metrics.json")
     total = len(training["epochs"])
-    finals = {name: read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"] for name in PROTOCOLS}
+    finals = {name: read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"]
+              for name in PROTOCOLS}
     kept = {epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,   # every kept encoder
                                 prep.train_x.shape[1], prep.train_x.shape[-1])                   # verified before
             for epoch in layout.kept_epochs(params, args.weights)}                               # anything is written

@@ -66,7 +66,8 @@ def work(params: dict, args) -> dict:
 
 
 def main(argv=None) -> None:
-    stage_main("finetune", __doc__, add_args, check, work, lambda a: layout.node_id("finetune", a.seed, a.weights), argv)
+    stage_main("finetune", __doc__, add_args, check, work,
+               lambda a: layout.node_id("finetune", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def work(params: dict, args) -> None:
 
 
 def main(argv=None) -> None:
-    stage_main("linprobe", __doc__, add_args, check_probe, work, lambda a: layout.node_id("linprobe", a.seed, a.weights), argv)
+    stage_main("linprobe", __doc__, add_args, check_probe, work,
+               lambda a: layout.node_id("linprobe", a.seed, a.weights), argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ summary.md marks each of the papers' claims holds / does not hold / within the s
 claims.csv holds the same comparisons for tools.
 
 Plots: pre-training loss, online k-NN during pre-training, the kept encoders' accuracy along
-training (checkpoint_eval), every protocol per encoder side by side, accuracy along the dBOT chains, the teacher-swap study (accuracy per chain and
+training (checkpoint_eval), every protocol per encoder side by side, accuracy along the dBOT chains, the teacher-swap
+study (accuracy per chain and
 stage, spread across teachers), accuracy against compute, and the analyses of every encoder side by side
 (mean attention distance per layer and head, singular-value share per layer).
 
@@ -38,8 +39,10 @@ def work(params: dict, args) -> None:
     pretrain, evals, analyses, curves = inputs(params)
     with tracked(params, "report", "report", layout.RESULTS, ["study", "seeds"]) as run:
         table = build_report(pretrain, evals, layout.RESULTS, analyses, params["dbot"]["chains"], curves)
-        run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, layout.CLAIMS_CSV, *sorted(layout.PLOTS_DIR.glob("*.png")))
-    print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.CLAIMS_CSV}, {layout.PLOTS_DIR}/")
+        run.log_artifacts(layout.SUMMARY_CSV, layout.SUMMARY_MD, layout.CLAIMS_CSV,
+                          *sorted(layout.PLOTS_DIR.glob("*.png")))
+    print(f"report: {len(table)} rows -> {layout.SUMMARY_CSV}, {layout.SUMMARY_MD}, {layout.CLAIMS_CSV}, "
+          f"{layout.PLOTS_DIR}/")
 
 
 def main(argv=None) -> None:

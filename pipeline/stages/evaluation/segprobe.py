@@ -1,8 +1,8 @@
 """segprobe: semantic segmentation with a linear head on frozen patch tokens (mean IoU)
 -> results/seed<S>/segprobe/<weights>/{metrics.json, examples.png}.
 
-The dense counterpart of linprobe (pipeline/evaluation/segmentation.py has the details): the encoder is frozen, its patch
-tokens are computed once, and a BatchNorm (no affine) + Linear head per token, bilinearly upsampled to the
+The dense counterpart of linprobe (pipeline/evaluation/segmentation.py has the details): the encoder is frozen, its
+patch tokens are computed once, and a BatchNorm (no affine) + Linear head per token, bilinearly upsampled to the
 pixels, is trained with AdamW + cosine lr for segprobe.epochs against per-pixel labels (cross-entropy, 255 =
 ignore). Dataset (segprobe.dataset): digit_canvas, 2x2 canvases of half-size digits made deterministically from
 the study's own prepared images (data.split_seed), labels 0 = background and 1 + digit class; or folder,
@@ -56,7 +56,8 @@ def work(params: dict, args) -> dict:
     encoder.to(device)
     amp = hardware.resolve(s["precision"], device)
     weights = nodes.weights_record(args, meta, encoder.config["depth"], path)
-    out, node = layout.eval_metrics(PROTOCOL, args.weights, args.seed), layout.node_id(PROTOCOL, args.seed, args.weights)
+    out, node = (layout.eval_metrics(PROTOCOL, args.weights, args.seed),
+                 layout.node_id(PROTOCOL, args.seed, args.weights))
     with nodes.eval_run(params, args, PROTOCOL, weights, SECTIONS, amp) as run:
         start = time.perf_counter()
         train_t = segmentation.patch_tokens(encoder, seg.train_x, prep.mean, prep.std, amp.name, "segprobe train")

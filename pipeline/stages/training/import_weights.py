@@ -8,11 +8,11 @@ results/imported/<file stem>/encoder.safetensors (or --out) with its sidecar JSO
 FILE is a .pth/.pt (torch.load weights_only=True: a pickle that needs code is refused) or a .safetensors file.
 The encoder's dict is found in the format's layout, mapped to the encoder's (timm) key names and every shape
 checked against the plain ViT its shapes describe (pipeline.models.weights_import has the layouts and rules), all before
-anything is written; the file is then written atomically as pipeline.models.encoder.save_encoder writes encoders (float32
-safetensors + sidecar JSON: the model config, and the provenance: source path and sha256, format, the entry it was
-found under, the key mapping's counts, where the head count came from) and read back with
-pipeline.models.encoder.load_encoder and pipeline.models.encoder_file.load (the loaders of dBOT teachers and evaluations);
-a file that does not read back equal is removed. An existing --out is refused unless --force.
+anything is written; the file is then written atomically as pipeline.models.encoder.save_encoder writes encoders
+(float32 safetensors + sidecar JSON: the model config, and the provenance: source path and sha256, format, the entry it
+was found under, the key mapping's counts, where the head count came from) and read back with
+pipeline.models.encoder.load_encoder and pipeline.models.encoder_file.load (the loaders of dBOT teachers and
+evaluations); a file that does not read back equal is removed. An existing --out is refused unless --force.
 Params (--preset, --set) serve the head count of a non-standard width (model.num_heads at width
 model.embed_dim) and --expect-params: `model` (the default) fails unless the file is exactly params model and data
 (width, depth, heads, patch size, image size, channels); `geometry` only checks what a dBOT stage-0 teacher must
@@ -21,8 +21,8 @@ repository root (params/ and results/ are relative to it). Bad input: `error: ..
 
 Using an imported encoder as the stage-0 teacher of a dBOT chain: import it first (params validation wants the
 file to exist), then name its path in params dbot.chains (a chain name is lowercase letters and digits): in a
-preset, params/presets/<name>.yaml, for Snakemake (--config preset=<name>) and DVC (python -m pipeline.orchestration.dvc_yaml
---preset <name>):
+preset, params/presets/<name>.yaml, for Snakemake (--config preset=<name>) and DVC
+(python -m pipeline.orchestration.dvc_yaml --preset <name>):
 
     dbot:
       chains: {random: random_init, dino: results/imported/dino_vitbase16_pretrain/encoder.safetensors}
@@ -39,10 +39,11 @@ or with the same --set on every node of the chain by hand:
 teacher_swap verifies the sidecar's sha256 and copies it to the chain's stage-0 teacher; the file must see the
 student's image size, patch size and channels (data.img_size, model.patch_size, data.channels). An evaluation
 node evaluates the imported encoder itself as weights id imported_<name> (results/imported/<name>/, e.g.
-`python -m pipeline.stages.evaluation.knn --preset P --weights imported_dino_vitbase16_pretrain`; layout.IMPORTED_PREFIX).
+`python -m pipeline.stages.evaluation.knn --preset P --weights imported_dino_vitbase16_pretrain`;
+layout.IMPORTED_PREFIX).
 
-This command is not a DAG node (its input is outside the study, its output is an input of a study) but it
-runs through pipeline.orchestration.cli.stage_main (compute=False, per_seed=False) for the shared conventions: --preset/--set,
+This command is not a DAG node (its input is outside the study, its output is an input of a study) but it runs through
+pipeline.orchestration.cli.stage_main (compute=False, per_seed=False) for the shared conventions: --preset/--set,
 one-line errors, and a lock (results/.locks/import_weights-<out>.lock) against two imports to the same file.
 """
 from __future__ import annotations

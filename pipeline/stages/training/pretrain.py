@@ -1,8 +1,10 @@
-"""pretrain: train one method's student -> results/seed<S>/pretrain/<method>/ (dBOT: .../pretrain_dbot/<chain>_stage<k>/).
+"""pretrain: train one method's student
+-> results/seed<S>/pretrain/<method>/ (dBOT: .../pretrain_dbot/<chain>_stage<k>/).
 
 Writes encoder.safetensors (+ .json provenance), metrics.json (loss per epoch, with the online k-NN top-1 of
 pretrain.online_knn; images seen, wall time and analytic training FLOPs, pipeline.models.flops), params.yaml,
-reconstruction.png (every masked-modelling method: pipeline.reporting.figures) and, for single-stage methods, checkpoints/epoch<k>.safetensors every pretrain.keep_every_epochs
+reconstruction.png (every masked-modelling method: pipeline.reporting.figures) and, for single-stage methods,
+checkpoints/epoch<k>.safetensors every pretrain.keep_every_epochs
 (evaluated by checkpoint_eval). With dbot.carry_optimizer_state a dBOT node also writes optimizer.pt (its final
 AdamW state by parameter name) and stage k > 0 starts from stage k-1's (a declared input). Every node seeds its
 init, masks and augmentation with its own seed (pipeline.config.node_seed). Resumable:
@@ -68,7 +70,8 @@ def check(params: dict, args) -> None:
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     if args.method != "dbot" and args.stage is not None:
         raise PipelineError(f"--stage is for dbot only, not {args.method}")
-    for path in [layout.dataset_path(params)] + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []) \
+    for path in [layout.dataset_path(params)] \
+            + ([layout.teacher_path(args.stage, args.seed)] if args.method in NEEDS_TEACHER else []) \
             + [p for p in [carried_optimizer(params, args)] if p is not None]:
         if not path.is_file():
             raise PipelineError(f"missing input {path}: run the node that makes it first")
@@ -90,7 +93,8 @@ def work(params: dict, args) -> None:
 
     prep = datasets.load_dataset(params)        # data.format stream: images decoded and cropped per step
     dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
-    in_chans, seed = prep.train_x.shape[1], node_seed(params, args.method, stage_number(args))   # a fresh student per stage
+    in_chans, seed = (prep.train_x.shape[1],
+                      node_seed(params, args.method, stage_number(args)))   # a fresh student per stage
     carried = carried_optimizer(params, args)
     initial = load_plain(carried) if carried else None
     teacher, teacher_meta = None, {}
@@ -130,12 +134,13 @@ def work(params: dict, args) -> None:
                               initial_optimizer_state=initial)
         final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
-            shown = reconstruction_grid(model, datasets.head(prep.val_x, 8), prep.mean, prep.std, node_seed(params, "pictures"),
-                                        out / "reconstruction.png",
+            shown = reconstruction_grid(model, datasets.head(prep.val_x, 8), prep.mean, prep.std,
+                                        node_seed(params, "pictures"), out / "reconstruction.png",
                                         method=node_id(args))
             run.log_metrics({f"picture_{k}": v for k, v in shown.items()})
             run.log_artifacts(out / "reconstruction.png")
-        _promote_checkpoints(state.parent / "checkpoints", out / "checkpoints", layout.kept_epochs(params, weights_id(args)))
+        _promote_checkpoints(state.parent / "checkpoints", out / "checkpoints",
+                             layout.kept_epochs(params, weights_id(args)))
         run.log_metrics({"final_loss": final["loss"], "wall_s": final["wall_s"], "images_seen": final["images_seen"],
                          "train_flops": final["train_flops"]})
         run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))

@@ -1,4 +1,5 @@
-"""teacher_swap: make the teacher of dBOT node <chain>_stage<k> -> results/seed<S>/teacher_swap/<chain>_stage<k>/teacher.safetensors.
+"""teacher_swap: make the teacher of dBOT node <chain>_stage<k>
+-> results/seed<S>/teacher_swap/<chain>_stage<k>/teacher.safetensors.
 
 Stage 0's source is the chain's entry in params dbot.chains (the teacher-swap study: the random init, another
 method's result, the supervised model, or an external file such as a timm ViT state dict in safetensors, also
