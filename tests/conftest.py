@@ -73,20 +73,21 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     proc = subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
-    """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.orchestration.forkserver) for tests/test_e2e_snakemake.py (whose last
-    tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built before, to reuse while working
-    on these tests (they change its results)."""
+    """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.orchestration.forkserver) for
+    tests/test_e2e_snakemake.py (whose last tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built
+    before, to reuse while working on these tests (they change its results)."""
     if os.environ.get("MIM_TINY_STUDY"):
         return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
-           "MIM_PARAMS_READS": str(workdir / "reads")}     # each node's params reads (pipeline.orchestration.params_reads)
+           "MIM_PARAMS_READS": str(workdir / "reads")}  # each node's params reads (pipeline.orchestration.params_reads)
     proc = run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
     (workdir / "snakemake.stderr").write_text(proc.stderr)
     return workdir

@@ -116,7 +116,8 @@ class SlurmCluster:
 
     def _log_tail(self, name: str, n: int = 600) -> str:
         texts = []
-        for p in [self.root / "log" / f"{name}.out", self.root / "log" / f"{name}.log", self.root / "log" / "mariadb.err"]:
+        for p in [self.root / "log" / f"{name}.out", self.root / "log" / f"{name}.log",
+                  self.root / "log" / "mariadb.err"]:
             if p.is_file() and (p.stem == name or name == "mariadbd"):
                 texts.append(p.read_text(errors="replace")[-n:])
         return " | ".join(t.strip().replace("\n", " / ") for t in texts if t.strip()) or "(no log)"
@@ -130,7 +131,8 @@ class SlurmCluster:
                 raise ClusterError(f"{daemon} exited ({self._procs[daemon].returncode}) before {what}: "
                                    f"{self._log_tail(daemon)}")
             time.sleep(0.2)
-        raise ClusterError(f"timed out after {seconds:.0f} s waiting for {what}: {self._log_tail(daemon or 'slurmctld')}")
+        raise ClusterError(f"timed out after {seconds:.0f} s waiting for {what}: "
+                           f"{self._log_tail(daemon or 'slurmctld')}")
 
     def _start(self, name: str, *cmd) -> None:
         out = open(self.root / "log" / f"{name}.out", "w")
@@ -208,7 +210,8 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort={p['dbd']}
 # the slurmctld -> slurmdbd connection ignores AuthInfo=socket=; it takes the munge socket from here
 AccountingStoragePass={self.munge_socket}
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem_mb} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 \
+RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=low Nodes={self.host} MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
 PartitionName=high Nodes={self.host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
@@ -262,7 +265,8 @@ StorageLoc=slurm_acct_db
         if not key.is_file():
             self._run(_sbin("mungekey"), "--create", f"--keyfile={key}")
         self._start("munged", _sbin("munged"), "-F", f"--key-file={key}", f"--socket={s}",
-                    f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge/munged.seed")
+                    f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
+                    f"--seed-file={d}/munge/munged.seed")
         self._wait_for("munged", 10, lambda: subprocess.run(
             f"munge -S {s} -n | unmunge -S {s}", shell=True, capture_output=True).returncode == 0, "munged")
 
@@ -290,7 +294,8 @@ StorageLoc=slurm_acct_db
         self._start("slurmctld", _sbin("slurmctld"), "-D", "-i", "-f", self.conf)
         self._start("slurmd", _sbin("slurmd"), "-D", "-f", self.conf)
         self._wait_for("the node to be idle", 60,
-                       lambda: self._run("sinfo", "-h", "-o", "%T", check=False).stdout.split() == ["idle"], "slurmctld")
+                       lambda: self._run("sinfo", "-h", "-o", "%T", check=False).stdout.split() == ["idle"],
+                       "slurmctld")
 
     def _link_etc(self) -> None:
         ETC_CONF.parent.mkdir(parents=True, exist_ok=True)

@@ -113,9 +113,11 @@ def test_layer_features_and_cka_per_layer(encoder, images):
 def test_plots_are_written_as_png(encoder, images, tmp_path):
     other = build_encoder(MODEL, 8, 1, seed=1)
     encoders = {"mae": encoder, "dbot_stage1": other}
-    representations.plot_attention_distance({k: representations.mean_attention_distance(e, images) for k, e in encoders.items()},
+    representations.plot_attention_distance({k: representations.mean_attention_distance(e, images)
+                                             for k, e in encoders.items()},
                                      tmp_path / "distance.png")
-    representations.plot_singular_value_share({k: representations.singular_value_share(e, images) for k, e in encoders.items()},
+    representations.plot_singular_value_share({k: representations.singular_value_share(e, images)
+                                               for k, e in encoders.items()},
                                        tmp_path / "share.png")
     cka = representations.cka_per_layer(encoder, other, images)
     representations.plot_cka({("mae", "dbot_stage1"): cka, "mae vs mae": torch.ones(2)}, tmp_path / "cka_pairs.png")

@@ -252,11 +252,13 @@ CASES = [
     Case("params_file_with_code", "knn", ["--weights", "random_init", "--params", "inputs/code.yaml"],
          "inputs/code.yaml is not valid YAML: could not determine a constructor for the tag "
          "'tag:yaml.org,2002:python/object/apply:os.system'"),
-    Case("params_override_with_code", "random_init", ["--set", f"data.split_seed=__import__('os').system('touch {MARKER}')"],
+    Case("params_override_with_code", "random_init",
+         ["--set", f"data.split_seed=__import__('os').system('touch {MARKER}')"],
          "data.split_seed: \"__import__('os').system('touch pwned')\" is not of type 'integer'"),
     Case("params_unknown_preset", "knn", ["--preset", "huge", "--weights", "random_init"], "unknown preset 'huge'"),
     Case("params_seed_not_in_study", "random_init", ["--seed", "3"], "seed 3 is not one of this study's seeds [0]"),
-    Case("params_unknown_weights", "knn", ["--weights", "mea"], "unknown weights 'mea'; this study has random_init, mae"),
+    Case("params_unknown_weights", "knn", ["--weights", "mea"],
+         "unknown weights 'mea'; this study has random_init, mae"),
     Case("params_pixels_is_no_encoder", "segprobe", ["--weights", "pixels"],      # the pixel floor: knn, linprobe only
          "unknown weights 'pixels'; this study has random_init, mae"),
     Case("params_stage_for_a_single_stage_method", "pretrain", ["--method", "mae", "--stage", "random_stage0"],
@@ -288,7 +290,8 @@ CASES = [
     Case("data_prepared_missing", "knn", ["--weights", "random_init"],
          "missing input results/prepare_data/dataset.safetensors: run the node that makes it first", dataset_removed),
     Case("data_prepared_corrupt", "linprobe", ["--weights", "random_init"],
-         "results/prepare_data/dataset.safetensors is corrupt: its sha256 does not match results/prepare_data/dataset.json",
+         "results/prepare_data/dataset.safetensors is corrupt: its sha256 does not match "
+         "results/prepare_data/dataset.json",
          lambda params: edit(layout.DATASET, flip)),
     Case("data_prepared_labels_out_of_range", "knn", ["--weights", "random_init"],
          "results/prepare_data/dataset.safetensors: train labels outside [0, 10) (it names 10 classes)",
@@ -314,7 +317,8 @@ CASES = [
          mae_encoder(img_size=16)),
     Case("ckpt_external_wrong_patch", "teacher_swap",
          EXTERNAL + ["dbot.chains.external=inputs/teacher_patch4.safetensors"],
-         "teacher inputs/teacher_patch4.safetensors sees 8px images in 4px patches with 1 channels; the student needs 8/2/1"),
+         "teacher inputs/teacher_patch4.safetensors sees 8px images in 4px patches with 1 channels; "
+         "the student needs 8/2/1"),
     Case("ckpt_external_wrong_channels", "teacher_swap",
          EXTERNAL + ["dbot.chains.external=inputs/teacher_rgb.safetensors"],
          "inputs/teacher_rgb.safetensors takes 3-channel 8px images, but the data has 1-channel 8px"),
@@ -368,7 +372,8 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, study, capsys):
         if case.plant:
             case.plant(study.params)
         before = snapshot(results)
-        status, printed = run_subprocess(case.node, case.argv) if case.cli else run_in_process(case.node, case.argv, capsys)
+        status, printed = (run_subprocess(case.node, case.argv) if case.cli
+                           else run_in_process(case.node, case.argv, capsys))
         after = snapshot(results)
     finally:
         study.restore()                  # the next case starts from the same outputs, whatever this one did

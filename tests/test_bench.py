@@ -21,16 +21,17 @@ from pipeline import config, hardware
 from pipeline.bench import throughput
 from pipeline.methods import METHODS
 
-ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae", "step_ratio_at_equal_peak",
-            "flop_ratio_to_mae",
+ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae",
+            "step_ratio_at_equal_peak", "flop_ratio_to_mae",
             "peak_mem_mb", "gflops_per_s", "flops_per_step"}
 POSITIVE = ROW_KEYS - {"method", "precision", "setting"}
 CURVE_STEPS = 3
 
 
 def test_bench_writes_well_formed_results(workdir, one_thread):
-    result = throughput.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS), "--precisions", "bf16",
-                         "--device", "cpu", "--peak-size", "256", "--compile-backend", "aot_eager", "--out", "out/bench"])
+    result = throughput.main(["--preset", "tiny", "--steps", "1", "--curve-steps", str(CURVE_STEPS),
+                              "--precisions", "bf16", "--device", "cpu", "--peak-size", "256",
+                              "--compile-backend", "aot_eager", "--out", "out/bench"])
     out = workdir / "out/bench"
     written = json.loads((out / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))

@@ -163,7 +163,8 @@ def test_make_jpegs_is_seeded_and_photo_like(tmp_path):
             assert im.format == "JPEG" and im.mode == "RGB"
             im.load()                                      # decodes: a valid JPEG
             w, h = im.size
-            assert w0 * (1 - jitter) - 1 <= w <= w0 * (1 + jitter) + 1 and h0 * (1 - jitter) - 1 <= h <= h0 * (1 + jitter) + 1
+            assert (w0 * (1 - jitter) - 1 <= w <= w0 * (1 + jitter) + 1
+                    and h0 * (1 - jitter) - 1 <= h <= h0 * (1 + jitter) + 1)
             assert torch.from_numpy(np.asarray(im, dtype=np.float32)).std() > 20     # not a flat colour
             sizes.add(im.size)
     assert len(sizes) > 6                                  # the sizes vary
@@ -178,7 +179,8 @@ def test_link_folder_gives_distinct_paths(tmp_path):
 
 
 def stream_result(rate=400.0, rss=(900.0, 920.0), startup=(8.0, 8.3)) -> dict:
-    rows = [{"images": n, "train_images": n * 4 // 5, "peak_rss_mb": r, "peak_pss_mb": r / 2, "main_peak_rss_mb": r / 1.5,
+    rows = [{"images": n, "train_images": n * 4 // 5, "peak_rss_mb": r, "peak_pss_mb": r / 2,
+             "main_peak_rss_mb": r / 1.5,
              "processes": 2, "startup_s": s, "first_work_s": 0.3, "step_s": 0.4, "prepare_s": 12.0,
              "prepare_peak_rss_mb": 800.0} for n, r, s in zip((10000, 40000), rss, startup)]
     result = {"machine": {"cpu_model": "AMD EPYC", "cores": 2, "cpu_capability": "AVX2", "cpu": "AMD EPYC, AVX2",

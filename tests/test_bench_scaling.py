@@ -31,7 +31,8 @@ def test_scaling_writes_well_formed_results(workdir, one_thread):
         for precision in precisions:
             values = [p["value"] for p in points if p["precision"] == precision]
             assert values == scaling.sweep_values(params, name) and len(values) >= 2
-            base = next(p for p in points if p["value"] == written["preset_settings"][name] and p["precision"] == precision)
+            base = next(p for p in points
+                        if p["value"] == written["preset_settings"][name] and p["precision"] == precision)
             assert math.isclose(base["flop_model_s"], base["step_s"])
         for p in points:
             assert POINT_KEYS <= set(p) and all(p[k] > 0 for k in POINT_KEYS), (name, p)

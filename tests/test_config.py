@@ -40,7 +40,8 @@ def test_there_are_many_invalid_cases():
 def test_overrides_parse_as_data_not_code():
     p = config.load("tiny", ["pretrain.epochs=5"])
     assert p["pretrain"]["epochs"] == 5
-    with pytest.raises(PipelineError, match="data.split_seed: \"__import__\\('os'\\).getpid\\(\\)\" is not of type 'integer'"):
+    with pytest.raises(PipelineError,
+                       match="data.split_seed: \"__import__\\('os'\\).getpid\\(\\)\" is not of type 'integer'"):
         config.load("tiny", ["data.split_seed=__import__('os').getpid()"])
 
 

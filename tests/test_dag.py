@@ -32,7 +32,8 @@ def dvc_commands(workdir) -> set[tuple[str, str]]:
 def test_committed_dvc_yaml_is_the_generated_one():
     from pipeline.orchestration import dvc_yaml
 
-    assert Path("dvc.yaml").read_text() == dvc_yaml.render("default"), "regenerate: python -m pipeline.orchestration.dvc_yaml > dvc.yaml"
+    assert Path("dvc.yaml").read_text() == dvc_yaml.render("default"), (
+        "regenerate: python -m pipeline.orchestration.dvc_yaml > dvc.yaml")
 
 
 def test_snakefile_and_dvc_yaml_run_the_same_commands(workdir):
@@ -133,7 +134,8 @@ def test_carried_optimizer_state_is_an_edge_of_both_dags_only_when_enabled(workd
     jobs = dbot_job_files("carry", target)
     assert state[0] in jobs["random_stage0"][1] and state[0] in jobs["random_stage1"][0]
     assert state[1] in jobs["random_stage1"][1] and not any("optimizer" in f for f in jobs["random_stage0"][0])
-    assert not any("optimizer" in f for files in dbot_job_files("default", target).values() for f in files[0] | files[1])
+    assert not any("optimizer" in f
+                   for files in dbot_job_files("default", target).values() for f in files[0] | files[1])
     run_cli("dvc", "init", "--no-scm", "-q")
     for preset, on in (("carry", True), ("default", False)):
         (workdir / "dvc.yaml").write_text(dvc_yaml.render(preset))
@@ -165,8 +167,8 @@ def test_both_dags_declare_the_params_of_node_params(workdir):
             continue
         node, _, item = name.partition("@")
         key = item.split("-", 1)[1] if "-" in item else ""
-        fields = dict(zip(("chain", "stage"), layout.parse_dbot_key(key))) if node in ("teacher_swap", "pretrain_dbot") \
-            else {"method": key}
+        fields = (dict(zip(("chain", "stage"), layout.parse_dbot_key(key)))
+                  if node in ("teacher_swap", "pretrain_dbot") else {"method": key})
         assert files == {"params/resolved/default.yaml": params_reads.declared(node, **fields)}, name
     rules = " ".join(p.read_text() for p in Path("rules").glob("*.smk"))
     assert sorted(re.findall(r'node=node_params\("(\w+)"\)', rules)) == sorted(params_reads.NODE_PARAMS)

@@ -67,11 +67,13 @@ def write_images(folder, seed=0):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_imagefolder_split_per_class(tmp_path, channels):
     write_images(tmp_path / "root")
-    p = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
+    p = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4),
+                         seed=3)
     assert p.class_names == ["cat", "dog"] and p.train_x.shape[1:] == (channels, 16, 16)
     assert torch.bincount(p.train_y).tolist() == [3, 3] and torch.bincount(p.val_y).tolist() == [2, 2]
     assert p.train_x.dtype == torch.uint8 and len(p.mean) == channels
-    again = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4), seed=3)
+    again = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, channels=channels, val_fraction=0.4),
+                             seed=3)
     assert torch.equal(again.train_x, p.train_x) and torch.equal(again.val_y, p.val_y)
 
 

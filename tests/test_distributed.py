@@ -53,21 +53,24 @@ def test_pretrain_node_with_two_local_tasks_matches_inline(workdir):
     run_cli(*args, env=env)
     weights = Path("results/seed0/pretrain/rcmae/encoder.safetensors")
     inline = load_file(weights)
-    inline_loss = [e["loss"] for e in json.loads(Path("results/seed0/pretrain/rcmae/metrics.json").read_text())["epochs"]]
+    inline_loss = [e["loss"]
+                   for e in json.loads(Path("results/seed0/pretrain/rcmae/metrics.json").read_text())["epochs"]]
     proc = run_cli(*args, "--set", "launch.executor=local", "--set", "launch.tasks=2", env=env)
     assert "rank 1/2 joined" in proc.stdout + proc.stderr or "submitted as local job" in proc.stdout
     assert_close_states(load_file(weights), inline, "rcmae node")
     loss = [e["loss"] for e in json.loads(Path("results/seed0/pretrain/rcmae/metrics.json").read_text())["epochs"]]
     assert torch.allclose(torch.tensor(loss), torch.tensor(inline_loss), atol=ATOL, rtol=RTOL)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.node = 'pretrain@seed0-rcmae'")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              "tags.node = 'pretrain@seed0-rcmae'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}   # the inline run and the 2-task run
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["launch.tasks=2"], "launch.tasks 2 needs executor local or slurm"),
     (["launch.executor=local", "launch.tasks=3"], "pretrain.batch_size 128 does not divide by launch.tasks 3"),
-    (["launch.executor=slurm", "launch.tasks=2", "launch.slurm.gpus_per_node=4"], "must equal launch.slurm.gpus_per_node 4"),
+    (["launch.executor=slurm", "launch.tasks=2", "launch.slurm.gpus_per_node=4"],
+     "must equal launch.slurm.gpus_per_node 4"),
 ])
 def test_launch_tasks_params_are_checked(overrides, message):
     with pytest.raises(PipelineError, match=message):

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 
 def repro(*args, warm=True, command=("repro",)) -> set[str]:
     """The stages `dvc repro` (or `command`) ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as
-    docs/snakemake-dvc-mlflow.md shows (else cold: no fork server, not even the tests' own). Every node records the params keys
-    it reads into reads/ (pipeline.orchestration.params_reads)."""
+    docs/snakemake-dvc-mlflow.md shows (else cold: no fork server, not even the tests' own). Every node records the
+    params keys it reads into reads/ (pipeline.orchestration.params_reads)."""
     prefix = [sys.executable, "-m", "pipeline.orchestration.forkserver", "run", "--"] if warm else []
     env = {params_reads.ENV: str(Path("reads").resolve())}
     out = run_cli(*prefix, "dvc", *command, *args, env=env if warm else {**env, "MIM_FORKSERVER": ""}).stdout
@@ -50,12 +50,13 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     the test short: dvc repro runs one stage at a time; tests/test_dag.py checks the whole DAG's commands)."""
     from pipeline.orchestration import dvc_yaml
 
-    (workdir / "dvc.yaml").write_text(dvc_yaml.render("tiny"))        # its lists (e.g. kept checkpoints) follow the preset
+    (workdir / "dvc.yaml").write_text(dvc_yaml.render("tiny"))  # its lists (e.g. kept checkpoints) follow the preset
     run_cli("git", "init", "-q")
     run_cli("dvc", "init", "-q")
     targets = ["knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"]
     first = repro(*targets)
-    assert first == {"resolve_params", "prepare_data", "random_init@seed0", "pretrain@seed0-mae", "linprobe@seed0-mae"} | {
+    assert first == {"resolve_params", "prepare_data", "random_init@seed0", "pretrain@seed0-mae",
+                     "linprobe@seed0-mae"} | {
         f"{node}@seed0-random_stage{k}" for node in ("teacher_swap", "pretrain_dbot") for k in range(3)} | {
         "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     assert "up to date" in run_cli("dvc", "status", *targets).stdout.lower()
@@ -64,8 +65,9 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     assert repro(*targets, warm=False) == {"resolve_params", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
 
     edit(workdir / "params/base.yaml", r"stage1: \{epochs: (\d+), blr: 1\.5e-3\}", r"stage1: {epochs: \1, blr: 3.0e-3}")
-    assert repro(*targets) == {"resolve_params", "pretrain_dbot@seed0-random_stage1", "teacher_swap@seed0-random_stage2",
-                               "pretrain_dbot@seed0-random_stage2", "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
+    assert repro(*targets) == {"resolve_params", "pretrain_dbot@seed0-random_stage1",
+                               "teacher_swap@seed0-random_stage2", "pretrain_dbot@seed0-random_stage2",
+                               "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     metrics = run_cli("dvc", "metrics", "show").stdout
     assert "results/seed0/knn/dbot_random_stage2/metrics.json" in metrics
     run_cli("dvc", "plots", "show", "-o", "dvc_plots")                 # the pictures, declared as DVC plots
@@ -83,7 +85,8 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
 
     # Training curves as data series: dvc plots show renders loss.csv and online_knn.csv (x epoch).
     shown = json.loads(run_cli("dvc", "plots", "show", "--json").stdout)
-    for series, y in (("pretrain/mae/loss.csv", "loss"), ("pretrain_dbot/random_stage1/online_knn.csv", "online_knn_top1")):
+    for series, y in (("pretrain/mae/loss.csv", "loss"),
+                      ("pretrain_dbot/random_stage1/online_knn.csv", "online_knn_top1")):
         assert not [e for e in shown.get("errors", []) if e["name"] == f"results/seed0/{series}"], series  # built
         (entry,) = shown["data"][f"results/seed0/{series}"]
         text = json.dumps(entry)

@@ -93,7 +93,8 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     rcmae = json.loads((workdir / "results/seed0/linprobe/rcmae/metrics.json").read_text())
     assert rcmae["weights"]["evaluated"] == "teacher"                 # rcmae.evaluate_weights, recorded
     swap = json.loads((workdir / "results/seed0/teacher_swap/mae_stage1/teacher.json").read_text())
-    assert swap["source"] == "results/seed0/pretrain_dbot/mae_stage0/encoder.safetensors" and swap["source_node"] == "pretrain_dbot"
+    assert (swap["source"] == "results/seed0/pretrain_dbot/mae_stage0/encoder.safetensors"
+            and swap["source_node"] == "pretrain_dbot")
     swap = json.loads((workdir / "results/seed0/teacher_swap/mae_stage0/teacher.json").read_text())
     assert swap["source"] == "results/seed0/pretrain/mae/encoder.safetensors" and swap["source_method"] == "mae"
     assert (workdir / "results/seed0/benchmarks/pretrain/mae.tsv").is_file()
@@ -105,7 +106,8 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = {r.data.tags["chain"]: r.info.run_id for r in runs if r.data.tags.get("role") == "chain"}
     assert {"mae", "sdae", "rcmae", "bootmae", "random_init", "pixels"} | {f"dbot_{c}" for c in chains} <= set(parents)
-    assert "knn@seed0-pixels" in {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["pixels"]}
+    assert "knn@seed0-pixels" in {r.info.run_name for r in runs
+                                  if r.data.tags.get("mlflow.parentRunId") == parents["pixels"]}
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["dbot_mae"]}
     assert {"teacher_swap@seed0-mae_stage0", "pretrain_dbot@seed0-mae_stage0", "teacher_swap@seed0-mae_stage2",
             "knn@seed0-dbot_mae_stage2", "linprobe@seed0-dbot_mae_stage1"} <= children

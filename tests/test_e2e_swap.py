@@ -49,5 +49,6 @@ def test_an_external_teacher_that_is_a_pickle_is_refused_before_anything_is_writ
     proc = stage("teacher_swap", "--stage", "external_stage0", "--set",
                  f"dbot.chains.external={workdir / 'pickled.safetensors'}", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "not a readable safetensors file" in proc.stderr
+    assert (proc.stderr.strip().splitlines()[-1].startswith("error: ")
+            and "not a readable safetensors file" in proc.stderr)
     assert not (workdir / "results/seed0/teacher_swap").exists()

@@ -96,7 +96,8 @@ def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
     reads = []
     for name in ("item", "tolist", "cpu"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **k: reads.append(_n) or _f(t, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda t, *a, _f=original, _n=name, **k: reads.append(_n) or _f(t, *a, **k))
     engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=2, checkpoint_every_min=1e9), tmp_path / "s.pt")
     assert reads == ["tolist"] + ["item", "cpu"] * 2    # the schedule once; per epoch (5 steps): its loss, the save
 

@@ -196,11 +196,13 @@ def test_finetune_node_beats_chance_and_writes_its_outputs(study):
     run = runs[0]
     assert run.data.metrics["top1"] == pytest.approx(doc["metrics"]["top1"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [0, 1, 2]
-    assert {"metrics.json", "curve.png", "model.json", "params.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "curve.png", "model.json", "params.yaml"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-@pytest.mark.parametrize("weights, message", [("nope", "unknown weights 'nope'"),
-                                               ("sdae", "missing input results/seed0/pretrain/sdae/encoder.safetensors")])
+@pytest.mark.parametrize("weights, message", [
+    ("nope", "unknown weights 'nope'"),
+    ("sdae", "missing input results/seed0/pretrain/sdae/encoder.safetensors")])
 def test_bad_input_is_a_one_line_error_before_any_work(study, capsys, weights, message):
     from pipeline.stages.evaluation import finetune as stage
 

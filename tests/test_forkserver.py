@@ -1,5 +1,5 @@
-"""Warm node start (pipeline.orchestration.forkserver): a node run by the server's child writes what a cold process writes,
-exits with its status, forwards signals, dies with its node process or its server, and runs cold wherever a
+"""Warm node start (pipeline.orchestration.forkserver): a node run by the server's child writes what a cold process
+writes, exits with its status, forwards signals, dies with its node process or its server, and runs cold wherever a
 child would not run like a fresh process."""
 import os
 import shutil
@@ -75,7 +75,8 @@ def test_a_warm_node_writes_what_a_cold_node_writes(server, tmp_path_factory, mo
     losses = []
     for root in (warm_dir, cold_dir):
         client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.node = 'pretrain@seed0-mae'")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.node = 'pretrain@seed0-mae'")
         losses.append([r.data.metrics["final_loss"] for r in runs])
     assert losses[0] == losses[1] and len(losses[0]) == 1
 
@@ -109,8 +110,8 @@ def start_long_node(warm: dict) -> subprocess.Popen:
     """A pre-training node that runs for minutes (SdAE: its resume state stays apart from the MAE node's), as a
     process of its own: the fork server's client."""
     env = dict(os.environ, **warm, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "pipeline.stages.training.pretrain", "--preset", "tiny", "--seed", "0", "--method", "sdae",
-           "--set", "pretrain.epochs=10000"]
+    cmd = [sys.executable, "-m", "pipeline.stages.training.pretrain", "--preset", "tiny", "--seed", "0",
+           "--method", "sdae", "--set", "pretrain.epochs=10000"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

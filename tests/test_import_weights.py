@@ -41,7 +41,8 @@ def mae_decoder():
 
 
 def import_weights(*args, check=True):
-    return run_cli(sys.executable, "-m", "pipeline.stages.training.import_weights", *args, "--preset", "tiny", check=check)
+    return run_cli(sys.executable, "-m", "pipeline.stages.training.import_weights", *args, "--preset", "tiny",
+                   check=check)
 
 
 def sha256(path):
@@ -195,8 +196,8 @@ def test_an_evaluation_node_evaluates_an_imported_encoder(workdir):
         run_cli(sys.executable, "-m", stage_module(node), "--preset", "tiny", "--weights", "imported_released")
         metrics = json.loads((workdir / f"results/seed0/{node}/imported_released/metrics.json").read_text())
         assert 0 <= metrics["metrics"]["top1"] <= 1 and metrics["weights"]["id"] == "imported_released"
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny", "--weights", "imported_nope",
-                   check=False)
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny",
+                   "--weights", "imported_nope", check=False)
     assert proc.returncode == 2 and "no imported encoder results/imported/nope/encoder.safetensors" in proc.stderr
 
 

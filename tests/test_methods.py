@@ -5,9 +5,9 @@ import torch
 from pipeline import config
 from pipeline.methods import EMA_METHODS, METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.models.encoder import build_encoder
+from pipeline.models.teacher import FrozenTeacher
 
 MIM = sorted(set(METHODS) - NEEDS_LABELS)   # the masked-image-modelling methods
-from pipeline.models.teacher import FrozenTeacher
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +230,8 @@ def test_supervised_learns_labels_through_the_engine(params, tmp_path):
     images += torch.randint(0, 20, images.shape, generator=gen, dtype=torch.uint8)
     model = METHODS["supervised"](params, 1, 0, num_classes=2)
     cfg = engine.TrainConfig(epochs=6, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.0,
-                             clip_grad=None, precision="fp32", crop_scale=(0.9, 1.0), hflip=False, checkpoint_every_min=10,
-                             seed=0, config_hash="s")
+                             clip_grad=None, precision="fp32", crop_scale=(0.9, 1.0), hflip=False,
+                             checkpoint_every_min=10, seed=0, config_hash="s")
     result = engine.train(model, images, [0.45], [0.3], cfg, tmp_path / "s.pt", labels=labels)
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
     with torch.no_grad():
@@ -268,13 +268,14 @@ def test_init_depends_on_the_seed_only_not_the_global_generator(name, params):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-DROPPING = {"dbot": {"drop_path": 0.2, "decoder_drop_path": 0.2}, "sdae": {}, "rcmae": {"drop_path": 0.3}, "bootmae": {"drop_path": 0.3}, "mae": {"drop_path": 0.3}}
+DROPPING = {"dbot": {"drop_path": 0.2, "decoder_drop_path": 0.2}, "sdae": {}, "rcmae": {"drop_path": 0.3},
+            "bootmae": {"drop_path": 0.3}, "mae": {"drop_path": 0.3}}
 
 
 @pytest.mark.parametrize("name", sorted(DROPPING))
 def test_students_drop_paths_and_teachers_never_do(name, params):
-    """Stochastic depth (dbot 0.2 encoder + decoder, the official value; sdae 0.25 by default) acts on the student in training only:
-    the frozen or EMA teacher stays in eval mode, so its targets do not depend on the step's draws."""
+    """Stochastic depth (dbot 0.2 encoder + decoder, the official value; sdae 0.25 by default) acts on the student in
+    training only: the frozen or EMA teacher stays in eval mode, so its targets do not depend on the step's draws."""
     from pipeline.models.encoder import DropPath, step_draws
 
     p = config.merge(params, {"model": {"decoder_depth": 2}, name: DROPPING[name]})
@@ -286,7 +287,8 @@ def test_students_drop_paths_and_teachers_never_do(name, params):
     assert not any(m.training for m in model.teacher.modules())
     last = len(model.encoder.vit.blocks) - 1
     targets = {"dbot": lambda: model.teacher.targets(x), "rcmae": lambda: model.teacher.call("encoder", x),
-               "sdae": lambda: model.teacher(x), "bootmae": lambda: model.teacher(x, return_blocks=(last,))[1][last]}[name]
+               "sdae": lambda: model.teacher(x),
+               "bootmae": lambda: model.teacher(x, return_blocks=(last,))[1][last]}[name]
     outs = []
     for seed in (0, 1):
         with step_draws(torch.Generator().manual_seed(seed)):
@@ -319,7 +321,8 @@ def test_sdae_random_teacher_is_timm_initialised_with_learnable_positions(params
 
     model = make("sdae", config.merge(params, {"sdae": {"teacher_init": "random"}}))
     teacher, student = model.teacher.module.vit, model.encoder.vit
-    assert not torch.equal(teacher.pos_embed[0], sincos_2d(32, 4)) and torch.equal(student.pos_embed[0], sincos_2d(32, 4))
+    assert (not torch.equal(teacher.pos_embed[0], sincos_2d(32, 4))
+            and torch.equal(student.pos_embed[0], sincos_2d(32, 4)))
     assert abs(teacher.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.005          # timm: trunc-normal 0.02
     assert not any(p.requires_grad for p in model.teacher.parameters())
     before = teacher.pos_embed.clone()

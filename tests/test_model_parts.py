@@ -42,7 +42,8 @@ def test_attention_kernels_cpu_bf16_uses_explicit_attention_with_the_same_output
         with attention_kernels(torch.nn.ModuleList([enc, cross]), "cpu", bf16):
             flags = {m.fused_attn for m in [*enc.modules(), cross] if hasattr(m, "fused_attn")}
             assert flags == {fused}
-            assert torch.allclose(enc(x), fused_enc, atol=1e-5) and torch.allclose(cross(tokens, ctx), fused_cross, atol=1e-5)
+            assert (torch.allclose(enc(x), fused_enc, atol=1e-5)
+                    and torch.allclose(cross(tokens, ctx), fused_cross, atol=1e-5))
     assert {m.fused_attn for m in [*enc.modules(), cross] if hasattr(m, "fused_attn")} == {True}   # restored
 
 

@@ -1,4 +1,5 @@
-"""pipeline.reporting.figures and the methods' picture() hooks on the tiny preset (8x8 images, 2x2 patches, 16 tokens)."""
+"""pipeline.reporting.figures and the methods' picture() hooks on the tiny preset (8x8 images, 2x2 patches,
+16 tokens)."""
 import pytest
 import torch
 from PIL import Image

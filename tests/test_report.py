@@ -81,7 +81,8 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     assert len(csv) == 7 * 4 + 9 * 2 * 2                      # pretrain rows + (knn, linprobe) x (top1, top5)
     assert list(csv.weights.drop_duplicates()) == list(ENCODERS) and set(csv.seed) == {0}
     top1 = csv[csv.metric == "top1"].set_index(["weights", "protocol"]).value
-    assert top1["dbot_random_stage2", "knn"] == pytest.approx(0.931) and top1["random_init", "linprobe"] == pytest.approx(0.2049)
+    assert (top1["dbot_random_stage2", "knn"] == pytest.approx(0.931)
+            and top1["random_init", "linprobe"] == pytest.approx(0.2049))
     pre = csv[csv.protocol == "pretrain"].set_index(["weights", "metric"]).value
     assert pre["dbot_random_stage1", "wall_s"] == 21.0 and pre["mae", "images_seen"] == 40000
     assert pre["dbot_random_stage2", "final_loss"] == pytest.approx(0.5 - 0.15 - 0.02)
@@ -109,10 +110,13 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, inputs):
     # the claims: mae's k-NN is below the pixel floor, so "above the raw-pixel floor" does not hold
     claims = pd.read_csv(out / "claims.csv")
     assert list(claims.columns) == ["claim", "comparison", "metric", "value", "reference", "delta", "spread", "verdict"]
-    row = claims[(claims.claim == "above_pixels") & (claims.comparison == "mae vs pixels") & (claims.metric == "knn/top1")]
+    row = claims[(claims.claim == "above_pixels") & (claims.comparison == "mae vs pixels")
+                 & (claims.metric == "knn/top1")]
     assert row.verdict.tolist() == ["does not hold"] and row.delta.iloc[0] == pytest.approx(-0.05)
-    assert "| every trained encoder is above the raw-pixel floor (`above_pixels`) | **does not hold** | 13 / 1 / 0 |" in md
-    assert "| above_pixels | mae vs pixels | 50.0 vs 55.0 (-5.0): does not hold | 60.0 vs 58.0 (+2.0): holds | — |" in md
+    assert ("| every trained encoder is above the raw-pixel floor (`above_pixels`) | **does not hold** | 13 / 1 / 0 |"
+            in md)
+    assert ("| above_pixels | mae vs pixels | 50.0 vs 55.0 (-5.0): does not hold | 60.0 vs 58.0 (+2.0): holds | — |"
+            in md)
     assert "k-NN: feature=cls, k=20, temperature=0.07;" in md and "linear probe: batch_size=256" in md
 
     # the teacher-swap study: per stage each chain's k-NN / linear top-1, then the spread across teachers
@@ -168,7 +172,7 @@ def test_several_seeds_give_mean_std_and_mark_differences_within_the_seed_spread
     assert spread.loc[("0", "knn"), "seed_std"] == pytest.approx(0.02 / 2 ** 0.5)
 
 
-# ---- the claims section (pipeline.reporting.claims) on small seed-mean tables ------------------------------------------
+# ---- the claims section (pipeline.reporting.claims) on small seed-mean tables ----------------------------------------
 
 CLAIM_CHAINS = {"random": "random_init", "mae": "mae"}
 # k-NN = linear top-1 of each encoder in three studies: every claim holds (one seed), every claim fails (one
@@ -225,7 +229,8 @@ def test_each_claim_holds_fails_or_falls_within_the_seed_spread(case, top1, std,
 def test_claims_name_the_comparisons_that_fail():
     from pipeline.reporting.report import claims_table
 
-    found = claims_table(seed_mean_table(FAIL, EARLY["fail"]), CLAIM_CHAINS).set_index(["claim", "comparison", "metric"])
+    found = claims_table(seed_mean_table(FAIL, EARLY["fail"]), CLAIM_CHAINS).set_index(
+        ["claim", "comparison", "metric"])
     failed = found[found.verdict == "does not hold"]
     assert set(failed.index.droplevel(2)) == {
         ("above_random_init", "supervised vs random_init"), ("above_pixels", "mae vs pixels"),
@@ -236,9 +241,11 @@ def test_claims_name_the_comparisons_that_fail():
         ("beats_mae", "bootmae vs mae"), ("rcmae_early_knn", "rcmae vs mae")}
     row = found.loc[("above_pixels", "mae vs pixels", "knn/top1")]
     assert (row.value, row.reference, row.delta) == pytest.approx((0.35, 0.40, -0.05))
-    spread = found.loc[("teacher_spread_shrinks", "spread across teachers, stage 1 vs stage 0", "knn/top1 std across teachers")]
+    spread = found.loc[("teacher_spread_shrinks", "spread across teachers, stage 1 vs stage 0",
+                        "knn/top1 std across teachers")]
     assert (spread.value, spread.reference) == pytest.approx((0.15 / 2 ** 0.5, 0.07 / 2 ** 0.5))
-    assert found.loc[("rcmae_early_knn", "rcmae vs mae", "pretrain/early_online_knn_top1"), "delta"] == pytest.approx(-0.1)
+    assert (found.loc[("rcmae_early_knn", "rcmae vs mae", "pretrain/early_online_knn_top1"), "delta"]
+            == pytest.approx(-0.1))
 
 
 def test_verdict_sign_and_spread():
@@ -261,6 +268,7 @@ def test_early_online_knn_is_the_mean_over_the_first_half_of_the_epochs(tmp_path
     rows = {r["metric"]: r["value"] for r in pretrain_rows(doc, tmp_path / "m.json")}
     assert rows["early_online_knn_top1"] == pytest.approx(0.15)
     doc["epochs"].append(dict(doc["epochs"][-1], epoch=4))         # 5 epochs: ceil(5 / 2) = 3 -> epochs 0, 1, 2
-    assert {r["metric"]: r["value"] for r in pretrain_rows(doc, tmp_path / "m.json")}["early_online_knn_top1"] == pytest.approx(0.3)
+    assert ({r["metric"]: r["value"] for r in pretrain_rows(doc, tmp_path / "m.json")}["early_online_knn_top1"]
+            == pytest.approx(0.3))
     del doc["epochs"][0]["online_knn_top1"], doc["epochs"][1]["online_knn_top1"], doc["epochs"][2]["online_knn_top1"]
     assert "early_online_knn_top1" not in {r["metric"] for r in pretrain_rows(doc, tmp_path / "m.json")}

@@ -2,13 +2,16 @@
 import json
 
 import pytest
+import test_finetune
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from test_finetune import PNG, one_thread, study  # noqa: F401  (fixtures: one thread, the tiny study)
+from test_finetune import PNG
 
 from pipeline import layout
 from pipeline.evaluation import robustness
+
+one_thread, study = test_finetune.one_thread, test_finetune.study   # fixtures: one thread, the tiny study
 
 
 def images(n=4, channels=1, size=98):

@@ -124,4 +124,5 @@ def test_the_seed_block_holds_every_offset():
     table = seed_table(config.with_seed(params, 1))
     assert all(1000 <= seed < 2000 for seeds in table.values() for seed in seeds), table
     with pytest.raises(Exception, match="at most 50 stages"):
-        config.load("tiny", ["dbot.stages={" + ", ".join(f"stage{k}: {{epochs: 1, blr: 1.0}}" for k in range(51)) + "}"])
+        config.load("tiny",
+                    ["dbot.stages={" + ", ".join(f"stage{k}: {{epochs: 1, blr: 1.0}}" for k in range(51)) + "}"])

@@ -137,7 +137,8 @@ def write_pairs(root, n=6, size=(12, 10), values=(0, 1, 2, 255)):
     (root / "masks").mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "images" / f"im{i}.png")
         mask = np.full((size[1], size[0]), values[i % len(values)], dtype=np.uint8)
         mask[:, : size[0] // 2] = 0
         Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
@@ -207,11 +208,14 @@ def test_node_end_to_end_on_the_tiny_preset(workdir, capsys):
     segprobe.main(["--preset", "tiny", "--seed", "0", "--weights", "random_init"])
     out = workdir / "results/seed0/segprobe/random_init"
     doc = json.loads((out / "metrics.json").read_text())
-    assert doc["protocol"] == "segprobe" and doc["settings"]["epochs"] == 2 and set(doc["metrics"]) == {"miou", "pixel_acc"}
+    assert (doc["protocol"] == "segprobe" and doc["settings"]["epochs"] == 2
+            and set(doc["metrics"]) == {"miou", "pixel_acc"})
     assert doc["dataset"]["name"] == "digit_canvas" and doc["dataset"]["num_classes"] == 11
-    assert doc["weights"]["id"] == "random_init" and doc["weights"]["evaluated"] == "random" and doc["weights"]["sha256"]
+    assert (doc["weights"]["id"] == "random_init" and doc["weights"]["evaluated"] == "random"
+            and doc["weights"]["sha256"])
     assert len(doc["per_class_iou"]) == 11 and [h["epoch"] for h in doc["history"]] == [0, 1]
-    assert 0 <= doc["metrics"]["miou"] <= 1 and (out / "examples.png").stat().st_size > 0 and (out / "params.yaml").is_file()
+    assert (0 <= doc["metrics"]["miou"] <= 1 and (out / "examples.png").stat().st_size > 0
+            and (out / "params.yaml").is_file())
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("tiny").experiment_id,
@@ -222,7 +226,8 @@ def test_node_end_to_end_on_the_tiny_preset(workdir, capsys):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "examples.png"}
 
     capsys.readouterr()
-    for bad in (["--weights", "nope"], ["--weights", "mae"], ["--weights", "random_init", "--set", "segprobe.dataset=folder"],
+    for bad in (["--weights", "nope"], ["--weights", "mae"],
+                ["--weights", "random_init", "--set", "segprobe.dataset=folder"],
                 ["--weights", "random_init", "--set", "segprobe.num_classes=3"]):
         with pytest.raises(SystemExit) as exit_:
             segprobe.main(["--preset", "tiny", *bad])

@@ -1,7 +1,7 @@
 """On a real one-node Slurm cluster (tests/slurm_cluster.py, fixture slurm_cluster; skipped where it cannot start):
 
-- a tiny pre-training node dispatched by pipeline/orchestration/launch.py with launch.executor=slurm ends bit-identical to
-  the inline executor's run;
+- a tiny pre-training node dispatched by pipeline/orchestration/launch.py with launch.executor=slurm ends bit-identical
+  to the inline executor's run;
 - the same node interrupted mid-run, by a time-out (submitit's job._interrupt(timeout=True): the warning
   signal, then submitit checkpoints and requeues it) and by a preemption (`scontrol suspend`, `scontrol
   requeue`, `scontrol release`: Slurm kills the job and puts it back in the queue), is requeued, resumes
@@ -96,8 +96,8 @@ def test_pretrain_on_slurm_is_bit_identical_to_inline(workdir, prepared):
 
 def test_two_task_job_trains_like_one_process(workdir, prepared):
     with_data(workdir, prepared)
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS, *slurm_args(60), "--set", "launch.tasks=2",
-                   env=ENV)
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", *ARGS, *slurm_args(60),
+                   "--set", "launch.tasks=2", env=ENV)
     job = re.search(rf"{NODE}: submitted as slurm job (\d+)", proc.stdout).group(1)
     assert final_state(job) == "COMPLETED" and "rank 0/2 joined" in proc.stdout
     assert_close_states(load_file(workdir / WEIGHTS), prepared[1], "2-task slurm job")

@@ -59,8 +59,8 @@ def test_an_arch_outside_the_written_out_ones_is_still_checked_by_timm():
 def test_the_startup_mark_is_written_before_the_check_even_when_it_fails(workdir):
     mark = workdir / "first_work.mark"
     start = time.time()
-    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny", "--weights", "random_init",
-                   check=False, env={"MIM_STARTUP_MARK": str(mark)})
+    proc = run_cli(sys.executable, "-m", "pipeline.stages.evaluation.knn", "--preset", "tiny",
+                   "--weights", "random_init", check=False, env={"MIM_STARTUP_MARK": str(mark)})
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: missing input results/prepare_data/dataset.safetensors: "
                                    "run the node that makes it first")
@@ -90,7 +90,8 @@ SOURCES = {       # name -> (write the source file, the depth teacher_swap keeps
 @pytest.mark.parametrize("source", SOURCES)
 def test_the_numpy_copy_writes_the_file_the_torch_path_wrote(tmp_path, source):
     make, depth = SOURCES[source]
-    src, by_torch, by_numpy = tmp_path / "src.safetensors", tmp_path / "torch.safetensors", tmp_path / "numpy.safetensors"
+    src, by_torch, by_numpy = (tmp_path / "src.safetensors", tmp_path / "torch.safetensors",
+                               tmp_path / "numpy.safetensors")
     make(src)
     provenance = {"node": "teacher_swap", "source": str(src)}
 
@@ -179,8 +180,10 @@ def test_the_summary_names_the_targets_and_whether_they_are_met(tmp_path):
     startup.write(result, tmp_path)
     assert json.loads((tmp_path / "startup.json").read_text()) == result
     md = re.sub(r" +", " ", (tmp_path / "startup.md").read_text())   # table cells padded to their column's width
-    assert "| knn | 0.75 | 3.00 | 0.30 | 2.00 |" in md and "warm nodes) <= 120 s: met (80 s)" in md and "| timm | 0.00 | 0.00 |" in md
-    assert "for every node: NOT met (slowest: report, 2.50 s)" in md and "in all <= 3.0 s: cold met (3.00 s), warm met (2.00 s)" in md
+    assert ("| knn | 0.75 | 3.00 | 0.30 | 2.00 |" in md and "warm nodes) <= 120 s: met (80 s)" in md
+            and "| timm | 0.00 | 0.00 |" in md)
+    assert ("for every node: NOT met (slowest: report, 2.50 s)" in md
+            and "in all <= 3.0 s: cold met (3.00 s), warm met (2.00 s)" in md)
     assert "about to call its check()" in md and "cpu-avx2" in md
 
 
