@@ -143,8 +143,8 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
     for step in range(steps):
         idx = engine.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
-        out.append(timed(lambda: engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,
-                                              batch_labels, amp, scaler).item(), device))
+        out.append(timed(lambda: engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,  # noqa: B023
+                                              batch_labels, amp, scaler).item(), device))  # noqa: B023 (timed calls it now)
         if between:
             between()
     return out
@@ -255,7 +255,7 @@ def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Prec
 def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
                  progress) -> list[dict]:
     """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto"."""
-    rows = []
+    rows, mae = [], None
     with child_pool() as pool:
         for precision in peaks:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
@@ -284,7 +284,7 @@ def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: 
     def batch(step: int) -> torch.Tensor:
         x = data.train_x[engine.batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
         return engine.make_batch(x, data.mean, data.std, cfg, engine.step_generator(cfg.seed, step), device)
-    times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]
+    times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]  # noqa: B023 (called at once)
     per_s = min(cfg.batch_size, len(data.train_x)) / statistics.median(times[WARMUP:])
     return {"images_per_s": per_s, "ratio_to_mae_training": per_s / mae_images_per_s,
             "mae_precision": precision}

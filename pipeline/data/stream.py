@@ -39,6 +39,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from tqdm import tqdm
 from pipeline import checkpoint, layout
 from pipeline.data.datasets import pil_to_tensor
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.data.datasets import Prepared
 
 STATS_IMAGES = 2048          # train images whose pixels give the channel mean/std
 EVAL_CROP = 0.875            # eval: shorter side to size / 0.875, centre crop (MAE: 256 -> 224)
