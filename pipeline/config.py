@@ -189,9 +189,14 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
         yield f"launch.tasks {launch['tasks']} needs executor local or slurm (one process per task)"
     if launch["tasks"] > 1 and t["batch_size"] % launch["tasks"]:
         yield f"pretrain.batch_size {t['batch_size']} does not divide by launch.tasks {launch['tasks']}"
-    gpus = launch["slurm"]["gpus_per_node"]
-    if launch["executor"] == "slurm" and gpus and launch["tasks"] != gpus:
-        yield f"launch.tasks {launch['tasks']} must equal launch.slurm.gpus_per_node {gpus} (one process per GPU)"
+    gpus, nodes = launch["slurm"]["gpus_per_node"], launch["slurm"]["nodes"]
+    if nodes > 1 and launch["executor"] != "slurm":
+        yield f"launch.slurm.nodes {nodes} needs executor slurm (executor {launch['executor']} runs on this machine)"
+    if launch["tasks"] % nodes:
+        yield f"launch.tasks {launch['tasks']} does not divide over launch.slurm.nodes {nodes} (the same per node)"
+    if launch["executor"] == "slurm" and gpus and launch["tasks"] != gpus * nodes:
+        yield (f"launch.tasks {launch['tasks']} must equal launch.slurm.gpus_per_node {gpus} x nodes {nodes} "
+               "(one process per GPU)")
     stages = list(p["dbot"]["stages"])
     if stages != [f"stage{k}" for k in range(len(stages))]:
         yield f"dbot.stages must be stage0, stage1, ... in order, got {', '.join(stages)}"

@@ -51,6 +51,15 @@ def test_slurm_parameters_come_from_params():
     submitit.AutoExecutor(folder="/tmp/unused", cluster="debug").update_parameters(**p)   # names submitit knows
 
 
+def test_a_multi_node_job_spreads_its_tasks_evenly():
+    params = config.load("tiny", ["launch.executor=slurm", "launch.tasks=8", "launch.slurm.nodes=2",
+                                  "launch.slurm.gpus_per_node=4"])
+    p = launch.slurm_parameters(params["launch"], "pretrain@mae", tasks=8)
+    assert (p["nodes"], p["tasks_per_node"], p["gpus_per_node"]) == (2, 4, 4)
+    one = launch.slurm_parameters(params["launch"], "knn@mae")             # evaluation nodes: one task, one node
+    assert (one["nodes"], one["tasks_per_node"]) == (1, 1)
+
+
 def test_refused_submission_is_one_line_error(workdir, monkeypatch):
     """sbatch refusing a job (seen on the test cluster: more CPUs than a node has) names the resources asked."""
     import submitit

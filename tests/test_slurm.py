@@ -138,6 +138,23 @@ def test_refused_and_cancelled_jobs_are_one_line_errors(workdir, slurm_cluster, 
         launch.run(sleeps, params, {}, "unit")
 
 
+def test_a_two_node_job_reaches_sbatch_as_two_nodes(workdir, slurm_cluster, monkeypatch):
+    """launch.slurm.nodes: the one-node test cluster refuses two nodes of one task each (it could run the two
+    tasks on its one node), which shows the request reached sbatch as two nodes."""
+    from pathlib import Path
+
+    from pipeline import config
+    from pipeline.errors import PipelineError
+    from pipeline.orchestration import launch
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    params = config.load("tiny", ["launch.executor=slurm", "launch.tasks=2", "launch.slurm.nodes=2",
+                                  "launch.slurm.cpus_per_task=1", "launch.slurm.mem_gb=1"])
+    with pytest.raises(PipelineError, match=r"could not submit the slurm job: sbatch: error: (?i:.*node).*nodes 2 x "
+                                            r"1 tasks"):
+        launch.run(sleeps, params, {}, "unit", distributed_ok=True)
+
+
 def test_sigterm_to_the_submitter_cancels_its_job(workdir, slurm_cluster):
     """Snakemake stopping a rule (or `timeout`) sends SIGTERM to the waiting submitter: no job is left running."""
     code = ("import test_slurm; from pipeline import config, launch; launch.run(test_slurm.sleeps, config.load("

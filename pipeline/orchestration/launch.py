@@ -65,9 +65,11 @@ class NodeJob(submitit.helpers.Checkpointable):
 
 
 def slurm_parameters(launch: dict, name: str, tasks: int = 1) -> dict:
-    """AutoExecutor parameters of a Slurm job from params.launch.slurm: `tasks` tasks on one node."""
+    """AutoExecutor parameters of a Slurm job from params.launch.slurm: `tasks` tasks, spread evenly over
+    launch.slurm.nodes nodes (one node for a one-task job: evaluation nodes)."""
     s = launch["slurm"]
-    p = dict(name=name, nodes=1, tasks_per_node=tasks, gpus_per_node=s["gpus_per_node"],
+    nodes = s["nodes"] if tasks > 1 else 1
+    p = dict(name=name, nodes=nodes, tasks_per_node=tasks // nodes, gpus_per_node=s["gpus_per_node"],
              cpus_per_task=s["cpus_per_task"], mem_gb=s["mem_gb"], timeout_min=s["timeout_min"], slurm_setup=s["setup"])
     p.update({key: s[k] for key, k in (("slurm_partition", "partition"), ("slurm_account", "account")) if s[k]})
     return p
@@ -89,9 +91,11 @@ def _error_line(text: str) -> str:
     return lines[-1].removeprefix("pipeline.errors.") if lines else text.strip().splitlines()[0]
 
 
-def _resources(launch: dict) -> str:
+def _resources(launch: dict, tasks: int) -> str:
     s = launch["slurm"]
-    return (f"launch.slurm: partition {s['partition'] or 'default'}, cpus_per_task {s['cpus_per_task']}, "
+    nodes = s["nodes"] if tasks > 1 else 1                 # as slurm_parameters asks
+    return (f"launch.slurm: partition {s['partition'] or 'default'}, nodes {nodes} x {tasks // nodes} "
+            f"tasks, cpus_per_task {s['cpus_per_task']}, "
             f"mem_gb {s['mem_gb']}, gpus_per_node {s['gpus_per_node']}, timeout_min {s['timeout_min']}")
 
 
@@ -127,7 +131,7 @@ def run(fn: Callable, params: dict, args, node_id: str, distributed_ok: bool = F
     try:
         submitted = make_executor(params["launch"], folder, node_id, tasks).submit(job)
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
-        where = f" ({_resources(params['launch'])})" if kind == "slurm" else ""
+        where = f" ({_resources(params['launch'], tasks)})" if kind == "slurm" else ""
         raise PipelineError(f"{node_id}: could not submit the {kind} job: {_error_line(str(e))}{where}") from None
     print(f"{node_id}: submitted as {kind} job {submitted.job_id}; logs in {folder}", flush=True)
     try:

@@ -20,12 +20,11 @@ How N processes train exactly like one at the same global batch:
 Only rank 0 logs, saves state and writes outputs; the others compute gradients. Results agree with one
 process within float tolerance (summation order differs), not bit for bit.
 
-Several nodes: pipeline.orchestration.launch asks Slurm for one node (nodes=1, tasks_per_node = launch.tasks, which must
-equal launch.slurm.gpus_per_node: one task per GPU). Nothing here assumes one node: submitit's
+Several nodes: pipeline.orchestration.launch asks Slurm for launch.slurm.nodes nodes with launch.tasks / nodes
+tasks each (on GPUs launch.tasks = gpus_per_node x nodes: one task per GPU). submitit's
 TorchDistributedEnvironment takes every task's rank and the world size from Slurm's variables and MASTER_ADDR
 from the job's first host, each task sees only its GPU (CUDA_VISIBLE_DEVICES = its local rank) and the group
-uses nccl. A multi-node job needs launch to ask for nodes > 1 (launch.tasks then the total number of
-processes) and a file system all nodes share for the data and the resume state, which every rank reads.
+uses nccl. Every node must see the same file system: every rank reads the data and the resume state there.
 """
 from __future__ import annotations
 
