@@ -157,8 +157,9 @@ def test_a_two_node_job_reaches_sbatch_as_two_nodes(workdir, slurm_cluster, monk
 
 def test_sigterm_to_the_submitter_cancels_its_job(workdir, slurm_cluster):
     """Snakemake stopping a rule (or `timeout`) sends SIGTERM to the waiting submitter: no job is left running."""
-    code = ("import test_slurm; from pipeline import config, launch; launch.run(test_slurm.sleeps, config.load("
-            "'tiny', ['launch.executor=slurm', 'launch.slurm.cpus_per_task=1', 'launch.slurm.mem_gb=2']), {}, 'unit')")
+    code = ("import test_slurm; from pipeline import config; from pipeline.orchestration import launch; "
+            "launch.run(test_slurm.sleeps, config.load('tiny', ['launch.executor=slurm', "
+            "'launch.slurm.cpus_per_task=1', 'launch.slurm.mem_gb=2']), {}, 'unit')")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{workdir}"))
     deadline, jobs = time.time() + 90, []
