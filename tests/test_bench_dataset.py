@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import layout
 from pipeline.bench import dataset
-from pipeline.data import datasets
+from pipeline.data import datasets, folders
 from pipeline.errors import PipelineError
 from pipeline.stages.training import prepare_data
 
@@ -70,12 +70,12 @@ def mapping(t: torch.Tensor) -> str:
 
 def in_memory(d: dict, seed: int) -> datasets.Prepared:
     """The image folder read as before streaming: every image stacked in memory, the same helpers."""
-    train, val = datasets.split_folder(datasets.data_folder(d), d["val_fraction"], seed)
+    train, val = folders.split_folder(folders.data_folder(d), d["val_fraction"], seed)
     mode = "L" if d["channels"] == 1 else "RGB"
 
     def read(classes):
         pairs = [(label, f) for label, files in enumerate(classes.values()) for f in files]
-        x = torch.stack([datasets._read_image(f, mode, d["img_size"]) for _, f in pairs])
+        x = torch.stack([folders._read_image(f, mode, d["img_size"]) for _, f in pairs])
         return x, torch.tensor([label for label, _ in pairs])
     (tx, ty), (vx, vy) = read(train), read(val)
     return datasets.Prepared(tx, ty, vx, vy, list(train), *datasets.tensor_channel_stats(tx),
@@ -125,15 +125,15 @@ def test_corrupt_image_mid_folder_leaves_no_dataset(workdir, capsys):
 
 KILLED_MID_PREPARE = """
 import os, signal, sys
-from pipeline.data import datasets
-read, calls = datasets._read_image, []
+from pipeline.data import datasets, folders
+read, calls = folders._read_image, []
 
 def read_then_die(*args):
     calls.append(1)
     if len(calls) == 20:
         os.kill(os.getpid(), signal.SIGKILL)
     return read(*args)
-datasets._read_image = read_then_die
+folders._read_image = read_then_die
 datasets.prepare({"dataset": "imagefolder", "path": sys.argv[1], "img_size": 12, "channels": 1, "val_fraction": 0.2},
              0, scratch=sys.argv[2])
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import datasets
+from pipeline.data import datasets, folders
 from pipeline.errors import PipelineError
 
 
@@ -124,7 +124,7 @@ def test_imagefolder_skips_non_image_files_and_counts_them(tmp_path):
     p = datasets.prepare(cfg("imagefolder", tmp_path / "root", img_size=16, val_fraction=0.4), seed=3)
     assert len(p.train_y) + len(p.val_y) == 10                     # 5 images per class, as without the strays
     assert p.skipped == {".txt": 2, "no extension": 1}
-    assert datasets.skipped_note(p.skipped) == "3 non-image files skipped (.txt 2, no extension 1)"
+    assert folders.skipped_note(p.skipped) == "3 non-image files skipped (.txt 2, no extension 1)"
     assert datasets.prepare(cfg("digits", img_size=8), seed=0).skipped == {}
     (tmp_path / "root" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     with pytest.raises(PipelineError, match=r"^cannot read image .*dog/broken\.png: "):

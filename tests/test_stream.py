@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import config, layout
 from pipeline.checkpoint import sha256_file
-from pipeline.data import datasets, stream
+from pipeline.data import folders, stream
 from pipeline.errors import PipelineError
 from pipeline.train.engine import batch_indices
 
@@ -57,7 +57,7 @@ def test_manifest_lists_images_with_labels_and_sizes_and_hashes_itself(tmp_path,
     meta = json.loads(layout.sidecar(layout.MANIFEST).read_text())
     assert meta["sha256"] == meta["dataset_hash"] == sha256_file(layout.MANIFEST)
     assert meta["class_names"] == ["class0", "class1", "class2"] and meta["skipped_files"] == 2   # .DS_Store: hidden
-    assert meta["skipped_extensions"] == {".csv": 1, ".txt": 1} == man.skipped    # datasets.image_files, as tensor
+    assert meta["skipped_extensions"] == {".csv": 1, ".txt": 1} == man.skipped    # folders.image_files, as tensor
     assert meta["counts"] == {"train": 18, "val": 6} and meta["class_counts"]["val"] == [2, 2, 2]
     assert [r["split"] for r in rows] == ["train"] * 18 + ["val"] * 6
     root = Path(d["path"])
@@ -71,7 +71,7 @@ def test_manifest_lists_images_with_labels_and_sizes_and_hashes_itself(tmp_path,
 
 def test_the_split_is_the_tensor_formats(tmp_path, monkeypatch):
     d, man = prepared(tmp_path, monkeypatch, extras=False)
-    train, val = datasets.split_folder(Path(d["path"]), d["val_fraction"], 0)
+    train, val = folders.split_folder(Path(d["path"]), d["val_fraction"], 0)
     listed = [str(f.relative_to(d["path"])).encode() for files in val.values() for f in files]
     assert man.paths["val"].tolist() == listed and len(man.paths["train"]) == sum(map(len, train.values()))
 

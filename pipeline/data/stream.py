@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint, layout
-from pipeline.data.datasets import pil_to_tensor
+from pipeline.data.folders import pil_to_tensor
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Manifest:
     sizes: dict[str, np.ndarray]
     labels: dict[str, torch.Tensor]
     class_names: list[str]
-    skipped: dict[str, int]      # non-image files left out, per extension (pipeline.data.datasets.image_files)
+    skipped: dict[str, int]      # non-image files left out, per extension (pipeline.data.folders.image_files)
 
     @classmethod
     def of(cls, rows: dict[str, list[tuple[str, int, int]]], class_names: list[str],
@@ -81,9 +81,9 @@ class Manifest:
 # ---- the manifest -----------------------------------------------------------------------------------------
 
 def scan(data: dict, seed: int) -> Manifest:
-    """The image folder's split (pipeline.data.datasets.split_folder, as the tensor format's) of image files, with
+    """The image folder's split (pipeline.data.folders.split_folder, as the tensor format's) of image files, with
     their sizes (one stat each); other files skipped and counted per extension."""
-    from pipeline.data.datasets import data_folder, split_folder
+    from pipeline.data.folders import data_folder, split_folder
 
     root, skipped = data_folder(data), {}
     train, val = split_folder(root, data["val_fraction"], seed, skipped)
@@ -237,7 +237,7 @@ def read_image(path: str, size: int, mode: str) -> torch.Tensor:
 def _pillow(raw: bytes, path: str, mode: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from pipeline.data.datasets import convert_pil_mode
+    from pipeline.data.folders import convert_pil_mode
 
     try:
         with Image.open(io.BytesIO(raw)) as im:

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.datasets import LUMA, Prepared, convert_pil_mode
+from pipeline.data.datasets import LUMA, Prepared
+from pipeline.data.folders import convert_pil_mode
 from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import extract_features
 

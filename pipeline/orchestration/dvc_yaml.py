@@ -138,7 +138,8 @@ def stages(params: dict) -> dict:
             "outs": [{RESOLVED: {"cache": False}}]},
         "prepare_data": {
             "cmd": _cmd("prepare_data"),
-            "deps": ["pipeline/data/datasets.py", "pipeline/stages/training/prepare_data.py"] + streamed,
+            "deps": ["pipeline/data/datasets.py", "pipeline/data/folders.py",
+                     "pipeline/stages/training/prepare_data.py"] + streamed,
             "params": _params("prepare_data"),
             "outs": [data_file, str(layout.sidecar(data_file))]},
         "random_init": {"foreach": {f"seed{s}": s for s in seeds}, "do": {

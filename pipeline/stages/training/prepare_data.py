@@ -22,7 +22,7 @@ SECTIONS = ["data"]
 def work(params: dict, args) -> None:
     if layout.data_format(params["data"]) == "stream":
         return stream_work(params)
-    from pipeline.data import datasets
+    from pipeline.data import datasets, folders
 
     # one split for every seed; an image folder's pixels go to an unnamed temporary file beside the output
     prep = datasets.prepare(params["data"], params["data"]["split_seed"], scratch=layout.DATA_DIR)
@@ -33,14 +33,14 @@ def work(params: dict, args) -> None:
         run.log_metrics({"train_images": len(prep.train_y), "val_images": len(prep.val_y),
                          "skipped_files": sum(prep.skipped.values())})
         run.log_artifacts(layout.sidecar(layout.DATASET))
-    skipped = f", {datasets.skipped_note(prep.skipped)}" if prep.skipped else ""
+    skipped = f", {folders.skipped_note(prep.skipped)}" if prep.skipped else ""
     print(f"prepare_data: {len(prep.train_y)} train / {len(prep.val_y)} val images, "
           f"{len(prep.class_names)} classes{skipped} -> {layout.DATASET}")
 
 
 def stream_work(params: dict) -> None:
     from pipeline import hardware
-    from pipeline.data import datasets, stream
+    from pipeline.data import folders, stream
 
     d, seed = params["data"], params["data"]["split_seed"]
     man = stream.scan(d, seed)
@@ -56,7 +56,7 @@ def stream_work(params: dict) -> None:
                          "skipped_files": saved["skipped_files"]})
         run.log_artifacts(layout.sidecar(layout.MANIFEST))
     print(f"prepare_data: {saved['counts']['train']} train / {saved['counts']['val']} val images, "
-          f"{len(man.class_names)} classes, {datasets.skipped_note(man.skipped)} -> {layout.MANIFEST}")
+          f"{len(man.class_names)} classes, {folders.skipped_note(man.skipped)} -> {layout.MANIFEST}")
 
 
 def main(argv=None) -> None:
