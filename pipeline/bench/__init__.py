@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): step throughput, scaling, dataset memory, node start-up."""
+"""Benchmarks (not tests): step throughput, scaling, dataset memory, streamed image folders, node start-up."""
