@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import getpass
-import importlib.util
 import itertools
 import json
 import logging
@@ -38,6 +37,7 @@ from pipeline import layout
 from pipeline.config import section_hash, tracking_uri
 from pipeline.layout import RESULTS
 from pipeline.orchestration.cli import write_params
+from pipeline.stages import stage_module
 
 PACKAGES = ("torch", "timm", "mlflow", "snakemake", "dvc", "submitit", "pandas")
 RETRY_BUDGET_S = 60.0        # longest a node waits, in all, for a busy store before the error reaches it
@@ -56,7 +56,6 @@ TRAINING_NODES = ("pretrain", "pretrain_dbot", "supervised")      # nodes with M
 DATA_CONTEXT = {**dict.fromkeys(TRAINING_NODES, "training"),
                 **dict.fromkeys(("knn", "linprobe", "finetune", "segprobe", "robustness", "analyze", "cka",
                                  "checkpoint_eval"), "evaluation")}
-NODE_PACKAGES = ("pipeline.stages.training", "pipeline.stages.evaluation")
 # seconds between system-metric samples (MLflow's $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it); a node
 # shorter than this logs none, and the sampling thread wakes at most this often (cheap next to training)
 SYSTEM_METRICS_INTERVAL_S = 10.0
@@ -77,12 +76,12 @@ def node_name(node_id: str) -> str:
 
 
 def source_name(node_id: str) -> str:
-    """The module of a node (mlflow.source.name), e.g. pipeline.stages.training.pretrain; for a name that is no
-    node module, the program that runs."""
-    name = node_name(node_id)
-    for package in NODE_PACKAGES:
-        if name.isidentifier() and importlib.util.find_spec(f"{package}.{name}") is not None:
-            return f"{package}.{name}"
+    """The module of a node (mlflow.source.name, pipeline.stages.stage_module), e.g.
+    pipeline.stages.training.pretrain; for a name that is no node, the program that runs."""
+    try:
+        return stage_module(node_name(node_id))
+    except KeyError:
+        pass
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return spec.name if spec else Path(sys.argv[0]).name or "python"
 
