@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,21 @@ def describe_cpu(f: dict) -> str:
     units = [name for name, has in (("AMX", f["amx"]), ("AVX512-BF16", f["avx512_bf16"])) if has]
     isa = f", ONEDNN_MAX_CPU_ISA={f['onednn_max_isa']}" if f["onednn_max_isa"] else ""
     return f"CPU capability {f['capability']}, bf16 units: {' + '.join(units) or 'none'}{isa}"
+
+
+def describe_machine() -> dict:
+    """This CPU machine as the benchmarks' pages name it: its class (machine_class), describe_cpu, the CPU model
+    (/proc/cpuinfo), torch's CPU capability, the cores this process may use, Python, and the load average now."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
+    features = cpu_features()
+    return {"class": machine_class("cpu"), "cpu": describe_cpu(features), "model": model,
+            "cpu_capability": features["capability"], "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def native(precision: str, dev: str) -> tuple[bool, str]:

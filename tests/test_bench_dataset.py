@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import layout
-from pipeline.bench import dataset
+from pipeline.bench import dataset, synthetic
 from pipeline.data import datasets, folders
 from pipeline.errors import PipelineError
 from pipeline.stages.training import prepare_data
@@ -44,11 +44,11 @@ def test_cli_writes_well_formed_results(workdir):
 
 
 def test_make_folder_is_seeded(tmp_path):
-    a, b = dataset.make_folder(tmp_path / "a", 25), dataset.make_folder(tmp_path / "b", 25)
+    a, b = synthetic.make_folder(tmp_path / "a", 25), synthetic.make_folder(tmp_path / "b", 25)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert len(files) == 25 and len({f.parent for f in files}) == dataset.CLASSES
+    assert len(files) == 25 and len({f.parent for f in files}) == synthetic.CLASSES
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert Image.open(a / files[0]).size == (dataset.GEN_SIZE, dataset.GEN_SIZE)
+    assert Image.open(a / files[0]).size == (synthetic.GEN_SIZE, synthetic.GEN_SIZE)
 
 
 # ---- streamed preparation -----------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def in_memory(d: dict, seed: int) -> datasets.Prepared:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_streamed_prepare_equals_in_memory(tmp_path, channels):
-    root = dataset.make_folder(tmp_path / "images", 60)
+    root = synthetic.make_folder(tmp_path / "images", 60)
     scratch = tmp_path / "scratch"
     streamed = datasets.prepare(cfg(root, channels), seed=0, scratch=scratch)
     assert list(scratch.iterdir()) == []                   # the temporary image file has no name
@@ -109,7 +109,7 @@ def test_channel_stats_in_place_gives_the_out_of_place_sums():
 
 
 def test_corrupt_image_mid_folder_leaves_no_dataset(workdir, capsys):
-    root = dataset.make_folder(workdir / "images", 40)
+    root = synthetic.make_folder(workdir / "images", 40)
     bad = root / "class3" / "0000013.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     argv = ["--preset", "tiny", "--set", "data.dataset=imagefolder", "--set", f"data.path={root}"]
@@ -139,7 +139,7 @@ datasets.prepare({"dataset": "imagefolder", "path": sys.argv[1], "img_size": 12,
 
 
 def test_killed_prepare_leaves_no_temp_file(tmp_path):
-    root = dataset.make_folder(tmp_path / "images", 40)
+    root = synthetic.make_folder(tmp_path / "images", 40)
     scratch = tmp_path / "scratch"
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_PREPARE, str(root), str(scratch)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()

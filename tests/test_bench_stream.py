@@ -8,17 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.bench import stream
+from pipeline.bench import render, stream, synthetic
 
 
 def test_make_jpegs_is_seeded_and_photo_like(tmp_path):
-    a, b = stream.make_jpegs(tmp_path / "a", 12), stream.make_jpegs(tmp_path / "b", 12)
-    files = [p.relative_to(a) for p in stream.image_files(a)]
+    a, b = synthetic.make_jpegs(tmp_path / "a", 12), synthetic.make_jpegs(tmp_path / "b", 12)
+    files = [p.relative_to(a) for p in synthetic.image_files(a)]
     assert len(files) == 12 and len({f.parent for f in files}) == stream.CLASSES
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert stream.make_jpegs(tmp_path / "c", 12, seed=1) and \
+    assert synthetic.make_jpegs(tmp_path / "c", 12, seed=1) and \
         (tmp_path / "c" / files[0]).read_bytes() != (a / files[0]).read_bytes()
-    (w0, h0), jitter = stream.JPEG_SIZE, stream.JPEG_JITTER
+    (w0, h0), jitter = synthetic.JPEG_SIZE, synthetic.JPEG_JITTER
     sizes = set()
     for f in files:
         with Image.open(a / f) as im:
@@ -33,9 +33,9 @@ def test_make_jpegs_is_seeded_and_photo_like(tmp_path):
 
 
 def test_link_folder_gives_distinct_paths(tmp_path):
-    files = stream.image_files(stream.make_jpegs(tmp_path / "made", 10))
-    root = stream.link_folder(files, tmp_path / "linked", 25)
-    linked = stream.image_files(root)
+    files = synthetic.image_files(synthetic.make_jpegs(tmp_path / "made", 10))
+    root = synthetic.link_folder(files, tmp_path / "linked", 25)
+    linked = synthetic.image_files(root)
     assert len(linked) == 25 and {p.parent.name for p in linked} == {p.parent.name for p in files}
     assert all(p.read_bytes() == files[int(p.stem) % 10].read_bytes() for p in linked)
 
@@ -45,7 +45,7 @@ def stream_result(rate=400.0, rss=(900.0, 920.0), startup=(8.0, 8.3)) -> dict:
              "main_peak_rss_mb": r / 1.5,
              "processes": 2, "startup_s": s, "first_work_s": 0.3, "step_s": 0.4, "prepare_s": 12.0,
              "prepare_peak_rss_mb": 800.0} for n, r, s in zip((10000, 40000), rss, startup)]
-    result = {"machine": {"cpu_model": "AMD EPYC", "cores": 2, "cpu_capability": "AVX2", "cpu": "AMD EPYC, AVX2",
+    result = {"machine": {"model": "AMD EPYC", "cores": 2, "cpu_capability": "AVX2", "cpu": "AMD EPYC, AVX2",
                           "load_average": [0.1, 0.2, 0.3]}, "torch": "2", "torchvision": "0", "img_size": 224,
               "batch_size": 64, "crop_scale": [0.5, 1.0], "source": "3 JPEGs",
               "jpeg": {"mean_width": 400, "mean_height": 350, "mean_kb": 60}, "images_per_s_per_worker": rate,
@@ -61,7 +61,7 @@ def test_stream_targets_met():
     result = stream_result()
     assert {k: t["met"] for k, t in result["targets"].items()} == \
         {"decode_rate": True, "memory_flat": True, "startup_flat": True}
-    md = re.sub(r" +", " ", stream.stream_markdown(result))   # table cells padded to their column's width
+    md = re.sub(r" +", " ", render.stream_markdown(result))   # table cells padded to their column's width
     assert "NOT met" not in md and md.count(": met (") == 3
     assert "| 2 | 800 | 400 | 1.00 |" in md and "| 40000 | 32000 | 920 | 460 |" in md and "AVX2" in md
 
@@ -71,7 +71,7 @@ def test_stream_targets_met():
 def test_stream_targets_not_met(change, missed):
     result = stream_result(**change)
     assert [k for k, t in result["targets"].items() if not t["met"]] == [missed]
-    md = re.sub(r" +", " ", stream.stream_markdown(result))   # table cells padded to their column's width
+    md = re.sub(r" +", " ", render.stream_markdown(result))   # table cells padded to their column's width
     assert md.count("**NOT met**") == 1
     line = {"decode_rate": "images/s per worker", "memory_flat": "memory flat", "startup_flat": "start-up independent"}
     assert line[missed] in next(ln for ln in md.splitlines() if "NOT met" in ln)
@@ -84,7 +84,7 @@ def test_stream_cli_tiny_run(workdir):
     out = workdir / "out/bench"
     written = json.loads((out / "stream.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert len(stream.image_files(workdir / "images")) == 40
+    assert len(synthetic.image_files(workdir / "images")) == 40
     assert written["img_size"] == 32 and written["workers"] == [1] and written["images_per_s_per_worker"] > 0
     assert written["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [r["workers"] for r in written["loader"]] == [1] and written["loader"][0]["images_per_s"] > 0

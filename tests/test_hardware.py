@@ -1,6 +1,8 @@
 """pipeline.hardware: `precision: auto` takes every branch of its choice from what torch reports (forced here),
 explicit precisions are kept and flagged when not native, the device setting, autocast and the GradScaler, and
 the old `bf16:` keys get a one-line error naming the new key."""
+import os
+
 import pytest
 import torch
 
@@ -94,6 +96,13 @@ def test_the_real_machine_is_read_through_torch():
     assert f["capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(f["amx"], bool) and isinstance(f["avx512_bf16"], bool)
     assert hardware.resolve("auto", "cpu").name == ("bf16" if hardware.cpu_bf16_native(f) else "fp32")
+
+
+def test_the_machine_description_is_this_machines():
+    m = hardware.describe_machine()
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["class"] == hardware.machine_class("cpu")
+    assert 1 <= m["cores"] <= (os.cpu_count() or 1) and len(m["load_average"]) == 3 and m["model"]
 
 
 @pytest.mark.parametrize("section", ["pretrain", "knn", "linprobe", "finetune", "segprobe"])

@@ -193,3 +193,8 @@ def test_every_node_type_of_the_dag_is_measured():
     assert set(startup.NODES) == rules
     assert all(startup.command(n)[1:3] == ["-m", stage_module(startup.NODES[n][0])]
                for n in startup.NODES)
+
+
+def test_the_study_build_copies_what_the_repository_has():
+    assert startup.REPOSITORY == ROOT
+    assert all((startup.REPOSITORY / name).exists() for name in startup.DAG_FILES)

@@ -30,102 +30,23 @@ import gc
 import json
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from pipeline import config, hardware
 from pipeline.bench import throughput
+from pipeline.bench.memory import PeakSampler, phase, rss_mb
+from pipeline.bench.synthetic import CLASSES, SPLIT_SEED, VAL_FRACTION, make_folder
 from pipeline.checkpoint import atomic_write, write_json
 from pipeline.data import datasets
-from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
 from pipeline.plots import save_png
 from pipeline.reporting.tables import markdown_table
 
-CLASSES = 10
-GEN_SIZE = 32              # side of the generated PNGs; prepare resizes them to img_size
-VAL_FRACTION, SPLIT_SEED = 0.2, 0
 STATS_CHUNK = 4096         # images per float64 chunk of datasets.tensor_channel_stats
-
-
-# ---- the synthetic image folder ------------------------------------------------------------------------
-
-def make_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """n grey GEN_SIZE x GEN_SIZE PNGs in CLASSES class folders (image i: class i % CLASSES, its digit drawn at a
-    seeded offset and brightness, plus Gaussian noise); the same n and seed give the same files."""
-    from PIL import Image, ImageDraw, ImageFont
-    font = ImageFont.load_default(size=24)
-    rng = np.random.default_rng(seed)
-    for c in range(CLASSES):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        label = i % CLASSES
-        im = Image.new("L", (GEN_SIZE, GEN_SIZE))
-        xy = (int(rng.integers(2, 16)), int(rng.integers(-4, 6)))
-        ImageDraw.Draw(im).text(xy, str(label), fill=int(rng.integers(150, 256)), font=font)
-        noisy = np.asarray(im, dtype=np.float64) + rng.normal(0, 16, (GEN_SIZE, GEN_SIZE))
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / f"class{label}" / f"{i:07d}.png")
-    return root
-
-
-# ---- measuring in the child ------------------------------------------------------------------------------
-
-def rss_mb() -> dict[str, float]:
-    """{"anon", "file"}: this process's RssAnon and RssFile now, in MB (Linux /proc/self/status)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        raise PipelineError("bench_dataset reads /proc/self/status: it runs on Linux only") from None
-    kb = {k: float(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines() if ":" in line)
-          if k in ("RssAnon", "RssFile")}
-    return {"anon": kb["RssAnon"] / 1024, "file": kb["RssFile"] / 1024}
-
-
-class PeakSampler:
-    """Samples rss_mb() every `interval` s in a daemon thread; peak() is the maximum since the last reset()."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.lock, self.stopped = interval, threading.Lock(), threading.Event()
-        self.reset()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        now = rss_mb()
-        with self.lock:
-            self.max = {k: max(self.max[k], v) for k, v in now.items()}
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            self._sample()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.max = rss_mb()
-
-    def peak(self) -> dict[str, float]:
-        self._sample()                     # the phase's end counts too
-        with self.lock:
-            return dict(self.max)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-
-def phase(sampler: PeakSampler, name: str, work) -> tuple[dict, object]:
-    """Run work(); {<name>_peak_anon_mb, <name>_peak_file_mb, <name>_s} and its value."""
-    sampler.reset()
-    start = time.perf_counter()
-    value = work()
-    seconds = time.perf_counter() - start
-    peak = sampler.peak()
-    return {f"{name}_peak_anon_mb": peak["anon"], f"{name}_peak_file_mb": peak["file"], f"{name}_s": seconds}, value
 
 
 def _measure_child(params: dict, out: Path, train_steps: int, threads: int) -> dict:

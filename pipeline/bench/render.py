@@ -1,6 +1,6 @@
 """Rendering of the benchmarks' results: pipeline.bench.throughput's progress lines, the tables of bench.md and the loss
-curves of the modes (modes_loss.png); pipeline.bench.scaling's scaling.md and scaling.png. Figures are drawn on
-matplotlib's Agg canvas by pipeline.plots.save_png.
+curves of the modes (modes_loss.png); pipeline.bench.scaling's scaling.md and scaling.png; pipeline.bench.stream's
+stream.md and stream.png. Figures are drawn on matplotlib's Agg canvas by pipeline.plots.save_png.
 """
 from __future__ import annotations
 
@@ -215,3 +215,96 @@ def _sweep_panel(ax, name: str, result: dict) -> None:
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set(xlabel="patches per image" if tokens else SWEEP_LABELS.get(name, name), ylabel="step time (ms)",
            title=SWEEP_LABELS.get(name, name) + " (red star: preset)")
+
+
+def stream_markdown(result: dict) -> str:
+    """stream.md: pipeline.bench.stream's result, its targets met or not, its tables."""
+    m, targets = result["machine"], result["targets"]
+    mark = lambda ok: "not measured (one folder size)" if ok is None else "met" if ok else "**NOT met**"
+    rows = sorted(result["by_images"], key=lambda r: r["images"])
+    a, b = rows[0], rows[-1]
+    lines = [
+        f"# Streamed image folder (data.format stream): {result['img_size']} px, batch {result['batch_size']}", "",
+        f"Machine: {m['model']}, {m['cores']} cores, torch.backends.cpu.get_cpu_capability() "
+        f"{m['cpu_capability']} ({m['cpu'].split(', ', 1)[-1]}); "
+        f"torch {result['torch']}, torchvision {result['torchvision']}; load average before the runs "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average'])}.", "",
+        f"Images: {result['source']} (mean {result['jpeg']['mean_width']:.0f} x {result['jpeg']['mean_height']:.0f} "
+        f"px, {result['jpeg']['mean_kb']:.0f} kB).", "",
+        "## Targets", "",
+        f"- decode + crop >= {targets['decode_rate']['target']:.0f} images/s per worker: "
+        f"{mark(targets['decode_rate']['met'])} ({result['images_per_s_per_worker']:.0f} images/s)",
+        f"- a training node's memory flat in the number of images: {mark(targets['memory_flat']['met'])} "
+        f"(peak RSS {a['peak_rss_mb']:.0f} MB at {a['images']} images, {b['peak_rss_mb']:.0f} MB at {b['images']}: "
+        f"{100 * targets['memory_flat']['value']:+.1f}%, limit +{100 * targets['memory_flat']['target']:.0f}%)",
+        f"- start-up independent of the dataset size: {mark(targets['startup_flat']['met'])} "
+        f"({a['startup_s']:.1f} s at {a['images']} images, {b['startup_s']:.1f} s at {b['images']}: "
+        f"{targets['startup_flat']['value']:+.1f} s, limit +{targets['startup_flat']['target']:.1f} s)", "",
+        "## Decoding and DataLoader workers", "",
+        "One worker (the train item of pipeline.data.stream in one process at one torch thread, "
+        f"{result['decode']['count']} "
+        f"images): {result['images_per_s_per_worker']:.0f} images/s read + decode_jpeg + RandomResizedCrop "
+        f"{tuple(result['crop_scale'])} + flip; decoding alone {result['decode']['decode_images_per_s']:.0f} images/s.",
+        "", f"StreamImages.train_batches (the training step's DataLoader, batch {result['batch_size']}, prefetch 2), "
+        "timed from the first batch:", "",
+        *markdown_table(["workers", "images/s", "per worker", "first batch s"], [
+            [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}",
+             f"{r['first_batch_s']:.2f}"]
+            for r in result["loader"]], "r"), "",
+        "## A training node against the number of images", "",
+        "Per folder: prepare_data (the manifest, and the channel mean/std of up to "
+        f"{result['stats_images']} images), then "
+        f"`python -m pipeline.stages.training.pretrain --method mae` ({result['node']['steps']} steps of a small MAE, "
+        f"launch.data_workers {result['node']['data_workers']}), each a fresh process. Start-up: from just before the "
+        "process starts to its first training step done (first work: to $MIM_STARTUP_MARK, params validated). "
+        "Peak RSS: the node's process tree (the node and its decoding workers, sampled every 50 ms), RSS summed "
+        "(pages shared after the fork counted in each process) and PSS (shared pages split).", "",
+        *markdown_table(["images", "train", "peak RSS MB", "peak PSS MB", "node RSS MB", "processes", "start-up s",
+                         "first work s", "step s", "prepare_data s", "prepare_data peak RSS MB"], [
+            [r["images"], r["train_images"], f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}",
+             f"{r['main_peak_rss_mb']:.0f}", r["processes"], f"{r['startup_s']:.2f}", f"{r['first_work_s']:.2f}",
+             "None" if r["step_s"] is None else f"{r['step_s']:.2f}", f"{r['prepare_s']:.1f}",
+             f"{r['prepare_peak_rss_mb']:.0f}"] for r in rows], "r"), ""]
+    stats = min(a["train_images"], result["stats_images"])
+    sample_mb = stats * 3 * result["img_size"] ** 2 / 2 ** 20
+    lines += [f"prepare_data is not a training node: it lists every file (one stat each) and writes the manifest, "
+              f"{a['prepare_s']:.1f} -> {b['prepare_s']:.1f} s from {a['images']} to {b['images']} images; its peak "
+              f"RSS ({a['prepare_peak_rss_mb']:.0f} -> {b['prepare_peak_rss_mb']:.0f} MB) is flat: the channel "
+              f"mean/std pass holds its {stats} sampled images in uint8 ({sample_mb:.0f} MB at {result['img_size']} "
+              f"px) and sums them in float64 chunks of at most 512 MiB (datasets.tensor_channel_stats).", ""]
+    if result.get("notes"):
+        lines += [result["notes"], ""]
+    return "\n".join(lines)
+
+
+def stream_plot(result: dict, path: Path | str) -> None:
+    """Throughput against the workers; peak RSS and start-up against the images."""
+    fig = Figure(figsize=(13, 3.8))
+    ax = fig.add_subplot(1, 3, 1)
+    loader = sorted(result["loader"], key=lambda r: r["workers"])
+    w = [r["workers"] for r in loader]
+    ax.plot(w, [r["images_per_s"] for r in loader], "o-", label="DataLoader (train_batches)")
+    ax.plot(w, [result["images_per_s_per_worker"] * k for k in w], "k:", label="workers x one worker's rate")
+    ax.axhline(result["targets"]["decode_rate"]["target"], color="tab:red", linestyle="--", linewidth=1,
+               label="target per worker")
+    ax.set(xlabel="decoding workers", ylabel="images/s", title=f"Decode + crop at {result['img_size']} px")
+    ax.set_xticks(w)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    rows = sorted(result["by_images"], key=lambda r: r["images"])
+    n = [r["images"] for r in rows]
+    panels = (("MB (2^20 bytes)", "Training node memory", (("peak_rss_mb", "peak RSS, process tree"),
+                                                          ("peak_pss_mb", "peak PSS, process tree"),
+                                                          ("main_peak_rss_mb", "peak RSS, node process"))),
+              ("seconds", "Start-up", (("startup_s", "pretrain: to the first step done"),
+                                       ("first_work_s", "pretrain: to first work"),
+                                       ("prepare_s", "prepare_data: in all"))))
+    for k, (ylabel, title, curves) in enumerate(panels, 2):
+        ax = fig.add_subplot(1, 3, k)
+        for (key, label), style in zip(curves, ("o-", "s--", "^:")):
+            ax.plot(n, [r[key] for r in rows], style, label=label)
+        ax.set(xscale="log", xlabel="images in the folder", ylabel=ylabel, title=title)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.bench import REPOSITORY
 from pipeline.checkpoint import atomic_write, write_json
 from pipeline.reporting.tables import markdown_table
 from pipeline.stages import stage_module
 
-ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = ["Snakefile", "dvc.yaml", "params", "rules", "pipeline", "pyproject.toml"]
 PRESET = "tiny"
 # node type -> its stage CLI and arguments for one node of the tiny study, as rules/*.smk run it
@@ -74,7 +73,7 @@ def run(cmd: list[str], root: Path, env: dict, timeout: float = 1800) -> subproc
 def build_study(root: Path, env: dict) -> None:
     """Copy the DAG files into root and let Snakemake make the whole tiny study there."""
     for name in DAG_FILES:
-        src = ROOT / name
+        src = REPOSITORY / name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -140,20 +139,6 @@ def import_costs(importtime: str, top: int = 15) -> list[dict]:
     return sorted(costs.values(), key=lambda c: -c["cumulative_us"])[:top]
 
 
-def machine() -> dict:
-    """This machine as the other benchmarks describe it (pipeline.hardware), with its load before the runs."""
-    from pipeline import hardware
-
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                 platform.processor())
-    features = hardware.cpu_features()
-    return {"class": hardware.machine_class("cpu"), "cpu": hardware.describe_cpu(features), "model": model,
-            "cpu_capability": features["capability"], "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
 def summarise(nodes: list[dict], imports: list[dict], machine_info: dict, repeats: int, tiny_study_s: float) -> dict:
     """startup.json: the nodes' medians, the tiny study's build time, the import costs, the targets and whether
     they are met."""
@@ -211,7 +196,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="runs per node type; the median counts (default 3)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="output folder (default results/bench)")
     args = parser.parse_args(argv)
-    machine_info = machine()
+    from pipeline import hardware
+
+    machine_info = hardware.describe_machine()
     with tempfile.TemporaryDirectory(prefix="mim-startup-") as tmp:
         root = Path(tmp)
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db",

@@ -4,7 +4,7 @@
         [--batch-size 64] [--images 10000 40000 160000] [--node-steps 5] [--workdir DIR] [--out results/bench]
 
 The streamed image-folder path (data.format stream, pipeline.data.stream), run from the repository root (params/):
---make N first writes N synthetic JPEGs into DIR (make_jpegs: ~400x350, quality 90, seeded). Measured:
+--make N first writes N synthetic JPEGs into DIR (synthetic.make_jpegs: ~400x350, quality 90, seeded). Measured:
 - images_per_s_per_worker: the stream's train item (read, decode_jpeg, RandomResizedCrop, flip) in this process at
   one torch thread, as one DataLoader worker runs it; and StreamImages.train_batches (the training step's DataLoader)
   with each number of workers (default 1..cores);
@@ -26,19 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from pipeline import config, hardware
-from pipeline.bench.dataset import CLASSES, SPLIT_SEED, VAL_FRACTION
+from pipeline.bench import REPOSITORY, render
+from pipeline.bench.memory import run_sampled
+from pipeline.bench.synthetic import (
+    CLASSES,
+    JPEG_QUALITY,
+    SPLIT_SEED,
+    VAL_FRACTION,
+    image_files,
+    link_folder,
+    make_jpegs,
+)
 from pipeline.checkpoint import atomic_write, write_json
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
-from pipeline.plots import save_png
-from pipeline.reporting.tables import markdown_table
 
-JPEG_SIZE = (400, 350)     # --make: ImageNet-like sizes, each side varied by up to JPEG_JITTER
-JPEG_JITTER = 0.15
-JPEG_QUALITY = 90
 STREAM_TARGETS = {"images_per_s_per_worker": 150.0, "rss_growth": 0.10, "startup_growth": 0.20, "startup_slack_s": 1.0}
 # the pretrain node of the by_images series: a small MAE at the image size, a few real steps
 # (pipeline.stages.training.pretrain)
@@ -81,48 +85,6 @@ sys.argv = ["pipeline.stages.training.pretrain", *sys.argv[1:]]
 runpy.run_module("pipeline.stages.training.pretrain", run_name="__main__", alter_sys=True)
 """
 
-
-def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
-    """n RGB JPEGs (quality JPEG_QUALITY) of about JPEG_SIZE (each side +-JPEG_JITTER) in CLASSES class folders
-    (image i: class i % CLASSES): a smooth random colour field (a 4x4 grid, bicubic), a few filled shapes and Gaussian
-    noise, so they decode like photos, not like flat colour. The same n and seed give the same files."""
-    from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed)
-    for c in range(CLASSES):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = (int(round(s * (1 + rng.uniform(-JPEG_JITTER, JPEG_JITTER)))) for s in JPEG_SIZE)
-        field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        draw = ImageDraw.Draw(field)
-        for _ in range(int(rng.integers(3, 8))):
-            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-            box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
-            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (h, w, 3)).astype(np.float32)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-            root / f"class{i % CLASSES}" / f"{i:07d}.jpg", quality=JPEG_QUALITY)
-    return root
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files (layout.is_image_name) under folder, sorted."""
-    from pipeline.layout import is_image_name
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p.name))
-
-
-def link_folder(files: list[Path], root: Path, n: int) -> Path:
-    """root/<class>/<j>.<ext> for j < n, a hard link (a symbolic one across file systems) to files[j % len(files)],
-    in that file's class folder: n distinct paths for the manifest, without writing n images."""
-    for j in range(n):
-        src = files[j % len(files)]
-        dst = root / src.parent.name / f"{j:07d}{src.suffix}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            os.symlink(src.resolve(), dst)
-    return root
 
 
 def stream_split(folder: Path, img_size: int, crop_scale, workers: int = 0):
@@ -175,62 +137,6 @@ def loader_rate(images, workers: int, batch_size: int, steps: int, seed: int = 0
             "first_batch_s": first - start, "batches": steps, "batch_size": n}
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:                       # the process ended
-        pass
-    return out
-
-
-def _field_kb(path: str, key: str) -> float:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
-def tree_memory(pid: int) -> dict:
-    """{"rss_mb", "pss_mb", "main_rss_mb", "processes"} of pid and all its descendants now (Linux /proc): RSS
-    summed over the processes (pages a fork shares counted in each), and PSS (shared pages split between them)."""
-    pids, k = [pid], 0
-    while k < len(pids):
-        pids += _children(pids[k])
-        k += 1
-    rss = [_field_kb(f"/proc/{p}/status", "VmRSS:") for p in pids]
-    pss = sum(_field_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
-    return {"rss_mb": sum(rss) / 1024, "pss_mb": pss / 1024, "main_rss_mb": rss[0] / 1024,
-            "processes": sum(1 for r in rss if r > 0)}
-
-
-def run_sampled(cmd: list[str], cwd: Path, env: dict, interval: float = 0.05, timeout: float = 900) -> dict:
-    """Run cmd; {"wall_s", "start", "peak_rss_mb", "peak_pss_mb", "peak_main_rss_mb", "max_processes"}: the peaks of
-    tree_memory of its process tree, sampled every `interval` s. A failure raises with the end of its output."""
-    import subprocess
-    peak = {"rss_mb": 0.0, "pss_mb": 0.0, "main_rss_mb": 0.0, "processes": 0}
-    start = time.time()
-    with open(cwd / "node.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            now = tree_memory(proc.pid)
-            peak = {k: max(peak[k], now[k]) for k in peak}
-            if time.time() - start > timeout:
-                proc.kill()
-            time.sleep(interval)
-    wall = time.time() - start
-    if proc.returncode != 0:
-        raise PipelineError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n"
-                            f"{(cwd / 'node.log').read_text()[-3000:]}")
-    return {"wall_s": wall, "start": start, "peak_rss_mb": peak["rss_mb"], "peak_pss_mb": peak["pss_mb"],
-            "peak_main_rss_mb": peak["main_rss_mb"], "max_processes": peak["processes"]}
-
 
 def node_args(folder: Path, img_size: int, batch_size: int, workers: int | None) -> list[str]:
     """--preset tiny --set ... of the streamed training node on folder (RGB at img_size, 16-px patches or 8)."""
@@ -247,11 +153,11 @@ def node_run(folder: Path, workdir: Path, img_size: int, batch_size: int, steps:
     own results/, MLflow store and a copy of params/); the pretrain node ends after `steps` training steps
     (NODE_RUNNER). Times from just before each process starts; memory: its process tree (run_sampled)."""
     import sys
-    repo, workdir = Path(__file__).resolve().parents[1], Path(workdir).resolve()
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(config.PARAMS_DIR, workdir / "params", dirs_exist_ok=True)    # the node reads params/ in its cwd
     env = {k: v for k, v in os.environ.items() if k not in ("MIM_FORKSERVER", "MIM_STARTUP_MARK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    env.update(PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlflow.db",
                MIM_STARTUP_MARK=str(workdir / "startup.mark"), BENCH_STREAM_STEPS=str(workdir / "steps.txt"),
                BENCH_STREAM_MAX_STEPS=str(steps))
@@ -273,18 +179,6 @@ def node_run(folder: Path, workdir: Path, img_size: int, batch_size: int, steps:
             "startup_s": times[0] - train["start"], "step_s": float(np.median(gaps)) if len(gaps) else None,
             "peak_rss_mb": train["peak_rss_mb"], "peak_pss_mb": train["peak_pss_mb"],
             "main_peak_rss_mb": train["peak_main_rss_mb"], "processes": train["max_processes"], "steps": steps}
-
-
-def stream_machine() -> dict:
-    """CPU model, cores, torch's CPU capability, the load average now."""
-    import platform
-
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu_model": model, "cores": len(os.sched_getaffinity(0)),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu": hardware.describe_cpu(hardware.cpu_features()), "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def stream_targets(result: dict) -> dict:
@@ -313,104 +207,12 @@ def stream_targets(result: dict) -> dict:
     }
 
 
-def stream_markdown(result: dict) -> str:
-    m, targets = result["machine"], result["targets"]
-    mark = lambda ok: "not measured (one folder size)" if ok is None else "met" if ok else "**NOT met**"
-    rows = sorted(result["by_images"], key=lambda r: r["images"])
-    a, b = rows[0], rows[-1]
-    lines = [
-        f"# Streamed image folder (data.format stream): {result['img_size']} px, batch {result['batch_size']}", "",
-        f"Machine: {m['cpu_model']}, {m['cores']} cores, torch.backends.cpu.get_cpu_capability() "
-        f"{m['cpu_capability']} ({m['cpu'].split(', ', 1)[-1]}); "
-        f"torch {result['torch']}, torchvision {result['torchvision']}; load average before the runs "
-        f"{', '.join(f'{x:.2f}' for x in m['load_average'])}.", "",
-        f"Images: {result['source']} (mean {result['jpeg']['mean_width']:.0f} x {result['jpeg']['mean_height']:.0f} "
-        f"px, {result['jpeg']['mean_kb']:.0f} kB).", "",
-        "## Targets", "",
-        f"- decode + crop >= {STREAM_TARGETS['images_per_s_per_worker']:.0f} images/s per worker: "
-        f"{mark(targets['decode_rate']['met'])} ({result['images_per_s_per_worker']:.0f} images/s)",
-        f"- a training node's memory flat in the number of images: {mark(targets['memory_flat']['met'])} "
-        f"(peak RSS {a['peak_rss_mb']:.0f} MB at {a['images']} images, {b['peak_rss_mb']:.0f} MB at {b['images']}: "
-        f"{100 * targets['memory_flat']['value']:+.1f}%, limit +{100 * STREAM_TARGETS['rss_growth']:.0f}%)",
-        f"- start-up independent of the dataset size: {mark(targets['startup_flat']['met'])} "
-        f"({a['startup_s']:.1f} s at {a['images']} images, {b['startup_s']:.1f} s at {b['images']}: "
-        f"{targets['startup_flat']['value']:+.1f} s, limit +{targets['startup_flat']['target']:.1f} s)", "",
-        "## Decoding and DataLoader workers", "",
-        "One worker (the train item of pipeline.data.stream in one process at one torch thread, "
-        f"{result['decode']['count']} "
-        f"images): {result['images_per_s_per_worker']:.0f} images/s read + decode_jpeg + RandomResizedCrop "
-        f"{tuple(result['crop_scale'])} + flip; decoding alone {result['decode']['decode_images_per_s']:.0f} images/s.",
-        "", f"StreamImages.train_batches (the training step's DataLoader, batch {result['batch_size']}, prefetch 2), "
-        "timed from the first batch:", "",
-        *markdown_table(["workers", "images/s", "per worker", "first batch s"], [
-            [r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s_per_worker']:.0f}",
-             f"{r['first_batch_s']:.2f}"]
-            for r in result["loader"]], "r"), "",
-        "## A training node against the number of images", "",
-        "Per folder: prepare_data (the manifest, and the channel mean/std of up to "
-        f"{result['stats_images']} images), then "
-        f"`python -m pipeline.stages.training.pretrain --method mae` ({result['node']['steps']} steps of a small MAE, "
-        f"launch.data_workers {result['node']['data_workers']}), each a fresh process. Start-up: from just before the "
-        "process starts to its first training step done (first work: to $MIM_STARTUP_MARK, params validated). "
-        "Peak RSS: the node's process tree (the node and its decoding workers, sampled every 50 ms), RSS summed "
-        "(pages shared after the fork counted in each process) and PSS (shared pages split).", "",
-        *markdown_table(["images", "train", "peak RSS MB", "peak PSS MB", "node RSS MB", "processes", "start-up s",
-                         "first work s", "step s", "prepare_data s", "prepare_data peak RSS MB"], [
-            [r["images"], r["train_images"], f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}",
-             f"{r['main_peak_rss_mb']:.0f}", r["processes"], f"{r['startup_s']:.2f}", f"{r['first_work_s']:.2f}",
-             "None" if r["step_s"] is None else f"{r['step_s']:.2f}", f"{r['prepare_s']:.1f}",
-             f"{r['prepare_peak_rss_mb']:.0f}"] for r in rows], "r"), ""]
-    stats = min(a["train_images"], result["stats_images"])
-    sample_mb = stats * 3 * result["img_size"] ** 2 / 2 ** 20
-    lines += [f"prepare_data is not a training node: it lists every file (one stat each) and writes the manifest, "
-              f"{a['prepare_s']:.1f} -> {b['prepare_s']:.1f} s from {a['images']} to {b['images']} images; its peak "
-              f"RSS ({a['prepare_peak_rss_mb']:.0f} -> {b['prepare_peak_rss_mb']:.0f} MB) is flat: the channel "
-              f"mean/std pass holds its {stats} sampled images in uint8 ({sample_mb:.0f} MB at {result['img_size']} "
-              f"px) and sums them in float64 chunks of at most 512 MiB (datasets.tensor_channel_stats).", ""]
-    if result.get("notes"):
-        lines += [result["notes"], ""]
-    return "\n".join(lines)
-
-
-def stream_plot(result: dict, path: Path | str) -> None:
-    """Throughput against the workers; peak RSS and start-up against the images."""
-    fig = Figure(figsize=(13, 3.8))
-    ax = fig.add_subplot(1, 3, 1)
-    loader = sorted(result["loader"], key=lambda r: r["workers"])
-    w = [r["workers"] for r in loader]
-    ax.plot(w, [r["images_per_s"] for r in loader], "o-", label="DataLoader (train_batches)")
-    ax.plot(w, [result["images_per_s_per_worker"] * k for k in w], "k:", label="workers x one worker's rate")
-    ax.axhline(STREAM_TARGETS["images_per_s_per_worker"], color="tab:red", linestyle="--", linewidth=1,
-               label="target per worker")
-    ax.set(xlabel="decoding workers", ylabel="images/s", title=f"Decode + crop at {result['img_size']} px")
-    ax.set_xticks(w)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    rows = sorted(result["by_images"], key=lambda r: r["images"])
-    n = [r["images"] for r in rows]
-    panels = (("MB (2^20 bytes)", "Training node memory", (("peak_rss_mb", "peak RSS, process tree"),
-                                                          ("peak_pss_mb", "peak PSS, process tree"),
-                                                          ("main_peak_rss_mb", "peak RSS, node process"))),
-              ("seconds", "Start-up", (("startup_s", "pretrain: to the first step done"),
-                                       ("first_work_s", "pretrain: to first work"),
-                                       ("prepare_s", "prepare_data: in all"))))
-    for k, (ylabel, title, curves) in enumerate(panels, 2):
-        ax = fig.add_subplot(1, 3, k)
-        for (key, label), style in zip(curves, ("o-", "s--", "^:")):
-            ax.plot(n, [r[key] for r in rows], style, label=label)
-        ax.set(xscale="log", xlabel="images in the folder", ylabel=ylabel, title=title)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
 def stream_bench(folder: Path, img_size: int, make: int | None, workers: list[int], batch_size: int,
                  decode_count: int, loader_steps: int, sizes: list[int], node_steps: int, workdir: Path,
                  node_workers: int | None = None, seed: int = 0, progress=print) -> dict:
     """The whole stream benchmark (see stream_main); returns the result dict."""
     import torchvision
-    machine = stream_machine()
+    machine = hardware.describe_machine()
     t0 = time.perf_counter()
     if make:
         make_jpegs(Path(folder), make, seed)
@@ -470,8 +272,8 @@ def stream_main(args) -> dict:
                               args.loader_steps, sizes, args.node_steps, args.workdir or Path(tmp),
                               args.node_workers, args.seed)
     write_json(args.out / "stream.json", result)
-    atomic_write(args.out / "stream.md", lambda tmp: tmp.write_text(stream_markdown(result)))
-    stream_plot(result, args.out / "stream.png")
+    atomic_write(args.out / "stream.md", lambda tmp: tmp.write_text(render.stream_markdown(result)))
+    render.stream_plot(result, args.out / "stream.png")
     print(json.dumps({"written": [str(args.out / f"stream.{ext}") for ext in ("json", "md", "png")]}))
     return result
 
