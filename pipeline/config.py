@@ -20,6 +20,18 @@ from pipeline.errors import PipelineError
 PARAMS_DIR = Path("params")
 BASE = PARAMS_DIR / "base.yaml"
 SCHEMA = PARAMS_DIR / "schema.yaml"
+# The plain timm ViTs, whose names model.arch may take without importing timm (seconds), and whose weights layout
+# pipeline.models.encoder_file writes out.
+PLAIN_VITS = frozenset({
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384",
+    "vit_small_patch8_224", "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
+    "vit_small_patch32_384",
+    "vit_base_patch8_224", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
+    "vit_base_patch32_384",
+    "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
+    "vit_large_patch32_384",
+    "vit_huge_patch14_224",
+})
 
 
 def _read_yaml(path: Path) -> dict:
@@ -143,6 +155,12 @@ def schema() -> dict:
     return out
 
 
+def without_method_sections(params: dict) -> dict:
+    """The params that params/schema.yaml describes on its own (no method sections, no node seed): what the Snakefile
+    validates with snakemake.utils.validate, as workflows do (load() has validated the whole already)."""
+    return copy.deepcopy({k: v for k, v in params.items() if k not in methods.NAMES and k != "seed"})
+
+
 def validate(params: dict, source: str = "params", check_paths: bool = True) -> None:
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(params))
     if error is not None:
@@ -211,8 +229,6 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
         if source not in TEACHER_SOURCES and not Path(source).is_file():
             yield (f"dbot.chains.{chain}: {source!r} is neither a weights id of this study "
                    f"({', '.join(TEACHER_SOURCES)}) nor an existing file")
-    from pipeline.models.encoder_file import PLAIN_VITS  # timm names known here without importing timm (seconds)
-
     if m["arch"] not in PLAIN_VITS:
         import timm  # late: only for another arch, and slow to import
 

@@ -177,12 +177,11 @@ def teacher_source(params: dict, key: str, seed: int) -> str:
     return str(weights_path(source, seed)) if source in TEACHER_SOURCES else source
 
 
-EVAL_PROTOCOLS = ("knn", "linprobe", "finetune", "segprobe", "robustness", "checkpoint_eval")
 KEEPS_CHECKPOINTS = SINGLE_STAGE_METHODS     # training nodes that keep their encoder every K epochs
 
 
 def eval_metrics(protocol: str, weights: str, seed: int) -> Path:
-    """results/seed<S>/<protocol>/<weights>/metrics.json for protocol in EVAL_PROTOCOLS."""
+    """results/seed<S>/<protocol>/<weights>/metrics.json: an evaluation node's result (pipeline.dag)."""
     return seed_dir(seed) / protocol / weights / "metrics.json"
 
 
@@ -288,18 +287,6 @@ def probe_weights(params: dict) -> list[str]:
     """Weights ids of the knn and linprobe nodes: every encoder (all_weights), then the pixel floor (not for a
     streamed dataset: its flattened pixels would not fit in memory, e.g. 770 GB for ImageNet at 224)."""
     return all_weights(params) + ([] if streamed(params) else [PIXELS])
-
-
-def evaluation_metrics(params: dict, seed: int) -> list[Path]:
-    """Every evaluation metrics.json of one seed that the report tabulates: knn and linprobe of every probe
-    weights id (with pixels), segprobe of every encoder; finetune (and robustness, if robustness.enabled) of
-    layout.finetune_weights. On a streamed dataset, no segprobe or robustness (IN_MEMORY_NODES)."""
-    weights, tuned = all_weights(params), finetune_weights(params)
-    paths = [eval_metrics(p, w, seed) for p in ("knn", "linprobe") for w in probe_weights(params)]
-    paths += [] if streamed(params) else [eval_metrics("segprobe", w, seed) for w in weights]
-    paths += [eval_metrics("finetune", w, seed) for w in tuned]
-    robust = params["robustness"]["enabled"] and not streamed(params)
-    return paths + ([eval_metrics("robustness", w, seed) for w in tuned] if robust else [])
 
 
 def pretrain_metrics(params: dict, seed: int) -> list[Path]:

@@ -211,11 +211,14 @@ def accuracy_vs_compute(table: pd.DataFrame, flops: dict[str, float], path: Path
     _top1_panels(table, draw, "training compute (PFLOP, analytic)", "Accuracy against training compute", path)
 
 
+def stage_order(stage: str) -> int:
+    """The swap study's x order: a chain's teacher, then its stages 0, 1, ..."""
+    return -1 if stage == "teacher" else int(stage)
+
+
 def swap_study(rows: pd.DataFrame, spread: pd.DataFrame, path: Path | str) -> None:
     """Top: top-1 (%) per chain from its teacher through the stages (k-NN, linear). Bottom: the spread across
     teachers per stage (sample std and max - min, points)."""
-    from pipeline.reporting.swap_study import stage_order
-
     stages = sorted(rows["stage"].unique(), key=stage_order)
     xs = {s: i for i, s in enumerate(stages)}
     fig = Figure(figsize=(10, 7))

@@ -1,70 +1,66 @@
-"""Helpers shared by every .smk file: params of a node (its rerun trigger) and wildcard -> path maps.
+"""What the generated rules (rules/nodes.smk) share: a node's inputs, outputs, logs and resources from its entry in
+the node table (pipeline/dag.py), warm node starts, and the record in DVC after a run.
 
 Inputs: PARAMS (resolved params) and config["preset"] from the Snakefile. Outputs: none.
-Per-seed nodes write under results/seed{seed}/ (the {seed} wildcard runs over params seeds).
 """
 import atexit
-import json
 import os
 import sys
 
-SEEDS = PARAMS["seeds"]
-DBOT_KEYS = layout.dbot_keys(PARAMS)
-WEIGHTS = layout.all_weights(PARAMS)              # every encoder of one seed
-PROBED = layout.probe_weights(PARAMS)              # knn, linprobe: the encoders and the pixel floor
-DATA = str(layout.dataset_path(PARAMS))           # what prepare_data writes: the tensor file, or a stream's manifest
+TRAIN_THREADS = max(1, workflow.cores // 2)   # two small single-thread trainings side by side outrun one on two
 
 
-def node_params(node):
-    """The params the node reads (pipeline.orchestration.params_reads.NODE_PARAMS, as dvc.yaml's), with their
-    values, as one string: Snakemake reruns the node when it changes."""
-    from pipeline.orchestration import params_reads
-
-    def get(wildcards):
-        fields = dict(wildcards)
-        if "key" in fields:                     # a dBOT node: {chain} and {stage} come from its key
-            fields["chain"], fields["stage"] = layout.parse_dbot_key(fields["key"])
-        out = {}
-        for key in params_reads.declared(node, **fields):
-            value = PARAMS
-            for part in key.split("."):
-                value = value[part]
-            out[key] = value
-        return json.dumps(out, sort_keys=True)
-
-    return get
+def node_inputs(node):
+    """The node's inputs for one job (wildcards -> its instance in the table), with its fingerprint."""
+    def inputs(wildcards):
+        return {**node.inputs(PARAMS, node.instance(PARAMS, wildcards)), "fingerprint": fingerprint_of(node, wildcards)}
+    return inputs
 
 
-def teacher_source(wildcards):
-    """Stage 0: the chain's entry in params dbot.chains; stage k: stage k-1's student of the same chain."""
-    return layout.teacher_source(PARAMS, wildcards.key, int(wildcards.seed))
+def fingerprint_of(node, wildcards):
+    return fingerprints.pattern(node).format(**wildcards)
 
 
-def carried_optimizer(wildcards):
-    """dBOT stage k's extra input when dbot.carry_optimizer_state is on: stage k-1's optimizer.pt (none for stage 0)."""
-    path = layout.carried_optimizer(PARAMS, wildcards.key, int(wildcards.seed))
-    return [str(path)] if path else []
+def node_outputs(node):
+    """Named outputs; pictures a person looks at go to `snakemake --report` (report(), with the node id)."""
+    out = {}
+    for name, o in node.outputs(PARAMS).items():
+        paths = [report(p, **o.report, labels={"node": node.id_pattern()}) if o.report else p for p in o.paths]
+        out[name] = paths[0] if len(paths) == 1 else paths
+    return out
 
 
-def weights_file(wildcards):
-    """The encoder file of {weights}; for the pixel floor, the prepared dataset."""
-    return str(layout.weights_path(wildcards.weights, int(wildcards.seed)))
+def node_file(node, folder, suffix):
+    """results[/seed{seed}]/<folder>/<node>[/<key>]<suffix>: its log or benchmark."""
+    root = layout.seed_dir("{seed}") if "seed" in node.wildcards else layout.RESULTS
+    key = "-".join("{" + k + "}" for k in node.keys)
+    return str(root / folder / (f"{node.name}/{key}" if key else node.name)) + suffix
 
 
-def seed_weights(wildcards):
-    """Every encoder of one seed (cka's inputs)."""
-    return [str(layout.weights_path(w, int(wildcards.seed))) for w in WEIGHTS]
+def node_resources(node):
+    """Slurm's (and any executor's) view of a job, from params launch.*: memory and time of a compute node's job,
+    GPUs of a training node's; a node Snakemake runs itself asks for nothing."""
+    if node.local:
+        return {}
+    slurm = PARAMS["launch"]["slurm"]
+    out = {"mem_mb": slurm["mem_gb"] * 1024, "runtime": slurm["timeout_min"]}
+    if node.threads == "train" and slurm["gpus_per_node"]:
+        out["gpu"] = slurm["gpus_per_node"]
+    return out
 
 
-def kept(weights, node_dir):
-    """The intermediate encoders a training node keeps (pretrain.keep_every_epochs), as output paths."""
-    return [f"{node_dir}/checkpoints/epoch{e}.{ext}" for e in layout.kept_epochs(PARAMS, weights)
-            for ext in ("safetensors", "json")]
+def node_constraints(node):
+    """Each wildcard matches exactly the values its instances take."""
+    values = {}
+    for inst in node.instances(PARAMS):
+        for w in node.wildcards:
+            values.setdefault(w, set()).add(str(inst[w]))
+    return {w: "|".join(sorted(v)) for w, v in values.items()}
 
 
-def checkpoint_eval_inputs(wildcards):
-    """The kept encoders, the final knn/linprobe metrics and the training metrics of checkpoint_eval."""
-    return [str(p) for p in layout.checkpoint_eval_inputs(PARAMS, wildcards.weights, int(wildcards.seed))]
+def node_command(node):
+    """The job's command (as dvc.yaml's stage runs it): python -m <its CLI> --preset P --seed S --<key> K."""
+    return lambda wildcards: node.command(config["preset"], node.instance(PARAMS, wildcards))
 
 
 def start_forkserver():
@@ -80,3 +76,14 @@ def start_forkserver():
     proc, path = forkserver.start(parent=os.getpid(), wait=False)
     atexit.register(forkserver.stop, proc, path)
     os.environ[forkserver.ENV] = path
+
+
+def record_in_dvc():
+    """One record of what is built: commit every complete node to DVC (dvc.lock and its cache), keeping the files'
+    modification times (pipeline.orchestration.record). Off with --config record=0; skipped, with one line, where
+    there is no DVC repository or dvc.yaml was generated for another preset. Never fails the run."""
+    if str(config.get("record", 1)).lower() in ("0", "false", "no") or workflow.dryrun:
+        return
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pipeline.orchestration.record", "--preset", config["preset"]])

@@ -37,11 +37,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline import checkpoint, config, layout
+from pipeline.dag import stage_module
 from pipeline.data import datasets
 from pipeline.errors import PipelineError
 from pipeline.evaluation import finetune
 from pipeline.models.encoder import build_encoder, save_encoder
-from pipeline.stages import stage_module
 
 TINY = ["--preset", "tiny"]
 MARKER = "pwned"          # what the code hidden in a bad pickle or YAML file would create (in the study folder)

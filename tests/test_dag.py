@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import ROOT, run_cli
 from dvc.repo import Repo
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 
 def snakemake_commands(preset="default") -> set[tuple[str, str]]:
@@ -26,7 +26,7 @@ def dvc_commands(workdir) -> set[tuple[str, str]]:
     run_cli("dvc", "init", "--no-scm", "-q")
     with Repo(str(workdir)) as repo:
         return {(stage.name.split("@")[0], stage.cmd) for stage in repo.index.stages
-                if stage.name != "resolve_params"}         # DVC's own: writes the resolved params its stages declare
+                if stage.name != "fingerprints"}           # DVC's own: refreshes what its stages depend on
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
@@ -146,32 +146,31 @@ def test_carried_optimizer_state_is_an_edge_of_both_dags_only_when_enabled(workd
         assert (state[0] in deps, state[0] in outs) == (on, on), preset
 
 
-def test_both_dags_declare_the_params_of_node_params(workdir):
-    """Snakemake's rules and dvc.yaml's stages take their params keys from params_reads.NODE_PARAMS (their reads
-    are checked by tests/test_e2e_*.py); dvc.yaml's come from the resolved params, which resolve_params writes from
-    base.yaml and the preset: the committed one is the resolved default study."""
+def test_both_dags_declare_the_params_of_the_node_table(workdir):
+    """dvc.yaml's stages declare the params keys of their node's entry in the node table (pipeline/dag.py; their
+    reads are checked by tests/test_e2e_*.py), as keys of the resolved params, which the first stage, fingerprints,
+    writes from base.yaml and the preset: the committed one is the resolved default study. Snakemake's rules see the
+    same keys with their values in each node's fingerprint (tests/test_fingerprints.py)."""
     from dvc.dependency.param import ParamsDependency
 
-    from pipeline import layout
-    from pipeline.orchestration import dvc_yaml, params_reads
+    from pipeline import config, dag
+    from pipeline.orchestration import fingerprints
 
-    assert Path("params/resolved/default.yaml").read_text() == dvc_yaml.resolved_text("default"), \
-        "regenerate: python -m pipeline.orchestration.dvc_yaml --resolve"
+    assert Path("params/resolved/default.yaml").read_text() == fingerprints.resolved_text("default"), \
+        "regenerate: python -m pipeline.orchestration.fingerprints"
     run_cli("dvc", "init", "--no-scm", "-q")
     with Repo(str(workdir)) as repo:
         stages = {stage.name: stage for stage in repo.index.stages}
+    params = config.load("default", check_paths=False)
     for name, stage in stages.items():
         files = {str(d.def_path): list(dict.fromkeys(d.params)) for d in stage.deps if isinstance(d, ParamsDependency)}
-        if name == "resolve_params":
+        if name == "fingerprints":
             assert set(files) == {"params/base.yaml", "params/presets/default.yaml"} and not any(files.values())
             continue
-        node, _, item = name.partition("@")
-        key = item.split("-", 1)[1] if "-" in item else ""
-        fields = (dict(zip(("chain", "stage"), layout.parse_dbot_key(key)))
-                  if node in ("teacher_swap", "pretrain_dbot") else {"method": key})
-        assert files == {"params/resolved/default.yaml": params_reads.declared(node, **fields)}, name
-    rules = " ".join(p.read_text() for p in Path("rules").glob("*.smk"))
-    assert sorted(re.findall(r'node=node_params\("(\w+)"\)', rules)) == sorted(params_reads.NODE_PARAMS)
+        node, values = dag.parse_node_id(name)
+        declared = node.declared_params(node.instance(params, values))
+        assert files == {"params/resolved/default.yaml": declared}, name
+        assert f"results/.fingerprints/{name}.json" in {str(d.def_path) for d in stage.deps}, name
 
 
 def rule_graph(dot: str) -> set[tuple[str, str]]:

@@ -32,7 +32,7 @@ from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline import hardware
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 pytestmark = pytest.mark.e2e
 CHAINS = ("random", "mae")      # params dbot.chains: the tiny preset adds the MAE-started chain (a teacher-swap study)

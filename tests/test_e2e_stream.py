@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_e2e_resume import kill_mid_epoch
 from test_stream import image_folder
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 pytestmark = pytest.mark.e2e
 STEPS_PER_EPOCH = 9              # 144 train images / batch 16

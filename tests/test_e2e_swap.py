@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import save_file
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_dag, run_cli
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux only")
 

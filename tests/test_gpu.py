@@ -13,8 +13,9 @@ from data_parallel import train_all
 
 from pipeline import hardware
 from pipeline.bench import throughput
+from pipeline.hardware import attention_kernels
 from pipeline.methods import METHODS
-from pipeline.models.encoder import attention_kernels, build_encoder
+from pipeline.models.encoder import build_encoder
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")]

@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 SIZES = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, in_chans=3)
 OUT = "results/imported/{}/encoder.safetensors"

@@ -200,7 +200,8 @@ def test_bootmae_flops_count_both_decoders_at_their_widths(params, feature_decod
     """pipeline.models.flops's analytic count of the two decoders' blocks equals torch's FLOP counter on them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.models.encoder import attention_kernels, encoder_flops
+    from pipeline.hardware import attention_kernels
+    from pipeline.models.encoder import encoder_flops
     from pipeline.models.flops import cross_attention_flops, flops_per_image, token_counts
 
     p = config.merge(params, {"bootmae": {"feature_decoder": feature_decoder, "block_order": block_order}})

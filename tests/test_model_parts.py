@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.hardware import attention_kernels
 from pipeline.models import losses
 from pipeline.models.decoder import CrossAttention, Decoder
-from pipeline.models.encoder import attention_kernels, build_encoder, load_encoder, save_encoder, sincos_2d
+from pipeline.models.encoder import build_encoder, load_encoder, save_encoder, sincos_2d
 from pipeline.models.masking import random_masking
 from pipeline.models.teacher import FrozenTeacher
 
@@ -142,8 +143,8 @@ def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval(
     """Stochastic depth: rates 0 -> p over the blocks (timm's rule, dBOT's and SdAE's); the same init as without it;
     in training, draws from the step's generator (step_draws), the same global-batch draw cut to a rank's rows;
     in eval mode (teachers, probes, pictures) the identity."""
+    from pipeline import ranks
     from pipeline.models.encoder import DropPath, step_draws
-    from pipeline.train import distributed
 
     model = dict(MODEL, depth=3)
     plain, dropped = build_encoder(model, 8, 1, seed=0), build_encoder(model, 8, 1, seed=0, drop_path=0.5)
@@ -162,7 +163,7 @@ def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval(
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain(x))
     halves = []
     for rows in (slice(0, 4), slice(4, 8)):                        # two ranks' rows of the same global batch
-        with distributed.batch_rows(rows, 8), step_draws(torch.Generator().manual_seed(1)):
+        with ranks.batch_rows(rows, 8), step_draws(torch.Generator().manual_seed(1)):
             halves.append(dropped(x[rows]))
     assert torch.allclose(torch.cat(halves), a, atol=1e-6)
     drop = DropPath(0.5).train()

@@ -11,8 +11,8 @@ from PIL import Image
 from pipeline import config, layout
 from pipeline.checkpoint import sha256_file
 from pipeline.data import folders, stream
+from pipeline.data.datasets import batch_indices
 from pipeline.errors import PipelineError
-from pipeline.train.engine import batch_indices
 
 DATA = {"dataset": "imagefolder", "img_size": 16, "channels": 3, "val_fraction": 0.25, "split_seed": 0,
         "format": "stream", "tensor_budget_gb": 1}

@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, layout
-from pipeline.evaluation.nodes import log_on_chain
 from pipeline.orchestration import tracking
 from pipeline.orchestration.tracking import NodeRun, environment_tags, flatten, tracked
+from pipeline.stages.evaluation.common import log_on_chain
 
 
 @pytest.fixture

@@ -31,26 +31,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import config, dag
 from pipeline.bench import REPOSITORY
 from pipeline.checkpoint import atomic_write, write_json
+from pipeline.dag import stage_module
 from pipeline.reporting.tables import markdown_table
-from pipeline.stages import stage_module
 
 DAG_FILES = ["Snakefile", "dvc.yaml", "params", "rules", "pipeline", "pyproject.toml"]
 PRESET = "tiny"
-# node type -> its stage CLI and arguments for one node of the tiny study, as rules/*.smk run it
-NODES = {
-    "prepare_data": ["prepare_data"],
-    "random_init": ["random_init", "--seed", "0"],
-    "pretrain": ["pretrain", "--seed", "0", "--method", "mae"],
-    "supervised": ["supervised", "--seed", "0"],
-    "teacher_swap": ["teacher_swap", "--seed", "0", "--stage", "random_stage0"],
-    "pretrain_dbot": ["pretrain_dbot", "--seed", "0", "--stage", "random_stage0"],
-    **{name: [name, "--seed", "0", "--weights", "mae"]
-       for name in ("knn", "linprobe", "finetune", "segprobe", "robustness", "analyze", "checkpoint_eval")},
-    "cka": ["cka", "--seed", "0"],
-    "report": ["report"],
-}
+
+
+def _example(node: dag.Node) -> list[str]:
+    """One node of the tiny study of this type (on MAE's weights, or MAE's chain, where it has them): its CLI and
+    arguments, as its rule runs it."""
+    insts = node.instances(config.load(PRESET, check_paths=False))
+    inst = next((i for i in insts if {i.get("weights"), i.get("method"), i.get("key")} & {"mae", "random_stage0"}),
+                insts[0])
+    return [node.name, *node.args(inst)]
+
+
+NODES = {name: _example(node) for name, node in dag.NODES.items()}   # node type -> its stage CLI and arguments
 IMPORTS_NODE = "knn"          # a representative compute node: torch, timm and mlflow
 TARGETS = {"to_first_work_s": 2.0, "teacher_swap_total_s": 3.0, "tiny_study_s": 120.0}
 DEFINITION = ("to first work: from just before the process starts to the moment pipeline.orchestration.cli.stage_main "

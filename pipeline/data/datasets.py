@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint, layout
 from pipeline.data.folders import data_folder, read_images, split_folder
 from pipeline.errors import PipelineError
-from pipeline.train.distributed import rand_rows
+from pipeline.ranks import rand_rows
 
 TENSORS = ("train_x", "train_y", "val_x", "val_y")
 LUMA = (0.299, 0.587, 0.114)   # ITU-R 601, as Pillow's RGB -> L
@@ -326,3 +326,16 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator, crop_scale: tuple
     x = x_uint8.float() / 255
     grid = F.affine_grid(theta.float().to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ---------------------------------------------------------------- the order images are trained in
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The image indices of global step `step`: the seeded order of its epoch, cut in full batches."""
+    bs = min(batch_size, n)
+    epoch, pos = divmod(step, n // bs)
+    return epoch_order(n, seed, epoch)[pos * bs:(pos + 1) * bs]

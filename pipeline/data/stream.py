@@ -14,7 +14,7 @@ for the tensor format) and the params. Outputs:
   order with the eval transform (shorter side to round(S / 0.875), centre crop S: MAE's 256/224);
   train_batches(bs, seed, rows, start, total) -> per step (uint8 batch, labels) with MAE's train transform
   (RandomResizedCrop(S, crop_scale, ratio 3/4..4/3, bicubic) + horizontal flip), for the rows `rows` of the global
-  batch engine.batch_indices(n, bs, seed, step): the same rows as the tensor path gives this DDP rank.
+  batch datasets.batch_indices(n, bs, seed, step): the same rows as the tensor path gives this DDP rank.
 Determinism: every draw of train item i in epoch e comes from numpy's generator seeded by (seed, e, i), so a
 resumed run sees the crops of an uninterrupted one, whatever the number of workers. Decoding: JPEGs with
 torchvision.io.decode_jpeg, then torchvision's antialiased bicubic resize on the uint8 tensor: 2.2x Pillow's
@@ -175,7 +175,7 @@ def load(params: dict) -> Prepared:
 def loader_settings(launch: dict, device: str) -> dict:
     """DataLoader settings: launch.data_workers (null: min(8, this process's share of its cores - 1): the training
     processes of one machine share them), launch.prefetch_batches, pinned memory for CUDA."""
-    from pipeline.train.distributed import world
+    from pipeline.ranks import world
 
     workers = launch["data_workers"]
     if workers is None:
@@ -327,9 +327,9 @@ class StreamImages:
         return out
 
     def train_batches(self, batch_size: int, seed: int, rows: slice, start: int, total: int):
-        """Steps start..total-1: (uint8 batch, labels) of this process's rows of engine.batch_indices(n, bs, seed,
+        """Steps start..total-1: (uint8 batch, labels) of this process's rows of datasets.batch_indices(n, bs, seed,
         step), each image with the train transform drawn from (seed, epoch, index)."""
-        from pipeline.train.engine import batch_indices
+        from pipeline.data.datasets import batch_indices
 
         return _iterate(self._loader(_Steps(self.index, batch_size, seed, rows, start, total, batch_indices)))
 

@@ -101,7 +101,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(kv_in, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.fused_attn = True            # False: explicit softmax(q k^T / sqrt(d)) v (encoder.attention_kernels)
+        self.fused_attn = True            # False: explicit softmax(q k^T / sqrt(d)) v (hardware.attention_kernels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

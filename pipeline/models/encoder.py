@@ -13,7 +13,7 @@ resumed or data-parallel run drops the same paths as one uninterrupted process; 
 pictures) it is the identity. It is not part of the saved config: a loaded encoder has none.
 The patch embedding runs as one matmul over the patchified image (the conv's weights, same math):
 the strided conv's backward took 17.8 ms a step in bf16 on a 2-core AMX Xeon, the matmul a fraction of it.
-`attention_kernels` picks the attention kernel for the device and precision a loop runs in.
+pipeline.hardware.attention_kernels picks the attention kernel for the device and precision a loop runs in.
 The state dict is the plain timm VisionTransformer's, so any timm ViT state dict loads into it.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ class DropPath(nn.Module):
 @torch.compiler.disable          # runs eagerly under torch.compile: no guard on the step's generator, no recompiles
 def _kept_scale(batch: int, keep: float) -> torch.Tensor:
     """(B,) float32 on the CPU: 1 / keep for the kept samples, 0 for the dropped ones."""
-    from pipeline.train.distributed import rand_rows
+    from pipeline.ranks import rand_rows
 
     draw = rand_rows(batch, generator=_STEP_GENERATOR)                   # uniform, the global batch's rows
     return (draw < keep).float().div_(keep)
@@ -180,27 +180,6 @@ class Encoder(nn.Module):
         out.vit.blocks = out.vit.blocks[:depth]
         out.config = dict(self.config, depth=depth)
         return out
-
-
-@contextlib.contextmanager
-def attention_kernels(module: nn.Module, device: str | torch.device, reduced: bool):
-    """Within the block, every attention of `module` (timm's Attention, the decoder's CrossAttention: their
-    `fused_attn`) runs fused scaled_dot_product_attention (on CUDA: flash / memory-efficient SDPA kernels),
-    except on the CPU under a reduced precision (bf16, fp16 autocast): there the explicit softmax(q k^T) v
-    runs as plain matmuls. The flags are restored after, so a k-NN probe in bf16 between fp32 training steps
-    leaves the training kernels as they were. Measured on a 2-core AMX Xeon: PyTorch's CPU flash-attention
-    backward in bf16 took 21 ms a call at 13 tokens x 3 heads, 47% of a bf16 MAE step; without it the bf16
-    step is 1.8x faster. In fp32 both paths took the same time there."""
-    fused = torch.device(device).type != "cpu" or not reduced
-    attentions = [m for m in module.modules() if hasattr(m, "fused_attn")]
-    before = [m.fused_attn for m in attentions]
-    for m in attentions:
-        m.fused_attn = fused
-    try:
-        yield
-    finally:
-        for m, flag in zip(attentions, before):
-            m.fused_attn = flag
 
 
 def build_encoder(model: dict, img_size: int, in_chans: int, seed: int, depth: int | None = None,

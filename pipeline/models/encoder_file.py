@@ -8,26 +8,18 @@ the same one-line errors, and gives the weights as float32 numpy arrays (what th
 hold) with the config; `save` writes them as save_encoder does (same keys, bytes and sidecar fields). A node
 that only copies weights (teacher_swap) starts in a fraction of a second instead of importing torch and timm.
 
-The layout of the plain timm ViTs (PLAIN_VITS: every preset's arch) is written out here (plain_vit_state,
-checked against timm in tests/test_startup.py); for any other arch `load` builds the Encoder to learn it.
+The layout of the plain timm ViTs (pipeline.config.PLAIN_VITS: every preset's arch) is written out here
+(plain_vit_state, checked against timm in tests/test_startup.py); for any other arch `load` builds the Encoder to
+learn it.
 """
 from __future__ import annotations
 
 from pipeline.checkpoint import load_arrays, save_arrays
+from pipeline.config import PLAIN_VITS
 from pipeline.errors import PipelineError
 
 # timm archs whose state dict (for the sizes pipeline.models.encoder.Encoder gives them) is plain_vit_state's: class
 # token, learned positions, conv patch embedding, pre-norm blocks with qkv bias and a 4x MLP, final norm.
-PLAIN_VITS = frozenset({
-    "vit_tiny_patch16_224", "vit_tiny_patch16_384",
-    "vit_small_patch8_224", "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
-    "vit_small_patch32_384",
-    "vit_base_patch8_224", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
-    "vit_base_patch32_384",
-    "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
-    "vit_large_patch32_384",
-    "vit_huge_patch14_224",
-})
 _SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "img_size", "in_chans")
 
 

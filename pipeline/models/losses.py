@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.train import distributed
+from pipeline import ranks
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor, eps: float = 1
     average (what their averaged gradients follow) is the global batch's weighted mean even when the
     weights per sample differ (BootMAE's centre weights)."""
     denominator = (weights if count is None else count).sum().detach()
-    return (per_token * weights).sum() / distributed.mean_over_ranks(denominator).clamp_min(eps)
+    return (per_token * weights).sum() / ranks.mean_over_ranks(denominator).clamp_min(eps)
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Random (MAE), block-wise (BEiT) and hybrid (BootMAE) maskers, and SdAE's multi-fold split of a Mask. Every
 random draw comes from the generator, so the same seed gives the same mask; all are vectorised over the batch
 (block masking loops over a bounded number of attempts, never over samples). In a data-parallel step each
-process gets its rows of the global batch's masks (pipeline.train.distributed.batch_rows)."""
+process gets its rows of the global batch's masks (pipeline.ranks.batch_rows)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.train.distributed import global_rows, rand_rows
+from pipeline.ranks import global_rows, rand_rows
 
 
 @dataclass

@@ -25,9 +25,11 @@ from contextlib import contextmanager
 import yaml
 
 from pipeline import checkpoint, config, layout
+from pipeline.dag import stage_module
 from pipeline.errors import PipelineError
 from pipeline.orchestration import params_reads
-from pipeline.stages import stage_module
+
+CODE_READS = "MIM_CODE_READS"
 
 
 def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
@@ -70,6 +72,7 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
                     work(params, args)
         finally:
             params_reads.save(reads, node_id(args))
+            record_imports(node_id(args))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -77,6 +80,24 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
               "no output was replaced", file=sys.stderr)
         sys.exit(2)
+
+
+def record_imports(node: str) -> None:
+    """With $MIM_CODE_READS naming a folder: write the modules of the pipeline package this process imported to
+    <folder>/<node id>.json (merged with an earlier run's). tests/test_fingerprints.py compares them with the
+    code each node declares (its import closure, pipeline.orchestration.fingerprints)."""
+    folder = os.environ.get(CODE_READS)
+    if not folder:
+        return
+    import json
+    from pathlib import Path
+
+    spec = getattr(sys.modules["__main__"], "__spec__", None)       # the node's own CLI runs as __main__
+    names = {m for m in sys.modules if m.split(".")[0] == "pipeline"} | ({spec.name} if spec else set())
+    path = Path(folder) / f"{node}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = json.loads(path.read_text()) if path.is_file() else []
+    path.write_text(json.dumps(sorted(set(before) | {n for n in names if n.split(".")[0] == "pipeline"})))
 
 
 def delegate_to_forkserver() -> int | None:

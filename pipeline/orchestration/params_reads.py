@@ -1,8 +1,8 @@
-"""Which params keys each node reads: declared once here for both DAGs, and recorded while a node runs.
+"""Which params keys each node reads, recorded while it runs, to check what it declares.
 
-NODE_PARAMS is what each node declares as its params (Snakemake: rules/*.smk `node_params(*NODE_PARAMS[...])`;
-DVC: dvc.yaml's per-stage `params:` of the resolved params file, pipeline.orchestration.dvc_yaml). A key is a dotted
-path; `{method}`, `{chain}` and `{stage}` are the node's own (wildcards in Snakemake, foreach items in DVC).
+A node declares its params in the node table (pipeline/dag.py, Node.params): they are part of its fingerprint
+(both DAGs) and dvc.yaml's per-stage `params:` of the resolved params file. A key is a dotted path; `{method}`,
+`{chain}` and `{stage}` are the node's own (wildcards in Snakemake, foreach items in DVC).
 
 The declaration is checked against what the nodes really read: with $MIM_PARAMS_READS naming a folder, every
 stage CLI (pipeline.orchestration.cli.stage_main) wraps its resolved params in a `Recorder` and writes the dotted
@@ -32,33 +32,6 @@ ENV = "MIM_PARAMS_READS"
 NOT_RESULTS = ("launch", "tracking", "study", "seed")
 DAG_SHAPE = ("seeds", "dbot.chains", "dbot.stages", "data.format", "data.dataset", "pretrain.epochs",
              "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled")
-
-# node -> the params keys it reads (besides NOT_RESULTS). Training nodes read the data and model they build on;
-# evaluation nodes read `data` because they load the prepared images (pipeline.data.datasets.load_dataset).
-NODE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare_data": ("data",),
-    "random_init": ("data", "model"),
-    "pretrain": ("data", "model", "pretrain", "{method}", "{method_also}"),
-    "supervised": ("data", "model", "pretrain", "supervised"),
-    "teacher_swap": ("data", "model", "dbot.chains.{chain}", "dbot.stage0_teacher_depth"),
-    "pretrain_dbot": ("data", "model", "pretrain", "dbot.beta", "dbot.target_norm", "dbot.teacher_final_norm",
-                      "dbot.drop_path", "dbot.decoder_drop_path", "dbot.carry_optimizer_state",
-                      "dbot.stages.stage{stage}"),
-    "knn": ("data", "knn"),
-    "linprobe": ("data", "linprobe"),
-    "segprobe": ("data", "segprobe"),
-    "finetune": ("data", "finetune"),
-    "robustness": ("data", "finetune", "robustness"),    # the fine-tuned model's settings, recorded with its results
-    "checkpoint_eval": ("data", "knn", "linprobe", "pretrain.epochs", "pretrain.keep_every_epochs"),
-    "analyze": ("data", "analyze"),
-    "cka": ("data", "analyze", "dbot"),
-    "report": ("seeds", "dbot.chains", "dbot.stages", "data.dataset", "data.format", "pretrain.epochs",
-               "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled"),
-}
-# A method's pre-training also reads these ({method_also}; the method itself where it reads nothing more): RC-MAE's
-# student is an MAE model with MAE's pixel loss.
-METHOD_ALSO = {"rcmae": "mae.norm_pix_loss"}
-
 
 class Reads:
     """The recorded key paths of one node, by phase ("check", then "work")."""
@@ -154,13 +127,6 @@ def view(params: dict, keys) -> dict:
             src, dst = src[part], dst.setdefault(part, {})
         dst[last] = src[last]
     return out
-
-
-def declared(node: str, **fields) -> list[str]:
-    """NODE_PARAMS[node] with the node's own method / chain / stage filled in (each once)."""
-    if "method" in fields:
-        fields.setdefault("method_also", METHOD_ALSO.get(fields["method"], fields["method"]))
-    return list(dict.fromkeys(key.format(**fields) for key in NODE_PARAMS[node]))
 
 
 def _under(path: str, key: str) -> bool:

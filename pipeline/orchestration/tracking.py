@@ -35,9 +35,9 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.config import section_hash, tracking_uri
+from pipeline.dag import stage_module
 from pipeline.layout import RESULTS
 from pipeline.orchestration.cli import write_params
-from pipeline.stages import stage_module
 
 PACKAGES = ("torch", "timm", "mlflow", "snakemake", "dvc", "submitit", "pandas")
 RETRY_BUDGET_S = 60.0        # longest a node waits, in all, for a busy store before the error reaches it
@@ -76,7 +76,7 @@ def node_name(node_id: str) -> str:
 
 
 def source_name(node_id: str) -> str:
-    """The module of a node (mlflow.source.name, pipeline.stages.stage_module), e.g.
+    """The module of a node (mlflow.source.name, pipeline.dag.stage_module), e.g.
     pipeline.stages.training.pretrain; for a name that is no node, the program that runs."""
     try:
         return stage_module(node_name(node_id))

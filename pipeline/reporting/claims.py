@@ -81,7 +81,7 @@ def _pairs(agg: pd.DataFrame, claim: str, pairs: list[tuple[str, str]], protocol
 
 def _teacher_spread(spread: pd.DataFrame) -> list[dict]:
     """teacher_spread_shrinks: each stage's spread across teachers against the stage before's."""
-    from pipeline.reporting.swap_study import stage_order
+    from pipeline.plots import stage_order
 
     rows = []
     for protocol in ("knn", "linprobe"):

@@ -14,6 +14,7 @@ import math
 import pandas as pd
 
 from pipeline.layout import TEACHER_SOURCES, parse_dbot_key
+from pipeline.plots import stage_order
 from pipeline.reporting.seed_stats import WITHIN
 from pipeline.reporting.tables import markdown_table
 
@@ -37,10 +38,6 @@ def chain_rows(table: pd.DataFrame, chains: dict[str, str]) -> pd.DataFrame:
                 if r.weights == source:
                     rows.append(["teacher", chain, r.protocol, float(r.value), float(s)])
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def stage_order(stage: str) -> int:
-    return -1 if stage == "teacher" else int(stage)
 
 
 def spread(rows: pd.DataFrame) -> pd.DataFrame:

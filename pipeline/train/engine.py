@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint, hardware
-from pipeline.data.datasets import augment, normalize
+from pipeline import checkpoint, hardware, ranks
+from pipeline.data.datasets import augment, batch_indices, normalize
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import step_draws
 from pipeline.train import distributed
@@ -135,17 +135,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The image indices of global step `step`: the seeded order of its epoch, cut in full batches."""
-    bs = min(batch_size, n)
-    epoch, pos = divmod(step, n // bs)
-    return epoch_order(n, seed, epoch)[pos * bs:(pos + 1) * bs]
-
-
 def step_batches(images, labels: torch.Tensor | None, batch_size: int, seed: int, rows: slice, start: int,
                  total: int):
     """(uint8 batch, its labels or None, cropped) of steps start..total-1: this process's rows of
@@ -190,7 +179,7 @@ def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: Tr
     device = device or hardware.device()
     amp = hardware.resolve(cfg.precision, device)
     model.to(device)
-    n, world = images.shape[0], distributed.world()
+    n, world = images.shape[0], ranks.world()
     bs = min(cfg.batch_size, n)
     spe = n // bs
     if bs % world.size:
@@ -221,7 +210,7 @@ def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: Tr
         epoch = step // spe
         batch_u8, batch_y, cropped = next(batches)
         batch_labels = {"labels": batch_y} if needs_labels else {}
-        with distributed.batch_rows(rows, bs):      # this process's rows of the step's random draws
+        with ranks.batch_rows(rows, bs):      # this process's rows of the step's random draws
             loss = train_step(net, opt, batch_u8, mean, std, cfg, lrs[step], step, device, batch_labels, amp,
                               scaler, cropped)
         st["loss_sum"] += loss.detach().float()

@@ -8,10 +8,10 @@ Tiny run: python -m pipeline.stages.evaluation.analyze --preset tiny --weights m
 """
 from pipeline import layout
 from pipeline.checkpoint import write_json
-from pipeline.evaluation.nodes import add_args, require_tensor
-from pipeline.evaluation.nodes import check as check_inputs
 from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
+from pipeline.stages.evaluation.common import add_args, require_tensor
+from pipeline.stages.evaluation.common import check as check_inputs
 
 
 def check(params: dict, args) -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from pipeline import layout
 from pipeline.checkpoint import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.evaluation.nodes import require_tensor
 from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 from pipeline.stages.evaluation import knn, linprobe
+from pipeline.stages.evaluation.common import require_tensor
 
 PROTOCOLS = {"knn": knn.protocol, "linprobe": linprobe.protocol}
 

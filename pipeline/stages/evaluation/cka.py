@@ -13,9 +13,9 @@ from itertools import combinations
 from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.errors import PipelineError
-from pipeline.evaluation.nodes import require_tensor
 from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
+from pipeline.stages.evaluation.common import require_tensor
 
 
 def check(params: dict, args) -> None:

@@ -15,9 +15,9 @@ from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.config import node_seed, section_hash
 from pipeline.errors import PipelineError
-from pipeline.evaluation.nodes import add_args, eval_run, log_history, print_metrics, weights_record
-from pipeline.evaluation.nodes import check as check_inputs
 from pipeline.orchestration.cli import stage_main
+from pipeline.stages.evaluation.common import add_args, eval_run, log_history, print_metrics, weights_record
+from pipeline.stages.evaluation.common import check as check_inputs
 
 SECTIONS = ["seed", "finetune"]
 

@@ -6,8 +6,8 @@ Cosine similarity between val and train features, the k nearest (k=20) vote with
 Tiny run: python -m pipeline.stages.evaluation.knn --preset tiny --weights mae
 """
 from pipeline import layout
-from pipeline.evaluation.nodes import add_args, check_probe, evaluate
 from pipeline.orchestration.cli import stage_main
+from pipeline.stages.evaluation.common import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):

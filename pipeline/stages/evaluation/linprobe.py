@@ -9,8 +9,8 @@ Tiny run: python -m pipeline.stages.evaluation.linprobe --preset tiny --weights 
 """
 from pipeline import layout
 from pipeline.config import node_seed
-from pipeline.evaluation.nodes import add_args, check_probe, evaluate
 from pipeline.orchestration.cli import stage_main
+from pipeline.stages.evaluation.common import add_args, check_probe, evaluate
 
 
 def protocol(params, train_f, train_y, val_f, val_y, num_classes):

@@ -11,20 +11,19 @@ stage, spread across teachers), accuracy against compute, and the analyses of ev
 
 Tiny run: python -m pipeline.stages.evaluation.report --preset tiny
 """
-from pipeline import layout
+from pathlib import Path
+
+from pipeline import dag, layout
 from pipeline.errors import PipelineError
 from pipeline.orchestration.cli import stage_main
 from pipeline.orchestration.tracking import tracked
 
 
 def inputs(params: dict) -> tuple[list, list, list, list]:
-    """Pre-training and evaluation metrics of every seed; analyses and checkpoint evaluations of the first
-    seed (drawn side by side)."""
-    seeds = params["seeds"]
-    pretrain = [p for s in seeds for p in layout.pretrain_metrics(params, s)]
-    evals = [p for s in seeds for p in layout.evaluation_metrics(params, s)]
-    curves = [layout.eval_metrics("checkpoint_eval", w, seeds[0]) for w in layout.checkpoint_eval_weights(params)]
-    return pretrain, evals, [layout.analysis_path(w, seeds[0]) for w in layout.analysis_weights(params)], curves
+    """Its inputs in the node table (pipeline.dag): pre-training metrics and every tabulated evaluation's metrics
+    of every seed; analyses and checkpoint evaluations of the first seed (drawn side by side)."""
+    found = {k: [Path(p) for p in v] for k, v in dag.NODES["report"].inputs(params, {}).items()}
+    return found["pretrain"], found["evaluations"], found["analyses"], found["curves"]
 
 
 def check(params: dict, args) -> None:

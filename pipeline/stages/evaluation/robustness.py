@@ -14,8 +14,15 @@ import time
 from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.config import node_seed
-from pipeline.evaluation.nodes import add_args, check_weights_id, eval_run, print_metrics, require, require_tensor
 from pipeline.orchestration.cli import stage_main
+from pipeline.stages.evaluation.common import (
+    add_args,
+    check_weights_id,
+    eval_run,
+    print_metrics,
+    require,
+    require_tensor,
+)
 
 SECTIONS = ["seed", "finetune", "robustness"]
 

@@ -19,8 +19,8 @@ from pipeline import layout
 from pipeline.checkpoint import write_json
 from pipeline.config import node_seed
 from pipeline.errors import PipelineError
-from pipeline.evaluation import nodes
 from pipeline.orchestration.cli import stage_main
+from pipeline.stages.evaluation import common
 
 PROTOCOL = "segprobe"
 SECTIONS = ["seed", "data", PROTOCOL]
@@ -28,8 +28,8 @@ EXAMPLES = 4
 
 
 def check(params: dict, args) -> None:
-    nodes.require_tensor(params, "segprobe")
-    nodes.check(params, args)
+    common.require_tensor(params, "segprobe")
+    common.check(params, args)
     s = params[PROTOCOL]
     if s["dataset"] == "folder":
         from pipeline.evaluation import segmentation  # imports torch: only a folder dataset's check needs it
@@ -55,10 +55,10 @@ def work(params: dict, args) -> dict:
     device = hardware.device(params["launch"]["device"])
     encoder.to(device)
     amp = hardware.resolve(s["precision"], device)
-    weights = nodes.weights_record(args, meta, encoder.config["depth"], path)
+    weights = common.weights_record(args, meta, encoder.config["depth"], path)
     out, node = (layout.eval_metrics(PROTOCOL, args.weights, args.seed),
                  layout.node_id(PROTOCOL, args.seed, args.weights))
-    with nodes.eval_run(params, args, PROTOCOL, weights, SECTIONS, amp) as run:
+    with common.eval_run(params, args, PROTOCOL, weights, SECTIONS, amp) as run:
         start = time.perf_counter()
         train_t = segmentation.patch_tokens(encoder, seg.train_x, prep.mean, prep.std, amp.name, "segprobe train")
         val_t = segmentation.patch_tokens(encoder, seg.val_x, prep.mean, prep.std, amp.name, "segprobe val")
@@ -69,7 +69,7 @@ def work(params: dict, args) -> dict:
         probe_s = time.perf_counter() - start
         result = {"protocol": PROTOCOL, "settings": s, "dataset": seg.info, "weights": weights, "metrics": metrics,
                   "per_class_iou": dict(zip(seg.class_names, ious)), "history": history, **amp.record()}
-        nodes.log_history(run, history)
+        common.log_history(run, history)
         write_json(out, result)
         n = min(EXAMPLES, len(val_t))
         fig = segmentation.examples_figure(seg.val_x[:n], seg.val_m[:n], segmentation.predict(head, val_t[:n]),
@@ -83,7 +83,7 @@ def work(params: dict, args) -> dict:
 
 
 def main(argv=None) -> None:
-    stage_main(PROTOCOL, __doc__, nodes.add_args, check, work,
+    stage_main(PROTOCOL, __doc__, common.add_args, check, work,
                lambda a: layout.node_id(PROTOCOL, a.seed, a.weights), argv)
 
 

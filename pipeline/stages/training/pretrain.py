@@ -20,7 +20,7 @@ import shutil
 import sys
 from typing import TYPE_CHECKING
 
-from pipeline import layout
+from pipeline import dag, layout
 from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
 from pipeline.config import node_seed, section_hash
 from pipeline.errors import PipelineError
@@ -83,13 +83,12 @@ def carried_optimizer(params: dict, args):
 
 
 def work(params: dict, args) -> None:
-    from pipeline import hardware
+    from pipeline import hardware, methods, ranks
     from pipeline.data import datasets
-    from pipeline.methods import METHODS
     from pipeline.models.encoder import load_encoder
     from pipeline.models.teacher import FrozenTeacher
     from pipeline.reporting.figures import reconstruction_grid
-    from pipeline.train import distributed, engine
+    from pipeline.train import engine
 
     prep = datasets.load_dataset(params)        # data.format stream: images decoded and cropped per step
     dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
@@ -102,11 +101,11 @@ def work(params: dict, args) -> None:
         enc, teacher_meta = load_encoder(layout.teacher_path(args.stage, args.seed), params, in_chans)
         teacher = FrozenTeacher(enc, params["dbot"]["teacher_final_norm"])
     labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
-    model = METHODS[args.method](params, in_chans, seed, teacher, **labels)
+    model = methods.module(args.method).build(params, in_chans, seed, teacher, **labels)   # its module only
     sections = ["seed", "data", "model", "pretrain", args.method]
     logged = params                     # what params.yaml and the params hash record: dBOT the dbot keys it reads
     if args.method == "dbot":
-        logged = params_reads.view(params, params_reads.declared("pretrain_dbot", stage=stage_number(args)))
+        logged = params_reads.view(params, dag.declared("pretrain_dbot", stage=stage_number(args)))
     s = settings(params, args)
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(s["precision"], device)
@@ -118,7 +117,7 @@ def work(params: dict, args) -> None:
         + (sha256_file(carried)[:8] if carried else ""),
         desc=node_id(args), compile=params["launch"]["compile"])
     state = layout.resume_dir(node_id(args)) / "state.pt"
-    if not distributed.world().is_main:    # another process of a launch.tasks job: it only computes gradients
+    if not ranks.world().is_main:    # another process of a launch.tasks job: it only computes gradients
         engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y, device=device,
                      initial_optimizer_state=initial)
         return

@@ -12,7 +12,7 @@ main_pretrain.py:179-180, :220); trained teachers are copied whole. The weights 
 arrays (pipeline.models.encoder_file): the node imports neither torch nor timm, and writes what save_encoder would.
 Tiny run: python -m pipeline.stages.training.teacher_swap --preset tiny --stage random_stage0
 """
-from pipeline import layout
+from pipeline import dag, layout
 from pipeline.config import section_hash
 from pipeline.errors import PipelineError
 from pipeline.models import encoder_file
@@ -57,7 +57,7 @@ def work(params: dict, args) -> None:
     arrays, config, meta, src = check(params, args)
     chain, stage = layout.parse_dbot_key(args.stage)
     out = layout.teacher_path(args.stage, args.seed)
-    logged = params_reads.view(params, params_reads.declared("teacher_swap", chain=chain))   # its dbot keys only
+    logged = params_reads.view(params, dag.declared("teacher_swap", chain=chain))   # its dbot keys only
     provenance = {"node": "teacher_swap", "chain": chain, "stage": stage, "source": src,
                   "source_sha256": meta.get("sha256"), "source_node": meta.get("node", "external"),
                   "source_method": meta.get("method"), "source_stage": meta.get("stage"),

@@ -1,6 +1,6 @@
-"""Shared body of the evaluation nodes (knn, linprobe): load data and weights, extract frozen features,
-run the protocol, write results/<protocol>/<weights>/metrics.json, log the child run. Its checks, weights
-record and tracked run are shared with finetune and robustness.
+"""What the evaluation nodes share (not a node: pipeline/dag.py lists those). The body of knn and linprobe: load
+data and weights, extract frozen features, run the protocol, write results/<protocol>/<weights>/metrics.json, log
+the child run. Its checks, weights record and tracked run are shared with finetune and robustness.
 
 knn and linprobe also take --weights pixels (layout.PIXELS), the raw-pixel floor: the same protocol, split
 and settings on the normalised images, flattened (evaluation.pixel_features), instead of an encoder's output."""
