@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline import layout, methods
+from pipeline import layout
 
 HAND_RUN = {"import_weights": "training"}    # node CLIs outside the DAG (run by hand): name -> group
 TRAINING_NODES = ("pretrain", "pretrain_dbot", "supervised")     # nodes that train (threads, MLflow system metrics)
@@ -311,8 +311,7 @@ NODES: dict[str, Node] = {n.name: n for n in (
          ("data", "analyze", "dbot")),
     Node("report", "evaluation", (), _once, _report_inputs, _report_outputs,
          ("seeds", "dbot.chains", "dbot.stages", "data.dataset", "data.format", "pretrain.epochs",
-          "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled"),
-         code=tuple(f"pipeline.methods.{m}" for m in methods.NAMES), local=True),   # FLOPs of every method
+          "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled"), local=True),
 )}
 
 

@@ -33,8 +33,8 @@ def node_outputs(node):
 def node_file(node, folder, suffix):
     """results[/seed{seed}]/<folder>/<node>[/<key>]<suffix>: its log or benchmark."""
     root = layout.seed_dir("{seed}") if "seed" in node.wildcards else layout.RESULTS
-    key = "-".join("{" + k + "}" for k in node.keys)
-    return str(root / folder / (f"{node.name}/{key}" if key else node.name)) + suffix
+    key = "-".join(f"{{{k}}}" for k in node.keys)
+    return f"{root / folder / (f'{node.name}/{key}' if key else node.name)}{suffix}"
 
 
 def node_resources(node):

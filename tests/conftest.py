@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
-COPIED = ["Snakefile", "dvc.yaml", "params", "rules", "pipeline", "pyproject.toml"]
+COPIED = ["Snakefile", "dvc.yaml", ".dvcignore", "params", "rules", "pipeline", "pyproject.toml"]
 
 
 def copy_dag(dst: Path) -> Path:
@@ -78,16 +78,43 @@ def run_cli(*args, cwd=None, check=True, env=None, timeout=600):
     return proc
 
 
+def dry_run_jobs(preset: str, *args) -> set[str]:
+    """The node ids `snakemake -n` would run (rule + wildcards of each job; `all` left out), in the working dir."""
+    import re
+
+    from pipeline import dag
+
+    out = run_cli("snakemake", "-n", *args, "--config", f"preset={preset}").stdout
+    jobs, rule = set(), None
+    for line in out.splitlines() + ["rule end:"]:
+        head = re.match(r"^(?:local)?rule (\w+):", line)
+        if head:
+            if rule in dag.NODES and not dag.NODES[rule].wildcards:
+                jobs.add(rule)
+            rule = head.group(1)
+        elif line.strip().startswith("wildcards:") and rule in dag.NODES:
+            values = dict(kv.split("=", 1) for kv in line.split(":", 1)[1].strip().split(", "))
+            jobs.add(dag.NODES[rule].node_id(values))
+            rule = None
+    return jobs
+
+
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """The tiny study, built once by Snakemake (91 jobs, warm: pipeline.orchestration.forkserver) for
-    tests/test_e2e_snakemake.py (whose last tests kill and rerun its nodes). $MIM_TINY_STUDY names a tiny study built
-    before, to reuse while working on these tests (they change its results)."""
+    tests/test_e2e_snakemake.py (whose last tests kill and rerun its nodes), in a DVC repository with the tiny
+    preset's dvc.yaml, so the run ends by recording what it built in DVC (pipeline.orchestration.record).
+    $MIM_TINY_STUDY names a tiny study built before, to reuse while working on these tests (they change its
+    results)."""
     if os.environ.get("MIM_TINY_STUDY"):
         return Path(os.environ["MIM_TINY_STUDY"])
     workdir = copy_dag(tmp_path_factory.mktemp("study"))
+    run_cli("dvc", "init", "--no-scm", "-q", cwd=workdir)
+    dvc = run_cli(sys.executable, "-m", "pipeline.orchestration.dvc_yaml", "--preset", "tiny", cwd=workdir).stdout
+    (workdir / "dvc.yaml").write_text(dvc)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
-           "MIM_PARAMS_READS": str(workdir / "reads")}  # each node's params reads (pipeline.orchestration.params_reads)
+           "MIM_PARAMS_READS": str(workdir / "reads"),  # each node's params reads (pipeline.orchestration.params_reads)
+           "MIM_CODE_READS": str(workdir / "code")}     # and the modules it imported (orchestration.cli)
     proc = run_cli("snakemake", "--cores", "2", "--config", "preset=tiny", cwd=workdir, env=env, timeout=1800)
     (workdir / "snakemake.stderr").write_text(proc.stderr)
     return workdir

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import datasets, folders
+from pipeline.data import datasets, folders, steps
 from pipeline.errors import PipelineError
 
 
@@ -247,16 +247,16 @@ def test_normalize_per_channel():
 
 def test_augment_shapes_determinism_and_identity():
     x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a = datasets.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
-    b = datasets.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
-    c = datasets.augment(x, torch.Generator().manual_seed(6), (0.3, 1.0), True)
+    a = steps.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
+    b = steps.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)
+    c = steps.augment(x, torch.Generator().manual_seed(6), (0.3, 1.0), True)
     assert a.shape == x.shape and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
-    same = datasets.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), False)
+    same = steps.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), False)
     assert torch.allclose(same, x.float() / 255, atol=1e-5)
-    flipped = datasets.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), True)
+    flipped = steps.augment(x, torch.Generator().manual_seed(1), (1.0, 1.0), True)
     flips = [torch.allclose(f, x[i].float().flip(-1) / 255, atol=1e-5) for i, f in enumerate(flipped)]
     kept = [torch.allclose(f, x[i].float() / 255, atol=1e-5) for i, f in enumerate(flipped)]
     assert all(f or k for f, k in zip(flips, kept)) and any(flips) and any(kept)
     with pytest.raises(PipelineError, match="crop_scale"):
-        datasets.augment(x, torch.Generator(), (0.0, 1.0), False)
+        steps.augment(x, torch.Generator(), (0.0, 1.0), False)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import dry_run_jobs, run_cli
 
 from pipeline.orchestration import params_reads
 
@@ -14,18 +14,35 @@ pytestmark = pytest.mark.e2e
 
 
 def repro(*args, warm=True, command=("repro",)) -> set[str]:
-    """The stages `dvc repro` (or `command`) ran; warm: under `python -m pipeline.orchestration.forkserver run --`, as
-    docs/snakemake-dvc-mlflow.md shows (else cold: no fork server, not even the tests' own). Every node records the
-    params keys it reads into reads/ (pipeline.orchestration.params_reads)."""
+    """The stages `dvc repro` (or `command`) ran or restored from DVC's run-cache; warm: under `python -m
+    pipeline.orchestration.forkserver run --`, as docs/snakemake-dvc-mlflow.md shows (else cold: no fork server, not
+    even the tests' own). Every node records the params keys it reads into reads/ (params_reads)."""
     prefix = [sys.executable, "-m", "pipeline.orchestration.forkserver", "run", "--"] if warm else []
     env = {params_reads.ENV: str(Path("reads").resolve())}
     out = run_cli(*prefix, "dvc", *command, *args, env=env if warm else {**env, "MIM_FORKSERVER": ""}).stdout
-    return set(re.findall(r"Running stage '([^']+)'", out))
+    return {ran or cached for ran, cached in re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached", out)}
 
 
 def status(*targets) -> set[str]:
     """The stages `dvc status` lists as changed: the targets and what they depend on."""
     return set(json.loads(run_cli("dvc", "status", "--json", "--with-deps", *targets).stdout))
+
+
+def target_files(targets) -> list[str]:
+    """The output files of DVC stages (node ids), as Snakemake targets."""
+    from pipeline import config, dag
+
+    params = config.load("tiny", check_paths=False)
+    files = []
+    for target in targets:
+        node, values = dag.parse_node_id(target)
+        files += [p for paths in node.output_paths(params, node.instance(params, values)).values() for p in paths]
+    return files
+
+
+def snakemake_jobs(targets) -> set[str]:
+    """The nodes `snakemake -n` would run to make the targets' outputs."""
+    return dry_run_jobs("tiny", *target_files(targets))
 
 
 def declared_params(workdir) -> dict[str, list[str]]:
@@ -35,7 +52,7 @@ def declared_params(workdir) -> dict[str, list[str]]:
 
     with Repo(str(workdir)) as repo:
         return {stage.name: [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params]
-                for stage in repo.index.stages if stage.name != "resolve_params"}
+                for stage in repo.index.stages if stage.name != "fingerprints"}
 
 
 def edit(path, pattern, new):
@@ -55,17 +72,19 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     run_cli("dvc", "init", "-q")
     targets = ["knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"]
     first = repro(*targets)
-    assert first == {"resolve_params", "prepare_data", "random_init@seed0", "pretrain@seed0-mae",
+    assert first == {"fingerprints", "prepare_data", "random_init@seed0", "pretrain@seed0-mae",
                      "linprobe@seed0-mae"} | {
         f"{node}@seed0-random_stage{k}" for node in ("teacher_swap", "pretrain_dbot") for k in range(3)} | {
         "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     assert "up to date" in run_cli("dvc", "status", *targets).stdout.lower()
+    assert snakemake_jobs(targets) == set()              # one record: what DVC built, Snakemake sees as built
 
     edit(workdir / "params/base.yaml", r"  lr: 0\.1 ", "  lr: 0.05 ")
-    assert repro(*targets, warm=False) == {"resolve_params", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    assert repro(*targets, warm=False) == {"fingerprints", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    assert snakemake_jobs(targets) == set()
 
     edit(workdir / "params/base.yaml", r"stage1: \{epochs: (\d+), blr: 1\.5e-3\}", r"stage1: {epochs: \1, blr: 3.0e-3}")
-    assert repro(*targets) == {"resolve_params", "pretrain_dbot@seed0-random_stage1",
+    assert repro(*targets) == {"fingerprints", "pretrain_dbot@seed0-random_stage1",
                                "teacher_swap@seed0-random_stage2", "pretrain_dbot@seed0-random_stage2",
                                "knn@seed0-dbot_random_stage2", "linprobe@seed0-dbot_random_stage2"}
     metrics = run_cli("dvc", "metrics", "show").stdout
@@ -79,7 +98,7 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     # tests/test_e2e_snakemake.py checks every node of both DAGs).
     declared = declared_params(workdir)
     ran = sorted(Path("reads").glob("*.json"))
-    assert {p.stem for p in ran} == first - {"resolve_params"}
+    assert {p.stem for p in ran} == first - {"fingerprints"}
     for path in ran:
         assert not params_reads.problems(json.loads(path.read_text()), declared[path.stem]), path.stem
 
@@ -92,7 +111,7 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
         text = json.dumps(entry)
         assert entry["type"] == "vega" and '"epoch"' in text and f'"{y}"' in text, (series, text[:500])
 
-    # A preset edit: `dvc params diff` shows it, and once resolve_params has run, `dvc status` lists exactly the
+    # A preset edit: `dvc params diff` shows it, and once fingerprints has run, `dvc status` lists exactly the
     # stages that read the key (knn.k: the knn stage, not pre-training: its online k-NN has its own keys).
     run_cli("git", "add", "-A")
     run_cli("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny study")
@@ -101,17 +120,27 @@ def test_dvc_repro_reruns_only_what_a_param_edit_reaches(workdir):
     preset.write_text(before + "knn: {k: 3}\n")
     diff = run_cli("dvc", "params", "diff").stdout
     assert "params/presets/tiny.yaml" in diff and "knn.k" in diff, diff
-    assert status(*targets) == {"resolve_params"}
-    assert repro("resolve_params") == {"resolve_params"}
+    assert status(*targets) == {"fingerprints"}
+    assert repro("fingerprints") == {"fingerprints"}
     assert status(*targets) == {"knn@seed0-dbot_random_stage2"}
     assert re.search(r"params/resolved/tiny.yaml\s+knn.k\s+20\s+3", run_cli("dvc", "params", "diff").stdout)
     preset.write_text(before)
-    repro("resolve_params")
+    repro("fingerprints")
     assert status(*targets) == set()
+
+    # The other way: Snakemake reruns what an edit reaches, then records it in DVC (pipeline.orchestration.record).
+    edit(workdir / "params/base.yaml", r"  lr: 0\.05 ", "  lr: 0.02 ")
+    assert snakemake_jobs(targets) == {"linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    run_cli("snakemake", "--cores", "2", *target_files(targets), "--config", "preset=tiny")
+    assert status(*targets) == set() and snakemake_jobs(targets) == set()
+    edit(workdir / "params/base.yaml", r"  lr: 0\.02 ", "  lr: 0.05 ")
+    assert snakemake_jobs(targets) == {"linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    assert repro(*targets) == {"fingerprints", "linprobe@seed0-dbot_random_stage2", "linprobe@seed0-mae"}
+    assert snakemake_jobs(targets) == set()
 
     # An experiment: `dvc exp run -S` edits a params file and reruns exactly what the edit reaches.
     exp = repro("-S", "params/base.yaml:knn.k=3", "-n", "k3", *targets, command=("exp", "run"))
-    assert exp == {"resolve_params", "knn@seed0-dbot_random_stage2"}
+    assert exp == {"fingerprints", "knn@seed0-dbot_random_stage2"}
     shown = run_cli("dvc", "exp", "show", "--json").stdout
     rows = [e for rev in json.loads(shown) for e in rev.get("experiments") or [] for e in e.get("revs", [])]
     (k3,) = [r for r in rows if r.get("name") == "k3"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from browser import browser_page, mlflow_ui
-from conftest import run_cli
+from conftest import dry_run_jobs, run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline import hardware
@@ -126,6 +126,101 @@ def test_tiny_study_builds_tracks_and_reruns_nothing(study, monkeypatch):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def snakemake_jobs(*args) -> set[str]:
+    return dry_run_jobs("tiny", *args)
+
+
+def dvc_changed() -> set[str]:
+    """The nodes `dvc status` lists, after DVC's own first stage has refreshed the fingerprints (`dvc repro
+    fingerprints`, as `dvc repro` does first), with everything downstream of them (what `dvc repro` would rerun)."""
+    run_cli("dvc", "repro", "-q", "fingerprints")
+    return downstream(set(json.loads(run_cli("dvc", "status", "--json").stdout)) - {"fingerprints"})
+
+
+def downstream(nodes: set[str]) -> set[str]:
+    """The nodes and every node that reads their outputs, directly or not (the tiny study's DAG, from the table)."""
+    from pipeline import config, dag
+
+    params = config.load("tiny", check_paths=False)
+    maker = {p: node.node_id(inst) for node, inst in dag.instances(params)
+             for paths in node.output_paths(params, inst).values() for p in paths}
+    readers: dict[str, set] = {}
+    for node, inst in dag.instances(params):
+        for p in [p for paths in node.inputs(params, inst).values() for p in paths]:
+            readers.setdefault(maker[p], set()).add(node.node_id(inst))
+    out, todo = set(), list(nodes)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo += readers.get(n, ())
+    return out
+
+
+def declaring(module: str, study: Path) -> set[str]:
+    """The nodes whose code (their fingerprint's import closure) holds `module`."""
+    return {p.stem for p in (study / "results/.fingerprints").glob("*")
+            if module in json.loads(p.read_text())["code"]}
+
+
+# module -> (its file, a changed statement, a comment-only edit, nodes it must reach, nodes it must not): a
+# statement starting with spaces goes after the line it starts with (augment()'s signature), any other at the end
+CODE_EDITS = {
+    "pipeline.models.losses": ("pipeline/models/losses.py", "\nEDITED = 1\n", "\n# an edited comment\n",
+                               {"pretrain_dbot@seed0-random_stage1", "knn@seed0-mae"},
+                               {"prepare_data", "knn@seed0-pixels", "knn@seed0-random_init"}),
+    "pipeline.data.steps": ("pipeline/data/steps.py",       # augment(), its first statement
+                            "            hflip: bool) -> torch.Tensor:\n    hflip = bool(hflip)\n",
+                            "            hflip: bool) -> torch.Tensor:  # a comment\n",
+                            {"pretrain@seed0-mae", "finetune@seed0-random_init", "report"},
+                            {"prepare_data", "random_init@seed0", "knn@seed0-pixels", "linprobe@seed0-random_init"}),
+    "pipeline.evaluation.probes": ("pipeline/evaluation/probes.py", "\nEDITED = 1\n", '\n"""A string."""  # and\n',
+                                   {"knn@seed0-pixels", "linprobe@seed0-random_init"},
+                                   {"prepare_data", "random_init@seed0", "teacher_swap@seed0-random_stage0"}),
+    "pipeline.methods.sdae": ("pipeline/methods/sdae.py", "\nEDITED = 1\n", "\n\n\n# layout only\n",
+                              {"pretrain@seed0-sdae", "knn@seed0-sdae"}, {"pretrain@seed0-mae", "knn@seed0-mae"}),
+}
+
+
+def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(study, monkeypatch):
+    """After Snakemake's build, DVC has nothing to reproduce (pipeline.orchestration.record). Then, one at a time,
+    a params edit and a changed statement in a loss, augment(), the probes and one method module: `snakemake -n`
+    and DVC list the same nodes, exactly those whose params or code hold the edit and what reads their outputs; a
+    comment-only edit of the same files lists nothing; undone, both have nothing to do again."""
+    monkeypatch.chdir(study)
+    assert "record: 91 of 91 nodes recorded in DVC" in (study / "snakemake.stderr").read_text()
+    assert json.loads(run_cli("dvc", "status", "--json").stdout) == {}
+    assert snakemake_jobs() == set() and dvc_changed() == set()
+
+    base = study / "params/base.yaml"
+    original = base.read_text()
+    base.write_text(original.replace("\nknn:\n  k: 20 ", "\nknn:\n  k: 7 ", 1))
+    knn = {n for n in downstream({f"knn@seed0-{w}" for w in FINAL}) if n.startswith("knn@")}
+    listed = snakemake_jobs()
+    assert listed == dvc_changed() and knn <= listed and "report" in listed
+    assert not {n for n in listed if n.startswith(("pretrain", "linprobe", "segprobe", "finetune"))}
+    base.write_text(original)
+    assert snakemake_jobs() == set() and dvc_changed() == set()
+
+    for module, (path, statement, comment, reached, untouched) in CODE_EDITS.items():
+        file = study / path
+        text = file.read_text()
+        anchor = statement.split("\n")[0] + "\n" if statement.startswith(" ") else None
+        edited = text.replace(anchor, statement, 1) if anchor else text + statement
+        assert edited != text, module
+        file.write_text(edited)
+        expected = downstream(declaring(module, study))
+        listed = snakemake_jobs()
+        assert listed == dvc_changed() == expected, module
+        assert reached <= expected and not untouched & expected, module
+        file.write_text(text.replace(anchor, comment, 1) if anchor else text + comment)
+        assert snakemake_jobs() == set() and dvc_changed() == set(), f"{module}: a comment-only edit"
+        file.write_text(text)
+    assert snakemake_jobs() == set() and dvc_changed() == set()
+    assert declaring("pipeline.methods.sdae", study) == {"pretrain@seed0-sdae"}
+    assert "pretrain_dbot@seed0-random_stage1" in declaring("pipeline.models.losses", study)
+
+
 def shown_in_report(page, uri: str) -> dict[tuple[str, str], int]:
     """Click through the report as a person does: every category, every subcategory, the eye icon of every
     result; count the results whose picture is displayed (a PNG image with a width), per (category, sub)."""
@@ -150,37 +245,55 @@ def shown_in_report(page, uri: str) -> dict[tuple[str, str], int]:
     return shown
 
 
-def test_every_node_reads_the_params_both_dags_declare(study, tmp_path, monkeypatch):
+def test_every_node_reads_the_params_both_dags_declare(study):
     """Each node of the tiny study recorded the params keys it read (the study fixture sets $MIM_PARAMS_READS):
-    they equal the params its Snakemake job declared (Snakemake's metadata of the job) and its dvc.yaml stage's."""
-    import ast
-
-    from conftest import copy_dag
+    they equal the params in the fingerprint its Snakemake job read and its dvc.yaml stage's params."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    from pipeline.orchestration import dvc_yaml, params_reads
+    from pipeline.orchestration import params_reads
 
     reads = {p.stem: json.loads(p.read_text()) for p in (study / "reads").glob("*.json")}
-    smk = {}
-    for path in (study / ".snakemake/metadata").iterdir():
-        meta = json.loads(path.read_text())
-        log = Path(meta["log"][0])                      # results/seed<S>/logs/<rule>/<key>.log, or .../<rule>.log
-        seed = re.search(r"seed(\d+)", str(log))
-        key = f"-{log.stem}" if log.parent.name == meta["rule"] else ""
-        node = f"{meta['rule']}@seed{seed.group(1)}{key}" if seed else meta["rule"]
-        smk[node] = sorted(json.loads(ast.literal_eval(meta["params"][1])))
-    work = copy_dag(tmp_path)
-    (work / "dvc.yaml").write_text(dvc_yaml.render("tiny"))
-    monkeypatch.chdir(work)
-    run_cli("dvc", "init", "--no-scm", "-q")
-    with Repo(str(work)) as repo:
+    smk = {p.stem: sorted(json.loads(p.read_text())["params"]) for p in (study / "results/.fingerprints").glob("*")}
+    with Repo(str(study)) as repo:
         dvc = {s.name: sorted({k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params})
-               for s in repo.index.stages if s.name != "resolve_params"}
+               for s in repo.index.stages if s.name != "fingerprints"}
     assert set(reads) == set(smk) == set(dvc) and len(reads) == 91
     for node, recorded in reads.items():
         assert smk[node] == dvc[node], node
         assert not params_reads.problems(recorded, dvc[node]), node
+
+
+# Modules a node's CLI may import without running them on the tiny study; anything else a node declares (its import
+# closure) it imported, and it imported nothing it does not declare.
+NOT_ALWAYS_RUN = {
+    "pipeline.data.stream": "reads a streamed image folder (data.format stream; tests/test_e2e_stream.py)",
+    "pipeline.orchestration.forkserver": "hands a node to a fork server: in the node's first process, not the one "
+                                         "that does the work (the recorded one)",
+    "pipeline.orchestration.launch": "starts a compute node's work; a node that copies or gathers works in-process",
+    "pipeline.train": "(the package of train.distributed, which launch imports)",
+    "pipeline.train.distributed": "(imported by launch: the processes of a data-parallel node)",
+    "pipeline.ranks": "(imported by train.distributed)",
+    "pipeline.hardware": "the device and precision of a node's work: not for analyses that take the encoder as is, nor "
+                         "for prepare_data on a tensor dataset",
+    "pipeline.evaluation.probes": "the probes' features (stages/evaluation/common.evaluate): not for analyze and cka",
+    "pipeline.models.encoder": "teacher_swap builds an Encoder only for an arch other than the plain timm ViTs",
+}
+
+
+def test_every_node_imported_exactly_the_code_it_declares(study):
+    """The modules each node of the tiny study imported ($MIM_CODE_READS) are in its declared code, the import
+    closure in its fingerprint; what it declares but did not import is a module of NOT_ALWAYS_RUN."""
+    declared = {p.stem: set(json.loads(p.read_text())["code"]) for p in (study / "results/.fingerprints").glob("*")}
+    ran = {p.stem: set(json.loads(p.read_text())) for p in (study / "code").glob("*.json")}
+    assert set(ran) == set(declared) and len(ran) == 91
+    unused = set()
+    for node, modules in ran.items():
+        assert modules <= declared[node], f"{node} ran undeclared code: {sorted(modules - declared[node])}"
+        extra = declared[node] - modules
+        assert extra <= set(NOT_ALWAYS_RUN), f"{node} declares code it did not import: {sorted(extra)}"
+        unused |= extra
+    assert unused == set(NOT_ALWAYS_RUN)                                  # every exception is needed
 
 
 def test_snakemake_report_shows_every_plot_in_chromium(study):

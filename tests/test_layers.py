@@ -79,8 +79,8 @@ def test_an_upward_import_inside_a_function_fails(module, target, tmp_path, monk
     file = copy.joinpath(*module.split(".")[1:]).with_suffix(".py")
     file.write_text(file.read_text() + f"\n\ndef _late():\n    import {target}  # noqa\n")
     monkeypatch.setattr(fingerprints, "PACKAGE", copy)
-    fingerprints._parsed.cache_clear()
+    fingerprints.forget()
     try:
         assert any(target in p for p in upward(module))
     finally:
-        fingerprints._parsed.cache_clear()
+        fingerprints.forget()

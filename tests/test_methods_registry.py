@@ -12,7 +12,7 @@ from pipeline.models.flops import flops_per_image
 
 def add_toy_method(root):
     """pipeline/methods/toy.py (MAE's module under another name, style, seed and params section), its NAMES
-    entry and its params section: what docs/adding-a-method.md asks for."""
+    entry and its params section: what docs/adding-a-method-or-node.md asks for."""
     src = (root / "pipeline/methods/mae.py").read_text()
     toy = (src.replace('"label": "MAE"', '"label": "Toy"').replace('"color": "tab:orange"', '"color": "tab:cyan"')
            .replace('"seed_offset": 500', '"seed_offset": 560').replace('params["mae"]', 'params["toy"]'))

@@ -258,11 +258,13 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepar
 def test_snakemake_slurm_profile_runs_one_methods_report_inputs(workdir, slurm_cluster):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     targets = ["results/seed0/knn/mae/metrics.json", "results/seed0/linprobe/mae/metrics.json"]
+    # the local test cluster: 2 CPUs, account root, partition debug; each rule asks for launch.slurm.mem_gb (a job
+    # step needs ~1.4 GB: Snakemake + the stage) and timeout_min; status checks every second, not every 30 s
+    tiny = (workdir / "params/presets/tiny.yaml").read_text()
+    (workdir / "params/presets/tiny_slurm.yaml").write_text(tiny + "launch: {slurm: {mem_gb: 3, timeout_min: 10}}\n")
     proc = run_cli(
-        sys.executable, "-m", "snakemake", "--profile", str(ROOT / "profiles/slurm"), "--config", "preset=tiny",
-        # the local test cluster: 2 CPUs, account root, partition debug, a job step needs ~1.4 GB (Snakemake +
-        # the stage); status checks every second instead of the profile's 30 s
-        "--cores", "2", "--default-resources", "slurm_account=root", "slurm_partition=debug", "mem_mb=3000",
+        sys.executable, "-m", "snakemake", "--profile", str(ROOT / "profiles/slurm"), "--config", "preset=tiny_slurm",
+        "--cores", "2", "--default-resources", "slurm_account=root", "slurm_partition=debug", "mem_mb=2000",
         "runtime=10", "--seconds-between-status-checks", "1", "--slurm-init-seconds-before-status-checks", "1",
         "--latency-wait", "5", *targets, env=ENV, timeout=600)
     jobs = re.findall(r"submitted with SLURM jobid (\d+)", proc.stdout + proc.stderr)

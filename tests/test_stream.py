@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline import config, layout
 from pipeline.checkpoint import sha256_file
 from pipeline.data import folders, stream
-from pipeline.data.datasets import batch_indices
+from pipeline.data.steps import batch_indices
 from pipeline.errors import PipelineError
 
 DATA = {"dataset": "imagefolder", "img_size": 16, "channels": 3, "val_fraction": 0.25, "split_seed": 0,
@@ -77,7 +77,7 @@ def test_the_split_is_the_tensor_formats(tmp_path, monkeypatch):
 
 
 def train_run(images, start=0, total=4, rows=slice(None), bs=8):
-    return [(x, y) for x, y in images.train_batches(bs, 7, rows, start, total)]
+    return [(x, y) for x, y in images.train_batches(batch_indices, bs, 7, rows, start, total)]
 
 
 def test_crops_depend_on_seed_epoch_index_only_not_on_workers_or_resume(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ where there is one, else spawn; one task per child) measures two phases:
 - prepare: datasets.prepare + datasets.save_prepared of the folder (dataset imagefolder, the preset's data section at
   --img-size / --channels, val_fraction 0.2, split_seed 0), as the prepare_data stage runs them;
 - train: datasets.load_prepared + --train-steps MAE training steps (pipeline.bench.throughput.train_steps:
-  engine.train_step on the batches of datasets.batch_indices, the preset's pretrain settings).
+  engine.train_step on the batches of steps.batch_indices, the preset's pretrain settings).
 
 A background thread reads /proc/self/status every 5 ms (and once more at each phase end): the peak of RssAnon,
 the process's own memory (heap, tensors it allocates), and of RssFile, the pages of mapped files (the

@@ -40,6 +40,7 @@ from pipeline.bench.synthetic import (
     make_jpegs,
 )
 from pipeline.checkpoint import atomic_write, write_json
+from pipeline.data.steps import batch_indices
 from pipeline.errors import PipelineError
 from pipeline.layout import RESULTS
 
@@ -126,7 +127,7 @@ def loader_rate(images, workers: int, batch_size: int, steps: int, seed: int = 0
     over `steps` batches, timed from the first batch (the workers' start-up is first_batch_s)."""
     images.loader = {"workers": workers, "prefetch": 2, "pin": False}
     start = time.perf_counter()
-    batches = images.train_batches(batch_size, seed, slice(None), 0, steps)
+    batches = images.train_batches(batch_indices, batch_size, seed, slice(None), 0, steps)
     n = len(next(batches)[0])
     first = time.perf_counter()
     for x, _ in batches:

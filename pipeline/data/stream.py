@@ -12,9 +12,10 @@ for the tensor format) and the params. Outputs:
   hash). A missing, resized or unreadable image is a one-line PipelineError.
 - StreamImages: len, shape (N, C, S, S), [slice | indices] -> a sub-split; batches(bs) -> uint8 (B, C, S, S) in
   order with the eval transform (shorter side to round(S / 0.875), centre crop S: MAE's 256/224);
-  train_batches(bs, seed, rows, start, total) -> per step (uint8 batch, labels) with MAE's train transform
+  train_batches(order, bs, seed, rows, start, total) -> per step (uint8 batch, labels) with MAE's train transform
   (RandomResizedCrop(S, crop_scale, ratio 3/4..4/3, bicubic) + horizontal flip), for the rows `rows` of the global
-  batch datasets.batch_indices(n, bs, seed, step): the same rows as the tensor path gives this DDP rank.
+  batch of order(n, bs, seed, step) (steps.batch_indices, given by the trainer): the same rows as the tensor path
+  gives this DDP rank.
 Determinism: every draw of train item i in epoch e comes from numpy's generator seeded by (seed, e, i), so a
 resumed run sees the crops of an uninterrupted one, whatever the number of workers. Decoding: JPEGs with
 torchvision.io.decode_jpeg, then torchvision's antialiased bicubic resize on the uint8 tensor: 2.2x Pillow's
@@ -326,12 +327,11 @@ class StreamImages:
         bar.close()
         return out
 
-    def train_batches(self, batch_size: int, seed: int, rows: slice, start: int, total: int):
-        """Steps start..total-1: (uint8 batch, labels) of this process's rows of datasets.batch_indices(n, bs, seed,
-        step), each image with the train transform drawn from (seed, epoch, index)."""
-        from pipeline.data.datasets import batch_indices
-
-        return _iterate(self._loader(_Steps(self.index, batch_size, seed, rows, start, total, batch_indices)))
+    def train_batches(self, order, batch_size: int, seed: int, rows: slice, start: int, total: int):
+        """Steps start..total-1: (uint8 batch, labels) of this process's rows of order(n, bs, seed, step) (the
+        trainer's, pipeline.data.steps.batch_indices), each image with the train transform drawn from
+        (seed, epoch, index)."""
+        return _iterate(self._loader(_Steps(self.index, batch_size, seed, rows, start, total, order)))
 
     def _loader(self, batches: list):
         from torch.utils.data import DataLoader

@@ -18,7 +18,7 @@
 - `forward_flops(params, counts, teacher)` -> (student forward, teacher forward) FLOPs per image
   (pipeline.models.flops: the report's equal-compute axis and the benchmark's MFU).
 
-docs/adding-a-method.md walks through adding one; tests/test_methods_registry.py adds a toy method to a copy of
+docs/adding-a-method-or-node.md walks through adding one; tests/test_methods_registry.py adds a toy method to a copy of
 the repository and finds it in both DAGs, the schema and the report.
 """
 from __future__ import annotations

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from pipeline import config, dag, layout
@@ -98,7 +97,8 @@ def _parsed(file: Path) -> ast.Module:
     return ast.parse(file.read_text(), str(file))
 
 
-def imports(module: str) -> set[str]:
+@functools.cache
+def imports(module: str) -> frozenset[str]:
     """The package's modules that `module` imports (each with its parent packages, which Python runs first)."""
     file = module_file(module)
     is_package = file.name == "__init__.py"
@@ -116,10 +116,15 @@ def imports(module: str) -> set[str]:
             if name.split(".")[0] == PACKAGE_NAME and module_file(name):
                 parts = name.split(".")
                 out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return out
+    return frozenset(out)
 
 
 def closure(roots: list[str]) -> list[str]:
+    return list(_closure(tuple(roots)))
+
+
+@functools.cache
+def _closure(roots: tuple[str, ...]) -> tuple[str, ...]:
     """The import closure of the root modules (with their parent packages), sorted."""
     todo = [p for r in roots for p in (".".join(r.split(".")[:i]) for i in range(1, len(r.split(".")) + 1))]
     seen: set[str] = set()
@@ -131,7 +136,13 @@ def closure(roots: list[str]) -> list[str]:
             raise KeyError(f"{name} is not a module of the {PACKAGE_NAME} package")
         seen.add(name)
         todo.extend(imports(name) - seen)
-    return sorted(seen)
+    return tuple(sorted(seen))
+
+
+def forget() -> None:
+    """Drop what this process has read of the package's source (its files changed since: tests that edit a copy)."""
+    for cached in (_parsed, imports, _closure, module_hash):
+        cached.cache_clear()
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -185,7 +196,8 @@ def _date(node_id: str, text: str, outputs: list[Path]) -> None:
     had before, and the node's outputs were all made while it had that content (an edit looked at with
     `snakemake -n`, then undone; a branch checked out and back), the time it first had it, so nothing reruns;
     otherwise now (its history: HISTORY/<node id>.json, the periods of each content)."""
-    file, digest, now = path(node_id), hashlib.sha256(text.encode()).hexdigest()[:16], time.time_ns()
+    file, digest = path(node_id), hashlib.sha256(text.encode()).hexdigest()[:16]
+    now = file.stat().st_mtime_ns                                # when it was just written
     record = HISTORY / f"{node_id}.json"
     periods = json.loads(record.read_text()) if record.is_file() else []
     if periods and periods[-1][2] is None:

@@ -38,7 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import checkpoint, hardware, ranks
-from pipeline.data.datasets import augment, batch_indices, normalize
+from pipeline.data.datasets import normalize
+from pipeline.data.steps import augment, batch_indices
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import step_draws
 from pipeline.train import distributed
@@ -145,7 +146,7 @@ def step_batches(images, labels: torch.Tensor | None, batch_size: int, seed: int
             idx = batch_indices(len(images), batch_size, seed, step)[rows]
             yield images[idx], None if labels is None else labels[idx], False
     else:
-        for x, y in images.train_batches(batch_size, seed, rows, start, total):
+        for x, y in images.train_batches(batch_indices, batch_size, seed, rows, start, total):
             yield x, y, True
 
 
