@@ -37,11 +37,14 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Deep merge: mappings merge key by key, any other value replaces."""
+    """Deep merge: mappings merge key by key, any other value replaces; null over a mapping removes it (a preset's
+    `dbot: {stages: {stage2: null}}` leaves base.yaml's third stage out)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            del out[key]
         else:
             out[key] = copy.deepcopy(value)
     return out
