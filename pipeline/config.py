@@ -94,7 +94,8 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
 
 # Seeds. Study seed S owns the block 1000 S .. 1000 S + 999; each stochastic node seeds its generators with its
 # own seed b = 1000 S + offset and the few after it: b (encoder init; the engine's per-step draws
-# b * 1_000_003 + step and epoch order b * 7_919 + epoch + 1), b + 1 (decoder or head), b + 2 (a second network:
+# b * 1_000_003 + step and epoch order b * 7_919 + epoch + 1, with b = 999 for node seed 0: engine.stream_key),
+# b + 1 (decoder or head), b + 2 (a second network:
 # SdAE's random teacher); robustness b + 10 i + severity. Offsets 10 apart keep every node's seeds apart
 # (tests/test_seeds.py lists them all). Shared on purpose: random_init and dBOT stage 0 (the stage-0 teacher is a
 # copy of the student's own init, dbot main_pretrain.py:220), the chains of one dBOT stage (they differ only in

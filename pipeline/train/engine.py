@@ -131,12 +131,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
 
+# A node's per-step draws come from seed * 1_000_003 + step and its epochs' orders from seed * 7_919 + epoch + 1: for
+# every node seed b >= 10 (pipeline.config.node_seed) far above the study's own seeds (< 1000 per study seed) and
+# apart from each other's. Node seed 0 (study seed 0's dBOT stage 0, which shares it with random_init) would draw
+# 0, 1, 2, ...: the other nodes' seeds. It draws as STREAM_OF_SEED_0 = 999 instead, an offset of study seed 0's
+# block that no node has (tests/test_seeds.py records every stream of every training node).
+STREAM_OF_SEED_0 = 999
+
+
+def stream_key(seed: int) -> int:
+    """The key of the node's per-step and per-epoch streams: its seed, but STREAM_OF_SEED_0 for seed 0."""
+    return seed or STREAM_OF_SEED_0
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(stream_key(seed) * 1_000_003 + step)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stream_key(seed) * 7_919 + epoch + 1))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
