@@ -55,6 +55,7 @@ DERIVED = {
     "=max_block_patches": lambda v, m: max_block_patches(v[m]["max_block"], _patches(v)),
     "=feature_decoder_heads": lambda v, m: (v["model"]["num_heads"] if v[m]["feature_decoder"] == "encoder"
                                             else v["model"]["decoder_heads"]),
+    "=decoder_depth": lambda v, m: v[m].get("decoder_depth", v["model"]["decoder_depth"]),
     "=linprobe_blr": lambda v, m: v["linprobe"]["lr"] * 256 / v["linprobe"]["batch_size"],
 }
 
@@ -104,7 +105,8 @@ def test_every_value_the_preset_sets_for_a_method_has_its_row(params):
 
     preset = yaml.safe_load(open("params/presets/imagenet.yaml"))
     feeds = {"tau_epochs": "=ema", "breakpoints": "=ema_breakpoint_epochs", "block_ratio": "=block_patches",
-             "max_block": "=max_block_patches", "stage0_teacher_depth": "=stage0_teacher_depth"}
+             "max_block": "=max_block_patches", "stage0_teacher_depth": "=stage0_teacher_depth",
+             "decoder_depth": "=decoder_depth"}
     rows = {(r.method, r.key) for r in RECIPES}
 
     def leaves(d, prefix):
@@ -138,3 +140,19 @@ def test_the_five_methods_train_their_own_schedules(params):
     assert {k: (s["epochs"], s["batch_size"], s["clip_grad"]) for k, s in got.items()} == {
         "mae": (1600, 4096, None), "sdae": (300, 768, None), "rcmae": (1600, 4096, None), "bootmae": (800, 4096, None),
         "random_stage0": (800, 4096, 3.0), "random_stage1": (800, 4096, 3.0)}
+
+
+def test_bootmae_decoder_depth_is_its_own_where_set():
+    """bootmae.decoder_depth (absent: model.decoder_depth) sets both of BootMAE's decoders and their FLOPs; the other
+    methods keep model.decoder_depth."""
+    from pipeline.methods import METHODS
+    from pipeline.models.flops import flops_per_image
+
+    study = config.load("tiny", ["model.decoder_depth=1"])
+    own = config.load("tiny", ["model.decoder_depth=1", "bootmae.decoder_depth=3"])
+    boot = METHODS["bootmae"](own, 1, 0)
+    assert len(boot.pixel_decoder.blocks) == len(boot.feature_decoder.blocks) == 3
+    assert len(METHODS["mae"](own, 1, 0).decoder.blocks) == 1
+    assert flops_per_image(own, "bootmae")["train"] > flops_per_image(study, "bootmae")["train"]
+    assert flops_per_image(own, "mae") == flops_per_image(study, "mae")
+    assert "decoder_depth" not in study["bootmae"]          # the default study's params stay as they were
