@@ -8,9 +8,9 @@ method (MAE's fine-tune and linear-probe protocols at ViT-B).
 
 Where this project cannot or does not follow the official code, the row keeps the official value and records `ours`
 (what the preset resolves to instead) and `why`; the test pins `ours`, so that changes fail too.
-Repositories (docs/results.md and ../shared/REFERENCE-METHODS.md have the commits read):
-mae = facebookresearch/mae, dbot = liuxingbin/dbot (branch main), sdae = AbrahamYabo/SdAE,
-rcmae = youngwanLEE/rc-mae, boot = LightDXY/BootMAE.
+Repositories, at the commits read: mae = facebookresearch/mae (3d650de), dbot = liuxingbin/dbot (branch main,
+e935478), sdae = AbrahamYabo/SdAE (79ed28c; README.md 82e3f33), rcmae = youngwanLEE/rc-mae (d2fa73d),
+boot = LightDXY/BootMAE (f951200).
 """
 from typing import NamedTuple
 
