@@ -49,11 +49,14 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Deep merge: mappings merge key by key, any other value replaces."""
+    """Deep merge: mappings merge key by key, any other value replaces; null over a mapping removes it (a preset's
+    `dbot: {stages: {stage2: null}}` leaves base.yaml's third stage out)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            del out[key]
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -103,7 +106,8 @@ def load(preset: str = "default", overrides: list[str] = (), files: list[Path] =
 
 # Seeds. Study seed S owns the block 1000 S .. 1000 S + 999; each stochastic node seeds its generators with its
 # own seed b = 1000 S + offset and the few after it: b (encoder init; the engine's per-step draws
-# b * 1_000_003 + step and epoch order b * 7_919 + epoch + 1), b + 1 (decoder or head), b + 2 (a second network:
+# b * 1_000_003 + step and epoch order b * 7_919 + epoch + 1, with b = 999 for node seed 0: engine.stream_key),
+# b + 1 (decoder or head), b + 2 (a second network:
 # SdAE's random teacher); robustness b + 10 i + severity. Offsets 10 apart keep every node's seeds apart
 # (tests/test_seeds.py lists them all). Shared on purpose: random_init and dBOT stage 0 (the stage-0 teacher is a
 # copy of the student's own init, dbot main_pretrain.py:220), the chains of one dBOT stage (they differ only in
@@ -124,6 +128,19 @@ def node_seed(params: dict, node: str, stage: int = 0) -> int:
     if node == "dbot":
         return base + DBOT_STAGE_SEEDS * stage
     return base + SEED_OFFSETS[node]
+
+
+def method_params(params: dict, method: str, stage: int = 0) -> dict:
+    """params as the training node of `method` (dBOT: its `stage`) sees them: pretrain = the study's pretrain
+    section with the node's own keys over it (methods.own_pretrain), so one preset holds each method's own schedule
+    (params/presets/imagenet.yaml). Unchanged where the node sets none. A params_reads.Recorder stays one."""
+    own = methods.own_pretrain(params, method, stage)
+    if not own:
+        return params
+    merged = merge(params["pretrain"], own)
+    if hasattr(params, "with_section"):                  # recording the node's reads (params_reads.Recorder)
+        return params.with_section("pretrain", merged)
+    return {**params, "pretrain": merged}
 
 
 def with_seed(params: dict, seed: int) -> dict:
@@ -148,10 +165,18 @@ def _momentum_problems(method: str, spec: dict):
 
 
 def schema() -> dict:
-    """params/schema.yaml with every method's section (its module's SPEC["params"], pipeline.methods.schema)."""
+    """params/schema.yaml with every method's section (its module's SPEC["params"], pipeline.methods.schema).
+    A single-stage method's section may also hold `pretrain`: any of the pretrain keys, its own schedule
+    (method_params); a dBOT stage takes any pretrain key besides its required epochs and blr."""
     out = _read_yaml(SCHEMA)
     out["required"] = out["required"] + list(methods.NAMES)
     out["properties"].update({name: methods.schema(name) for name in methods.NAMES})
+    keys = out["properties"]["pretrain"]["properties"]
+    for name in methods.with_node("pretrain"):
+        section = out["properties"][name]
+        section["properties"] = {**section["properties"], "pretrain": {  # a copy: not the cached SPEC's own dict
+            "type": "object", "additionalProperties": False, "properties": keys}}
+    out["$defs"]["stage"]["properties"] = {**keys, **out["$defs"]["stage"]["properties"]}
     return out
 
 
@@ -179,10 +204,15 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
     if m["decoder_dim"] % m["decoder_heads"]:
         yield f"model.decoder_heads {m['decoder_heads']} does not divide model.decoder_dim {m['decoder_dim']}"
     num_patches = (d["img_size"] // m["patch_size"]) ** 2
-    if int(num_patches * (1 - t["mask_ratio"])) < 1:
-        yield f"pretrain.mask_ratio {t['mask_ratio']} leaves no visible patch of {num_patches}"
-    if t["crop_scale"][0] > t["crop_scale"][1]:
-        yield f"pretrain.crop_scale {t['crop_scale']} must be [low, high] with low <= high"
+    launch = p["launch"]
+    for where, own in _schedules(p):            # pretrain.*, and each training node's own keys over it
+        s = merge(t, own)
+        if int(num_patches * (1 - s["mask_ratio"])) < 1:
+            yield f"{where}.mask_ratio {s['mask_ratio']} leaves no visible patch of {num_patches}"
+        if s["crop_scale"][0] > s["crop_scale"][1]:
+            yield f"{where}.crop_scale {s['crop_scale']} must be [low, high] with low <= high"
+        if launch["tasks"] > 1 and s["batch_size"] % launch["tasks"]:
+            yield f"{where}.batch_size {s['batch_size']} does not divide by launch.tasks {launch['tasks']}"
     if d["dataset"] in ("imagefolder", "cifar"):
         if not d["path"]:
             yield f"data.path is required for dataset {d['dataset']}"
@@ -190,10 +220,11 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
             yield f"data.path {d['path']} does not exist or is not a folder"
     if d["format"] == "stream" and d["dataset"] != "imagefolder":
         yield f"data.format stream needs data.dataset imagefolder ({d['dataset']} is always prepared as a tensor)"
-    masked = num_patches - int(num_patches * (1 - t["mask_ratio"]))
-    bounds = {"masked_patches": (masked, f"the {masked} masked patches"),
-              "model.depth": (m["depth"], f"model.depth {m['depth']}")}
     for method in methods.NAMES:                 # a method's params bounded by the study (its SPEC's at_most)
+        ratio = merge(t, methods.own_pretrain(p, method) if method != "dbot" else {})["mask_ratio"]
+        masked = num_patches - int(num_patches * (1 - ratio))
+        bounds = {"masked_patches": (masked, f"the {masked} masked patches"),
+                  "model.depth": (m["depth"], f"model.depth {m['depth']}")}
         for key, bound in methods.spec(method)["at_most"].items():
             limit, text = bounds[bound]
             if p[method][key] is not None and p[method][key] > limit:
@@ -202,11 +233,8 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
         if p[method]["momentum"]["update"] == "epoch" and p[method]["momentum"]["schedule"] == "repo":
             yield f"{method}.momentum: schedule repo indexes steps within the epoch; it needs update: step"
         yield from _momentum_problems(method, p[method]["momentum"])
-    launch = p["launch"]
     if launch["tasks"] > 1 and launch["executor"] == "inline":
         yield f"launch.tasks {launch['tasks']} needs executor local or slurm (one process per task)"
-    if launch["tasks"] > 1 and t["batch_size"] % launch["tasks"]:
-        yield f"pretrain.batch_size {t['batch_size']} does not divide by launch.tasks {launch['tasks']}"
     gpus, nodes = launch["slurm"]["gpus_per_node"], launch["slurm"]["nodes"]
     if nodes > 1 and launch["executor"] != "slurm":
         yield f"launch.slurm.nodes {nodes} needs executor slurm (executor {launch['executor']} runs on this machine)"
@@ -234,6 +262,30 @@ def _cross_field_problems(p: dict, check_paths: bool = True):
 
         if not timm.is_model(m["arch"]):
             yield f"model.arch {m['arch']!r} is not a timm model name"
+    from pipeline import layout
+
+    kept = {name: layout.kept_epochs(p, name) for name in methods.with_node("pretrain")}
+    first = next(iter(kept))
+    for name, epochs in kept.items():           # one DAG rule / foreach stage declares every method's kept files
+        if epochs != kept[first]:
+            yield (f"{name}.pretrain: the single-stage methods keep their encoder after the same epochs (one rule "
+                   f"declares them): {name} {_short(epochs)}, {first} {_short(kept[first])}; set "
+                   "pretrain.keep_every_epochs null (or in each method's pretrain) when their epochs differ")
+
+
+def _schedules(p: dict):
+    """(where, own keys) of every pretraining schedule of the study: pretrain itself, each single-stage method's
+    <method>.pretrain and each dBOT stage, the keys a node sets over pretrain (own_pretrain)."""
+    yield "pretrain", {}
+    for name in methods.with_node("pretrain"):
+        if methods.own_pretrain(p, name):
+            yield f"{name}.pretrain", methods.own_pretrain(p, name)
+    for stage in p["dbot"]["stages"]:
+        yield f"dbot.stages.{stage}", p["dbot"]["stages"][stage]
+
+
+def _short(epochs: list[int]) -> str:
+    return "none" if not epochs else f"[{', '.join(map(str, epochs[:3]))}{', ...' if len(epochs) > 3 else ''}]"
 
 
 def section_hash(params: dict, sections: list[str]) -> str:

@@ -202,11 +202,18 @@ def finetune_weights(params: dict) -> list[str]:
 
 def kept_epochs(params: dict, weights: str) -> list[int]:
     """Epochs (1-based) after which the training node of `weights` keeps its encoder: every
-    pretrain.keep_every_epochs, before the last epoch (the final encoder is encoder.safetensors)."""
-    every = params["pretrain"]["keep_every_epochs"]
-    if weights not in KEEPS_CHECKPOINTS or not every:
+    pretrain.keep_every_epochs of its own schedule (<method>.pretrain over pretrain: config.method_params), before
+    its last epoch (the final encoder is encoder.safetensors). The single-stage methods keep the same epochs
+    (config checks it: one rule declares their files)."""
+    if weights not in KEEPS_CHECKPOINTS:
         return []
-    return list(range(every, params["pretrain"]["epochs"], every))
+    own = methods.own_pretrain(params, weights)
+
+    def setting(key):
+        return own[key] if key in own else params["pretrain"][key]
+
+    every = setting("keep_every_epochs")
+    return list(range(every, setting("epochs"), every)) if every else []
 
 
 def checkpoint_path(weights: str, seed: int, epoch: int) -> Path:

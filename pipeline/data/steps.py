@@ -14,9 +14,22 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.ranks import rand_rows
 
+# A node's per-step draws come from seed * 1_000_003 + step (pipeline.train.engine.step_generator) and its epochs'
+# orders from seed * 7_919 + epoch + 1: for every node seed b >= 10 (pipeline.config.node_seed) far above the study's
+# own seeds (< 1000 per study seed) and apart from each other's. Node seed 0 (study seed 0's dBOT stage 0, which
+# shares it with random_init) would draw 0, 1, 2, ...: the other nodes' seeds. It draws as STREAM_OF_SEED_0 = 999
+# instead, an offset of study seed 0's block that no node has (tests/test_seeds.py records every stream of every
+# training node).
+STREAM_OF_SEED_0 = 999
+
+
+def stream_key(seed: int) -> int:
+    """The key of the node's per-step and per-epoch streams: its seed, but STREAM_OF_SEED_0 for seed 0."""
+    return seed or STREAM_OF_SEED_0
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch + 1))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stream_key(seed) * 7_919 + epoch + 1))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:

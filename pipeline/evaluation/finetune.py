@@ -190,7 +190,7 @@ def restored_rng():
 
 def seed_step(seed: int, step: int) -> None:
     """Seed every global RNG a step draws from (RandAugment, Mixup, drop path) from (seed, step)."""
-    s = seed * 1_000_003 + step                               # pipeline.train.engine.step_generator's stream
+    s = engine.stream_key(seed) * 1_000_003 + step            # pipeline.train.engine.step_generator's stream
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)

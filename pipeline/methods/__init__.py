@@ -11,7 +11,9 @@
   labels         trains with labels (supervised);
   seed_offset    its training node's seed offset in the study seed's block (pipeline.config.node_seed);
   at_most        params of its section bounded by a quantity of the study: "masked_patches" or "model.depth";
-  params         the JSON schema of each key of its section (all required; params/schema.yaml has the rest).
+  params         the JSON schema of each key of its section (all required; params/schema.yaml has the rest);
+  optional       (may be absent) the schema of keys its section may leave out: the module says what their absence
+                 means (BootMAE's decoder_depth: model.decoder_depth).
 - `build(params, in_chans, seed, teacher)` -> an nn.Module with forward(imgs, generator, step) -> (loss, outputs
   holding at least "mask"), `.encoder` (the student), optional hooks start_schedule(steps_per_epoch,
   total_steps) and after_step(step);
@@ -63,7 +65,17 @@ def with_teacher(kind: str | None) -> set[str]:
 def schema(name: str) -> dict:
     """The JSON schema of params section `name`."""
     props = spec(name)["params"]
-    return {"type": "object", "additionalProperties": False, "required": list(props), "properties": props}
+    return {"type": "object", "additionalProperties": False, "required": list(props),
+            "properties": {**props, **spec(name).get("optional", {})}}
+
+
+def own_pretrain(params: dict, method: str, stage: int = 0) -> dict:
+    """The pretrain.* keys that `method`'s training node sets itself: a single-stage method's `<method>.pretrain`
+    (absent = none), dBOT stage k's entry of dbot.stages (its epochs, blr and any other pretrain key)."""
+    if method == "dbot":
+        return params["dbot"]["stages"][f"stage{stage}"]
+    section = params.get(method)
+    return (section.get("pretrain") if isinstance(section, dict) else None) or {}
 
 
 NEEDS_LABELS = {n for n in NAMES if spec(n)["labels"]}

@@ -58,6 +58,9 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
         "probe_block": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/posint"}]},
         "drop_path": {"$ref": "#/$defs/drop_path"},
     },
+    "optional": {   # absent: the study's model.decoder_depth (the official ViT-B: 2 blocks each, preset imagenet)
+        "decoder_depth": {"$ref": "#/$defs/posint"},
+    },
 }
 
 
@@ -76,10 +79,10 @@ class BootMAE(EMAMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.pixel_decoder = TargetAwareDecoder(
-                grid, dim, m["decoder_dim"], m["decoder_depth"], m["decoder_heads"], m["patch_size"] ** 2 * in_chans,
+                grid, dim, m["decoder_dim"], decoder_depth(params), m["decoder_heads"], m["patch_size"] ** 2 * in_chans,
                 **shared)
             self.feature_decoder = TargetAwareDecoder(
-                grid, dim, feature.pop("dim"), m["decoder_depth"], feature.pop("heads"), dim, **shared, **feature)
+                grid, dim, feature.pop("dim"), decoder_depth(params), feature.pop("heads"), dim, **shared, **feature)
         self.teacher = EMATeacher(self.encoder)
         self.ema_schedule = EMASchedule(cfg["momentum"])
         self.evaluate_weights = cfg["evaluate_weights"]
@@ -151,6 +154,12 @@ class BootMAE(EMAMethod):
                 "features": features}
 
 
+def decoder_depth(params: dict) -> int:
+    """Blocks of each decoder: bootmae.decoder_depth where set (official ViT-B: 2), else model.decoder_depth."""
+    cfg = params["bootmae"]
+    return cfg["decoder_depth"] if "decoder_depth" in cfg else params["model"]["decoder_depth"]
+
+
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: the encoder on the visible patches, a pixel decoder at
     decoder_dim and a feature decoder at embed_dim (or decoder_dim), each with its cross-attention to the
@@ -160,8 +169,8 @@ def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, flo
     project = cfg["block_order"] == "cross_self_mlp"
     student = flops.visible_encoder(params)
     for dim in (m["decoder_dim"], m["embed_dim"] if cfg["feature_decoder"] == "encoder" else m["decoder_dim"]):
-        student += encoder_flops(dim, m["decoder_depth"], 1 + num) + flops.cross_attention_flops(
-            dim, m["decoder_depth"], 1 + num, 1 + visible, m["embed_dim"], project)
+        student += encoder_flops(dim, decoder_depth(params), 1 + num) + flops.cross_attention_flops(
+            dim, decoder_depth(params), 1 + num, 1 + visible, m["embed_dim"], project)
     return student, flops.full_encoder(params)
 
 

@@ -28,10 +28,14 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import methods
+
 ENV = "MIM_PARAMS_READS"
 NOT_RESULTS = ("launch", "tracking", "study", "seed")
 DAG_SHAPE = ("seeds", "dbot.chains", "dbot.stages", "data.format", "data.dataset", "pretrain.epochs",
-             "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled")
+             "pretrain.keep_every_epochs", "finetune.weights", "robustness.enabled") + tuple(
+    f"{m}.pretrain.{k}" for m in methods.with_node("pretrain") for k in ("epochs", "keep_every_epochs"))
+# (a single-stage method's own epochs and keep_every_epochs, <method>.pretrain: its kept encoders, layout.kept_epochs)
 
 class Reads:
     """The recorded key paths of one node, by phase ("check", then "work")."""
@@ -86,6 +90,13 @@ class Recorder(dict):
     def copy(self):
         self._whole()
         return dict(super().items())
+
+    def with_section(self, key, value) -> Recorder:
+        """A copy with `key` set to `value`, recording into the same reads (a node's view of its params:
+        pipeline.config.method_params)."""
+        out = Recorder(dict(dict.items(self)), self._reads, self._prefix)
+        dict.__setitem__(out, key, value)
+        return out
 
     def __reduce_ex__(self, protocol):            # pickle/deepcopy (a submitit job): a plain dict, read whole
         self._whole()

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, hardware, ranks
 from pipeline.data.datasets import normalize
-from pipeline.data.steps import augment, batch_indices
+from pipeline.data.steps import augment, batch_indices, stream_key
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import step_draws
 from pipeline.train import distributed
@@ -133,7 +133,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(stream_key(seed) * 1_000_003 + step)
 
 
 def step_batches(images, labels: torch.Tensor | None, batch_size: int, seed: int, rows: slice, start: int,

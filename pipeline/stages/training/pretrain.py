@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import dag, layout
 from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, write_json
-from pipeline.config import node_seed, section_hash
+from pipeline.config import method_params, node_seed, section_hash
 from pipeline.errors import PipelineError
 from pipeline.methods import NAMES, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.orchestration import params_reads
@@ -53,11 +53,9 @@ def stage_number(args) -> int:
 
 
 def settings(params: dict, args) -> dict:
-    """The pre-training settings of this node: pretrain.*, with a dBOT stage's own epochs and blr, and
-    supervised's own epochs."""
-    s = dict(params["pretrain"])
-    if args.method == "dbot":
-        s.update(params["dbot"]["stages"][f"stage{stage_number(args)}"])
+    """The pre-training settings of this node: pretrain.*, with the node's own keys over it (a single-stage
+    method's <method>.pretrain, a dBOT stage's entry: config.method_params), and supervised's own epochs."""
+    s = dict(method_params(params, args.method, stage_number(args))["pretrain"])
     if args.method == "supervised":
         s["epochs"] = params["supervised"]["epochs"]
     return s
@@ -90,6 +88,7 @@ def work(params: dict, args) -> None:
     from pipeline.reporting.figures import reconstruction_grid
     from pipeline.train import engine
 
+    study, params = params, method_params(params, args.method, stage_number(args))   # pretrain = this node's own
     prep = datasets.load_dataset(params)        # data.format stream: images decoded and cropped per step
     dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
     in_chans, seed = (prep.train_x.shape[1],
@@ -103,9 +102,9 @@ def work(params: dict, args) -> None:
     labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
     model = methods.module(args.method).build(params, in_chans, seed, teacher, **labels)   # its module only
     sections = ["seed", "data", "model", "pretrain", args.method]
-    logged = params                     # what params.yaml and the params hash record: dBOT the dbot keys it reads
+    logged = study                      # what params.yaml and the params hash record: dBOT the dbot keys it reads
     if args.method == "dbot":
-        logged = params_reads.view(params, dag.declared("pretrain_dbot", stage=stage_number(args)))
+        logged = params_reads.view(study, dag.declared("pretrain_dbot", stage=stage_number(args)))
     s = settings(params, args)
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(s["precision"], device)
