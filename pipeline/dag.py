@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from pipeline import layout
 
@@ -109,6 +110,13 @@ class Node:
             if {w: str(inst[w]) for w in self.wildcards} == wanted:
                 return inst
         raise KeyError(f"{self.name} has no instance {wanted}")
+
+    def job_file(self, folder: str, suffix: str) -> str:
+        """results[/seed{seed}]/<folder>/<node>[/<key>]<suffix>: the pattern of its Snakemake log ("logs", ".log") or
+        benchmark ("benchmarks", ".tsv")."""
+        root = layout.seed_dir("{seed}") if "seed" in self.wildcards else layout.RESULTS
+        key = "-".join(f"{{{k}}}" for k in self.keys)
+        return f"{root / folder / (f'{self.name}/{key}' if key else self.name)}{suffix}"
 
     def output_paths(self, params: dict, instance: dict) -> dict[str, list[str]]:
         """Its outputs for one instance."""
@@ -258,10 +266,22 @@ def _report_outputs(params: dict) -> dict[str, Output]:
     return out
 
 
+def _with_params_file(node: Node) -> Node:
+    """The node with one more output: params.yaml, the params it ran with, which it writes beside its first output
+    (pipeline.orchestration.tracking.tracked). Declared, so that neither tool keeps a stale one; for DVC it is also
+    a `cache: false` file, which keeps DVC's run-cache off for the node: a result restored from there would look
+    new to DVC and old to Snakemake (whose benchmark of the node's last job would be the newer file)."""
+    def outputs(params: dict) -> dict[str, Output]:
+        out = node.outputs(params)
+        first = next(iter(out.values())).paths[0]
+        return out | {"params": Output.one(str(Path(first).parent / "params.yaml"), "file")}
+    return replace(node, outputs=outputs)
+
+
 # ---------------------------------------------------------------- the table
 
 _PROBE = ("knn", "linprobe")
-NODES: dict[str, Node] = {n.name: n for n in (
+NODES: dict[str, Node] = {n.name: _with_params_file(n) for n in (
     Node("prepare_data", "training", (), _once, lambda p, i: {},
          lambda p: {"data": Output.one(_data(p)), "meta": Output.one(layout.sidecar(_data(p)))},
          ("data",)),

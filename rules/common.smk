@@ -7,7 +7,10 @@ import atexit
 import os
 import sys
 
+from pipeline.orchestration import cli
+
 TRAIN_THREADS = max(1, workflow.cores // 2)   # two small single-thread trainings side by side outrun one on two
+BENCHMARK = cli.BENCHMARK                      # a job's wall time and memory: results/seed<S>/benchmarks/<node>/<key>.tsv
 
 
 def node_inputs(node):
@@ -28,13 +31,6 @@ def node_outputs(node):
         paths = [report(p, **o.report, labels={"node": node.id_pattern()}) if o.report else p for p in o.paths]
         out[name] = paths[0] if len(paths) == 1 else paths
     return out
-
-
-def node_file(node, folder, suffix):
-    """results[/seed{seed}]/<folder>/<node>[/<key>]<suffix>: its log or benchmark."""
-    root = layout.seed_dir("{seed}") if "seed" in node.wildcards else layout.RESULTS
-    key = "-".join(f"{{{k}}}" for k in node.keys)
-    return f"{root / folder / (f'{node.name}/{key}' if key else node.name)}{suffix}"
 
 
 def node_resources(node):

@@ -19,6 +19,6 @@ for node in dag.NODES.values():
         resources: **node_resources(node)
         localrule: node.local
         conda: "envs/pipeline.yaml"
-        log: node_file(node, "logs", ".log")
-        benchmark: node_file(node, "benchmarks", ".tsv")
+        log: node.job_file("logs", ".log")
+        benchmark: node.job_file(*BENCHMARK)
         shell: "{params.command} > {log} 2>&1"

@@ -163,23 +163,31 @@ def declaring(module: str, study: Path) -> set[str]:
             if module in json.loads(p.read_text())["code"]}
 
 
-# module -> (its file, a changed statement, a comment-only edit, nodes it must reach, nodes it must not): a
-# statement starting with spaces goes after the line it starts with (augment()'s signature), any other at the end
+AUGMENT = "            hflip: bool) -> torch.Tensor:\n"              # augment()'s signature ends here
+# module -> (its file, a changed statement, an edit of comments, docstrings or layout only, nodes it must reach,
+# nodes it must not): an edit is (text, replacement), or (None, text to append)
 CODE_EDITS = {
-    "pipeline.models.losses": ("pipeline/models/losses.py", "\nEDITED = 1\n", "\n# an edited comment\n",
+    "pipeline.models.losses": ("pipeline/models/losses.py", (None, "\nEDITED = 1\n"), (None, "\n# a comment\n"),
                                {"pretrain_dbot@seed0-random_stage1", "knn@seed0-mae"},
                                {"prepare_data", "knn@seed0-pixels", "knn@seed0-random_init"}),
-    "pipeline.data.steps": ("pipeline/data/steps.py",       # augment(), its first statement
-                            "            hflip: bool) -> torch.Tensor:\n    hflip = bool(hflip)\n",
-                            "            hflip: bool) -> torch.Tensor:  # a comment\n",
+    "pipeline.data.steps": ("pipeline/data/steps.py", (AUGMENT, AUGMENT + "    hflip = bool(hflip)\n"),
+                            (AUGMENT, AUGMENT.replace(":\n", ":  # a comment\n")),
                             {"pretrain@seed0-mae", "finetune@seed0-random_init", "report"},
                             {"prepare_data", "random_init@seed0", "knn@seed0-pixels", "linprobe@seed0-random_init"}),
-    "pipeline.evaluation.probes": ("pipeline/evaluation/probes.py", "\nEDITED = 1\n", '\n"""A string."""  # and\n',
+    "pipeline.evaluation.probes": ("pipeline/evaluation/probes.py", (None, "\nEDITED = 1\n"),
+                                   ('"""', '"""A reworded docstring.\n\n'),
                                    {"knn@seed0-pixels", "linprobe@seed0-random_init"},
                                    {"prepare_data", "random_init@seed0", "teacher_swap@seed0-random_stage0"}),
-    "pipeline.methods.sdae": ("pipeline/methods/sdae.py", "\nEDITED = 1\n", "\n\n\n# layout only\n",
+    "pipeline.methods.sdae": ("pipeline/methods/sdae.py", (None, "\nEDITED = 1\n"), (None, "\n\n\n# layout\n"),
                               {"pretrain@seed0-sdae", "knn@seed0-sdae"}, {"pretrain@seed0-mae", "knn@seed0-mae"}),
 }
+
+
+def edited(text: str, edit: tuple) -> str:
+    old, new = edit
+    out = text + new if old is None else text.replace(old, new, 1)
+    assert out != text
+    return out
 
 
 def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(study, monkeypatch):
@@ -195,27 +203,27 @@ def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(st
     base = study / "params/base.yaml"
     original = base.read_text()
     base.write_text(original.replace("\nknn:\n  k: 20 ", "\nknn:\n  k: 7 ", 1))
-    knn = {n for n in downstream({f"knn@seed0-{w}" for w in FINAL}) if n.startswith("knn@")}
+    from pipeline import config, dag
+
+    params = config.load("tiny", check_paths=False)
+    knn = {dag.NODES["knn"].node_id(i) for i in dag.NODES["knn"].instances(params)}
     listed = snakemake_jobs()
-    assert listed == dvc_changed() and knn <= listed and "report" in listed
+    assert listed == dvc_changed() == downstream(knn | {"checkpoint_eval@seed0-mae"}) and "report" in listed
     assert not {n for n in listed if n.startswith(("pretrain", "linprobe", "segprobe", "finetune"))}
     base.write_text(original)
     assert snakemake_jobs() == set() and dvc_changed() == set()
 
+    texts = {module: (study / path).read_text() for module, (path, *_) in CODE_EDITS.items()}
     for module, (path, statement, comment, reached, untouched) in CODE_EDITS.items():
-        file = study / path
-        text = file.read_text()
-        anchor = statement.split("\n")[0] + "\n" if statement.startswith(" ") else None
-        edited = text.replace(anchor, statement, 1) if anchor else text + statement
-        assert edited != text, module
-        file.write_text(edited)
+        (study / path).write_text(edited(texts[module], statement))
         expected = downstream(declaring(module, study))
         listed = snakemake_jobs()
         assert listed == dvc_changed() == expected, module
         assert reached <= expected and not untouched & expected, module
-        file.write_text(text.replace(anchor, comment, 1) if anchor else text + comment)
-        assert snakemake_jobs() == set() and dvc_changed() == set(), f"{module}: a comment-only edit"
-        file.write_text(text)
+        (study / path).write_text(edited(texts[module], comment))    # the next checks see it: nothing to rerun
+    assert snakemake_jobs() == set() and dvc_changed() == set(), "comment, docstring and layout edits"
+    for module, (path, *_) in CODE_EDITS.items():
+        (study / path).write_text(texts[module])
     assert snakemake_jobs() == set() and dvc_changed() == set()
     assert declaring("pipeline.methods.sdae", study) == {"pretrain@seed0-sdae"}
     assert "pretrain_dbot@seed0-random_stage1" in declaring("pipeline.models.losses", study)
@@ -436,11 +444,11 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, stu
     monkeypatch.chdir(study)
     server, env = warm
     _, outputs, bench = NODES[node]
+    seconds = float((study / bench).read_text().splitlines()[1].split("\t")[0])   # its uninterrupted run
     if node == "report":        # its tables hold the training nodes' wall times, which the reruns above changed
         run_cli(*node_argv(node), env=env, timeout=600)
     reference = {f.relative_to(study): digest(f) for f in files(study, outputs)}
     assert reference, f"the study made no outputs for {node}"
-    seconds = float((study / bench).read_text().splitlines()[1].split("\t")[0])   # its uninterrupted run
     rng = random.Random(f"{node}-{os.environ.get('FAULT_SEED', '0')}")
     delay = rng.uniform(0.4, 0.95) * seconds
     remove_outputs(study, outputs)

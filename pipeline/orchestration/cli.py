@@ -30,6 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.orchestration import params_reads
 
 CODE_READS = "MIM_CODE_READS"
+BENCHMARK = ("benchmarks", ".tsv")     # Snakemake's benchmark of a node's job (rules/nodes.smk): dag.Node.job_file
 
 
 def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: Callable,
@@ -63,6 +64,7 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
             check(params, args)
             if reads:
                 reads.phase = "work"
+            forget_benchmark(node_id(args))
             with exclusive(node_id(args)):
                 if compute:
                     from pipeline.orchestration import launch  # submitit and torch: only for the work itself
@@ -80,6 +82,22 @@ def stage_main(name: str, doc: str, add_args: Callable, check: Callable, work: C
         print(f"error: {node_id(args)}: {e.strerror or e} ({e.filename or type(e).__name__}); "
               "no output was replaced", file=sys.stderr)
         sys.exit(2)
+
+
+def forget_benchmark(node: str) -> None:
+    """Remove the Snakemake benchmark of this node's last job, if any: it timed outputs this run replaces (Snakemake
+    writes a new one when it ran the job; after `dvc repro` an old one would count, for Snakemake, as an output
+    older than the node's fingerprint and make it rerun the node)."""
+    from pipeline import dag
+
+    try:
+        found, values = dag.parse_node_id(node)
+    except KeyError:                      # a node run by hand outside the DAG (import_weights)
+        return
+    try:
+        os.unlink(found.job_file(*BENCHMARK).format(**values))
+    except FileNotFoundError:
+        pass
 
 
 def record_imports(node: str) -> None:
