@@ -325,6 +325,26 @@ def _parent(client, experiment_id: str, chain: str, seed: str, env: dict) -> str
     return oldest()
 
 
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even while a progress bar is drawn there (tqdm.write)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _cause(e: BaseException) -> str:
+    """What failed, in a few words: the system's reason (connection refused, timed out, ...) where the error holds
+    one, else its first line."""
+    import re
+
+    text = str(e).strip()
+    found = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)|(Read timed out|timed out|database is locked)", text)
+    if found:
+        return next(a or b for a, b in reversed(found)).strip()
+    return (text.splitlines()[0][:160] if text else "") or type(e).__name__
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -343,16 +363,17 @@ class NodeRun:
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (seconds of import: not under the lock)
         self._env = environment_tags()          # git and package look-ups: outside the lock
         self.uri, self.node_id, self.offline, self._monitor = uri, node_id, False, None
-        self.client = _RetryingClient(_retry(MlflowClient, uri))    # opens the store, makes its tables if new
-        self._store = _Store(self.client, _read_ids())
         self._journal = Journal(node_id)
+        self.client = None
         seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
         try:
+            self.client = _RetryingClient(_retry(MlflowClient, uri))   # opens the store, makes its tables if new
             replay(uri, self.client)                   # what earlier nodes (or this one) could not log
         except Exception as e:
             if not _transient(e):
                 raise
             self._go_offline(e)
+        self._store = _Store(self.client, _read_ids())
         run_id = self._store.ids.get(run_id, run_id)   # a run made offline, since logged: its id in the store
         if run_id and run_id.startswith(OFFLINE) and not self.offline and not self._journal.path.is_file():
             run_id = None                              # made offline, its journal gone: a new run
@@ -389,10 +410,10 @@ class NodeRun:
         if self._monitor is not None:
             self._monitor._shutdown_event.set()        # no join: it may be waiting on the store
             self._monitor = None
-        cause = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
-        print(f"warning: MLflow store {self.uri} unreachable ({cause}); {self.node_id} goes on without it and keeps "
-              f"what it logs in {self._journal.path}: `python -m pipeline.orchestration.tracking sync` (or any later "
-              "node) logs it once the store answers", file=sys.stderr, flush=True)
+        cause = _cause(e)
+        _say(f"warning: MLflow store {self.uri} unreachable ({cause}); {self.node_id} goes on without it and keeps "
+             f"what it logs in {self._journal.path}: `python -m pipeline.orchestration.tracking sync` (or any later "
+             "node) logs it once the store answers")
 
     def log_params(self, params: dict) -> None:
         self._do("params", self.run_id, {k: v[:6000] for k, v in flatten(params).items()})
@@ -488,8 +509,8 @@ class NodeRun:
                     raise
                 return
             if done:
-                print(f"note: MLflow store {self.uri} answers again: logged what {self.node_id} kept in "
-                      f"{self._journal.path}", file=sys.stderr, flush=True)
+                _say(f"note: MLflow store {self.uri} answers again: logged what {self.node_id} kept in "
+                     f"{self._journal.path}")
 
 
 class Journal:
@@ -660,7 +681,7 @@ def sync(argv: list[str] | None = None) -> int:
             done += replay(uri, MlflowClient(uri))
         except Exception as e:
             left = len(pending())
-            print(f"error: MLflow store {uri}: {str(e).strip().splitlines()[-1][:200]}; {left} journals kept in "
+            print(f"error: MLflow store {uri} unreachable ({_cause(e)}); {left} journals kept in "
                   f"{JOURNALS}, run sync again once the store answers", file=sys.stderr)
             return 1
     left = pending(args.uri)
