@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,3 +232,59 @@ def test_store_down_mid_run_and_at_start_costs_no_work_and_no_data(tmp_path, ser
         for part in ("status", "tags", "params", "metrics", "inputs", "artifacts"):
             assert got[name][part] == want[name][part], (name, part)
     assert [s for s, _ in got["pretrain@seed0-mae"]["metrics"]["loss"]] == list(range(EPOCHS))
+
+
+def node_runs(params: dict, out: Path) -> None:
+    """What the test below logs, in order: a training node's run interrupted (FAILED) and resumed by id (as its
+    resumable state holds it) twice, and an evaluation node's run with a metric on its chain's parent."""
+    from pipeline.evaluation.nodes import log_on_chain
+    from pipeline.orchestration.tracking import NodeRun, tracked
+
+    first = NodeRun(params, "mae", "pretrain@seed0-mae", {"method": "mae"})
+    first.log_params({"pretrain": params["pretrain"]})
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.finish(ok=False)
+    resumed = NodeRun(params, "mae", "pretrain@seed0-mae", {}, run_id=first.run_id)
+    resumed.log_metrics({"loss": 0.5}, step=1)
+    resumed.finish(ok=False)
+    yield first.run_id
+    with tracked(params, "mae", "knn@seed0-mae", out, ["seed"]) as run:
+        run.log_metrics({"top1": 0.25})
+        log_on_chain(run, "knn", "mae", {"top1": 0.25})
+    last = NodeRun(params, "mae", "pretrain@seed0-mae", {}, run_id=first.run_id)
+    last.log_metrics({"loss": 0.25}, step=2)
+    last.finish()
+
+
+def test_later_node_logs_the_journal(workdir, server, monkeypatch, capsys):
+    """A store down while a training run starts, is interrupted and resumed (its placeholder id in the state); a
+    sync that is cut off after making the run; then, with the store up, the next node logs the journal before its
+    own run, and the training run resumed by its placeholder id continues the run the sync made. The store then
+    holds what a store that never went down holds."""
+    from pipeline import config
+    from pipeline.orchestration import tracking
+
+    monkeypatch.setenv("MIM_TRACKING_RETRY_S", "0.2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    params = config.load("tiny")
+    reference = dict(params, tracking=dict(params["tracking"], uri=f"sqlite:///{workdir}/reference.db"))
+    for _ in node_runs(reference, workdir / "results/ref"):
+        pass
+    shutil.rmtree(workdir / "results/.tracking", ignore_errors=True)
+
+    params["tracking"] = dict(params["tracking"], uri=server.url)        # not started yet: down
+    runs = node_runs(params, workdir / "results/out")
+    placeholder = next(runs)
+    assert placeholder.startswith(tracking.OFFLINE)
+    journal = workdir / "results/.tracking/pretrain@seed0-mae.jsonl"
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow store") == 2 and journal.is_file()       # one line per node run, 2 runs
+    server.start()
+    kept = journal.read_text()
+    assert tracking.replay(server.url, MlflowClient(server.url)) == ["pretrain@seed0-mae"]
+    journal.write_text(kept)            # as if that sync had been killed before it removed the journal
+    next(runs, None)                    # the next node (knn) logs the journal, then its own run; then a resume
+    assert not journal.exists()
+    assert store_contents(server.url, workdir) == store_contents(reference["tracking"]["uri"], workdir)
+    pretrain = store_contents(server.url, workdir)["pretrain@seed0-mae"]
+    assert pretrain["metrics"]["loss"] == [(0, 1.0), (1, 0.5), (2, 0.25)] and pretrain["status"] == "FINISHED"
