@@ -236,8 +236,11 @@ def test_store_down_mid_run_and_at_start_costs_no_work_and_no_data(tmp_path, ser
 
 def node_runs(params: dict, out: Path) -> None:
     """What the test below logs, in order: a training node's run interrupted (FAILED) and resumed by id (as its
-    resumable state holds it) twice, and an evaluation node's run with a metric on its chain's parent."""
+    resumable state holds it), and a linprobe run, while the store may be down; then (yield) the training run
+    resumed again by its node's process (holding the node's lock), and a knn run with a metric on its chain's
+    parent."""
     from pipeline.evaluation.nodes import log_on_chain
+    from pipeline.orchestration.cli import exclusive
     from pipeline.orchestration.tracking import NodeRun, tracked
 
     first = NodeRun(params, "mae", "pretrain@seed0-mae", {"method": "mae"})
@@ -247,20 +250,23 @@ def node_runs(params: dict, out: Path) -> None:
     resumed = NodeRun(params, "mae", "pretrain@seed0-mae", {}, run_id=first.run_id)
     resumed.log_metrics({"loss": 0.5}, step=1)
     resumed.finish(ok=False)
+    with tracked(params, "mae", "linprobe@seed0-mae", out / "linprobe", ["seed"]) as run:
+        log_on_chain(run, "linprobe", "mae", {"top1": 0.5})
     yield first.run_id
-    with tracked(params, "mae", "knn@seed0-mae", out, ["seed"]) as run:
+    with exclusive("pretrain@seed0-mae"):
+        last = NodeRun(params, "mae", "pretrain@seed0-mae", {}, run_id=first.run_id)
+        last.log_metrics({"loss": 0.25}, step=2)
+        last.finish()
+    with tracked(params, "mae", "knn@seed0-mae", out / "knn", ["seed"]) as run:
         run.log_metrics({"top1": 0.25})
         log_on_chain(run, "knn", "mae", {"top1": 0.25})
-    last = NodeRun(params, "mae", "pretrain@seed0-mae", {}, run_id=first.run_id)
-    last.log_metrics({"loss": 0.25}, step=2)
-    last.finish()
 
 
 def test_later_node_logs_the_journal(workdir, server, monkeypatch, capsys):
-    """A store down while a training run starts, is interrupted and resumed (its placeholder id in the state); a
-    sync that is cut off after making the run; then, with the store up, the next node logs the journal before its
-    own run, and the training run resumed by its placeholder id continues the run the sync made. The store then
-    holds what a store that never went down holds."""
+    """A store down while a training run starts, is interrupted and resumed (its placeholder id in the state), and
+    while a linprobe run is made; a sync that is cut off after making linprobe's run; then, with the store up, the
+    training node resumed again logs its own journal and linprobe's before it goes on, and its placeholder id
+    continues the run the sync made. The store then holds what a store that never went down holds."""
     from pipeline import config
     from pipeline.orchestration import tracking
 
@@ -276,15 +282,17 @@ def test_later_node_logs_the_journal(workdir, server, monkeypatch, capsys):
     runs = node_runs(params, workdir / "results/out")
     placeholder = next(runs)
     assert placeholder.startswith(tracking.OFFLINE)
-    journal = workdir / "results/.tracking/pretrain@seed0-mae.jsonl"
+    journals = workdir / "results/.tracking"
     err = capsys.readouterr().err
-    assert err.count("warning: MLflow store") == 2 and journal.is_file()       # one line per node run, 2 runs
+    assert err.count("warning: MLflow store") == 3                     # one line per node run, 3 runs
+    assert sorted(p.name for p in journals.glob("*.jsonl")) == ["linprobe@seed0-mae.jsonl", "pretrain@seed0-mae.jsonl"]
     server.start()
-    kept = journal.read_text()
-    assert tracking.replay(server.url, MlflowClient(server.url)) == ["pretrain@seed0-mae"]
-    journal.write_text(kept)            # as if that sync had been killed before it removed the journal
-    next(runs, None)                    # the next node (knn) logs the journal, then its own run; then a resume
-    assert not journal.exists()
+    shutil.copytree(journals, workdir / "kept")
+    assert tracking.replay(server.url, MlflowClient(server.url), only="linprobe@seed0-mae") == ["linprobe@seed0-mae"]
+    for name in ("linprobe@seed0-mae.jsonl", "linprobe@seed0-mae.files"):    # as if that sync had been killed
+        shutil.move(workdir / "kept" / name, journals / name)             # before it removed the journal
+    next(runs, None)                    # the training node resumed, then knn
+    assert not list(journals.glob("*.jsonl"))
     assert store_contents(server.url, workdir) == store_contents(reference["tracking"]["uri"], workdir)
     pretrain = store_contents(server.url, workdir)["pretrain@seed0-mae"]
     assert pretrain["metrics"]["loss"] == [(0, 1.0), (1, 0.5), (2, 0.25)] and pretrain["status"] == "FINISHED"

@@ -271,6 +271,9 @@ class _Store:
                                                              [InputTag(k, v) for k, v in tags.items()])])
 
     def artifact(self, run: str, path: str) -> None:
+        if self.replay and not Path(path).is_file():    # its copy gone (a journal's files removed by hand)
+            log.warning("not logging %s to run %s: the file is gone", path, self._id(run))
+            return
         self.client.log_artifact(self._id(run), path)
 
     def tags(self, run: str, tags: dict) -> None:
@@ -368,7 +371,7 @@ class NodeRun:
         seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
         try:
             self.client = _RetryingClient(_retry(MlflowClient, uri))   # opens the store, makes its tables if new
-            replay(uri, self.client)                   # what earlier nodes (or this one) could not log
+            replay(uri, self.client, mine=node_id)     # what earlier nodes (or this one) could not log
         except Exception as e:
             if not _transient(e):
                 raise
@@ -503,7 +506,9 @@ class NodeRun:
             from mlflow.tracking import MlflowClient
 
             try:
-                done = replay(self.uri, MlflowClient(self.uri), only=self.node_id)
+                client = MlflowClient(self.uri)
+                client.search_experiments(max_results=1)      # one try (MLflow's own few retries): is it back?
+                done = replay(self.uri, client, only=self.node_id, mine=self.node_id)
             except Exception as e:
                 if not _transient(e):
                     raise
@@ -585,15 +590,16 @@ def pending(uri: str | None = None) -> list[Journal]:
     return out
 
 
-def replay(uri: str, client, only: str | None = None) -> list[str]:
+def replay(uri: str, client, only: str | None = None, mine: str | None = None) -> list[str]:
     """Log the journals kept for the store at uri (only: that node's) in their order, each removed once logged;
-    journals of nodes that run now in other processes are left for later (their node logs them itself). The
-    node ids logged; a store error propagates (the journal stays, and a later replay does it all again)."""
+    journals of nodes that run now in other processes are left for later (their node logs them itself; mine: the
+    node this process runs, whose lock it holds). The node ids logged; a store error propagates (the journal
+    stays, and a later replay does it all again)."""
     journals = [j for j in pending(uri) if only is None or j.path.name == f"{only}.jsonl"]
     if not journals:
         return []
     with _replay_lock():
-        return _replay(journals, client, only)
+        return _replay(journals, client, mine)
 
 
 @contextmanager
@@ -609,13 +615,13 @@ def _replay_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _replay(journals: list[Journal], client, only: str | None) -> list[str]:
+def _replay(journals: list[Journal], client, mine: str | None) -> list[str]:
     done = []
     store = _Store(client if isinstance(client, _RetryingClient) else _RetryingClient(client), _read_ids(),
                    replay=True)
     for journal in journals:
         node = journal.path.name[:-len(".jsonl")]
-        if (node != only and _running(node)) or not journal.path.is_file():    # running; or replayed meanwhile
+        if (node != mine and _running(node)) or not journal.path.is_file():    # running; or replayed meanwhile
             continue
         for e in journal.entries():
             getattr(store, e["op"])(*e["args"], **e["kwargs"])
