@@ -1,12 +1,10 @@
-"""Writes that fail leave the last good state (issue 25, item 3): a pre-training node whose process may not write
-files past a size (RLIMIT_FSIZE lowered in the node's own process, SIGXFSZ ignored: the write fails with EFBIG, as
-on a full disk or a quota) while it saves its resumable state, or a kept encoder before it, ends with one line that
-names the file and the cause (exit 2); its last saved state is the same file as before and loads; the same command,
-the limit lifted, resumes from it and ends."""
+"""Writes that fail leave the last good state (issue 25, item 3): a pre-training node whose process may no longer
+write files past a size (RLIMIT_FSIZE lowered in the running node's own process with prlimit; Python ignores
+SIGXFSZ, so the write fails with EFBIG, as on a full disk or a quota) while it saves its resumable state, or a kept
+encoder before it, ends with one line that names the file and the cause (exit 2); its last saved state is the same
+file as before and loads; the same command, without the limit, resumes from it and ends."""
 import hashlib
-import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -32,54 +30,49 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def killed_after_first_epoch(workdir):
-    """Run the node and SIGKILL it once its state of the first epoch is saved."""
-    proc = subprocess.Popen(NODE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
-    state, deadline = workdir / RESUME / "state.pt", time.time() + 300
+def limited(workdir, limit, after_step: int | None) -> tuple[subprocess.CompletedProcess, dict]:
+    """The node as a process whose file size limit drops to limit(state bytes, kept encoder bytes) once its saved
+    state has reached after_step (None: as soon as it runs); its own process is the one holding the node's lock (it
+    may be a fork server's child). Also returns the sha256 of the state and the kept encoder when the limit fell."""
+    proc = subprocess.Popen(NODE, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = workdir / "results/.locks/pretrain@seed0-mae.lock", time.time() + 300
+    state, kept = workdir / RESUME / "state.pt", workdir / RESUME / "checkpoints/epoch1.safetensors"
+    before = {}
     while time.time() < deadline and proc.poll() is None:
         try:
-            if torch.load(state, weights_only=True)["step"] >= STEPS_PER_EPOCH:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return
-        except Exception:
+            pid = int(lock.read_text())
+            if after_step is None or torch.load(state, weights_only=True)["step"] >= after_step:
+                before = {p: sha(p) for p in (state, kept)}
+                max_bytes = limit(state.stat().st_size, kept.stat().st_size)
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+                break
+        except (OSError, ValueError, RuntimeError, KeyError):
             pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("the node ended before its first epoch's state could be seen")
-
-
-def limited(workdir, max_bytes: int) -> subprocess.CompletedProcess:
-    """The node as a process that may write no file past max_bytes (started cold: the limit is its own)."""
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
-
-    env = dict(os.environ, MIM_FORKSERVER="")
-    return subprocess.run(NODE, cwd=workdir, env=env, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(NODE, proc.returncode, out, err), before
 
 
 def test_a_failed_save_keeps_the_last_good_state_and_the_node_resumes_from_it(workdir):
     run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", *ARGS)
-    killed_after_first_epoch(workdir)
     state, kept = workdir / RESUME / "state.pt", workdir / RESUME / "checkpoints/epoch1.safetensors"
-    step = torch.load(state, weights_only=True)["step"]
-    before = {p: sha(p) for p in (state, kept)}
-    assert step == STEPS_PER_EPOCH and state.stat().st_size > 2 * kept.stat().st_size
-
-    for max_bytes, failed in ((state.stat().st_size // 2 + kept.stat().st_size, state),     # the state's save
-                              (kept.stat().st_size // 2, workdir / RESUME / "checkpoints/epoch2.safetensors")):
-        proc = limited(workdir, max_bytes)
+    cases = (  # (the limit, when it falls, the file whose save fails)
+        # after the first epoch's save: epoch 2 keeps its encoder, then fails to save its state
+        (lambda state_bytes, kept_bytes: state_bytes // 2 + kept_bytes, STEPS_PER_EPOCH, state),
+        # from the start of a resumed run: epoch 2 fails to keep its encoder
+        (lambda state_bytes, kept_bytes: kept_bytes // 2, None, workdir / RESUME / "checkpoints/epoch2.safetensors"))
+    for limit, after_step, failed in cases:
+        proc, before = limited(workdir, limit, after_step)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert errors == [f"error: pretrain@seed0-mae: File too large ({failed.relative_to(workdir)}); "
                           "no output was replaced"], proc.stderr[-3000:]
         assert {p: sha(p) for p in (state, kept)} == before                    # the last good state, as it was
-        assert torch.load(state, weights_only=True)["step"] == step
+        assert torch.load(state, weights_only=True)["step"] == STEPS_PER_EPOCH
         assert not [p for p in (workdir / RESUME).rglob("*.tmp")]
         assert not (workdir / "results/seed0/pretrain/mae/encoder.safetensors").exists()
 
-    proc = run_cli(*NODE)                                                       # the limit lifted: the same command
-    assert f"resuming {RESUME}/state.pt at step {step}" in proc.stderr
+    proc = run_cli(*NODE)                                                       # no limit: the same command
+    assert f"resuming {RESUME}/state.pt at step {STEPS_PER_EPOCH}" in proc.stderr
     tensors, meta = load_tensors(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
     assert tensors and meta["node"] == "pretrain"
