@@ -370,7 +370,8 @@ class NodeRun:
         self.client = None
         seed = str(params.get("seed", "all"))          # "all": nodes of the whole study (data, report)
         try:
-            self.client = _RetryingClient(_retry(MlflowClient, uri))   # opens the store, makes its tables if new
+            with _store_lock():                        # opens the store, makes its tables if new: one at a time
+                self.client = _RetryingClient(_retry(MlflowClient, uri))
             replay(uri, self.client, mine=node_id)     # what earlier nodes (or this one) could not log
         except Exception as e:
             if not _transient(e):
