@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.stages import stage_module
 
 pytestmark = pytest.mark.e2e
-EPOCHS = 3
+EPOCHS = 2
 TINY = ["--preset", "tiny", "--set", f"pretrain.epochs={EPOCHS}", "--set", "pretrain.checkpoint_every_min=0"]
 FAST = {"MIM_TRACKING_RETRY_S": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 TIMING = ("seconds", "images_per_s", "wall_s")       # metrics of the clock: their keys and steps are compared
