@@ -1,12 +1,13 @@
 """Tracking is never on the critical path (issue 25, item 1): real nodes against a real `mlflow server` that goes
 down, compared run by run and metric by metric with a store that never went down.
 
-The same tiny chain (prepare_data, pretrain@seed0-mae, knn of it) runs twice, in two folders: once against a store
-that never goes down (the reference: SQLite), once against an `mlflow server` that
-- is stopped in the middle of the pre-training node (after its first epoch was logged) and started again while
+The same tiny chain (prepare_data, pretrain@seed0-mae, knn of it, pretrain@seed0-sdae) runs twice, in two folders:
+once against a store that never goes down (the reference: SQLite), once against an `mlflow server` that
+- is stopped in the middle of the mae pre-training node (after its first epoch was logged) and started again while
   the node still runs: the node goes on, keeps what it could not log, and logs it itself at its end;
-- is down when knn starts: knn ends (exit 0, one warning line, its outputs as the reference's); `sync` while the
-  store is still down says so in one line and keeps the journal, and once it is up logs it.
+- is down when knn and the sdae pre-training node start: both end (exit 0, one warning line, their outputs as the
+  reference's); `sync` while the store is still down says so in one line and keeps the journals, and once it is
+  up logs them.
 Then both stores hold the same runs (no duplicates, the same parents), params, tags, per-epoch metrics with their
 steps, dataset inputs and artefacts. A later node logging what an earlier one kept: test_later_node_logs_the_journal.
 """
@@ -36,7 +37,7 @@ EPOCHS = 2
 TINY = ["--preset", "tiny", "--set", f"pretrain.epochs={EPOCHS}", "--set", "pretrain.checkpoint_every_min=0"]
 FAST = {"MIM_TRACKING_RETRY_S": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 TIMING = ("seconds", "images_per_s", "wall_s")       # metrics of the clock: their keys and steps are compared
-NODES = ("prepare_data", "pretrain@seed0-mae", "knn@seed0-mae")
+NODES = ("prepare_data", "pretrain@seed0-mae", "knn@seed0-mae", "pretrain@seed0-sdae")
 
 
 class Server:
@@ -141,14 +142,16 @@ def chain(workdir: Path, uri: str, server: Server | None = None) -> dict:
     run = dict(cwd=workdir, env=env)
     log = {"prepare_data": run_cli(*node("prepare_data"), **run).stderr}
     if server is None:
-        for name, args in (("pretrain", ["--method", "mae"]), ("knn", ["--weights", "mae"])):
-            log[name] = run_cli(*node(name, *args), **run).stderr
+        for name, args in (("pretrain", ["--method", "mae"]), ("knn", ["--weights", "mae"]),
+                           ("pretrain", ["--method", "sdae"])):
+            log[args[-1] if name == "pretrain" else name] = run_cli(*node(name, *args), **run).stderr
         return log
     log["pretrain"] = pretrain_through_restart(workdir, server, env).stderr
     server.stop()
     t0 = time.monotonic()
     log["knn"] = run_cli(*node("knn", "--weights", "mae"), **run).stderr          # exit 0 (run_cli checks)
     log["knn_seconds"] = time.monotonic() - t0
+    log["sdae"] = run_cli(*node("pretrain", "--method", "sdae"), **run).stderr     # exit 0 (run_cli checks)
     log["journals"] = sorted(p.name for p in (workdir / "results/.tracking").glob("*.jsonl"))
     down = run_cli(sys.executable, "-m", "pipeline.orchestration.tracking", "sync", check=False, **run)
     log["sync_down"] = (down.returncode, down.stdout, down.stderr)
@@ -212,22 +215,25 @@ def test_store_down_mid_run_and_at_start_costs_no_work_and_no_data(tmp_path, ser
     assert "answers again" in log["pretrain"] and "Traceback" not in log["pretrain"]
     # knn with the store down: exit 0 (run_cli), one warning line, no traceback, in seconds; its journal kept
     assert len(warnings(log["knn"])) == 1 and "Traceback" not in log["knn"], log["knn"][-3000:]
-    assert log["knn_seconds"] < 60 and log["journals"] == ["knn@seed0-mae.jsonl"]
+    assert log["knn_seconds"] < 60 and log["journals"] == ["knn@seed0-mae.jsonl", "pretrain@seed0-sdae.jsonl"]
+    assert len(warnings(log["sdae"])) == 1 and "Traceback" not in log["sdae"], log["sdae"][-3000:]
     code, _, err = log["sync_down"]
     assert code == 1 and err.startswith(f"error: MLflow store {server.url} unreachable (Connection refused); "
-                                        "1 journals kept") and len(err.strip().splitlines()) == 1, err
-    assert log["sync_up"].splitlines()[-1] == f"synced 1 journals (knn@seed0-mae) to {server.url}", log["sync_up"]
+                                        "2 journals kept") and len(err.strip().splitlines()) == 1, err
+    assert log["sync_up"].splitlines()[-1] == \
+        f"synced 2 journals (knn@seed0-mae, pretrain@seed0-sdae) to {server.url}", log["sync_up"]
     assert not list((out_dir / "results/.tracking").glob("*.jsonl"))
 
     # outputs: the same as with a store that never went down
-    for path in ("seed0/pretrain/mae/encoder.safetensors", "seed0/pretrain/mae/loss.csv"):
+    for path in ("seed0/pretrain/mae/encoder.safetensors", "seed0/pretrain/mae/loss.csv",
+                 "seed0/pretrain/sdae/encoder.safetensors", "seed0/pretrain/sdae/loss.csv"):
         assert (ref_dir / "results" / path).read_bytes() == (out_dir / "results" / path).read_bytes(), path
     ref, got = (json.loads((d / "results/seed0/knn/mae/metrics.json").read_text()) for d in (ref_dir, out_dir))
     assert ref["metrics"] == got["metrics"]
 
     # the stores: run by run, metric by metric
     want, got = store_contents(reference, ref_dir), store_contents(server.url, out_dir)
-    assert sorted(got) == sorted(want) and {"data", "mae seed0", *NODES} <= set(got)
+    assert sorted(got) == sorted(want) and {"data", "mae seed0", "sdae seed0", *NODES} <= set(got)
     for name in want:
         for part in ("status", "tags", "params", "metrics", "inputs", "artifacts"):
             assert got[name][part] == want[name][part], (name, part)
