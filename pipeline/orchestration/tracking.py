@@ -392,8 +392,13 @@ class NodeRun:
             self.parent_id = _parent_ref(run_id) if run_id.startswith(OFFLINE) else None
             self._do("resume", run_id)
             if self.parent_id is None and not self.offline:
-                run = self.client.get_run(run_id)
-                self.parent_id, self.experiment_id = run.data.tags.get("mlflow.parentRunId"), run.info.experiment_id
+                try:
+                    run = self.client.get_run(run_id)
+                    self.parent_id, self.experiment_id = run.data.tags.get("mlflow.parentRunId"), run.info.experiment_id
+                except Exception as e:                 # offline, the parent stays unknown: chain_metrics looks it up
+                    if not _transient(e):
+                        raise
+                    self._go_offline(e)
 
     def _do(self, op: str, *args, **kwargs):
         """_Store.<op>(*args, **kwargs) on the store; offline (or when the store fails now), into the journal."""
