@@ -116,7 +116,9 @@ def test_node_skips_and_names_them(workdir):
             "--set", "pretrain.keep_every_epochs=null", "--set", "launch.data_workers=1",
             "--set", "pretrain.online_knn.train_images=8", "--set", "pretrain.online_knn.val_images=4"]
     skip = [*args, "--set", "data.bad_images=skip"]
-    run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", *skip)
+    prepared = run_cli(sys.executable, "-m", "pipeline.stages.training.prepare_data", *skip)
+    sample = json.loads((workdir / "results/prepare_data/manifest.json").read_text())["bad_images"]["files"]
+    assert sample and set(sample) <= set(BAD) and "unreadable images skipped" in prepared.stderr   # the stats sample
     proc = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *skip)
     metrics = json.loads((workdir / "results/seed0/pretrain/mae/metrics.json").read_text())
     train = metrics["bad_images"]["files"]         # those of the train split its 2 steps (16 images) met
