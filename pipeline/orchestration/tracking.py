@@ -589,10 +589,13 @@ def pending(uri: str | None = None) -> list[Journal]:
         return []
     out = []
     for path in sorted(JOURNALS.glob("*.jsonl")):
-        journal = Journal(path.name[:-len(".jsonl")])
-        entries = journal.entries()
-        if entries and (uri is None or entries[0]["uri"] == uri):
-            out.append(journal)
+        try:
+            with open(path) as f:
+                first = json.loads(f.readline())          # a journal is for one store: its first line says which
+        except (OSError, ValueError):
+            continue                                      # empty, or cut short in its first line: nothing to log
+        if uri is None or first["uri"] == uri:
+            out.append(Journal(path.name[:-len(".jsonl")]))
     return out
 
 
@@ -683,7 +686,7 @@ def sync(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["sync"])
     parser.add_argument("--uri", default=None, help="only the journals kept for this store (default: all)")
     args = parser.parse_args(argv)
-    uris = sorted({j.entries()[0]["uri"] for j in pending(args.uri)})
+    uris = sorted({json.loads(j.path.read_text().splitlines()[0])["uri"] for j in pending(args.uri)})
     if not uris:
         print(f"nothing to sync: no journal in {JOURNALS}")
         return 0
