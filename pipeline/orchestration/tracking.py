@@ -12,10 +12,11 @@ dataset hash, for every node that reads it, see DATA_CONTEXT); system metrics (`
 nodes; and on each chain's parent run the k-NN and linear-probe accuracy of its stages (step = stage), so a
 parent's chart follows the chain.
 
-Every client call goes through `_retry`: a busy store (SQLite "database is locked", a server's 429/5xx) is retried
-with backoff for up to RETRY_BUDGET_S seconds, one that does not answer (refused or dropped connection, time-out) for
-up to UNREACHABLE_BUDGET_S ($MIM_TRACKING_RETRY_S sets both); MLflow's own HTTP retries and time-out are bounded by
-HTTP_DEFAULTS (unless the environment sets them), so a store that is down costs a node seconds, not minutes.
+Every client call goes through `_retry`: a busy store (SQLite "database is locked", a server's 429) is retried with
+backoff for up to RETRY_BUDGET_S seconds, one that does not answer (503/504, a refused or dropped connection, a
+time-out) for up to UNREACHABLE_BUDGET_S ($MIM_TRACKING_RETRY_S sets both); MLflow's own HTTP retries and
+time-out are bounded by HTTP_DEFAULTS (unless the environment sets them), so a store that is down costs a node
+seconds, not minutes.
 
 Tracking is never on the critical path. When the store still fails after that, the node goes on without it: it
 prints one warning line (which store, what failed, how to sync) and from then on writes what it would have logged
