@@ -10,14 +10,18 @@
   imported by the functions that use them, so a node importing this module starts fast.
 - Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target:
   a killed or failing write never leaves a partial file under the final name (a SIGKILL can leave the hidden
-  temporary file; the next write of the same file removes it).
+  temporary file; the next write of the same file removes it). A write the system refuses (a full disk, a quota,
+  the file size limit) is an OSError naming the final path, whatever library wrote (torch and safetensors raise
+  their own types): the node's one error line (pipeline.orchestration.cli) and the file's last good version stays.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +52,17 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            write(Path(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        except Exception as e:               # a library's own error for a refused write: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
         os.chmod(tmp, 0o666 & ~_UMASK)       # mkstemp makes 0600; outputs get the usual umask permissions
         os.replace(tmp, path)
     except BaseException:
@@ -155,9 +167,36 @@ def _load(path: Path | str, load: Callable[[str], dict]) -> tuple[dict, dict]:
 
 def save_state(path: Path | str, state: dict) -> None:
     """Resumable training state (tensors, numbers, strings, lists, dicts only)."""
+    atomic_write(path, lambda p: _torch_save(state, p))
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so that a refused write is the system's OSError (torch.save to a path
+    raises a RuntimeError without the cause)."""
     import torch
 
-    atomic_write(path, lambda p: torch.save(state, p))
+    class Recording(io.RawIOBase):
+        error = None
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            try:
+                return f.write(b)
+            except OSError as e:
+                Recording.error = e
+                raise
+
+    with open(path, "wb", buffering=0) as f:
+        try:
+            buffered = io.BufferedWriter(Recording(), 1 << 20)
+            torch.save(obj, buffered)
+            buffered.flush()
+        except Exception:
+            if Recording.error is not None:
+                raise Recording.error from None
+            raise
 
 
 def load_plain(path: Path | str) -> dict:

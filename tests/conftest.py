@@ -20,7 +20,8 @@ def copy_dag(dst: Path) -> Path:
     return dst
 
 
-LONGEST_FIRST = ("test_e2e_snakemake.py", "test_slurm.py", "test_e2e_dvc.py")   # minutes each: start them first
+LONGEST_FIRST = ("test_e2e_snakemake.py", "test_slurm.py", "test_e2e_dvc.py",    # minutes each: start them first
+                 "test_tracking_outage.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -9,7 +9,11 @@ for the tensor format) and the params. Outputs:
   mean/std: of STATS_IMAGES train images drawn with a fixed seed (data.split_seed), through the eval transform.
 - load(params) -> data.Prepared whose train_x / val_x are StreamImages: the manifest's sha256 is checked against
   its sidecar; each image file's size is checked against the manifest when it is opened (never its pixels'
-  hash). A missing, resized or unreadable image is a one-line PipelineError.
+  hash). A missing or resized image is a one-line PipelineError; so is an unreadable one (truncated, empty, not an
+  image) under data.bad_images: stop. Under skip it is replaced by the next readable image of its split (index i ->
+  i+1, i+2, ... with i's crop draws): a function of the index alone, so a resumed run sees the same batches. The
+  unreadable files are counted (distinct files, in the node's process: bad_images()) and, past data.max_bad_images,
+  stop the node in one line.
 - StreamImages: len, shape (N, C, S, S), [slice | indices] -> a sub-split; batches(bs) -> uint8 (B, C, S, S) in
   order with the eval transform (shorter side to round(S / 0.875), centre crop S: MAE's 256/224);
   train_batches(order, bs, seed, rows, start, total) -> per step (uint8 batch, labels) with MAE's train transform
@@ -187,7 +191,8 @@ def loader_settings(launch: dict, device: str) -> dict:
 def split_images(man: Manifest, split: str, root: Path, data: dict, loader: dict, crop_scale=(1.0, 1.0),
                  hflip: bool = False) -> StreamImages:
     files = _Files(str(root), man.paths[split], man.sizes[split], man.labels[split], "L" if data["channels"] == 1
-                   else "RGB", data["img_size"], tuple(crop_scale), hflip)
+                   else "RGB", data["img_size"], tuple(crop_scale), hflip, data.get("bad_images") == "skip",
+                   data.get("max_bad_images"))
     return StreamImages(files, np.arange(len(man.paths[split])), loader)
 
 
@@ -196,21 +201,74 @@ def split_images(man: Manifest, split: str, root: Path, data: dict, loader: dict
 class _Files(torch.utils.data.Dataset):
     """Item i -> (uint8 (C, S, S) with the eval transform, label); item (seed, epoch, i) -> the train transform."""
 
-    def __init__(self, root, paths, sizes, labels, mode, size, crop_scale, hflip):
+    def __init__(self, root, paths, sizes, labels, mode, size, crop_scale, hflip, skip_bad=False, max_bad=None):
         self.root, self.paths, self.sizes, self.labels = root, paths, sizes, labels
         self.mode, self.size, self.crop_scale, self.hflip = mode, size, crop_scale, hflip
+        self.skip_bad, self.max_bad = skip_bad, max_bad
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, key):
+        """(uint8 image, its label, the unreadable files it skipped: "\n"-joined relative paths, "" if none)."""
         i = key[2] if isinstance(key, tuple) else key
-        x = read_image(os.path.join(self.root, self.paths[i].decode()), int(self.sizes[i]), self.mode)
+        skipped = []
+        for j in (i + k for k in range(len(self.paths))):       # under skip: the next readable image
+            j %= len(self.paths)
+            try:
+                x = read_image(os.path.join(self.root, self.paths[j].decode()), int(self.sizes[j]), self.mode)
+                break
+            except UnreadableImage as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(f"{self.paths[j].decode()}\t{str(e).rsplit(': ', 1)[-1]}")
+        else:
+            raise PipelineError(f"no image of {self.root} is readable (data.bad_images: skip)")
         if isinstance(key, tuple):
             x = train_transform(x, self.size, self.crop_scale, self.hflip, np.random.default_rng(list(key)))
         else:
             x = eval_transform(x, self.size)
-        return x, self.labels[i]
+        return x, self.labels[j], "\n".join(skipped)
+
+    def count_bad(self, skipped: list[str]) -> None:
+        """Record the unreadable files of a batch (bad_images); past max_bad distinct files, a PipelineError."""
+        for entry in filter(None, (line for s in skipped for line in s.split("\n"))):
+            path, reason = entry.split("\t", 1)
+            _bad.setdefault(path, reason)
+        if self.max_bad is not None and len(_bad) > self.max_bad:
+            names = bad_images()
+            raise PipelineError(f"{len(names)} unreadable images in {self.root}, more than data.max_bad_images "
+                                f"({self.max_bad}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} "
+                                f"({_bad[names[0]]}); remove or replace them, or raise the limit")
+
+
+class UnreadableImage(PipelineError):
+    """An image file that no decoder reads (truncated, empty, not an image): data.bad_images decides."""
+
+
+_bad: dict[str, str] = {}        # unreadable files met by this process's loaders: relative path -> reason
+
+
+def bad_images() -> list[str]:
+    """The unreadable images skipped so far in this process (data.bad_images: skip), relative to data.path, sorted."""
+    return sorted(_bad)
+
+
+def bad_record(earlier=()) -> dict:
+    """What a node's metrics.json says of the unreadable images it skipped (with `earlier`: those an interrupted
+    attempt of it met): {"bad_images": {"count", "files"}}, or {} when there were none."""
+    names = sorted(set(bad_images()) | set(earlier))
+    return {"bad_images": {"count": len(names), "files": names}} if names else {}
+
+
+def log_bad_images(run, record: dict) -> None:
+    """bad_record's files on the node's MLflow run (metric bad_images, tag bad_images: the names) and one note line."""
+    if record:
+        names = record["bad_images"]["files"]
+        run.log_metrics({"bad_images": len(names)})
+        run.set_tags({"bad_images": ", ".join(names)[:5000]})
+        print(f"note: {len(names)} unreadable images skipped (data.bad_images: skip): {', '.join(names[:5])}"
+              f"{', ...' if len(names) > 5 else ''}", file=sys.stderr)
 
 
 def read_image(path: str, size: int, mode: str) -> torch.Tensor:
@@ -244,7 +302,7 @@ def _pillow(raw: bytes, path: str, mode: str) -> torch.Tensor:
         with Image.open(io.BytesIO(raw)) as im:
             return pil_to_tensor(convert_pil_mode(ImageOps.exif_transpose(im), mode))
     except Exception as e:   # Pillow raises many types for corrupt files
-        raise PipelineError(f"cannot read image {path}: {e}") from None
+        raise UnreadableImage(f"cannot read image {path}: {e}") from None
 
 
 def crop_box(w: int, h: int, scale: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -313,7 +371,7 @@ class StreamImages:
     def batches(self, batch_size: int):
         """uint8 batches (eval transform) in order."""
         chunks = [self.index[i:i + batch_size].tolist() for i in range(0, len(self), batch_size)]
-        return (x for x, _ in _iterate(self._loader(chunks)))
+        return (x for x, _ in _iterate(self._loader(chunks), self.files))
 
     def tensor(self, desc: str | None = None) -> torch.Tensor:
         """Every image decoded (eval transform) into one uint8 tensor: for small subsets."""
@@ -331,7 +389,7 @@ class StreamImages:
         """Steps start..total-1: (uint8 batch, labels) of this process's rows of order(n, bs, seed, step) (the
         trainer's, pipeline.data.steps.batch_indices), each image with the train transform drawn from
         (seed, epoch, index)."""
-        return _iterate(self._loader(_Steps(self.index, batch_size, seed, rows, start, total, order)))
+        return _iterate(self._loader(_Steps(self.index, batch_size, seed, rows, start, total, order)), self.files)
 
     def _loader(self, batches: list):
         from torch.utils.data import DataLoader
@@ -374,10 +432,13 @@ class _Steps:
                    for i in self.batch_indices(n, self.bs, self.seed, step)[self.rows]]
 
 
-def _iterate(loader):
-    """Iterate a DataLoader; a worker's PipelineError comes back as its own one-line message."""
+def _iterate(loader, files: _Files):
+    """Iterate a DataLoader: (images, labels) per batch, its unreadable files counted (_Files.count_bad); a worker's
+    PipelineError comes back as its own one-line message."""
     try:
-        yield from loader
+        for x, y, skipped in loader:
+            files.count_bad(skipped)
+            yield x, y
     except PipelineError as e:
         last = str(e).rstrip().splitlines()[-1]
-        raise PipelineError(last.split("PipelineError: ", 1)[-1]) from None
+        raise PipelineError(last.split("PipelineError: ", 1)[-1].split("UnreadableImage: ", 1)[-1]) from None

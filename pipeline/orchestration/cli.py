@@ -145,12 +145,16 @@ def exclusive(node: str):
     path = layout.RESULTS / ".locks" / f"{node}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise PipelineError(f"{node} is already running (pid {f.read().strip() or '?'}); "
-                                "wait for it to finish or stop it, then run it again") from None
+        for attempt in range(5):           # a moment's grace: a tracking sync may probe it (tracking._running)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    f.seek(0)
+                    raise PipelineError(f"{node} is already running (pid {f.read().strip() or '?'}); "
+                                        "wait for it to finish or stop it, then run it again") from None
+                time.sleep(0.05)
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()

@@ -125,6 +125,7 @@ def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, d
 def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
     from pipeline.data import datasets
+    from pipeline.data.stream import bad_record, log_bad_images
 
     settings = params[protocol]
     prep = datasets.load_dataset(params)        # data.format stream: decoded with the eval transform
@@ -133,12 +134,14 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     with eval_run(params, args, protocol, weights, ["seed", protocol], amp) as run:
         train_f, val_f = features(prep.train_x, "train"), features(prep.val_x, "val")
         metrics, history = protocol_fn(params, train_f, prep.train_y, val_f, prep.val_y, len(prep.class_names))
-        result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics, **amp.record()}
+        result = {"protocol": protocol, "settings": settings, "weights": weights, "metrics": metrics, **amp.record(),
+                  **bad_record()}
         if history:
             result["history"] = history
             log_history(run, history)
         write_json(out, result)
         run.log_metrics(metrics)
+        log_bad_images(run, bad_record())
         log_on_chain(run, protocol, args.weights, metrics)
         run.log_artifacts(out)
     print_metrics(protocol, args, metrics)

@@ -48,9 +48,11 @@ def stream_work(params: dict) -> None:
     mean, std = stream.channel_stats(man, d, seed, loader)
     meta = {"node": "prepare_data", "params_hash": section_hash(params, SECTIONS), "mean": mean, "std": std,
             "root": str(d["path"]), "source": f"imagefolder {d['path']} ({len(man.class_names)} classes, streamed)",
-            "stats_images": min(len(man.labels["train"]), stream.STATS_IMAGES)}
+            "stats_images": min(len(man.labels["train"]), stream.STATS_IMAGES),
+            **stream.bad_record()}              # unreadable images of the stats sample (data.bad_images: skip)
     with tracked(params, "data", "prepare_data", layout.DATA_DIR, SECTIONS) as run:
         saved = stream.save_manifest(man, layout.MANIFEST, meta)
+        stream.log_bad_images(run, stream.bad_record())
         run.set_tags({"dataset_hash": saved["dataset_hash"], "format": "stream"})
         run.log_metrics({"train_images": saved["counts"]["train"], "val_images": saved["counts"]["val"],
                          "skipped_files": saved["skipped_files"]})

@@ -83,6 +83,7 @@ def carried_optimizer(params: dict, args):
 def work(params: dict, args) -> None:
     from pipeline import hardware, methods, ranks
     from pipeline.data import datasets
+    from pipeline.data.stream import bad_record, log_bad_images
     from pipeline.models.encoder import load_encoder
     from pipeline.models.teacher import FrozenTeacher
     from pipeline.reporting.figures import reconstruction_grid
@@ -141,6 +142,7 @@ def work(params: dict, args) -> None:
                              layout.kept_epochs(params, weights_id(args)))
         run.log_metrics({"final_loss": final["loss"], "wall_s": final["wall_s"], "images_seen": final["images_seen"],
                          "train_flops": final["train_flops"]})
+        log_bad_images(run, bad_record([f for h in result.history for f in h.get("bad_images", [])]))
         run.log_artifacts(out / "metrics.json", layout.sidecar(out / "encoder.safetensors"))
     shutil.rmtree(state.parent, ignore_errors=True)
     print(f"{node_id(args)}: final loss {result.history[-1]['loss']:.4f}, {result.images_seen} images "
@@ -156,6 +158,7 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
     """The engine's on_epoch hook: online k-NN on a fixed subset (stored in the epoch's history entry, so
     a resumed run keeps it), the kept intermediate encoders (in the resume folder until the node ends:
     Snakemake and DVC delete declared outputs before a rerun), then the epoch's metrics to MLflow."""
+    from pipeline.data.stream import bad_images
     from pipeline.evaluation.probes import online_knn_top1
     from pipeline.models.encoder import save_encoder
 
@@ -169,6 +172,8 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
         if done in kept:
             save_encoder(kept_dir / f"epoch{done}.safetensors", _evaluated(model),
                          {"node": node_id(args), "weights": weights_id(args), "epoch": done, "seed": args.seed})
+        if bad_images():                # unreadable images skipped so far (data.bad_images: skip): in the state
+            m["bad_images"] = bad_images()
         run.log_metrics(m, step=m["epoch"])
 
     return on_epoch
@@ -187,6 +192,7 @@ def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
 
 def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict,
                    amp: Precision) -> dict:
+    from pipeline.data.stream import bad_record
     from pipeline.models.encoder import save_encoder
     from pipeline.models.flops import flops_per_image
 
@@ -202,7 +208,8 @@ def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, 
     final = {"loss": result.history[-1]["loss"], "images_seen": result.images_seen, "wall_s": result.wall_s,
              "flops_per_image": flops["train"], "train_flops": flops["train"] * result.images_seen}
     write_json(out / "metrics.json", {**{k: meta[k] for k in ("node", "method", "stage", "weights", "seed")},
-                                      "epochs": result.history, "final": final, **amp.record()})
+                                      "epochs": result.history, "final": final, **amp.record(),
+                                      **bad_record([f for h in result.history for f in h.get("bad_images", [])])})
     write_series(out, result.history)
     return final
 
