@@ -245,9 +245,9 @@ def node_runs(params: dict, out: Path) -> None:
     resumable state holds it), and a linprobe run, while the store may be down; then (yield) the training run
     resumed again by its node's process (holding the node's lock), and a knn run with a metric on its chain's
     parent."""
-    from pipeline.stages.evaluation.common import log_on_chain
     from pipeline.orchestration.cli import exclusive
     from pipeline.orchestration.tracking import NodeRun, tracked
+    from pipeline.stages.evaluation.common import log_on_chain
 
     first = NodeRun(params, "mae", "pretrain@seed0-mae", {"method": "mae"})
     first.log_params({"pretrain": params["pretrain"]})

@@ -59,6 +59,7 @@ from pipeline import config, hardware
 from pipeline.bench import render
 from pipeline.checkpoint import write_json
 from pipeline.data.datasets import prepare
+from pipeline.data.steps import batch_indices
 from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.models.encoder import build_encoder
@@ -141,7 +142,7 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
     labels = torch.arange(len(images)) % 10
     out = []
     for step in range(steps):
-        idx = steps.batch_indices(len(images), cfg.batch_size, cfg.seed, step)
+        idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
         out.append(timed(lambda: engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,  # noqa: B023
                                               batch_labels, amp, scaler).item(), device))  # noqa: B023 (timed calls it now)
@@ -282,7 +283,7 @@ def data_loading(params: dict, data, device: str, steps: int, mae_images_per_s: 
     cfg = train_config(params, precision)
 
     def batch(step: int) -> torch.Tensor:
-        x = data.train_x[steps.batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
+        x = data.train_x[batch_indices(len(data.train_x), cfg.batch_size, cfg.seed, step)]
         return engine.make_batch(x, data.mean, data.std, cfg, engine.step_generator(cfg.seed, step), device)
     times = [timed(lambda: batch(step), device)[0] for step in range(WARMUP + steps)]  # noqa: B023 (called at once)
     per_s = min(cfg.batch_size, len(data.train_x)) / statistics.median(times[WARMUP:])
