@@ -25,10 +25,13 @@ def fingerprint_of(node, wildcards):
 
 
 def node_outputs(node):
-    """Named outputs; pictures a person looks at go to `snakemake --report` (report(), with the node id)."""
+    """Named outputs; pictures a person looks at go to `snakemake --report` (report(); labelled with the node id
+    where the node has instances: the report's table shows one row per label, so the report node's own pictures
+    have none)."""
+    labels = {"labels": {"node": node.id_pattern()}} if node.wildcards else {}
     out = {}
     for name, o in node.outputs(PARAMS).items():
-        paths = [report(p, **o.report, labels={"node": node.id_pattern()}) if o.report else p for p in o.paths]
+        paths = [report(p, **o.report, **labels) if o.report else p for p in o.paths]
         out[name] = paths[0] if len(paths) == 1 else paths
     return out
 

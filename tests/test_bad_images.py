@@ -16,6 +16,7 @@ from test_stream import DATA, image_folder, params_for
 
 from pipeline import layout
 from pipeline.data import stream
+from pipeline.data.steps import batch_indices
 from pipeline.errors import PipelineError
 
 BAD = ["class0/notes.jpg", "class0/truncated.jpg", "class1/empty.jpg"]
@@ -85,7 +86,7 @@ def test_skip_is_deterministic_across_workers_and_resume(folder):
     runs = {}
     for workers, start in ((0, 0), (2, 0), (1, 3)):
         images = stream.load(dict(params_for(d, workers), data=d)).train_x
-        runs[workers, start] = [x for x, _ in images.train_batches(8, 7, slice(None), start, 6)]
+        runs[workers, start] = [x for x, _ in images.train_batches(batch_indices, 8, 7, slice(None), start, 6)]
     a, b, resumed = runs[0, 0], runs[2, 0], runs[1, 3]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a[3:], resumed))
     assert set(stream.bad_images()) <= set(BAD) and stream.bad_images()

@@ -197,8 +197,7 @@ def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(st
     comment-only edit of the same files lists nothing; undone, both have nothing to do again."""
     monkeypatch.chdir(study)
     assert "record: 91 of 91 nodes recorded in DVC" in (study / "snakemake.stderr").read_text()
-    assert json.loads(run_cli("dvc", "status", "--json").stdout) == {}
-    assert snakemake_jobs() == set() and dvc_changed() == set()
+    assert json.loads(run_cli("dvc", "status", "--json").stdout) == {}     # (Snakemake's: the first test)
 
     base = study / "params/base.yaml"
     original = base.read_text()
@@ -210,8 +209,7 @@ def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(st
     listed = snakemake_jobs()
     assert listed == dvc_changed() == downstream(knn | {"checkpoint_eval@seed0-mae"}) and "report" in listed
     assert not {n for n in listed if n.startswith(("pretrain", "linprobe", "segprobe", "finetune"))}
-    base.write_text(original)
-    assert snakemake_jobs() == set() and dvc_changed() == set()
+    base.write_text(original)                          # undone: the checks below see nothing of it
 
     texts = {module: (study / path).read_text() for module, (path, *_) in CODE_EDITS.items()}
     for module, (path, statement, comment, reached, untouched) in CODE_EDITS.items():
@@ -224,7 +222,7 @@ def test_a_built_study_is_recorded_in_dvc_and_an_edit_reaches_both_dags_alike(st
     assert snakemake_jobs() == set() and dvc_changed() == set(), "comment, docstring and layout edits"
     for module, (path, *_) in CODE_EDITS.items():
         (study / path).write_text(texts[module])
-    assert snakemake_jobs() == set() and dvc_changed() == set()
+    assert snakemake_jobs() == set() and dvc_changed() == set(), "every edit undone"
     assert declaring("pipeline.methods.sdae", study) == {"pretrain@seed0-sdae"}
     assert "pretrain_dbot@seed0-random_stage1" in declaring("pipeline.models.losses", study)
 
