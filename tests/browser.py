@@ -52,38 +52,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow(command: list[str], port: int, cwd: Path, log_path: Path, env: dict | None = None,
+                 timeout_s: float = 180) -> subprocess.Popen:
+    """Start `mlflow <command...> --host 127.0.0.1 --port <port>` in its own session (output appended to log_path)
+    and wait until its /health answers."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([str(mlflow), *command, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise AssertionError(f"mlflow {command[0]} did not come up: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, its whole group (SIGTERM, then SIGKILL)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @contextmanager
 def mlflow_process(command: list[str], cwd: Path, log_path: Path, env: dict | None = None, timeout_s: float = 180):
-    """Start `mlflow <command...> --host 127.0.0.1 --port P` (a free port) in its own session, wait until its
-    /health answers, yield its base URL; afterwards stop its whole process group by PID (SIGTERM, then SIGKILL)."""
+    """`mlflow <command...>` on a free localhost port, until /health answers: yields its base URL, then stops it."""
     port = free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([str(mlflow), *command, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = start_mlflow(command, port, cwd, log_path, env, timeout_s)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow {command[0]} did not come up: {log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        stop_process(proc)
 
 
 @contextmanager

@@ -22,15 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from browser import free_port
+from browser import free_port, start_mlflow, stop_process
 from conftest import copy_dag, run_cli
 from mlflow.tracking import MlflowClient
 
-from pipeline.stages import stage_module
+from pipeline.dag import stage_module
 
 pytestmark = pytest.mark.e2e
 EPOCHS = 2
@@ -52,33 +51,13 @@ class Server:
     def start(self, timeout_s: float = 120) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        mlflow = Path(sys.executable).parent / "mlflow"
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                 "--default-artifact-root", f"file://{self.root}/artifacts", "--workers", "1",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not come up: {(self.root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
+        self.proc = start_mlflow(["server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                                  "--default-artifact-root", f"file://{self.root}/artifacts", "--workers", "1"],
+                                 self.port, self.root, self.root / "server.log", env, timeout_s)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
 
