@@ -198,19 +198,24 @@ class _RetryingClient:
 
 
 @contextmanager
+def _flocked(path: Path):
+    """Hold an exclusive flock on `path` (made with its folder) for the block: one process at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _store_lock():
     """Serialise experiment/parent creation between processes sharing this results folder.
 
     That covers one machine (flock on a local disk). Jobs on several machines, logging to one server, do not
     share it: there the store's unique experiment names settle create_experiment (see _experiment) and _parent
     looks again after making a parent."""
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / ".mlflow.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return _flocked(RESULTS / ".mlflow.lock")
 
 
 class _Store:
@@ -612,17 +617,10 @@ def replay(uri: str, client, only: str | None = None, mine: str | None = None) -
         return _replay(journals, client, mine)
 
 
-@contextmanager
 def _replay_lock():
     """One replay at a time among the processes sharing this results folder (not _store_lock: a replay takes it
     to make runs)."""
-    JOURNALS.mkdir(parents=True, exist_ok=True)
-    with open(JOURNALS / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return _flocked(JOURNALS / ".lock")
 
 
 def _replay(journals: list[Journal], client, mine: str | None) -> list[str]:
