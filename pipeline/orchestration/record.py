@@ -55,7 +55,7 @@ def up_to_date(params: dict) -> list[str]:
 
 
 def commit_built(preset: str, params: dict | None = None) -> bool:
-    """Commit every complete node of the study to DVC (dvc.lock and the cache), files untouched; True if it did."""
+    """Commit every up-to-date node (up_to_date) to DVC (dvc.lock and the cache), files untouched; True if it did."""
     if not Path(".dvc").is_dir():
         print("record: no DVC repository here (dvc init): what Snakemake built is not recorded in DVC",
               file=sys.stderr)
@@ -75,7 +75,7 @@ def commit_built(preset: str, params: dict | None = None) -> bool:
         with Repo(".") as repo:
             if everything:                  # one pass, one write of dvc.lock
                 repo.commit(None, force=True, relink=False)
-            else:                           # a run that stopped early: its complete nodes only
+            else:                           # a run that stopped early: its up-to-date nodes only
                 for stage in [DVC_STAGE, *stages]:
                     repo.commit(stage, force=True, relink=False)
     except Exception as e:                  # noqa: BLE001  (a DVC lock held, a broken dvc.yaml: the results stay)
