@@ -73,8 +73,8 @@ def train_all(out_dir: Path, methods=tuple(METHODS), device: str = "cpu", precis
         wrapped, wrap = [], distributed.wrap
         distributed.wrap = recording_wrap(wrapped)
         try:
-            run = engine.train(model, images, [0.5], [0.25], cfg, out_dir / name / "state.pt", labels=labels,
-                               device=device)
+            run = engine.train(model, engine.TrainData(images, [0.5], [0.25], labels), cfg,
+                               engine.Run(out_dir / name / "state.pt", device=device))
         finally:
             distributed.wrap = wrap
         results[name] = {"loss": torch.tensor([h["loss"] for h in run.history]), "wrapped": wrapped,

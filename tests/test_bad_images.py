@@ -18,6 +18,7 @@ from pipeline import layout
 from pipeline.data import stream
 from pipeline.data.steps import batch_indices
 from pipeline.errors import PipelineError
+from pipeline.settings import Loader, Stream
 
 BAD = ["class0/notes.jpg", "class0/truncated.jpg", "class1/empty.jpg"]
 
@@ -55,10 +56,10 @@ def test_stop_names_the_file_in_one_line_and_cmyk_decodes(folder):
     for name in BAD:
         split, i = where(man, name)
         with pytest.raises(PipelineError, match=f"cannot read image .*{name}") as err:
-            stream.split_images(man, split, Path(d["path"]), d, {"workers": 1})[torch.tensor([i])].tensor()
+            stream.split_images(man, split, Stream.folder(d, Loader(workers=1)))[torch.tensor([i])].tensor()
         assert "\n" not in str(err.value)
     split, i = where(man, "class1/cmyk.jpg")
-    x = stream.split_images(man, split, Path(d["path"]), d, {})[torch.tensor([i])].tensor()
+    x = stream.split_images(man, split, Stream.folder(d))[torch.tensor([i])].tensor()
     assert x.shape == (1, 3, 16, 16) and x.float().std() > 0            # an RGB image, not a blank stand-in
     assert stream.bad_images() == []
 
@@ -67,7 +68,7 @@ def test_skip_replaces_each_by_the_next_readable_image_and_names_it(folder):
     d, man = folder
     d = dict(d, bad_images="skip")
     for split in ("train", "val"):
-        images = stream.split_images(man, split, Path(d["path"]), d, {"workers": 2})
+        images = stream.split_images(man, split, Stream.folder(d, Loader(workers=2)))
         x = images.tensor()
         for i, p in enumerate(man.paths[split]):
             if p.decode() in BAD:                  # the next readable one of the split
@@ -85,7 +86,7 @@ def test_skip_is_deterministic_across_workers_and_resume(folder):
     stream.save_manifest(man, layout.MANIFEST, {"mean": [0.5] * 3, "std": [0.2] * 3})
     runs = {}
     for workers, start in ((0, 0), (2, 0), (1, 3)):
-        images = stream.load(dict(params_for(d, workers), data=d)).train_x
+        images = stream.load(Stream.of(dict(params_for(d, workers), data=d))).train_x
         runs[workers, start] = [x for x, _ in images.train_batches(batch_indices, 8, 7, slice(None), start, 6)]
     a, b, resumed = runs[0, 0], runs[2, 0], runs[1, 3]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(a[3:], resumed))
@@ -97,7 +98,7 @@ def test_more_than_the_limit_stop_in_one_line(folder):
     d = dict(d, bad_images="skip", max_bad_images=2)
     with pytest.raises(PipelineError) as err:
         for split in ("train", "val"):
-            stream.split_images(man, split, Path(d["path"]), d, {"workers": 1}).tensor()
+            stream.split_images(man, split, Stream.folder(d, Loader(workers=1))).tensor()
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"3 unreadable images in {d['path']}, more than "
                                                       "data.max_bad_images (2): class0/notes.jpg, ")

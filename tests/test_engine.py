@@ -66,7 +66,8 @@ def test_no_weight_decay_on_tokens_and_positions():
 
 def test_history_and_images_seen(tmp_path):
     seen = []
-    result = engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(), tmp_path / "s.pt", on_epoch=seen.append)
+    result = engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(),
+                          engine.Run(tmp_path / "s.pt", on_epoch=seen.append))
     assert [h["epoch"] for h in result.history] == [0, 1, 2] == [m["epoch"] for m in seen]
     assert result.images_seen == 3 * 40 and result.history[-1]["loss"] < result.history[0]["loss"]
 
@@ -87,7 +88,7 @@ def crash_at_step(model, step: int, images, conf, state_path) -> None:
 
     model.forward = dies
     with pytest.raises(Crash):
-        engine.train(model, images, [0.5], [0.25], conf, state_path)
+        engine.train(model, engine.TrainData(images, [0.5], [0.25]), conf, engine.Run(state_path))
 
 
 def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
@@ -98,7 +99,8 @@ def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name,
                             lambda t, *a, _f=original, _n=name, **k: reads.append(_n) or _f(t, *a, **k))
-    engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=2, checkpoint_every_min=1e9), tmp_path / "s.pt")
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=2, checkpoint_every_min=1e9),
+                 engine.Run(tmp_path / "s.pt"))
     assert reads == ["tolist"] + ["item", "cpu"] * 2    # the schedule once; per epoch (5 steps): its loss, the save
 
 
@@ -107,13 +109,13 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
     """In every precision; fp16's GradScaler (its scale and growth count) is part of the saved state."""
     conf = cfg(precision=precision)
     ref = Tiny()
-    engine.train(ref, IMAGES, [0.5], [0.25], conf, tmp_path / "ref.pt")
+    engine.train(ref, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "ref.pt"))
     crash_at_step(Tiny(), 7, IMAGES, conf, tmp_path / "run.pt")
     saved = torch.load(tmp_path / "run.pt", weights_only=True)
     assert saved["step"] == 7
     assert (saved["scaler"]["scale"] > 0) if precision == "fp16" else saved["scaler"] == {}
     resumed = Tiny()
-    result = engine.train(resumed, IMAGES, [0.5], [0.25], conf, tmp_path / "run.pt")
+    result = engine.train(resumed, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
 
 
@@ -121,23 +123,26 @@ def test_compiled_training_matches_eager(tmp_path):
     """TrainConfig.compile (params launch.compile) runs the forward through torch.compile; aot_eager generates no
     code, so the same steps give the same weights within float tolerance, and the saved keys stay the model's."""
     eager, compiled = Tiny(), Tiny()
-    engine.train(eager, IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "eager.pt")
-    engine.train(compiled, IMAGES, [0.5], [0.25], cfg(epochs=1, compile="aot_eager"), tmp_path / "compiled.pt")
+    engine.train(eager, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "eager.pt"))
+    engine.train(compiled, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, compile="aot_eager"),
+                 engine.Run(tmp_path / "compiled.pt"))
     assert torch.allclose(compiled.lin.weight, eager.lin.weight, atol=1e-6)
     assert set(torch.load(tmp_path / "compiled.pt", weights_only=True)["model"]) == {"lin.weight", "lin.bias"}
 
 
 def test_state_with_other_params_is_not_resumed(tmp_path, capsys):
-    engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "s.pt")
-    engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1, config_hash="other"), tmp_path / "s.pt")
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "s.pt"))
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, config_hash="other"),
+                 engine.Run(tmp_path / "s.pt"))
     assert "not resuming" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path):
-    engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "s.pt")
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "s.pt"))
     good = torch.load(tmp_path / "s.pt", weights_only=True)
     with pytest.raises(PipelineError, match="non-finite loss"):
-        engine.train(Tiny(scale=float("nan")), IMAGES, [0.5], [0.25], cfg(epochs=2), tmp_path / "s.pt")
+        engine.train(Tiny(scale=float("nan")), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=2),
+                     engine.Run(tmp_path / "s.pt"))
     kept = torch.load(tmp_path / "s.pt", weights_only=True)
     assert kept["step"] == good["step"] and torch.isfinite(kept["loss_sum"])
 
@@ -164,31 +169,33 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
     ref = dbot(params)
     assert len([m for m in ref.encoder.modules() if isinstance(m, DropPath)]) == 2          # block 1 of 2
     assert len([m for m in ref.decoder.modules() if isinstance(m, DropPath)]) == 2
-    engine.train(ref, DIGITS, [0.5], [0.25], conf, tmp_path / "ref.pt")
+    engine.train(ref, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "ref.pt"))
     crash_at_step(dbot(params), 6, DIGITS, conf, tmp_path / "run.pt")
     resumed = dbot(params)
-    engine.train(resumed, DIGITS, [0.5], [0.25], conf, tmp_path / "run.pt")
+    engine.train(resumed, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
     no_drop = dbot(config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.0", "dbot.decoder_drop_path=0.0"]))
-    engine.train(no_drop, DIGITS, [0.5], [0.25], conf, tmp_path / "no_drop.pt")
+    engine.train(no_drop, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "no_drop.pt"))
     assert not torch.equal(no_drop.encoder.vit.blocks[1].mlp.fc1.weight, ref.encoder.vit.blocks[1].mlp.fc1.weight)
 
 
 def test_initial_optimizer_state_starts_a_fresh_run_only(tmp_path, monkeypatch):
     """dBOT's carry_optimizer_state: a fresh run starts from another run's moments (same names and shapes; the
     rest at zero), a resumed one from its own; TrainResult.optimizer is the run's final state by name."""
-    first = engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "a.pt")
+    first = engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "a.pt"))
     carried = first.optimizer
     assert set(carried) == {"lin.weight", "lin.bias"} and carried["lin.weight"]["exp_avg"].abs().sum() > 0
-    assert first_step_moments(monkeypatch, lambda: engine.train(Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1),
-                                                                tmp_path / "b.pt")) == {}       # no carry: zeros
+    assert first_step_moments(monkeypatch, lambda: engine.train(
+        Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "b.pt"))) == {}  # zeros
     moments = first_step_moments(monkeypatch, lambda: engine.train(
-        Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "c.pt", initial_optimizer_state=carried))
+        Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1),
+        engine.Run(tmp_path / "c.pt", initial_optimizer_state=carried)))
     assert torch.equal(moments["lin.weight"], carried["lin.weight"]["exp_avg"])
     wider = {"lin.weight": dict(carried["lin.weight"], exp_avg=torch.ones(8, 16), exp_avg_sq=torch.ones(8, 16)),
              "lin.bias": carried["lin.bias"]}
     moments = first_step_moments(monkeypatch, lambda: engine.train(
-        Tiny(), IMAGES, [0.5], [0.25], cfg(epochs=1), tmp_path / "d.pt", initial_optimizer_state=wider))
+        Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1),
+        engine.Run(tmp_path / "d.pt", initial_optimizer_state=wider)))
     assert set(moments) == {"lin.bias"}                     # a head of another width starts fresh
     model, calls = Tiny(), {"n": 0}                         # a resumed run keeps its own state
     original = model.forward
@@ -201,10 +208,11 @@ def test_initial_optimizer_state_starts_a_fresh_run_only(tmp_path, monkeypatch):
 
     model.forward = dies_at_step_7
     with pytest.raises(Crash):
-        engine.train(model, IMAGES, [0.5], [0.25], cfg(), tmp_path / "e.pt")
+        engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(), engine.Run(tmp_path / "e.pt"))
     saved = torch.load(tmp_path / "e.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"]
     moments = first_step_moments(monkeypatch, lambda: engine.train(
-        Tiny(), IMAGES, [0.5], [0.25], cfg(), tmp_path / "e.pt", initial_optimizer_state=carried))
+        Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(),
+        engine.Run(tmp_path / "e.pt", initial_optimizer_state=carried)))
     assert torch.equal(moments["lin.weight"], saved)
 
 
@@ -220,6 +228,6 @@ def test_teacher_methods_compile(tmp_path, method):
     params = config.load("tiny")
     teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if method == "dbot" else None
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    result = engine.train(METHODS[method](params, 1, 0, teacher), images, [0.5], [0.25],
-                          cfg(epochs=1, batch_size=16, compile="aot_eager"), tmp_path / "s.pt")
+    result = engine.train(METHODS[method](params, 1, 0, teacher), engine.TrainData(images, [0.5], [0.25]),
+                          cfg(epochs=1, batch_size=16, compile="aot_eager"), engine.Run(tmp_path / "s.pt"))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)

@@ -14,6 +14,7 @@ from pipeline.data import datasets
 from pipeline.errors import PipelineError
 from pipeline.evaluation import finetune
 from pipeline.models.encoder import build_encoder, sincos_2d
+from pipeline.settings import Finetune
 
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=3, num_heads=2)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -126,15 +127,15 @@ def test_randaugment_grey_and_rgb_deterministic_and_posterize_zero_bits():
 def test_mixup_gives_soft_targets_and_soft_target_loss():
     prep = tiny_prep()
     s = settings(mixup=0.8, cutmix=1.0)
-    mixup = finetune.mixup_fn(s, 4)
-    assert finetune.mixup_fn(settings(mixup=0.0, cutmix=0.0), 4) is None
+    mixup = finetune.mixup_fn(Finetune.of(s), 4)
+    assert finetune.mixup_fn(Finetune.of(settings(mixup=0.0, cutmix=0.0)), 4) is None
     finetune.seed_step(0, 0)
     x, y = finetune.train_batch(prep.train_x[:16], prep.train_y[:16], prep, None, mixup, "cpu")
     assert x.dtype == torch.float32 and y.shape == (16, 4)
     assert torch.allclose(y.sum(1), torch.ones(16)) and (y < 1).all()
     from timm.loss import SoftTargetCrossEntropy
-    assert isinstance(finetune.loss_fn(s, mixup), SoftTargetCrossEntropy)
-    hard = finetune.loss_fn(settings(), None)(torch.zeros(2, 4), torch.tensor([0, 1]))
+    assert isinstance(finetune.loss_fn(Finetune.of(s), mixup), SoftTargetCrossEntropy)
+    hard = finetune.loss_fn(Finetune.of(settings()), None)(torch.zeros(2, 4), torch.tensor([0, 1]))
     assert hard.item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-5)
 
 
@@ -148,7 +149,7 @@ def test_two_runs_are_identical_and_global_rng_is_restored():
         before = torch.rand(1)
         torch.manual_seed(123)
         model = finetune.from_encoder(enc, 4, s["drop_path"], seed=0)
-        metrics, history = finetune.finetune(model, prep, s, seed=0, device="cpu")
+        metrics, history = finetune.finetune(model, prep, Finetune.of(s), seed=0, device="cpu")
         assert torch.equal(torch.rand(1), before)          # the caller's RNG stream is untouched
         runs.append((metrics, history, model.vit.state_dict()))
     (m1, h1, w1), (m2, h2, w2) = runs

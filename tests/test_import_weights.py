@@ -64,10 +64,10 @@ def check_written(workdir, out, expected, source, fmt):
     assert meta["sha256"] == sha256(workdir / out)
     assert {k: meta["model"][k] for k in SIZES} == SIZES
     params = config.load("tiny")
-    enc, loaded_meta = load_encoder(workdir / out, params, 3, 16)
+    enc, loaded_meta = load_encoder(workdir / out, params["model"], 3, 16)
     assert loaded_meta == meta and enc.config["embed_dim"] == 32
     assert all(torch.equal(enc.vit.state_dict()[k], expected[k]) for k in expected)
-    arrays, _, _ = encoder_file.load(workdir / out, params, 3, 16)       # teacher_swap's loader
+    arrays, _, _ = encoder_file.load(workdir / out, params["model"], 3, 16)       # teacher_swap's loader
     assert arrays.keys() == expected.keys()
     return meta
 

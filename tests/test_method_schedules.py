@@ -20,9 +20,9 @@ def test_a_method_trains_on_its_own_schedule_and_reads_what_it_declares(workdir,
     monkeypatch.setenv(params_reads.ENV, str(workdir / "reads"))
     configs, train = {}, engine.train
 
-    def recording(model, images, mean, std, cfg, *args, **kw):
+    def recording(model, data, cfg, run):
         configs[cfg.desc] = cfg
-        return train(model, images, mean, std, cfg, *args, **kw)
+        return train(model, data, cfg, run)
 
     monkeypatch.setattr(engine, "train", recording)
     prepare_data.main(["--preset", "tiny", *OWN])

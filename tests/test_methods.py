@@ -203,10 +203,11 @@ def test_bootmae_flops_count_both_decoders_at_their_widths(params, feature_decod
     from pipeline.hardware import attention_kernels
     from pipeline.models.encoder import encoder_flops
     from pipeline.models.flops import cross_attention_flops, flops_per_image, token_counts
+    from pipeline.settings import Geometry
 
     p = config.merge(params, {"bootmae": {"feature_decoder": feature_decoder, "block_order": block_order}})
     model, m = METHODS["bootmae"](p, 1, 0), p["model"]
-    num, visible, _ = token_counts(p)
+    num, visible, _ = token_counts(Geometry.of(p))
     counted = 0
     for dec in (model.pixel_decoder, model.feature_decoder):
         dim = dec.embed.out_features
@@ -233,7 +234,7 @@ def test_supervised_learns_labels_through_the_engine(params, tmp_path):
     cfg = engine.TrainConfig(epochs=6, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.0,
                              clip_grad=None, precision="fp32", crop_scale=(0.9, 1.0), hflip=False,
                              checkpoint_every_min=10, seed=0, config_hash="s")
-    result = engine.train(model, images, [0.45], [0.3], cfg, tmp_path / "s.pt", labels=labels)
+    result = engine.train(model, engine.TrainData(images, [0.45], [0.3], labels), cfg, engine.Run(tmp_path / "s.pt"))
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
     with torch.no_grad():
         _, out = model.eval()((images.float() / 255 - 0.45) / 0.3, gen, 0, labels=labels)
@@ -253,7 +254,7 @@ def test_bootmae_probe_block_writes_the_encoder_cut_after_that_block(params, tmp
         _, blocks = cut.encoder(x, return_blocks=(0,))
         assert torch.allclose(enc(x), cut.encoder.vit.norm(blocks[0]))
     save_encoder(tmp_path / "cut.safetensors", enc, {})
-    loaded, _ = load_encoder(tmp_path / "cut.safetensors", params, 1)
+    loaded, _ = load_encoder(tmp_path / "cut.safetensors", params["model"], 1, params["data"]["img_size"])
     assert loaded.config["depth"] == 1
 
 
@@ -307,7 +308,7 @@ def test_saved_encoder_carries_no_drop_path_into_the_evaluations(params, tmp_pat
 
     model = make("sdae", params).train()
     save_encoder(tmp_path / "e.safetensors", model.evaluated_encoder(), {})
-    loaded, meta = load_encoder(tmp_path / "e.safetensors", params, 1)
+    loaded, meta = load_encoder(tmp_path / "e.safetensors", params["model"], 1, params["data"]["img_size"])
     assert not any(isinstance(m, DropPath) for m in loaded.modules()) and "drop_path" not in meta["model"]
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     with step_draws(torch.Generator().manual_seed(0)):

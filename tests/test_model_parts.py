@@ -119,7 +119,7 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
     enc = build_encoder(MODEL, 8, 1, seed=3)
     save_encoder(tmp_path / "e.safetensors", enc, {"node": "test"})
     params = {"model": MODEL, "data": {"img_size": 8}}
-    loaded, meta = load_encoder(tmp_path / "e.safetensors", params, 1)
+    loaded, meta = load_encoder(tmp_path / "e.safetensors", params["model"], 1, params["data"]["img_size"])
     assert meta["node"] == "test"
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), loaded.state_dict().values()))
     from safetensors.torch import save_file
@@ -127,16 +127,16 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
     # an external timm state dict (no sidecar): its width, depth, patch and image size are read from the shapes
     wide = build_encoder(dict(MODEL, embed_dim=64, depth=3, num_heads=1), 8, 1, seed=0)   # 64-wide heads as timm
     save_file(wide.vit.state_dict(), str(tmp_path / "external.safetensors"))
-    loaded, meta = load_encoder(tmp_path / "external.safetensors", params, 1)
+    loaded, meta = load_encoder(tmp_path / "external.safetensors", params["model"], 1, params["data"]["img_size"])
     assert meta == {} and (loaded.embed_dim, len(loaded.vit.blocks), loaded.grid) == (64, 3, wide.grid)
     assert torch.equal(loaded(torch.ones(1, 1, 8, 8)), wide(torch.ones(1, 1, 8, 8)))
     state = {k: v for k, v in wide.vit.state_dict().items() if k != "norm.weight"}
     save_file(state, str(tmp_path / "partial.safetensors"))
     with pytest.raises(PipelineError, match="does not fit the encoder architecture: missing: norm.weight"):
-        load_encoder(tmp_path / "partial.safetensors", params, 1)
+        load_encoder(tmp_path / "partial.safetensors", params["model"], 1, params["data"]["img_size"])
     torch.save(enc.vit.state_dict(), tmp_path / "pickle.safetensors")
     with pytest.raises(PipelineError, match="not a readable safetensors file"):
-        load_encoder(tmp_path / "pickle.safetensors", params, 1)
+        load_encoder(tmp_path / "pickle.safetensors", params["model"], 1, params["data"]["img_size"])
 
 
 def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval():
@@ -202,7 +202,7 @@ def test_depth_zero_teacher_targets_are_the_embedded_tokens_and_depth_k_has_k_bl
 def test_depth_zero_encoder_saves_and_loads(tmp_path):
     zero = build_encoder(MODEL, 8, 1, seed=0).truncated(0)
     save_encoder(tmp_path / "t.safetensors", zero, {})
-    loaded, _ = load_encoder(tmp_path / "t.safetensors", {"model": MODEL, "data": {"img_size": 8}}, 1)
+    loaded, _ = load_encoder(tmp_path / "t.safetensors", MODEL, 1, 8)
     x = torch.randn(2, 1, 8, 8)
     assert len(loaded.vit.blocks) == 0 and torch.equal(FrozenTeacher(loaded).targets(x), FrozenTeacher(zero).targets(x))
 

@@ -151,15 +151,15 @@ def settings(path, num_classes=None):
 
 def test_folder_dataset_reads_splits_and_counts_classes(tmp_path):
     root = write_pairs(tmp_path / "seg")
-    ds = seg.folder_dataset(settings(root), DATA)
+    ds = seg.folder_dataset(**settings(root), **DATA)
     assert ds.train_x.shape == (5, 1, 8, 8) and ds.val_x.shape == (1, 1, 8, 8) and ds.val_m.shape == (1, 8, 8)
     assert ds.num_classes == 3 and ds.info["pairs"] == 6 and ds.info["splits"]["val"] == {"images": 1}
     values = set(torch.cat([ds.train_m.flatten(), ds.val_m.flatten()]).tolist())
     assert values <= {0, 1, 2, 255} and {0, 255} <= values          # nearest resizing keeps the ids
-    again = seg.folder_dataset(settings(root), DATA)
+    again = seg.folder_dataset(**settings(root), **DATA)
     assert torch.equal(ds.train_x, again.train_x) and torch.equal(ds.val_m, again.val_m)
-    assert seg.folder_dataset(settings(root, 5), dict(DATA, channels=3)).num_classes == 5
-    assert seg.folder_dataset(settings(root), dict(DATA, channels=3)).train_x.shape == (5, 3, 8, 8)
+    assert seg.folder_dataset(**settings(root, 5), **dict(DATA, channels=3)).num_classes == 5
+    assert seg.folder_dataset(**settings(root), **dict(DATA, channels=3)).train_x.shape == (5, 3, 8, 8)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -191,7 +191,7 @@ def test_folder_errors_are_one_line(tmp_path, case, message):
         for mask in (root / "masks").iterdir():
             Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(mask)
     with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace(")", r"\)")) as err:
-        seg.folder_dataset(settings(root, num_classes), DATA)
+        seg.folder_dataset(**settings(root, num_classes), **DATA)
     assert "\n" not in str(err.value)
 
 

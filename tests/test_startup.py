@@ -95,10 +95,10 @@ def test_the_numpy_copy_writes_the_file_the_torch_path_wrote(tmp_path, source):
     make(src)
     provenance = {"node": "teacher_swap", "source": str(src)}
 
-    enc, _ = load_encoder(src, PARAMS, 1)                                       # the torch path, as it was
+    enc, _ = load_encoder(src, PARAMS["model"], 1, PARAMS["data"]["img_size"])       # the torch path, as it was
     enc = enc if depth is None else enc.truncated(depth)
     save_encoder(by_torch, enc, provenance)
-    arrays, model, _ = encoder_file.load(src, PARAMS, 1)                       # the numpy path
+    arrays, model, _ = encoder_file.load(src, PARAMS["model"], 1, PARAMS["data"]["img_size"])   # the numpy path
     if depth is not None:
         arrays, model = encoder_file.truncated(arrays, model, depth)
     encoder_file.save(by_numpy, arrays, model, provenance)
@@ -106,7 +106,7 @@ def test_the_numpy_copy_writes_the_file_the_torch_path_wrote(tmp_path, source):
     assert by_numpy.read_bytes() == by_torch.read_bytes()
     made, expected = read_json(sidecar(by_numpy)), read_json(sidecar(by_torch))
     assert made == dict(expected, file=by_numpy.name)
-    loaded, _ = load_encoder(by_numpy, PARAMS, 1)
+    loaded, _ = load_encoder(by_numpy, PARAMS["model"], 1, PARAMS["data"]["img_size"])
     assert loaded.config == enc.config
     state = enc.vit.state_dict()
     assert loaded.vit.state_dict().keys() == state.keys()

@@ -13,6 +13,7 @@ from pipeline.checkpoint import sha256_file
 from pipeline.data import folders, stream
 from pipeline.data.steps import batch_indices
 from pipeline.errors import PipelineError
+from pipeline.settings import Stream
 
 DATA = {"dataset": "imagefolder", "img_size": 16, "channels": 3, "val_fraction": 0.25, "split_seed": 0,
         "format": "stream", "tensor_budget_gb": 1}
@@ -41,7 +42,7 @@ def prepared(tmp_path, monkeypatch, **kw):
     monkeypatch.chdir(tmp_path)
     d = dict(DATA, path=str(image_folder(tmp_path / "images", **kw)))
     man = stream.scan(d, 0)
-    mean, std = stream.channel_stats(man, d, 0)
+    mean, std = stream.channel_stats(man, Stream.folder(d), 0)
     stream.save_manifest(man, layout.MANIFEST, {"mean": mean, "std": std})
     return d, man
 
@@ -82,8 +83,8 @@ def train_run(images, start=0, total=4, rows=slice(None), bs=8):
 
 def test_crops_depend_on_seed_epoch_index_only_not_on_workers_or_resume(tmp_path, monkeypatch):
     d, _ = prepared(tmp_path, monkeypatch)
-    one = stream.load(params_for(d, workers=0)).train_x
-    two = stream.load(params_for(d, workers=2)).train_x
+    one = stream.load(Stream.of(params_for(d, workers=0))).train_x
+    two = stream.load(Stream.of(params_for(d, workers=2))).train_x
     a, b, resumed = train_run(one), train_run(two), train_run(one, start=2)
     assert all(torch.equal(x, y) and torch.equal(la, lb) for (x, la), (y, lb) in zip(a, b))
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a[2:], resumed))
@@ -95,7 +96,7 @@ def test_crops_depend_on_seed_epoch_index_only_not_on_workers_or_resume(tmp_path
 
 def test_two_ranks_read_the_rows_of_the_global_batch(tmp_path, monkeypatch):
     d, man = prepared(tmp_path, monkeypatch)
-    images = stream.load(params_for(d)).train_x
+    images = stream.load(Stream.of(params_for(d))).train_x
     whole = train_run(images, total=3)
     ranks = [train_run(images, total=3, rows=slice(r * 4, (r + 1) * 4)) for r in (0, 1)]
     for step, (x, y) in enumerate(whole):
@@ -134,7 +135,7 @@ def test_a_changed_manifest_is_refused(tmp_path, monkeypatch):
 def test_a_missing_or_changed_image_is_a_one_line_error(tmp_path, monkeypatch, change, message):
     d, _ = prepared(tmp_path, monkeypatch)
     change(Path(d["path"]) / "class0" / "img000.jpg")
-    images = stream.load(params_for(d, workers=1)).train_x          # the error comes back from a worker
+    images = stream.load(Stream.of(params_for(d, workers=1))).train_x          # the error comes back from a worker
     with pytest.raises(PipelineError, match=message) as err:
         images.tensor()
     assert "\n" not in str(err.value)
@@ -148,7 +149,7 @@ def test_a_corrupt_jpeg_is_an_error_when_read(tmp_path, monkeypatch):
     man = stream.scan(d, 0)                            # listing reads no pixels
     split = "train" if any(p.endswith(b"broken.jpg") for p in man.paths["train"]) else "val"
     at = [i for i, p in enumerate(man.paths[split]) if p.endswith(b"broken.jpg")]
-    images = stream.split_images(man, split, root, d, {})[torch.tensor(at)]
+    images = stream.split_images(man, split, Stream.folder(d))[torch.tensor(at)]
     with pytest.raises(PipelineError, match="cannot read image .*broken.jpg"):
         images.tensor()
 

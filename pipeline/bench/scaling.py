@@ -129,7 +129,8 @@ def dbot_chain(params: dict, stages: int, epochs: int, images: int, device: str,
         start = time.perf_counter()
         teacher = FrozenTeacher(student, params["dbot"]["teacher_final_norm"])
         model = METHODS["dbot"](params, x.shape[1], stage, teacher)
-        result = engine.train(model, x, data.mean, data.std, cfg, workdir / f"stage{stage}.pt", device=device)
+        result = engine.train(model, engine.TrainData(x, data.mean, data.std), cfg,
+                              engine.Run(workdir / f"stage{stage}.pt", device=device))
         student = model.encoder
         seconds = time.perf_counter() - start
         total += seconds

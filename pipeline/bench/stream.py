@@ -91,11 +91,11 @@ runpy.run_module("pipeline.stages.training.pretrain", run_name="__main__", alter
 def stream_split(folder: Path, img_size: int, crop_scale, workers: int = 0):
     """The train split of folder as the training node streams it (pipeline.data.stream: scan, split_images), RGB."""
     from pipeline.data import stream
+    from pipeline.settings import Loader, Stream
     d = {"dataset": "imagefolder", "path": str(folder), "img_size": img_size, "channels": 3,
          "val_fraction": VAL_FRACTION, "format": "stream"}
     man = stream.scan(d, SPLIT_SEED)
-    return stream.split_images(man, "train", Path(folder), d, {"workers": workers, "prefetch": 2, "pin": False},
-                               crop_scale=tuple(crop_scale), hflip=True)
+    return stream.split_images(man, "train", Stream.folder(d, Loader(workers, 2, False), crop_scale, hflip=True))
 
 
 def decode_rate(images, count: int, seed: int = 0) -> dict:

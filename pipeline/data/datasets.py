@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint, layout
 from pipeline.data.folders import data_folder, read_images, split_folder
 from pipeline.errors import PipelineError
+from pipeline.settings import Stream
 
 TENSORS = ("train_x", "train_y", "val_x", "val_y")
 LUMA = (0.299, 0.587, 0.114)   # ITU-R 601, as Pillow's RGB -> L
@@ -244,13 +245,14 @@ def save_prepared(prep: Prepared, path: Path, params_meta: dict) -> dict:
     return checkpoint.save_tensors(path, tensors, meta)
 
 
-def load_dataset(params: dict) -> Prepared:
-    """What prepare_data made for params: the tensor file (load_prepared), or for data.format stream the verified
-    manifest, whose train_x / val_x are pipeline.data.stream.StreamImages (len, shape, batches(), [indices])."""
-    if layout.data_format(params["data"]) == "stream":
+def load_dataset(images: Stream | None = None) -> Prepared:
+    """What prepare_data made: the tensor file (load_prepared), or for a streamed folder (`images`, the node's
+    pipeline.settings.stream) the verified manifest, whose train_x / val_x are pipeline.data.stream.StreamImages
+    (len, shape, batches(), [indices])."""
+    if images is not None:
         from pipeline.data import stream
 
-        return stream.load(params)
+        return stream.load(images)
     return load_prepared()
 
 

@@ -7,13 +7,13 @@ for the tensor format) and the params. Outputs:
   sidecar manifest.json (pipeline.checkpoint's convention: the jsonl's sha256, also its dataset_hash, plus class
   names, per-channel mean/std, counts, and the files skipped for lacking an image extension, per extension).
   mean/std: of STATS_IMAGES train images drawn with a fixed seed (data.split_seed), through the eval transform.
-- load(params) -> data.Prepared whose train_x / val_x are StreamImages: the manifest's sha256 is checked against
-  its sidecar; each image file's size is checked against the manifest when it is opened (never its pixels'
-  hash). A missing or resized image is a one-line PipelineError; so is an unreadable one (truncated, empty, not an
-  image) under data.bad_images: stop. Under skip it is replaced by the next readable image of its split (index i ->
-  i+1, i+2, ... with i's crop draws): a function of the index alone, so a resumed run sees the same batches. The
-  unreadable files are counted (distinct files, in the node's process: bad_images()) and, past data.max_bad_images,
-  stop the node in one line.
+- load(images: pipeline.settings.Stream) -> data.Prepared whose train_x / val_x are StreamImages: the manifest's
+  sha256 is checked against its sidecar; each image file's size is checked against the manifest when it is opened
+  (never its pixels' hash). A missing or resized image is a one-line PipelineError; so is an unreadable one
+  (truncated, empty, not an image) under data.bad_images: stop. Under skip it is replaced by the next readable image
+  of its split (index i -> i+1, i+2, ... with i's crop draws): a function of the index alone, so a resumed run sees
+  the same batches. The unreadable files are counted (distinct files, in the node's process: bad_images()) and, past
+  data.max_bad_images, stop the node in one line.
 - StreamImages: len, shape (N, C, S, S), [slice | indices] -> a sub-split; batches(bs) -> uint8 (B, C, S, S) in
   order with the eval transform (shorter side to round(S / 0.875), centre crop S: MAE's 256/224);
   train_batches(order, bs, seed, rows, start, total) -> per step (uint8 batch, labels) with MAE's train transform
@@ -53,6 +53,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, layout
 from pipeline.data.folders import pil_to_tensor
 from pipeline.errors import PipelineError
+from pipeline.settings import Loader, Stream
 
 if TYPE_CHECKING:
     from pipeline.data.datasets import Prepared
@@ -104,14 +105,14 @@ def scan(data: dict, seed: int) -> Manifest:
     return Manifest.of(rows, list(train), skipped)
 
 
-def channel_stats(man: Manifest, data: dict, seed: int, loader: dict | None = None) -> tuple[list, list]:
+def channel_stats(man: Manifest, images: Stream, seed: int) -> tuple[list, list]:
     """Per-channel mean/std (of x / 255) of STATS_IMAGES train images (a fixed seeded sample), eval transform."""
     from pipeline.data.datasets import tensor_channel_stats
 
     n = len(man.labels["train"])
     pick = np.sort(np.random.default_rng(seed).choice(n, min(n, STATS_IMAGES), replace=False))
-    images = split_images(man, "train", Path(data["path"]), data, loader or {})[torch.from_numpy(pick)]
-    return tensor_channel_stats(images.tensor(desc="prepare_data channel stats"))
+    sample = split_images(man, "train", images)[torch.from_numpy(pick)]
+    return tensor_channel_stats(sample.tensor(desc="prepare_data channel stats"))
 
 
 def lines(man: Manifest) -> list[str]:
@@ -163,37 +164,22 @@ def _entry(line: str, path: Path, i: int, k: int) -> dict:
     return e
 
 
-def load(params: dict) -> Prepared:
-    """The streamed dataset of params (manifest verified): Prepared with StreamImages as train_x and val_x."""
-    from pipeline import hardware
+def load(images: Stream) -> Prepared:
+    """The streamed dataset (manifest verified): Prepared with StreamImages as train_x and val_x."""
     from pipeline.data.datasets import Prepared
 
     man, meta = read_manifest()
-    loader = loader_settings(params["launch"], hardware.device(params["launch"]["device"]))
-    root = Path(params["data"]["path"])
-    aug = {"crop_scale": tuple(params["pretrain"]["crop_scale"]), "hflip": params["pretrain"]["hflip"]}
-    x = {s: split_images(man, s, root, params["data"], loader, **aug) for s in ("train", "val")}
+    x = {s: split_images(man, s, images) for s in ("train", "val")}
     return Prepared(x["train"], man.labels["train"], x["val"], man.labels["val"], man.class_names, meta["mean"],
-                    meta["std"], meta.get("source", str(root)))
+                    meta["std"], meta.get("source", str(Path(images.path))))
 
 
-def loader_settings(launch: dict, device: str) -> dict:
-    """DataLoader settings: launch.data_workers (null: min(8, this process's share of its cores - 1): the training
-    processes of one machine share them), launch.prefetch_batches, pinned memory for CUDA."""
-    from pipeline.ranks import world
-
-    workers = launch["data_workers"]
-    if workers is None:
-        workers = min(8, max(0, len(os.sched_getaffinity(0)) // world().size - 1))
-    return {"workers": workers, "prefetch": launch["prefetch_batches"], "pin": device.startswith("cuda")}
-
-
-def split_images(man: Manifest, split: str, root: Path, data: dict, loader: dict, crop_scale=(1.0, 1.0),
-                 hflip: bool = False) -> StreamImages:
-    files = _Files(str(root), man.paths[split], man.sizes[split], man.labels[split], "L" if data["channels"] == 1
-                   else "RGB", data["img_size"], tuple(crop_scale), hflip, data.get("bad_images") == "skip",
-                   data.get("max_bad_images"))
-    return StreamImages(files, np.arange(len(man.paths[split])), loader)
+def split_images(man: Manifest, split: str, images: Stream) -> StreamImages:
+    """The split's images as `images` (pipeline.settings.Stream) decodes, transforms and loads them."""
+    files = _Files(str(images.path), man.paths[split], man.sizes[split], man.labels[split],
+                   "L" if images.channels == 1 else "RGB", images.img_size, tuple(images.crop_scale), images.hflip,
+                   images.skip_bad, images.max_bad_images)
+    return StreamImages(files, np.arange(len(man.paths[split])), images.loader)
 
 
 # ---- decoding and transforms ---------------------------------------------------------------------------
@@ -354,7 +340,7 @@ class StreamImages:
     """A streamed split (or a subset of it, by position) where the tensor path has a uint8 (N, C, S, S) tensor."""
     dtype = torch.uint8
 
-    def __init__(self, files: _Files, index: np.ndarray, loader: dict):
+    def __init__(self, files: _Files, index: np.ndarray, loader: Loader):
         self.files, self.index, self.loader = files, index, loader
 
     def __len__(self) -> int:
@@ -394,10 +380,10 @@ class StreamImages:
     def _loader(self, batches: list):
         from torch.utils.data import DataLoader
 
-        workers = min(self.loader.get("workers", 0), len(batches))
-        extra = {"prefetch_factor": self.loader.get("prefetch", 2), "persistent_workers": True} if workers else {}
+        workers = min(self.loader.workers, len(batches))
+        extra = {"prefetch_factor": self.loader.prefetch, "persistent_workers": True} if workers else {}
         return DataLoader(self.files, batch_sampler=batches, num_workers=workers,
-                          pin_memory=self.loader.get("pin", False),
+                          pin_memory=self.loader.pin,
                           worker_init_fn=functools.partial(_die_with_parent, os.getpid()), **extra)
 
 

@@ -43,6 +43,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import extract_features, topk_accuracy
 from pipeline.models.encoder import Encoder
 from pipeline.models.encoder_file import state_mismatch
+from pipeline.settings import Finetune
 from pipeline.train import engine
 
 HEAD_STD = 2e-5                 # MAE: trunc_normal_(head.weight, std=2e-5)
@@ -117,8 +118,8 @@ def optimizer(model: Classifier, lr: float, weight_decay: float, layer_decay: fl
                                fused=True)
 
 
-def peak_lr(settings: dict, batch_size: int) -> float:
-    return settings["blr"] * batch_size / 256
+def peak_lr(settings: Finetune, batch_size: int) -> float:
+    return settings.blr * batch_size / 256
 
 
 def randaug_transform(config: str | None, img_size: int, mean: list[float]):
@@ -157,23 +158,23 @@ def randaugment(images: torch.Tensor, transform) -> torch.Tensor:
     return out
 
 
-def mixup_fn(settings: dict, num_classes: int):
+def mixup_fn(settings: Finetune, num_classes: int):
     """timm Mixup/CutMix (MAE's prob 1, switch 0.5, batch mode, label smoothing inside the soft targets) or None."""
-    if not (settings["mixup"] > 0 or settings["cutmix"] > 0):
+    if not (settings.mixup > 0 or settings.cutmix > 0):
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=settings["mixup"], cutmix_alpha=settings["cutmix"], prob=1.0, switch_prob=0.5,
-                 mode="batch", label_smoothing=settings["label_smoothing"], num_classes=num_classes)
+    return Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, prob=1.0, switch_prob=0.5,
+                 mode="batch", label_smoothing=settings.label_smoothing, num_classes=num_classes)
 
 
-def loss_fn(settings: dict, mixup):
+def loss_fn(settings: Finetune, mixup):
     """(logits, targets) -> loss: timm SoftTargetCrossEntropy on Mixup's soft targets, else label-smoothed CE."""
     if mixup is not None:
         from timm.loss import SoftTargetCrossEntropy
 
         return SoftTargetCrossEntropy()
-    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=settings["label_smoothing"])
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
 
 
 @contextmanager
@@ -209,33 +210,33 @@ def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor, mean
     return topk_accuracy(extract_features(model, images, mean, std, "logits", precision, desc=desc), labels)
 
 
-def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, device: str | None = None,
+def finetune(model: Classifier, prep: Prepared, settings: Finetune, seed: int, device: str | None = None,
              on_epoch=lambda h: None, desc: str = "finetune") -> tuple[dict, list[dict]]:
     """Fine-tune `model` on prep's train split with the finetune settings; returns (the last epoch's val
     metrics {"top1", "top5"}, history [{"epoch", "train_loss", "val_top1", "lr"}, ...]). on_epoch(entry) is
     called after each epoch."""
     device = device or hardware.device()
-    amp = hardware.resolve(settings["precision"], device)
+    amp = hardware.resolve(settings.precision, device)
     model.to(device)
     n, k = len(prep.train_y), len(prep.class_names)
-    bs = min(settings["batch_size"], n)
+    bs = min(settings.batch_size, n)
     spe = n // bs
     lr = peak_lr(settings, bs)
-    sched = SimpleNamespace(epochs=settings["epochs"], warmup_epochs=settings["warmup_epochs"], lr=lr,
-                            min_lr=settings["min_lr"])
+    sched = SimpleNamespace(epochs=settings.epochs, warmup_epochs=settings.warmup_epochs, lr=lr,
+                            min_lr=settings.min_lr)
     lrs = engine.lr_schedule(sched, spe)                      # reads only these four fields of a TrainConfig
-    opt = optimizer(model, lr, settings["weight_decay"], settings["layer_decay"])
+    opt = optimizer(model, lr, settings.weight_decay, settings.layer_decay)
     scaler = amp.grad_scaler()                                # fp16 only; a pass-through otherwise
-    transform = randaug_transform(settings["randaug"], prep.train_x.shape[-1], prep.mean)
+    transform = randaug_transform(settings.randaug, prep.train_x.shape[-1], prep.mean)
     mixup = mixup_fn(settings, k)
     criterion = loss_fn(settings, mixup)
     params = [p for g in opt.param_groups for p in g["params"]]
     history, metrics = [], {}
-    bar = tqdm(total=settings["epochs"] * spe * bs, unit="img", unit_scale=True, desc=desc, file=sys.stderr,
+    bar = tqdm(total=settings.epochs * spe * bs, unit="img", unit_scale=True, desc=desc, file=sys.stderr,
                mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
-    batches = engine.step_batches(prep.train_x, prep.train_y, bs, seed, slice(None), 0, settings["epochs"] * spe)
+    batches = engine.step_batches(prep.train_x, prep.train_y, bs, seed, slice(None), 0, settings.epochs * spe)
     with restored_rng():
-        for epoch in range(settings["epochs"]):
+        for epoch in range(settings.epochs):
             model.train()
             loss_sum = torch.zeros((), device=device)
             for step in range(epoch * spe, (epoch + 1) * spe):
@@ -249,9 +250,9 @@ def finetune(model: Classifier, prep: Prepared, settings: dict, seed: int, devic
                 loss = criterion(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                if settings["clip_grad"]:
+                if settings.clip_grad:
                     scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, settings["clip_grad"])
+                    nn.utils.clip_grad_norm_(params, settings.clip_grad)
                 scaler.step(opt)
                 scaler.update()
                 loss_sum += loss.detach()

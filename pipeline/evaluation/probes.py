@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline import hardware
 from pipeline.data.datasets import batches, normalize
 from pipeline.models.encoder import Encoder
+from pipeline.settings import Knn
 
 
 @torch.inference_mode()
@@ -44,15 +45,16 @@ def pixel_features(images: torch.Tensor, mean, std, batch_size: int = 512) -> to
     return torch.cat(chunks) if chunks else torch.zeros(0, math.prod(images.shape[1:]))
 
 
-def online_knn_top1(encoder: Encoder, prep, knn: dict, train_images: int, val_images: int) -> float:
-    """k-NN top-1 (k, temperature, feature, precision of `knn`: pretrain.online_knn) of the first `train_images` train
-    images against the first `val_images` val images: the cheap convergence probe run during pre-training. The
+def online_knn_top1(encoder: Encoder, prep, knn: Knn, train_images: int, val_images: int) -> float:
+    """k-NN top-1 (the probe `knn`: pretrain.online_knn's k, temperature, feature, precision) of the first
+    `train_images` train images against the first `val_images` val images: the cheap convergence probe run during
+    pre-training. The
     encoder's train/eval mode is restored; it draws no random numbers, so training is unchanged by it."""
     was_training = encoder.training
-    feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn["feature"], knn["precision"], progress=False)
+    feats = [extract_features(encoder, x[:n], prep.mean, prep.std, knn.feature, knn.precision, progress=False)
              for x, n in ((prep.train_x, train_images), (prep.val_x, val_images))]
     encoder.train(was_training)
-    scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn["k"], knn["temperature"],
+    scores = knn_scores(feats[0], prep.train_y[:train_images], feats[1], knn.k, knn.temperature,
                         len(prep.class_names))
     return topk_accuracy(scores, prep.val_y[:val_images], ks=(1,))["top1"]
 

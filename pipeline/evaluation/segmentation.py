@@ -196,41 +196,33 @@ def _read_pair(image: Path, mask: Path, mode: str, size: int, num_classes: int |
     return torch.from_numpy((x[None] if x.ndim == 2 else x.transpose(2, 0, 1)).copy()), torch.from_numpy(m.copy())
 
 
-def folder_dataset(settings: dict, data: dict) -> SegDataset:
-    """The folder set of params segprobe (settings) at the geometry of params data (see the module doc)."""
-    pairs = folder_pairs(settings["path"])
-    k = settings.get("num_classes")
+def folder_dataset(path, num_classes: int | None, img_size: int, channels: int, split_seed: int,
+                   val_fraction: float) -> SegDataset:
+    """The folder set at `path` (segprobe.path; num_classes None: read from the masks) as images of `img_size` pixels
+    and `channels` channels, split by `split_seed` with a `val_fraction` held out (params data; see the module doc)."""
+    pairs = folder_pairs(path)
+    k = num_classes
     if k is not None and k > IGNORE:
         raise PipelineError(f"segprobe.num_classes must be at most {IGNORE} (255 is ignore), got {k}")
-    mode, size = ("L" if data["channels"] == 1 else "RGB"), data["img_size"]
+    mode, size = ("L" if channels == 1 else "RGB"), img_size
     read = [_read_pair(i, m, mode, size, k) for i, m in pairs]
     if k is None:
         found = [int(m[m != IGNORE].max()) for _, m in read if (m != IGNORE).any()]
         k = 1 + max(found, default=0)
         if k < 2:
-            raise PipelineError(f"{settings['path']}: the masks hold fewer than 2 classes; set segprobe.num_classes")
+            raise PipelineError(f"{path}: the masks hold fewer than 2 classes; set segprobe.num_classes")
     n = len(pairs)
-    order = np.random.default_rng(data["split_seed"]).permutation(n)
-    n_val = min(n - 1, max(1, int(n * data["val_fraction"] + 0.5)))
+    order = np.random.default_rng(split_seed).permutation(n)
+    n_val = min(n - 1, max(1, int(n * val_fraction + 0.5)))
     splits = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
     stack = {s: (torch.stack([read[i][0] for i in ids]), torch.stack([read[i][1] for i in ids]))
              for s, ids in splits.items()}
     names = [str(c) for c in range(k)]
-    info = {"name": "folder", "path": str(settings["path"]), "pairs": n, "img_size": size,
-            "split_seed": data["split_seed"], "val_fraction": data["val_fraction"],
+    info = {"name": "folder", "path": str(path), "pairs": n, "img_size": size,
+            "split_seed": split_seed, "val_fraction": val_fraction,
             "splits": {s: {"images": len(ids)} for s, ids in splits.items()},
             "num_classes": k, "class_names": names, "ignore": IGNORE}
     return SegDataset(*stack["train"], *stack["val"], names, info)
-
-
-def load_dataset(params: dict, prep: Prepared) -> SegDataset:
-    """The segprobe.dataset of a study (prep: its prepared dataset, the source of digit canvases)."""
-    s = params["segprobe"]
-    if s["dataset"] == "digit_canvas":
-        return digit_canvas(prep, params["data"]["split_seed"])
-    if s["dataset"] == "folder":
-        return folder_dataset(s, params["data"])
-    raise PipelineError(f"unknown segprobe.dataset {s['dataset']!r}; known: digit_canvas, folder")
 
 
 # ---- the probe -----------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from pipeline.models import flops, losses
-from pipeline.models.decoder import Decoder
-from pipeline.models.encoder import build_encoder
+from pipeline.models.decoder import Decoder, build_decoder
+from pipeline.models.encoder import Encoder, build_encoder
 from pipeline.models.masking import random_masking
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.settings import Geometry
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "dBOT",
@@ -45,18 +46,15 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
 
 
 class DBOT(nn.Module):
-    def __init__(self, params: dict, in_chans: int, seed: int, teacher: FrozenTeacher):
+    def __init__(self, encoder: Encoder, decoder: Decoder, teacher: FrozenTeacher, mask_ratio: float, beta: float,
+                 target_norm: bool):
+        """encoder: the student; decoder: predicts the teacher's features (out_dim its width) of every token;
+        beta: the smooth-L1 loss's; target_norm: standardise the teacher's tokens first."""
         super().__init__()
-        m, d, cfg = params["model"], params["data"], params["dbot"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=cfg["drop_path"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
-            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
-                                   m["decoder_heads"], teacher.width, drop_path=cfg["decoder_drop_path"])
-        self.teacher = teacher
-        self.mask_ratio = params["pretrain"]["mask_ratio"]
-        self.beta = cfg["beta"]
-        self.target_norm = cfg["target_norm"]
+        self.encoder, self.decoder, self.teacher = encoder, decoder, teacher
+        self.mask_ratio = mask_ratio
+        self.beta = beta
+        self.target_norm = target_norm
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
         """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, 1+L, D_t), "mask": (B, L)})."""
@@ -83,10 +81,14 @@ class DBOT(nn.Module):
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: MAE's student; the frozen teacher (`teacher`: its model config
     when it differs from the student's) on every patch."""
-    return flops.visible_encoder(params) + flops.pixel_decoder(params), flops.full_encoder(params, teacher)
+    g = Geometry.of(params)
+    return flops.visible_encoder(g) + flops.pixel_decoder(g), flops.full_encoder(g, teacher)
 
 
 def build(params: dict, in_chans: int, seed: int, teacher: FrozenTeacher | None = None) -> DBOT:
     if teacher is None:
         raise ValueError("dbot needs a teacher (made by the teacher_swap node)")
-    return DBOT(params, in_chans, seed, teacher)
+    own, g = params["dbot"], Geometry.of(params)
+    encoder = build_encoder(g.model, g.img_size, in_chans, seed, drop_path=own["drop_path"])
+    decoder = build_decoder(encoder, g.model, teacher.width, seed + 1, drop_path=own["decoder_drop_path"])
+    return DBOT(encoder, decoder, teacher, g.mask_ratio, own["beta"], own["target_norm"])

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from pipeline.models import flops, losses
-from pipeline.models.decoder import Decoder
-from pipeline.models.encoder import build_encoder
+from pipeline.models.decoder import Decoder, build_decoder
+from pipeline.models.encoder import Encoder, build_encoder
 from pipeline.models.masking import Mask, random_masking
+from pipeline.settings import Geometry
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "MAE",
@@ -30,18 +31,13 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
 
 
 class MAE(nn.Module):
-    def __init__(self, params: dict, in_chans: int, seed: int, drop_path: float | None = None):
+    def __init__(self, encoder: Encoder, decoder: Decoder, mask_ratio: float, norm_pix: bool):
+        """encoder: the student (Encoder, on the visible patches); decoder: its light pixel decoder (out_dim
+        patch_size^2 * channels); mask_ratio: the share of patches hidden; norm_pix: per-patch normalised targets."""
         super().__init__()
-        m, d = params["model"], params["data"]
-        drop_path = params["mae"]["drop_path"] if drop_path is None else drop_path
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=drop_path)
-        self.patch = m["patch_size"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
-            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"],
-                                   m["decoder_depth"], m["decoder_heads"], self.patch ** 2 * in_chans)
-        self.mask_ratio = params["pretrain"]["mask_ratio"]
-        self.norm_pix = params["mae"]["norm_pix_loss"]
+        self.encoder, self.decoder = encoder, decoder
+        self.patch = encoder.config["patch_size"]
+        self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0):
         """imgs (B, C, H, W) normalised -> (loss, {"pred": (B, L, p*p*C), "mask": (B, L)})."""
@@ -69,8 +65,17 @@ class MAE(nn.Module):
 
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: the encoder on the visible patches + the decoder; no teacher."""
-    return flops.visible_encoder(params) + flops.pixel_decoder(params), 0.0
+    g = Geometry.of(params)
+    return flops.visible_encoder(g) + flops.pixel_decoder(g), 0.0
+
+
+def pixel_mae(g: Geometry, in_chans: int, seed: int, drop_path: float, norm_pix: bool) -> MAE:
+    """A fresh MAE of the study's geometry: the encoder seeded by `seed`, its decoder by seed + 1."""
+    encoder = build_encoder(g.model, g.img_size, in_chans, seed, drop_path=drop_path)
+    decoder = build_decoder(encoder, g.model, g.model.patch_size ** 2 * in_chans, seed + 1)
+    return MAE(encoder, decoder, g.mask_ratio, norm_pix)
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> MAE:
-    return MAE(params, in_chans, seed)
+    own = params["mae"]
+    return pixel_mae(Geometry.of(params), in_chans, seed, own["drop_path"], own["norm_pix_loss"])

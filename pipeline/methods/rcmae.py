@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.methods.mae import MAE
+from pipeline.methods.mae import MAE, pixel_mae
 from pipeline.models import flops, losses
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
 from pipeline.models.masking import random_masking
+from pipeline.settings import Geometry
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "RC-MAE",
@@ -33,14 +34,15 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
 
 
 class RCMAE(EMAMethod):
-    def __init__(self, params: dict, in_chans: int, seed: int):
+    def __init__(self, student: MAE, momentum: EMASchedule, consistency_weight: float, evaluate_weights: str):
+        """student: an MAE (the teacher, its EMA copy, runs in eval mode); consistency_weight: gamma;
+        evaluate_weights: which encoder the node writes, student | teacher."""
         super().__init__()
-        cfg = params["rcmae"]
-        self.student = MAE(params, in_chans, seed, drop_path=cfg["drop_path"])   # the teacher copy runs in eval mode
+        self.student = student
         self.teacher = EMATeacher(self.student)
-        self.ema_schedule = EMASchedule(cfg["momentum"])
-        self.gamma = cfg["consistency_weight"]
-        self.evaluate_weights = cfg["evaluate_weights"]
+        self.ema_schedule = momentum
+        self.gamma = consistency_weight
+        self.evaluate_weights = evaluate_weights
 
     @property
     def encoder(self):
@@ -74,9 +76,12 @@ class RCMAE(EMAMethod):
 
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: MAE's student, and the EMA teacher runs the same MAE."""
-    mae = flops.visible_encoder(params) + flops.pixel_decoder(params)
+    g = Geometry.of(params)
+    mae = flops.visible_encoder(g) + flops.pixel_decoder(g)
     return mae, mae
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> RCMAE:
-    return RCMAE(params, in_chans, seed)
+    own = params["rcmae"]      # the student is MAE with MAE's pixel loss (mae.norm_pix_loss) and its own drop_path
+    student = pixel_mae(Geometry.of(params), in_chans, seed, own["drop_path"], params["mae"]["norm_pix_loss"])
+    return RCMAE(student, EMASchedule(own["momentum"]), own["consistency_weight"], own["evaluate_weights"])

@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 
 from pipeline.models import flops, losses
-from pipeline.models.decoder import Decoder
+from pipeline.models.decoder import Decoder, build_decoder
 from pipeline.models.ema import EMAMethod, EMASchedule, EMATeacher
-from pipeline.models.encoder import build_encoder, flops_per_token_block
+from pipeline.models.encoder import Encoder, build_encoder, flops_per_token_block
 from pipeline.models.masking import multifold_split, random_masking
+from pipeline.settings import Geometry
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "SdAE",
@@ -42,23 +43,17 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
 
 
 class SdAE(EMAMethod):
-    def __init__(self, params: dict, in_chans: int, seed: int):
+    def __init__(self, encoder: Encoder, decoder: Decoder, teacher: EMATeacher, momentum: EMASchedule,
+                 evaluate_weights: str, mask_ratio: float, folds: int, cosine_axis: str):
+        """encoder: the student; decoder: its feature decoder (out_dim the encoder's width); teacher: the EMA of
+        the encoder; folds: disjoint folds of the masked set, each a teacher sequence; cosine_axis: channels |
+        tokens (the loss, see the module doc)."""
         super().__init__()
-        m, d, cfg = params["model"], params["data"], params["sdae"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed, drop_path=cfg["drop_path"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
-            self.decoder = Decoder(self.encoder.grid, m["embed_dim"], m["decoder_dim"], m["decoder_depth"],
-                                   m["decoder_heads"], m["embed_dim"])
-        if cfg["teacher_init"] == "random":     # its own random timm init, as the official code
-            fresh = build_encoder(m, d["img_size"], in_chans, seed + 2, init="timm")
-            self.teacher = EMATeacher(self.encoder, "random", fresh)
-        else:                                    # "student": a copy of the student
-            self.teacher = EMATeacher(self.encoder, "copy")
-        self.ema_schedule = EMASchedule(cfg["momentum"])
-        self.evaluate_weights = cfg["evaluate_weights"]
-        self.mask_ratio = params["pretrain"]["mask_ratio"]
-        self.folds, self.cosine_axis = cfg["folds"], cfg["cosine_axis"]
+        self.encoder, self.decoder, self.teacher = encoder, decoder, teacher
+        self.ema_schedule = momentum
+        self.evaluate_weights = evaluate_weights
+        self.mask_ratio = mask_ratio
+        self.folds, self.cosine_axis = folds, cosine_axis
 
     @property
     def teacher_encoder(self):
@@ -99,11 +94,19 @@ class SdAE(EMAMethod):
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: MAE's student; the teacher runs `folds` sequences of
     (masked // folds) + cls tokens each."""
-    m, folds = params["model"], params["sdae"]["folds"]
-    masked = flops.token_counts(params)[2]
-    teacher_forward = folds * m["depth"] * flops_per_token_block(m["embed_dim"], 1 + masked // folds)
-    return flops.visible_encoder(params) + flops.pixel_decoder(params), teacher_forward
+    g, folds = Geometry.of(params), params["sdae"]["folds"]
+    masked = flops.token_counts(g)[2]
+    teacher_forward = folds * g.model.depth * flops_per_token_block(g.model.embed_dim, 1 + masked // folds)
+    return flops.visible_encoder(g) + flops.pixel_decoder(g), teacher_forward
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None) -> SdAE:
-    return SdAE(params, in_chans, seed)
+    own, g = params["sdae"], Geometry.of(params)
+    encoder = build_encoder(g.model, g.img_size, in_chans, seed, drop_path=own["drop_path"])
+    decoder = build_decoder(encoder, g.model, g.model.embed_dim, seed + 1)
+    if own["teacher_init"] == "random":     # its own random timm init, as the official code
+        ema = EMATeacher(encoder, "random", build_encoder(g.model, g.img_size, in_chans, seed + 2, init="timm"))
+    else:                                    # "student": a copy of the student
+        ema = EMATeacher(encoder, "copy")
+    return SdAE(encoder, decoder, ema, EMASchedule(own["momentum"]), own["evaluate_weights"], g.mask_ratio,
+                own["folds"], own["cosine_axis"])

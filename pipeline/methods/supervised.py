@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models import flops
-from pipeline.models.encoder import build_encoder
+from pipeline.models.encoder import Encoder, build_encoder
+from pipeline.settings import Geometry
 
 SPEC = {   # plain data, read without importing this module (pipeline.methods.spec)
     "label": "supervised",
@@ -33,16 +34,16 @@ SPEC = {   # plain data, read without importing this module (pipeline.methods.sp
 class Supervised(nn.Module):
     needs_labels = True
 
-    def __init__(self, params: dict, in_chans: int, seed: int, num_classes: int):
+    def __init__(self, encoder: Encoder, num_classes: int, label_smoothing: float, seed: int):
+        """encoder: the ViT trained end to end; a Linear head on its cls token (seeded by `seed`) to num_classes."""
         super().__init__()
-        m, d = params["model"], params["data"]
-        self.encoder = build_encoder(m, d["img_size"], in_chans, seed)
+        self.encoder = encoder
         with torch.random.fork_rng(devices=[]):    # torch seeds its global generator at random at start-up
-            torch.manual_seed(seed + 1)
-            self.head = nn.Linear(m["embed_dim"], num_classes)
+            torch.manual_seed(seed)
+            self.head = nn.Linear(encoder.embed_dim, num_classes)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.label_smoothing = params["supervised"]["label_smoothing"]
+        self.label_smoothing = label_smoothing
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator, step: int = 0, labels=None):
         """imgs (B, C, H, W) normalised, labels (B,) -> (loss, {"logits": (B, classes)})."""
@@ -53,8 +54,10 @@ class Supervised(nn.Module):
 
 def forward_flops(params: dict, teacher: dict | None = None) -> tuple[float, float]:
     """(student, teacher) forward FLOPs per image: the encoder on every patch; no teacher."""
-    return flops.full_encoder(params), 0.0
+    return flops.full_encoder(Geometry.of(params)), 0.0
 
 
 def build(params: dict, in_chans: int, seed: int, teacher=None, num_classes: int = 10) -> Supervised:
-    return Supervised(params, in_chans, seed, num_classes)
+    g = Geometry.of(params)
+    encoder = build_encoder(g.model, g.img_size, in_chans, seed)
+    return Supervised(encoder, num_classes, params["supervised"]["label_smoothing"], seed + 1)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pipeline.models.encoder import init_mae_weights, sincos_2d, use_step_drop_path
+from pipeline.models.encoder import Encoder, init_mae_weights, sincos_2d, use_step_drop_path
+from pipeline.settings import Model
 
 
 class _MaskTokenDecoder(nn.Module):
@@ -77,6 +78,15 @@ class Decoder(_MaskTokenDecoder):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def build_decoder(encoder: Encoder, model: Model, out_dim: int, seed: int, drop_path: float = 0.0) -> Decoder:
+    """A fresh Decoder of `model`'s decoder sizes after `encoder`, predicting `out_dim` values per token (pixels of a
+    patch, or a teacher's features); the same seed gives bit-identical weights (a method's: its node seed + 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Decoder(encoder.grid, encoder.embed_dim, model.decoder_dim, model.decoder_depth, model.decoder_heads,
+                       out_dim, drop_path=drop_path)
 
 
 class CrossAttention(nn.Module):

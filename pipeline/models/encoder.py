@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.models.encoder_file import check_input, infer_model, state_mismatch  # noqa: F401  (check_input: re-exported)
+from pipeline.settings import Model
 
 
 def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -182,12 +183,14 @@ class Encoder(nn.Module):
         return out
 
 
-def build_encoder(model: dict, img_size: int, in_chans: int, seed: int, depth: int | None = None,
+def build_encoder(model: dict | Model, img_size: int, in_chans: int, seed: int, depth: int | None = None,
                   drop_path: float = 0.0, init: str = "mae") -> Encoder:
-    """A freshly initialised encoder; the same seed gives bit-identical weights (whatever its drop_path)."""
+    """A freshly initialised encoder of `model` (its config, or the study's sizes: pipeline.settings.Model); the same
+    seed gives bit-identical weights (whatever its drop_path)."""
+    config = model.config() if isinstance(model, Model) else model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Encoder(model, img_size, in_chans, depth, drop_path, init)
+        return Encoder(config, img_size, in_chans, depth, drop_path, init)
 
 
 def flops_per_token_block(dim: int, tokens: int) -> float:
@@ -217,21 +220,22 @@ def encoder_for(path, model: dict) -> Encoder:
         raise PipelineError(f"{path}: cannot build the encoder its metadata describes ({e})") from None
 
 
-def load_encoder(path, params: dict, in_chans: int, img_size: int | None = None) -> tuple[Encoder, dict]:
+def load_encoder(path, study: dict, in_chans: int, img_size: int) -> tuple[Encoder, dict]:
     """An Encoder holding the weights of `path` (verified) for images of `in_chans` channels and `img_size`
-    pixels (default params data.img_size): the images it will see. A mismatch is a one-line PipelineError.
+    pixels: the images it will see. A mismatch is a one-line PipelineError.
 
     The architecture is the one recorded in the file's sidecar, else read from the tensor shapes (an external
-    timm ViT state dict; see infer_model). pipeline.models.encoder_file.load makes the same checks without torch.
+    timm ViT state dict; see infer_model, which takes what shapes cannot tell from `study`, the study's encoder
+    config: params model). pipeline.models.encoder_file.load makes the same checks without torch.
     """
     from pipeline.checkpoint import load_tensors
 
     tensors, meta = load_tensors(path)
-    model = meta.get("model") or infer_model(tensors, params, in_chans)
+    model = meta.get("model") or infer_model(tensors, study, img_size, in_chans)
     enc = encoder_for(path, model)
     problems = state_mismatch(enc.vit.state_dict(), tensors)
     if problems:
         raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
-    check_input(path, enc.config, in_chans, params["data"]["img_size"] if img_size is None else img_size)
+    check_input(path, enc.config, in_chans, img_size)
     enc.vit.load_state_dict(tensors)
     return enc, meta

@@ -31,11 +31,12 @@ def check_input(path, config: dict, in_chans: int, img_size: int) -> None:
                             f"has {in_chans}-channel {img_size}px images (data.channels, data.img_size)")
 
 
-def infer_model(tensors: dict, params: dict, in_chans: int) -> dict:
+def infer_model(tensors: dict, study: dict, img_size: int, in_chans: int) -> dict:
     """The encoder config of a bare timm ViT state dict (tensors or arrays), from its shapes: width, depth, patch
-    size, image size and channels. Heads cannot be read from shapes: the study's own count at the study's width,
-    else timm's convention of 64-wide heads (ViT-Ti/S/B/L). Unknown layouts fall back to the study's model params."""
-    model = dict(params["model"], img_size=params["data"]["img_size"], in_chans=in_chans)
+    size, image size and channels. Heads cannot be read from shapes: the study's own count (`study`: its encoder
+    config, params model) at the study's width, else timm's convention of 64-wide heads (ViT-Ti/S/B/L). Unknown
+    layouts fall back to the study's encoder for `img_size` pixels and `in_chans` channels."""
+    model = dict(study, img_size=img_size, in_chans=in_chans)
     try:
         proj = tensors["patch_embed.proj.weight"]                     # (D, C, p, p)
         width, patch = proj.shape[0], proj.shape[-1]
@@ -83,14 +84,15 @@ def plain_vit_state(model: dict) -> dict[str, tuple] | None:
     return state | {"norm.weight": (d,), "norm.bias": (d,)}
 
 
-def load(path, params: dict, in_chans: int, img_size: int | None = None) -> tuple[dict, dict, dict]:
-    """(arrays, config, sidecar) of the encoder file `path` for images of `in_chans` channels and `img_size` pixels
-    (default params data.img_size): verified and checked as pipeline.models.encoder.load_encoder does, the arrays
-    float32 as the Encoder's parameters would hold them. A problem is the same one-line PipelineError."""
+def load(path, study: dict, in_chans: int, img_size: int) -> tuple[dict, dict, dict]:
+    """(arrays, config, sidecar) of the encoder file `path` for images of `in_chans` channels and `img_size` pixels:
+    verified and checked as pipeline.models.encoder.load_encoder does (`study`: the study's encoder config, for a
+    file without its own), the arrays float32 as the Encoder's parameters would hold them. A problem is the same
+    one-line PipelineError."""
     import numpy as np
 
     arrays, meta = load_arrays(path)
-    model = meta.get("model") or infer_model(arrays, params, in_chans)
+    model = meta.get("model") or infer_model(arrays, study, img_size, in_chans)
     expected = plain_vit_state(model)
     if expected is None:                  # another arch: the Encoder itself says what it holds (torch, timm)
         from pipeline.models.encoder import encoder_for
@@ -100,7 +102,7 @@ def load(path, params: dict, in_chans: int, img_size: int | None = None) -> tupl
     if problems:
         raise PipelineError(f"{path} does not fit the encoder architecture: {problems}")
     config = dict(model)                  # pipeline.models.encoder.Encoder.config of this model
-    check_input(path, config, in_chans, params["data"]["img_size"] if img_size is None else img_size)
+    check_input(path, config, in_chans, img_size)
     as_parameter = lambda a: a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a
     return {k: as_parameter(arrays[k]) for k in expected}, config, meta
 

@@ -7,13 +7,13 @@ heads and norms are left out: they are under 2% of a step at every preset here.
 from __future__ import annotations
 
 from pipeline.models.encoder import encoder_flops
+from pipeline.settings import Geometry
 
 
-def token_counts(params: dict) -> tuple[int, int, int]:
+def token_counts(g: Geometry) -> tuple[int, int, int]:
     """(patches L, visible V, masked M) of one image under the study's mask ratio."""
-    m, d = params["model"], params["data"]
-    num = (d["img_size"] // m["patch_size"]) ** 2
-    visible = int(num * (1 - params["pretrain"]["mask_ratio"]))
+    num = (g.img_size // g.model.patch_size) ** 2
+    visible = int(num * (1 - g.mask_ratio))
     return num, visible, num - visible
 
 
@@ -27,27 +27,26 @@ def cross_attention_flops(dim: int, depth: int, queries: int, context: int, cont
     return depth * (projections + 2 * 2 * queries * context * dim)
 
 
-def visible_encoder(params: dict) -> float:
+def visible_encoder(g: Geometry) -> float:
     """The encoder on the cls token + the visible patches."""
-    m = params["model"]
-    return encoder_flops(m["embed_dim"], m["depth"], 1 + token_counts(params)[1])
+    return encoder_flops(g.model.embed_dim, g.model.depth, 1 + token_counts(g)[1])
 
 
-def full_encoder(params: dict, model: dict | None = None) -> float:
-    """An encoder (the student's, or `model`: a teacher of another size) on the cls token + every patch."""
-    m = model or params["model"]
-    return encoder_flops(m["embed_dim"], m["depth"], 1 + token_counts(params)[0])
+def full_encoder(g: Geometry, model: dict | None = None) -> float:
+    """An encoder (the student's, or `model`: a teacher's config, of another size) on the cls token + every patch."""
+    width, depth = (model["embed_dim"], model["depth"]) if model else (g.model.embed_dim, g.model.depth)
+    return encoder_flops(width, depth, 1 + token_counts(g)[0])
 
 
-def pixel_decoder(params: dict) -> float:
+def pixel_decoder(g: Geometry) -> float:
     """MAE's light decoder on every token."""
-    m = params["model"]
-    return encoder_flops(m["decoder_dim"], m["decoder_depth"], 1 + token_counts(params)[0])
+    m = g.model
+    return encoder_flops(m.decoder_dim, m.decoder_depth, 1 + token_counts(g)[0])
 
 
 def flops_per_image(params: dict, method: str, teacher: dict | None = None) -> dict[str, float]:
     """{"student_forward", "teacher_forward", "train"} FLOPs of one training image; train = 3 x student + teacher.
-    Each method counts its own forwards (its module's forward_flops, pipeline.methods).
+    Each method counts its own forwards from the params it reads (its module's forward_flops, pipeline.methods).
 
     teacher: the model config of dBOT's frozen teacher when it differs from the student (a wider or deeper
     external checkpoint); by default the teacher is the student's architecture.

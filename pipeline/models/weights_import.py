@@ -183,10 +183,11 @@ def map_state(state: dict, fmt: str, path, drop_dist_token: bool = False,
     return tensors, record
 
 
-def infer_config(tensors: dict, path, params: dict, num_heads: int | None = None) -> tuple[dict, str]:
+def infer_config(tensors: dict, path, study: dict, num_heads: int | None = None) -> tuple[dict, str]:
     """(the encoder config the shapes describe: arch, patch_size, embed_dim, depth, num_heads, img_size, in_chans;
     where its head count came from), every key and shape checked against the plain ViT of that config
-    (check_shapes): a one-line PipelineError otherwise."""
+    (check_shapes): a one-line PipelineError otherwise. `study`: the study's encoder config (params model), whose
+    arch names a family that is not a plain ViT and whose head count a file of its width takes."""
     proj, pos = tensors.get("patch_embed.proj.weight"), tensors.get("pos_embed")
     if proj is None or pos is None or "cls_token" not in tensors:
         missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in tensors]
@@ -203,14 +204,14 @@ def infer_config(tensors: dict, path, params: dict, num_heads: int | None = None
     config = {"arch": None, "patch_size": patch, "embed_dim": width, "depth": 1 + max(blocks) if blocks else 0,
               "num_heads": None, "img_size": grid * patch, "in_chans": proj.shape[1]}
     arch = f"vit_{STANDARD[width][0]}_patch{patch}_224" if width in STANDARD else None
-    config["arch"] = arch if arch in PLAIN_VITS else params["model"]["arch"]   # the family: sizes are passed
+    config["arch"] = arch if arch in PLAIN_VITS else study["arch"]   # the family: sizes are passed
     check_shapes(tensors, config, path)        # shapes first: they do not depend on the head count
     if num_heads is not None:
         heads, source = num_heads, "--num-heads"
     elif width in STANDARD:
         heads, source = STANDARD[width][1], f"timm's ViT-{STANDARD[width][0]} for width {width}"
-    elif width == params["model"]["embed_dim"]:
-        heads, source = params["model"]["num_heads"], "params model.num_heads (same width)"
+    elif width == study["embed_dim"]:
+        heads, source = study["num_heads"], "params model.num_heads (same width)"
     else:
         raise PipelineError(f"{path}: the head count of a {width}-wide ViT cannot be read from its shapes; "
                             "pass --num-heads")
@@ -239,12 +240,13 @@ def describe(config: dict) -> str:
             f"{config['img_size']}px {config['in_chans']}-channel images")
 
 
-def params_mismatch(config: dict, params: dict, what: str) -> list[str]:
-    """How `config` differs from params: what = "geometry" (what a dBOT stage-0 teacher must share with the
-    student: image size, patch size, channels) or "model" (also width, depth, heads)."""
-    m, d = params["model"], params["data"]
-    want = {"img_size": ("data.img_size", d["img_size"]), "patch_size": ("model.patch_size", m["patch_size"]),
-            "in_chans": ("data.channels", d["channels"])}
+def params_mismatch(config: dict, study: dict, img_size: int, channels: int, what: str) -> list[str]:
+    """How `config` differs from the study's encoder (`study`: params model) for its images (data.img_size,
+    data.channels): what = "geometry" (what a dBOT stage-0 teacher must share with the student: image size, patch
+    size, channels) or "model" (also width, depth, heads)."""
+    m = study
+    want = {"img_size": ("data.img_size", img_size), "patch_size": ("model.patch_size", m["patch_size"]),
+            "in_chans": ("data.channels", channels)}
     if what == "model":
         want |= {k: (f"model.{k}", m[k]) for k in ("embed_dim", "depth", "num_heads")}
     return [f"{name} {value} (file: {config[k]})" for k, (name, value) in want.items() if config[k] != value]

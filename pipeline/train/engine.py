@@ -6,7 +6,7 @@ any saved step replays exactly the same batches, masks and dropped paths: on CPU
 uninterrupted run. A streamed dataset (data.format stream, pipeline.data.stream) is cropped per image by DataLoader
 workers instead, each crop and flip drawn from (seed, epoch, image index): replayed alike, whatever the workers.
 
-`initial_optimizer_state` starts a fresh (not resumed) run from another run's AdamW moments and step
+`Run.initial_optimizer_state` starts a fresh (not resumed) run from another run's AdamW moments and step
 (named_optimizer_state; dBOT's carry_optimizer_state); `TrainResult.optimizer` is the run's own at its end.
 
 Precision (`TrainConfig.precision`, see pipeline.hardware): fp32, bf16 autocast, or fp16 autocast with a
@@ -62,6 +62,30 @@ class TrainConfig:
     config_hash: str            # a saved state is only resumed if it was made with the same hash
     desc: str = "train"         # progress bar label
     compile: str | None = None  # torch.compile backend for the model's forward (e.g. inductor); None = eager
+
+
+@dataclass
+class TrainData:
+    """What the model trains on: uint8 images (N, C, H, W), a tensor or a streamed split
+    (pipeline.data.stream.StreamImages: decoded and cropped per step by DataLoader workers, for the same rows of the
+    same batch_indices; see step_batches), normalised with the train split's per-channel mean and std; the labels
+    (N,) of a model that `needs_labels`."""
+    images: object
+    mean: list[float]
+    std: list[float]
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Run:
+    """Where and how one run goes: its resumable state file, the hook called with each epoch's metrics (rank 0),
+    values stored in the state (e.g. a tracking run id), the device (None: pipeline.hardware.device()), and the
+    AdamW moments and step a fresh (not resumed) run starts from (named_optimizer_state of another run)."""
+    state_path: Path
+    on_epoch: Callable[[dict], None] = lambda m: None
+    extra: dict | None = None
+    device: str | None = None
+    initial_optimizer_state: dict | None = None
 
 
 @dataclass
@@ -162,22 +186,18 @@ def make_batch(batch_u8: torch.Tensor, mean: list[float], std: list[float], cfg:
     return normalize(x, mean, std)
 
 
-def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: TrainConfig,
-          state_path: Path, on_epoch: Callable[[dict], None] = lambda m: None,
-          extra: dict | None = None, device: str | None = None, labels: torch.Tensor | None = None,
-          initial_optimizer_state: dict | None = None) -> TrainResult:
-    """Train `model` on uint8 images (N, C, H, W): forward(imgs, generator, step) -> (loss, outputs).
-
-    `images`: a uint8 tensor, or a streamed split (pipeline.data.stream.StreamImages: decoded and cropped per step
-    by DataLoader workers, for the same rows of the same batch_indices; see step_batches).
+def train(model: nn.Module, data: TrainData, cfg: TrainConfig, run: Run) -> TrainResult:
+    """Train `model` on data.images: forward(imgs, generator, step) -> (loss, outputs), on the schedule `cfg`.
 
     Optional hooks: `start_schedule(steps_per_epoch, total_steps)` once before the first step, and
     `after_step(step)` after every optimiser step (see pipeline/methods/__init__.py). A model with
-    `needs_labels` also gets the batch's `labels` (N,) as a keyword. The hooks are called on `model` itself,
-    the forward through `distributed.wrap(model)` (DDP in a multi-process job). `initial_optimizer_state`
-    (named_optimizer_state of another run) is loaded only when the run starts fresh, never over a resumed state.
+    `needs_labels` also gets the batch's labels (N,) as a keyword. The hooks are called on `model` itself,
+    the forward through `distributed.wrap(model)` (DDP in a multi-process job). `run.initial_optimizer_state`
+    is loaded only when the run starts fresh, never over a resumed state.
     """
-    device = device or hardware.device()
+    images, mean, std, labels = data.images, data.mean, data.std, data.labels
+    state_path, on_epoch, initial_optimizer_state = run.state_path, run.on_epoch, run.initial_optimizer_state
+    device = run.device or hardware.device()
     amp = hardware.resolve(cfg.precision, device)
     model.to(device)
     n, world = images.shape[0], ranks.world()
@@ -188,7 +208,7 @@ def train(model: nn.Module, images, mean: list[float], std: list[float], cfg: Tr
     rows = world.rows(bs)
     lrs = lr_schedule(cfg, spe).tolist()           # Python floats: no tensor read per step
     opt, scaler = make_optimizer(model, cfg), amp.grad_scaler()
-    st = _resume(state_path, cfg, model, opt, scaler, extra or {})
+    st = _resume(state_path, cfg, model, opt, scaler, run.extra or {})
     if initial_optimizer_state and st["step"] == 0:    # a fresh run (a saved state is always past step 0)
         fresh = load_named_optimizer_state(model, opt, initial_optimizer_state)
         if fresh and world.is_main:

@@ -26,7 +26,7 @@ def work(params: dict, args) -> None:
     from pipeline.reporting.figures import attention_grid
 
     prep = datasets.load_prepared()
-    encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params, prep.train_x.shape[1],
+    encoder, meta = load_encoder(layout.weights_path(args.weights, args.seed), params["model"], prep.train_x.shape[1],
                                  prep.train_x.shape[-1])
     images = datasets.normalize(prep.val_x[:params["analyze"]["images"]], prep.mean, prep.std)
     out = layout.analysis_path(args.weights, args.seed)

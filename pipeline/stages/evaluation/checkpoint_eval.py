@@ -51,9 +51,9 @@ def work(params: dict, args) -> None:
     total = len(training["epochs"])
     finals = {name: read_json(layout.eval_metrics(name, args.weights, args.seed))["metrics"]["top1"]
               for name in PROTOCOLS}
-    kept = {epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params,   # every kept encoder
-                                prep.train_x.shape[1], prep.train_x.shape[-1])                   # verified before
-            for epoch in layout.kept_epochs(params, args.weights)}                               # anything is written
+    kept = {epoch: load_encoder(layout.checkpoint_path(args.weights, args.seed, epoch), params["model"],  # every kept
+                                prep.train_x.shape[1], prep.train_x.shape[-1])        # encoder verified before
+            for epoch in layout.kept_epochs(params, args.weights)}                    # anything is written
     rows, device = [], hardware.device(params["launch"]["device"])
     amps = {name: hardware.resolve(params[name]["precision"], device) for name in PROTOCOLS}
     record = {f"{name}.{k}": v for name, amp in amps.items() for k, v in amp.record().items()}

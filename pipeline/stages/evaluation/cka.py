@@ -55,7 +55,7 @@ def work(params: dict, args) -> None:
     needed = sorted({w for g in groups.values() for w in g} | {w for p in pairs for w in p})
     feats = {}
     for w in needed:
-        encoder = load_encoder(layout.weights_path(w, args.seed), params, prep.train_x.shape[1],
+        encoder = load_encoder(layout.weights_path(w, args.seed), params["model"], prep.train_x.shape[1],
                                prep.train_x.shape[-1])[0]
         feats[w] = representations.layer_features(encoder, images)
 

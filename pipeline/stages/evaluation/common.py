@@ -113,7 +113,7 @@ def feature_source(params: dict, args, protocol: str, prep) -> tuple[Callable, d
                                  "images, no encoder runs")
         weights = weights_record(args, {"sha256": read_json(layout.sidecar(path)).get("sha256")}, 0, path)
         return lambda images, split: pixel_features(images, prep.mean, prep.std), weights, amp
-    encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
+    encoder, meta = load_encoder(path, params["model"], prep.train_x.shape[1], prep.train_x.shape[-1])
     device = hardware.device(params["launch"]["device"])
     encoder.to(device)
     amp = hardware.resolve(settings["precision"], device)
@@ -126,9 +126,10 @@ def evaluate(params: dict, args, protocol: str, protocol_fn: Callable) -> dict:
     """protocol_fn(params, train_f, train_y, val_f, val_y, num_classes) -> (metrics, history)."""
     from pipeline.data import datasets
     from pipeline.data.stream import bad_record, log_bad_images
+    from pipeline.settings import stream
 
     settings = params[protocol]
-    prep = datasets.load_dataset(params)        # data.format stream: decoded with the eval transform
+    prep = datasets.load_dataset(stream(params))  # data.format stream: decoded with the eval transform
     features, weights, amp = feature_source(params, args, protocol, prep)
     out = layout.eval_metrics(protocol, args.weights, args.seed)
     with eval_run(params, args, protocol, weights, ["seed", protocol], amp) as run:

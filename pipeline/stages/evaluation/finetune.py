@@ -10,6 +10,7 @@ Tiny run: python -m pipeline.stages.evaluation.finetune --preset tiny --weights 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from pipeline import layout
 from pipeline.checkpoint import write_json
@@ -34,12 +35,13 @@ def work(params: dict, args) -> dict:
     from pipeline.data import datasets
     from pipeline.evaluation import finetune
     from pipeline.models.encoder import load_encoder
+    from pipeline.settings import Finetune, stream
 
     start = time.monotonic()
     settings, seed = params["finetune"], params["seed"]
-    prep = datasets.load_dataset(params)        # data.format stream: train transform, then RandAugment
+    prep = datasets.load_dataset(stream(params))  # data.format stream: train transform, then RandAugment
     path = layout.weights_path(args.weights, seed)
-    encoder, meta = load_encoder(path, params, prep.train_x.shape[1], prep.train_x.shape[-1])
+    encoder, meta = load_encoder(path, params["model"], prep.train_x.shape[1], prep.train_x.shape[-1])
     weights = weights_record(args, meta, encoder.config["depth"], path)
     draws = node_seed(params, "finetune")                 # head init, batch order, augmentation, drop path
     model = finetune.from_encoder(encoder, len(prep.class_names), settings["drop_path"], draws)
@@ -48,8 +50,8 @@ def work(params: dict, args) -> dict:
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(settings["precision"], device)
     with eval_run(params, args, "finetune", weights, SECTIONS, amp) as run:
-        metrics, history = finetune.finetune(model, prep, dict(settings, precision=amp.name), draws, device,
-                                             desc=node, on_epoch=lambda h: log_history(run, [h]))
+        metrics, history = finetune.finetune(model, prep, replace(Finetune.of(settings), precision=amp.name), draws,
+                                             device, desc=node, on_epoch=lambda h: log_history(run, [h]))
         model_path = layout.finetuned_path(args.weights, seed)
         finetune.save_model(model_path, model, {"node": "finetune", "weights": weights,
                                                 "class_names": prep.class_names,

@@ -40,6 +40,19 @@ def check(params: dict, args) -> None:
                             f"not {s['dataset']}")
 
 
+def dataset(params: dict, prep):
+    """The segprobe.dataset of the study (prep: its prepared dataset, the source of digit canvases)."""
+    from pipeline.evaluation import segmentation
+
+    s, d = params[PROTOCOL], params["data"]
+    if s["dataset"] == "digit_canvas":
+        return segmentation.digit_canvas(prep, d["split_seed"])
+    if s["dataset"] == "folder":
+        return segmentation.folder_dataset(s["path"], s.get("num_classes"), d["img_size"], d["channels"],
+                                           d["split_seed"], d["val_fraction"])
+    raise PipelineError(f"unknown segprobe.dataset {s['dataset']!r}; known: digit_canvas, folder")
+
+
 def work(params: dict, args) -> dict:
     from pipeline import hardware
     from pipeline.data import datasets
@@ -49,9 +62,9 @@ def work(params: dict, args) -> dict:
 
     s = params[PROTOCOL]
     prep = datasets.load_prepared()
-    seg = segmentation.load_dataset(params, prep)
+    seg = dataset(params, prep)
     path = layout.weights_path(args.weights, args.seed)
-    encoder, meta = load_encoder(path, params, seg.train_x.shape[1], seg.train_x.shape[-1])
+    encoder, meta = load_encoder(path, params["model"], seg.train_x.shape[1], seg.train_x.shape[-1])
     device = hardware.device(params["launch"]["device"])
     encoder.to(device)
     amp = hardware.resolve(s["precision"], device)

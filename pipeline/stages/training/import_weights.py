@@ -107,9 +107,9 @@ def check(params: dict, args) -> None:
     state, entry = wi.find_state(obj, args.format, path, args.entry)
     del obj
     tensors, mapping = wi.map_state(state, args.format, path, args.drop_dist_token, args.fc_norm_as_norm)
-    config, heads_from = wi.infer_config(tensors, path, params, args.num_heads)     # every shape checked
+    config, heads_from = wi.infer_config(tensors, path, params["model"], args.num_heads)     # every shape checked
     if args.expect_params:
-        problems = wi.params_mismatch(config, params, args.expect_params)
+        problems = wi.params_mismatch(config, *study(params), args.expect_params)
         if problems:
             raise PipelineError(f"{path} does not match params ({args.preset}, --expect-params {args.expect_params}): "
                                 f"{'; '.join(problems)}")
@@ -135,11 +135,17 @@ def work(params: dict, args) -> None:
     print(f"import_weights: {path} ({args.format}{', ' + entry if entry else ''}) -> {out}: {describe(config)}; "
           f"{mapping['kept']} tensors, {mapping['renamed']} renamed, {mapping['dropped']} dropped"
           + "".join(f"\nnote: {n}" for n in mapping["notes"]))
-    misfit = params_mismatch(config, params, "geometry")
+    misfit = params_mismatch(config, *study(params), "geometry")
     if misfit:
         print(f"as a dBOT stage-0 teacher of preset {args.preset} it needs {'; '.join(misfit)}")
     else:
         print(f"as a dBOT stage-0 teacher of preset {args.preset}: --set dbot.chains.<name>={out}")
+
+
+def study(params: dict) -> tuple[dict, int, int]:
+    """The study's encoder config and images (params model, data.img_size, data.channels): what a file is compared
+    to (pipeline.models.weights_import.params_mismatch)."""
+    return params["model"], params["data"]["img_size"], params["data"]["channels"]
 
 
 def verify(out: Path, tensors: dict, config: dict, params: dict) -> None:
@@ -150,8 +156,8 @@ def verify(out: Path, tensors: dict, config: dict, params: dict) -> None:
     from pipeline.models import encoder_file
     from pipeline.models.encoder import load_encoder
 
-    enc, _ = load_encoder(out, params, config["in_chans"], config["img_size"])
-    arrays, _, _ = encoder_file.load(out, params, config["in_chans"], config["img_size"])
+    enc, _ = load_encoder(out, params["model"], config["in_chans"], config["img_size"])
+    arrays, _, _ = encoder_file.load(out, params["model"], config["in_chans"], config["img_size"])
     state = enc.vit.state_dict()
     if set(state) != set(tensors) or any(not torch.equal(state[k], v) for k, v in tensors.items()) or any(
             not np.array_equal(arrays[k], v.numpy()) for k, v in tensors.items()):

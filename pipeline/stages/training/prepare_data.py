@@ -41,11 +41,12 @@ def work(params: dict, args) -> None:
 def stream_work(params: dict) -> None:
     from pipeline import hardware
     from pipeline.data import folders, stream
+    from pipeline.settings import Loader, Stream
 
     d, seed = params["data"], params["data"]["split_seed"]
     man = stream.scan(d, seed)
-    loader = stream.loader_settings(params["launch"], hardware.device(params["launch"]["device"]))
-    mean, std = stream.channel_stats(man, d, seed, loader)
+    loader = Loader.of(params, hardware.device(params["launch"]["device"]))
+    mean, std = stream.channel_stats(man, Stream.folder(d, loader), seed)
     meta = {"node": "prepare_data", "params_hash": section_hash(params, SECTIONS), "mean": mean, "std": std,
             "root": str(d["path"]), "source": f"imagefolder {d['path']} ({len(man.class_names)} classes, streamed)",
             "stats_images": min(len(man.labels["train"]), stream.STATS_IMAGES),

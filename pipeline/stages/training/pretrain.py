@@ -87,10 +87,11 @@ def work(params: dict, args) -> None:
     from pipeline.models.encoder import load_encoder
     from pipeline.models.teacher import FrozenTeacher
     from pipeline.reporting.figures import reconstruction_grid
+    from pipeline.settings import stream
     from pipeline.train import engine
 
     study, params = params, method_params(params, args.method, stage_number(args))   # pretrain = this node's own
-    prep = datasets.load_dataset(params)        # data.format stream: images decoded and cropped per step
+    prep = datasets.load_dataset(stream(params))  # data.format stream: images decoded and cropped per step
     dataset_hash = read_json(layout.sidecar(layout.dataset_path(params)))["dataset_hash"]
     in_chans, seed = (prep.train_x.shape[1],
                       node_seed(params, args.method, stage_number(args)))   # a fresh student per stage
@@ -98,7 +99,8 @@ def work(params: dict, args) -> None:
     initial = load_plain(carried) if carried else None
     teacher, teacher_meta = None, {}
     if args.method in NEEDS_TEACHER:
-        enc, teacher_meta = load_encoder(layout.teacher_path(args.stage, args.seed), params, in_chans)
+        enc, teacher_meta = load_encoder(layout.teacher_path(args.stage, args.seed), params["model"], in_chans,
+                                         params["data"]["img_size"])
         teacher = FrozenTeacher(enc, params["dbot"]["teacher_final_norm"])
     labels = {"num_classes": len(prep.class_names)} if args.method in NEEDS_LABELS else {}
     model = methods.module(args.method).build(params, in_chans, seed, teacher, **labels)   # its module only
@@ -117,9 +119,9 @@ def work(params: dict, args) -> None:
         + (sha256_file(carried)[:8] if carried else ""),
         desc=node_id(args), compile=params["launch"]["compile"])
     state = layout.resume_dir(node_id(args)) / "state.pt"
+    data = engine.TrainData(prep.train_x, prep.mean, prep.std, prep.train_y)
     if not ranks.world().is_main:    # another process of a launch.tasks job: it only computes gradients
-        engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, labels=prep.train_y, device=device,
-                     initial_optimizer_state=initial)
+        engine.train(model, data, cfg, engine.Run(state, device=device, initial_optimizer_state=initial))
         return
     out = layout.pretrain_dir(args.method, args.seed, args.stage)
     evaluated = getattr(model, "evaluate_weights", "student")           # EMA methods: student or teacher
@@ -128,9 +130,7 @@ def work(params: dict, args) -> None:
     with tracked(logged, layout.describe_weights(weights_id(args))["chain"], node_id(args), out, sections, tags,
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
-        result = engine.train(model, prep.train_x, prep.mean, prep.std, cfg, state, on_epoch=on_epoch,
-                              extra={"run_id": run.run_id}, labels=prep.train_y, device=device,
-                              initial_optimizer_state=initial)
+        result = engine.train(model, data, cfg, engine.Run(state, on_epoch, {"run_id": run.run_id}, device, initial))
         final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
             shown = reconstruction_grid(model, datasets.head(prep.val_x, 8), prep.mean, prep.std,
@@ -161,13 +161,14 @@ def _epoch_end(params: dict, args, model, prep, epochs: int, kept_dir, run):
     from pipeline.data.stream import bad_images
     from pipeline.evaluation.probes import online_knn_top1
     from pipeline.models.encoder import save_encoder
+    from pipeline.settings import Knn
 
     online, kept = params["pretrain"]["online_knn"], layout.kept_epochs(params, weights_id(args))
 
     def on_epoch(m: dict) -> None:
         done = m["epoch"] + 1
         if online["every_epochs"] and (done % online["every_epochs"] == 0 or done == epochs):
-            m["online_knn_top1"] = online_knn_top1(_evaluated(model), prep, online,
+            m["online_knn_top1"] = online_knn_top1(_evaluated(model), prep, Knn.of(online),
                                                    online["train_images"], online["val_images"])
         if done in kept:
             save_encoder(kept_dir / f"epoch{done}.safetensors", _evaluated(model),

@@ -33,7 +33,8 @@ def check(params: dict, args):
     if args.stage not in layout.dbot_keys(params):
         raise PipelineError(f"--stage {args.stage}: this study's dBOT nodes are {', '.join(layout.dbot_keys(params))}")
     src = layout.teacher_source(params, args.stage, args.seed)
-    arrays, config, meta = encoder_file.load(src, params, params["data"]["channels"])
+    arrays, config, meta = encoder_file.load(src, params["model"], params["data"]["channels"],
+                                             params["data"]["img_size"])
     d = params["data"]
     if (config["img_size"], config["patch_size"], config["in_chans"]) != (
             d["img_size"], params["model"]["patch_size"], d["channels"]):
