@@ -7,8 +7,12 @@ node depends on is the code this order allows it to reach.
 """
 from __future__ import annotations
 
-import pytest
+import ast
 
+import pytest
+import yaml
+
+from pipeline import config, methods
 from pipeline.orchestration import fingerprints
 
 # Lowest first. A layer is a list of module prefixes; "pipeline.methods" alone is the method registry (SPEC data, no
@@ -20,7 +24,8 @@ LAYERS = [
     ["pipeline.checkpoint"],                        # atomic writes, safetensors, sidecars
     ["pipeline.config"],                            # params: load, validate, seeds
     ["pipeline.dag"],                               # the node table
-    ["pipeline.ranks", "pipeline.hardware", "pipeline.plots"],   # processes, device and precision, figures
+    ["pipeline.ranks", "pipeline.hardware", "pipeline.plots",    # processes, device and precision, figures,
+     "pipeline.settings"],                                      # the typed settings a node resolves from params
     ["pipeline.models"],
     ["pipeline.data"],
     ["pipeline.train"],
@@ -84,3 +89,57 @@ def test_an_upward_import_inside_a_function_fails(module, target, tmp_path, monk
         assert any(target in p for p in upward(module))
     finally:
         fingerprints.forget()
+
+
+# Params enter once: each node resolves its settings at its boundary (its stage CLI, pipeline.settings) and the library
+# below takes explicit arguments. These layers never read the params dict nor name one of its sections; a method
+# module's `build` and `forward_flops` are its boundary (they turn its params section into arguments).
+BELOW_THE_BOUNDARY = ("pipeline.models", "pipeline.data", "pipeline.train", "pipeline.evaluation", "pipeline.methods.")
+METHOD_BOUNDARY = ("build", "forward_flops")
+SIDECAR = "meta"     # an encoder file's sidecar records its own "model" config
+
+
+def params_reads(source: str, module: str) -> list[str]:
+    """Where `source` reads params below the boundary: a subscript or .get of a params section's name (on anything
+    but a sidecar), or any use of a name `params` other than handing it on whole as a call's argument."""
+    sections = set(yaml.safe_load(config.BASE.read_text())) | set(methods.NAMES) | {"seed"}
+    tree = ast.parse(source)
+    exempt = set()
+    if module.startswith("pipeline.methods."):
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name in METHOD_BOUNDARY:
+                exempt |= {id(n) for n in ast.walk(node)}
+    passed = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) for a in n.args}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in exempt:
+            continue
+        key, receiver = (node.slice, node.value) if isinstance(node, ast.Subscript) else (None, None)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args:
+            key, receiver = node.args[0], node.func.value
+        if isinstance(key, ast.Constant) and key.value in sections and getattr(receiver, "id", None) != SIDECAR:
+            out.append(f"{module}:{node.lineno} reads section {key.value!r}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Name) and node.id == "params" and id(node) not in passed:
+            out.append(f"{module}:{node.lineno} uses params: {ast.unparse(node)}")
+    return out
+
+
+def test_the_library_below_the_boundary_reads_no_params():
+    problems = []
+    for module in modules():
+        if module.startswith(BELOW_THE_BOUNDARY):
+            path = fingerprints.PACKAGE.parent.joinpath(*module.split(".")).with_suffix(".py")
+            if not path.is_file():
+                path = path.with_suffix("") / "__init__.py"
+            problems += params_reads(path.read_text(), module)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("line", ['x = params["pretrain"]["mask_ratio"]', 'x = cfg["model"]', 'x = d.get("launch")',
+                                  "x = params", "x = params.copy()"])
+def test_a_params_read_below_the_boundary_fails(line):
+    """A method class reading params (or any section) outside its module's build fails the check; build may."""
+    source = f"def build(params):\n    {line}\n\n\nclass M:\n    def __init__(self, params, cfg, d):\n        {line}\n"
+    assert {p.split(":")[1].split()[0] for p in params_reads(source, "pipeline.methods.toy")} == {"7"}
+    assert params_reads("def f(params):\n    return g(params)\n", "pipeline.models.x") == []    # handed on whole
+    assert params_reads('y = meta["model"]\n', "pipeline.models.x") == []                      # a sidecar's config

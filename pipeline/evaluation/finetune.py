@@ -230,7 +230,7 @@ def finetune(model: Classifier, prep: Prepared, settings: Finetune, seed: int, d
     transform = randaug_transform(settings.randaug, prep.train_x.shape[-1], prep.mean)
     mixup = mixup_fn(settings, k)
     criterion = loss_fn(settings, mixup)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    trained = [p for g in opt.param_groups for p in g["params"]]
     history, metrics = [], {}
     bar = tqdm(total=settings.epochs * spe * bs, unit="img", unit_scale=True, desc=desc, file=sys.stderr,
                mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
@@ -252,7 +252,7 @@ def finetune(model: Classifier, prep: Prepared, settings: Finetune, seed: int, d
                 scaler.scale(loss).backward()
                 if settings.clip_grad:
                     scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, settings.clip_grad)
+                    nn.utils.clip_grad_norm_(trained, settings.clip_grad)
                 scaler.step(opt)
                 scaler.update()
                 loss_sum += loss.detach()

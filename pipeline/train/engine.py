@@ -138,9 +138,9 @@ def load_named_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sta
     names = {id(p): n for n, p in model.named_parameters()}
     current = opt.state_dict()
     ids = [i for group in current["param_groups"] for i in group["params"]]
-    params = [p for group in opt.param_groups for p in group["params"]]
+    tensors = [p for group in opt.param_groups for p in group["params"]]
     carried, fresh = {}, []
-    for index, p in zip(ids, params):
+    for index, p in zip(ids, tensors):
         saved = state.get(names[id(p)])
         if saved is None or saved["exp_avg"].shape != p.shape:
             fresh.append(names[id(p)])
