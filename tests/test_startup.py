@@ -128,15 +128,15 @@ def test_the_numpy_load_refuses_what_load_encoder_refuses(tmp_path):
     meta = read_json(sidecar(path))
     for load in (load_encoder, encoder_file.load):
         with pytest.raises(PipelineError, match="takes 1-channel 8px images, but the data has 3-channel 8px"):
-            load(path, PARAMS, 3)
+            load(path, PARAMS["model"], 3, PARAMS["data"]["img_size"])
     (tmp_path / "t.json").write_text(json.dumps(dict(meta, model=dict(MODEL, depth=3, img_size=8, in_chans=1))))
     for load in (load_encoder, encoder_file.load):
         with pytest.raises(PipelineError, match="does not fit the encoder architecture: missing: blocks.2."):
-            load(path, PARAMS, 1)
+            load(path, PARAMS["model"], 1, PARAMS["data"]["img_size"])
     (tmp_path / "t.json").write_text(json.dumps(dict(meta, model=dict(MODEL, num_heads=5, img_size=8, in_chans=1))))
     for load in (load_encoder, encoder_file.load):                    # timm refuses it: the same message
         with pytest.raises(PipelineError, match="cannot build the encoder its metadata describes"):
-            load(path, PARAMS, 1)
+            load(path, PARAMS["model"], 1, PARAMS["data"]["img_size"])
 
 
 # ---- the benchmark's summary --------------------------------------------------------------------------------
