@@ -284,6 +284,7 @@ NOT_ALWAYS_RUN = {
                          "for prepare_data on a tensor dataset",
     "pipeline.evaluation.probes": "the probes' features (stages/evaluation/common.evaluate): not for analyze and cka",
     "pipeline.models.encoder": "teacher_swap builds an Encoder only for an arch other than the plain timm ViTs",
+    "pipeline.settings": "(imported by models.encoder, whose build_encoder takes a settings.Model)",
 }
 
 
