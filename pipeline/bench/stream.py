@@ -125,7 +125,9 @@ def decode_rate(images, count: int, seed: int = 0) -> dict:
 def loader_rate(images, workers: int, batch_size: int, steps: int, seed: int = 0) -> dict:
     """Images/s of StreamImages.train_batches (the training step's DataLoader: `workers` processes, prefetch 2)
     over `steps` batches, timed from the first batch (the workers' start-up is first_batch_s)."""
-    images.loader = {"workers": workers, "prefetch": 2, "pin": False}
+    from pipeline.settings import Loader
+
+    images.loader = Loader(workers, 2, False)
     start = time.perf_counter()
     batches = images.train_batches(batch_indices, batch_size, seed, slice(None), 0, steps)
     n = len(next(batches)[0])

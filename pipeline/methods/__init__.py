@@ -15,9 +15,9 @@
   optional       (may be absent) the schema of keys its section may leave out: the module says what their absence
                  means (BootMAE's decoder_depth: model.decoder_depth).
 - `build(params, in_chans, seed, teacher)`, the method's boundary (it turns its params section into its class's
-  explicit arguments; nothing below it reads params: tests/test_layers.py) -> an nn.Module with forward(imgs, generator, step) -> (loss, outputs
-  holding at least "mask"), `.encoder` (the student), optional hooks start_schedule(steps_per_epoch,
-  total_steps) and after_step(step);
+  explicit arguments; nothing below it reads params: tests/test_layers.py) -> an nn.Module with
+  forward(imgs, generator, step) -> (loss, outputs holding at least "mask"), `.encoder` (the student), optional
+  hooks start_schedule(steps_per_epoch, total_steps) and after_step(step);
 - `forward_flops(params, counts, teacher)` -> (student forward, teacher forward) FLOPs per image
   (pipeline.models.flops: the report's equal-compute axis and the benchmark's MFU).
 
