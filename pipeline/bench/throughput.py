@@ -161,17 +161,17 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
 
 
 def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe,
-                breakdown: bool = False) -> dict:
+                breakdown: bool = False, warmup: int = WARMUP) -> dict:
     """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
-    matmul peak between the steps}, medians over `steps` steps after warm-up; with `breakdown`, also
+    matmul peak between the steps}, medians over `steps` steps after `warmup` untimed ones; with `breakdown`, also
     "breakdown": where the time of one more step went (pipeline.bench.breakdown)."""
     d, cfg = params["data"], train_config(params, precision)
     images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
     profiled = {} if breakdown else None
     out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
-                      WARMUP + steps, between=probe, profiled=profiled)
-    return {"step_s": statistics.median(t for t, _ in out[WARMUP:]),
-            "peak_gflops_here": statistics.median(probe.gflops[WARMUP:]),
+                      warmup + steps, between=probe, profiled=profiled)
+    return {"step_s": statistics.median(t for t, _ in out[warmup:]),
+            "peak_gflops_here": statistics.median(probe.gflops[warmup:]),
             **({"breakdown": profiled} if breakdown else {})}
 
 
@@ -188,7 +188,7 @@ def _peak_rss_mb() -> float:
 
 
 def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int,
-                   breakdown: bool) -> dict:
+                   breakdown: bool, warmup: int) -> dict:
     """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
     above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
     torch.set_num_threads(threads)
@@ -198,24 +198,24 @@ def _measure_child(params: dict, method: str, precision: str, steps: int, thread
     except OSError:
         pass
     before = _rss_mb()
-    timing = time_method(params, method, precision, steps, "cpu", probe, breakdown)
+    timing = time_method(params, method, precision, steps, "cpu", probe, breakdown, warmup)
     return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
 
 
 def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int,
-            breakdown: bool = False) -> dict:
+            breakdown: bool = False, warmup: int = WARMUP) -> dict:
     """{"step_s", "peak_gflops_here", "peak_mem_mb"} (and with `breakdown`, "breakdown") of one method and
     precision: CUDA in this process, CPU in a fresh child. peak_gflops_here: the matmul peak measured between the
     steps, under the same conditions. The peak memory includes the profiled step (on the CPU the profiler's own
     records add a few MB)."""
     if device == "cpu":
         return pool.submit(_measure_child, params, method, precision, steps, torch.get_num_threads(),
-                           peak_size, breakdown).result()
+                           peak_size, breakdown, warmup).result()
     gc.collect()
     torch.cuda.empty_cache()
     probe = PeakProbe(precision, peak_size, device)
     torch.cuda.reset_peak_memory_stats()
-    timing = time_method(params, method, precision, steps, device, probe, breakdown)
+    timing = time_method(params, method, precision, steps, device, probe, breakdown, warmup)
     return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
@@ -271,7 +271,7 @@ def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Prec
 
 
 def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
-                 progress, breakdown: bool = False) -> list[dict]:
+                 progress, breakdown: bool = False, warmup: int = WARMUP) -> list[dict]:
     """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto";
     with `breakdown`, each row holds its step's breakdown."""
     rows, mae = [], None
@@ -279,7 +279,7 @@ def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: 
         for precision in peaks:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
                 setting = "auto" if precision == default else precision
-                measured = measure(params, method, setting, steps, device, pool, peak_size, breakdown)
+                measured = measure(params, method, setting, steps, device, pool, peak_size, breakdown, warmup)
                 mae = measured if method == "mae" else mae
                 rows.append(make_row(params, method, precision, measured, mae, peaks[precision], setting))
                 progress(render.row_line(rows[-1]))
@@ -365,6 +365,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                         help="precisions to measure besides fp32 and the default (default: those this device runs "
                              "natively; an emulated one is skipped, with the reason printed)")
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help=f"untimed steps before each method's timed ones (default {WARMUP})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per step on the device (default: the preset's pretrain.batch_size)")
     parser.add_argument("--depth", type=int, default=None,
@@ -376,8 +378,8 @@ def parse_args(argv) -> argparse.Namespace:
                         help="skip data loading and the modes (skipped anyway for a streamed preset: its images "
                              "are not on this machine)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.curve_steps < 2 or (args.batch_size or 1) < 1 or (args.depth or 1) < 1:
-        parser.error("--steps, --batch-size and --depth must be >= 1 and --curve-steps >= 2")
+    if args.steps < 1 or args.curve_steps < 2 or (args.batch_size or 1) < 1 or (args.depth or 1) < 1 or args.warmup < 0:
+        parser.error("--steps, --batch-size and --depth must be >= 1, --warmup >= 0 and --curve-steps >= 2")
     return args
 
 
@@ -458,7 +460,8 @@ def main(argv=None) -> dict:
         peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
     attention = measure_attention(params, device, measured, progress)
-    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, not args.no_breakdown)
+    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, not args.no_breakdown,
+                        args.warmup)
     loading, modes = None, None
     if no_modes:
         print(f"skipped data loading and modes: {no_modes}", flush=True)
@@ -477,7 +480,8 @@ def main(argv=None) -> dict:
               "measured_precisions": measured, "skipped_precisions": skipped,
               "preset": args.preset, "device": device, "device_name": hardware.device_name(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "curve_steps": args.curve_steps,
+              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "warmup": args.warmup,
+              "curve_steps": args.curve_steps,
               "model": params["model"], "img_size": params["data"]["img_size"],
               "machine": hardware.describe_machine(),     # with the load average at the end of the run
               "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "attention": attention,
