@@ -178,3 +178,22 @@ def test_breakdown_of_a_profiled_step_sums_to_one():
     parts = breakdown.step_breakdown(step, "cpu")
     assert parts["profiled_s"] > 0 and math.isclose(sum(parts[p] for p in breakdown.PARTS), 1.0)
     assert parts["matmul"] > 0 and parts["casts"] == parts["optimizer"] == 0.0
+
+
+def test_max_batch_doubles_until_a_step_runs_out_of_memory(monkeypatch):
+    tried = []
+
+    def fake_measure(params, method, precision, steps, device, pool, peak_size, how):
+        batch = params["pretrain"]["batch_size"]
+        tried.append(batch)
+        if batch > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"step_s": 0.5, "peak_mem_mb": 100.0 * batch, "peak_gflops_here": 1.0}
+    monkeypatch.setattr(throughput, "measure", fake_measure)
+    params = config.load("tiny")
+    got = throughput.max_batch(params, "mae", "bf16", "cuda", 256)
+    assert tried == [8, 16, 32, 64] and params["pretrain"]["batch_size"] == 128      # the params are not changed
+    assert got == {"method": "mae", "precision": "bf16", "batch_size": 32, "peak_mem_mb": 3200.0,
+                   "images_per_s": 64.0, "failed_at": 64}
+    assert throughput.max_batch(params, "mae", "bf16", "cuda", 256, start=64)["batch_size"] is None
+    assert throughput.max_batch(params, "mae", "bf16", "cuda", 256, limit=16)["failed_at"] is None

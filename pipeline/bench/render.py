@@ -54,6 +54,23 @@ def attention_line(a: dict) -> str:
             + ", ".join(f"{k} {_kernel_ms(t)} ms" for k, t in a["kernels"].items()) + f"; runs {a['chosen']}")
 
 
+def max_batch_line(m: dict) -> str:
+    if m["batch_size"] is None:
+        return f"largest batch {m['method']} {m['precision']}: none fits (from {m['failed_at']})"
+    return (f"largest batch {m['method']} {m['precision']}: {m['batch_size']} ({m['peak_mem_mb']:.0f} MB, "
+            f"{m['images_per_s']:.1f} img/s; {m['failed_at'] or 'no limit reached'} did not fit)")
+
+
+def _max_batch_table(largest: list[dict]) -> list[str]:
+    if not largest:
+        return []
+    rows = [[m["method"], m["precision"], m["batch_size"] or "none", f"{m['peak_mem_mb'] or 0:.0f}",
+             f"{m['images_per_s'] or 0:.1f}", m["failed_at"] or ""] for m in largest]
+    return ["## Largest per-device batch that fits (doubling from 8)", "",
+            *markdown_table(["method", "precision", "batch", "peak MB", "img/s", "first batch that did not fit"],
+                            rows, "llr"), ""]
+
+
 def loading_line(loading: dict) -> str:
     return (f"data loading: {loading['images_per_s']:.0f} img/s = {loading['ratio_to_mae_training']:.1f} x "
             f"MAE training ({loading['mae_precision']})")
@@ -139,6 +156,7 @@ def markdown(result: dict) -> str:
         *_rows_table(result["rows"]), "",
         *_breakdown_table(result["rows"]),
         *_attention_table(result["attention"]),
+        *_max_batch_table(result["max_batch"]),
         *modes,
         f"Matmul peak (n = {result['peak_matmul_size']}) at the start: "
         + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())

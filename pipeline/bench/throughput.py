@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -160,19 +161,29 @@ def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tenso
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How each method's step is timed: `warmup` untimed steps first; with `breakdown`, one more step under the
+    profiler (pipeline.bench.breakdown); with `compile_backend`, the model torch.compile'd (the warm-up steps
+    hold the compilation)."""
+    warmup: int = WARMUP
+    breakdown: bool = False
+    compile_backend: str | None = None
+
+
 def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe,
-                breakdown: bool = False, warmup: int = WARMUP) -> dict:
+                how: Timing = Timing()) -> dict:
     """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
-    matmul peak between the steps}, medians over `steps` steps after `warmup` untimed ones; with `breakdown`, also
-    "breakdown": where the time of one more step went (pipeline.bench.breakdown)."""
+    matmul peak between the steps}, medians over `steps` steps after how.warmup untimed ones; with
+    how.breakdown, also "breakdown": where the time of one more step went."""
     d, cfg = params["data"], train_config(params, precision)
     images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
-    profiled = {} if breakdown else None
+    profiled = {} if how.breakdown else None
     out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
-                      warmup + steps, between=probe, profiled=profiled)
-    return {"step_s": statistics.median(t for t, _ in out[warmup:]),
-            "peak_gflops_here": statistics.median(probe.gflops[warmup:]),
-            **({"breakdown": profiled} if breakdown else {})}
+                      how.warmup + steps, how.compile_backend, between=probe, profiled=profiled)
+    return {"step_s": statistics.median(t for t, _ in out[how.warmup:]),
+            "peak_gflops_here": statistics.median(probe.gflops[how.warmup:]),
+            **({"breakdown": profiled} if how.breakdown else {})}
 
 
 def _rss_mb() -> float:
@@ -188,7 +199,7 @@ def _peak_rss_mb() -> float:
 
 
 def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int,
-                   breakdown: bool, warmup: int) -> dict:
+                   how: Timing) -> dict:
     """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
     above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
     torch.set_num_threads(threads)
@@ -198,24 +209,24 @@ def _measure_child(params: dict, method: str, precision: str, steps: int, thread
     except OSError:
         pass
     before = _rss_mb()
-    timing = time_method(params, method, precision, steps, "cpu", probe, breakdown, warmup)
+    timing = time_method(params, method, precision, steps, "cpu", probe, how)
     return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
 
 
 def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int,
-            breakdown: bool = False, warmup: int = WARMUP) -> dict:
-    """{"step_s", "peak_gflops_here", "peak_mem_mb"} (and with `breakdown`, "breakdown") of one method and
+            how: Timing = Timing()) -> dict:
+    """{"step_s", "peak_gflops_here", "peak_mem_mb"} (and with how.breakdown, "breakdown") of one method and
     precision: CUDA in this process, CPU in a fresh child. peak_gflops_here: the matmul peak measured between the
     steps, under the same conditions. The peak memory includes the profiled step (on the CPU the profiler's own
     records add a few MB)."""
     if device == "cpu":
         return pool.submit(_measure_child, params, method, precision, steps, torch.get_num_threads(),
-                           peak_size, breakdown, warmup).result()
+                           peak_size, how).result()
     gc.collect()
     torch.cuda.empty_cache()
     probe = PeakProbe(precision, peak_size, device)
     torch.cuda.reset_peak_memory_stats()
-    timing = time_method(params, method, precision, steps, device, probe, breakdown, warmup)
+    timing = time_method(params, method, precision, steps, device, probe, how)
     return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
@@ -271,19 +282,39 @@ def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Prec
 
 
 def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
-                 progress, breakdown: bool = False, warmup: int = WARMUP) -> list[dict]:
-    """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto";
-    with `breakdown`, each row holds its step's breakdown."""
+                 progress, how: Timing = Timing()) -> list[dict]:
+    """One row per measured precision (the keys of `peaks`) x method, timed as `how` says; the default
+    precision's rows say "auto"."""
     rows, mae = [], None
     with child_pool() as pool:
         for precision in peaks:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
                 setting = "auto" if precision == default else precision
-                measured = measure(params, method, setting, steps, device, pool, peak_size, breakdown, warmup)
+                measured = measure(params, method, setting, steps, device, pool, peak_size, how)
                 mae = measured if method == "mae" else mae
                 rows.append(make_row(params, method, precision, measured, mae, peaks[precision], setting))
                 progress(render.row_line(rows[-1]))
     return rows
+
+
+def max_batch(params: dict, method: str, precision: str, device: str, peak_size: int, start: int = 8,
+              limit: int = 8192) -> dict:
+    """The largest per-device batch (start, 2 start, 4 start, ... up to `limit`) at which one training step of
+    `method` in `precision` fits in the GPU's memory: {"method", "precision", "batch_size" (None: not even
+    `start`), "peak_mem_mb", "images_per_s" (one step after one warm-up), "failed_at" (the first batch that did
+    not fit, None if `limit` fitted)}."""
+    best = {"method": method, "precision": precision, "batch_size": None, "peak_mem_mb": None,
+            "images_per_s": None, "failed_at": None}
+    batch = start
+    while batch <= limit:
+        try:
+            measured = measure(sized(params, batch, None), method, precision, 1, device, None, peak_size,
+                               Timing(warmup=1))
+        except torch.OutOfMemoryError:
+            return dict(best, failed_at=batch)
+        best.update(batch_size=batch, peak_mem_mb=measured["peak_mem_mb"], images_per_s=batch / measured["step_s"])
+        batch *= 2
+    return best
 
 
 def default_vs_fastest(rows: list[dict]) -> dict[str, float]:
@@ -372,6 +403,12 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=None,
                         help="encoder depth, and at most this many decoder blocks (default: the preset's; a small "
                              "depth keeps the preset's width and tokens for a quick check)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every row's model (--compile-backend; the warm-up steps hold the "
+                             "compilation, so give --warmup >= 1)")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="on a GPU: per method, the largest batch (8, 16, 32, ...) whose step fits in memory, "
+                             "in the default precision, with its peak memory")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="no profiled step per row (default: one, for the step breakdown)")
     parser.add_argument("--no-modes", action="store_true",
@@ -454,14 +491,15 @@ def main(argv=None) -> dict:
     streamed = params["data"]["format"] == "stream"
     no_modes = ("--no-modes" if args.no_modes else
                 "a streamed preset (data.format stream): its images are not here" if streamed else None)
-    progress = Progress(len(measured) * (1 + len(METHODS) + 2) + (0 if no_modes else 1 + len(measured) + 1))
+    progress = Progress(len(measured) * (1 + len(METHODS) + 2) + (0 if no_modes else 1 + len(measured) + 1)
+                        + (len(METHODS) if args.max_batch and device == "cuda" else 0))
     peaks = {}
     for precision in measured:
         peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
     attention = measure_attention(params, device, measured, progress)
-    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, not args.no_breakdown,
-                        args.warmup)
+    how = Timing(args.warmup, not args.no_breakdown, args.compile_backend if args.compile else None)
+    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, how)
     loading, modes = None, None
     if no_modes:
         print(f"skipped data loading and modes: {no_modes}", flush=True)
@@ -472,6 +510,13 @@ def main(argv=None) -> dict:
         progress(render.loading_line(loading))
         modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, measured, default.name,
                               progress)
+    largest = []
+    if args.max_batch and device == "cuda":
+        for method in METHODS:
+            largest.append(max_batch(params, method, default.name, device, n))
+            progress(render.max_batch_line(largest[-1]))
+    elif args.max_batch:
+        print("skipped --max-batch: the largest batch is searched on a GPU only (a CPU swaps instead of failing)")
     ratios = default_vs_fastest(rows)
     result = {"default_precision": default.name, "default_precision_reason": default.reason,
               "cpu_capability": hardware.cpu_features()["capability"],
@@ -481,11 +526,12 @@ def main(argv=None) -> dict:
               "preset": args.preset, "device": device, "device_name": hardware.device_name(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "warmup": args.warmup,
+              "compiled": args.compile_backend if args.compile else None,
               "curve_steps": args.curve_steps,
               "model": params["model"], "img_size": params["data"]["img_size"],
               "machine": hardware.describe_machine(),     # with the load average at the end of the run
               "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "attention": attention,
-              "data_loading": loading, "modes": modes, "modes_skipped": no_modes}
+              "data_loading": loading, "modes": modes, "modes_skipped": no_modes, "max_batch": largest}
     write_json(args.out / "bench.json", result)
     render.write_markdown(result, args.out / "bench.md")
     written = ["bench.json", "bench.md"]
