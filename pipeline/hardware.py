@@ -15,6 +15,12 @@ torch.cpu._is_avx512_bf16_supported(); bf16 also needs oneDNN, which does the ma
 (ONEDNN_MAX_CPU_ISA=AVX2 forbids it). So `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` on any x86 machine
 makes `auto` choose what an AVX2-only CPU gets. The device: `launch.device` auto (CUDA if there is one) | cpu | cuda.
 
+Attention (attention_kernels, entered with the autocast): each call of timm's Attention or the decoder's
+CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls take
+rule_kernel's choice; calls of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
+decoder at batch 8) take the faster of the two as measured on this device, in this precision, at the call's
+shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings.
+
 Each node records its Precision (`record()`: the precision used, the one asked for, and the reason with the
 capability seen) in its metrics.json and as MLflow tags.
 """

@@ -2,6 +2,7 @@
 
     python -m pipeline.bench.throughput --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16]
         [--out DIR]
+    python -m pipeline.bench.throughput --preset imagenet --batch-size 8 --steps 2 --warmup 1   # ViT-B/16, 224 px
 
 One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
 
@@ -11,6 +12,10 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   on a GPU). A precision the machine only emulates is skipped with the reason printed (skipped_precisions), unless
   asked for with --precisions: an emulated bf16 step on an AVX2-only CPU takes ~17x the fp32 one;
 - peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), per measured precision;
+- attention: per measured precision, MAE's two attention calls at the preset's token counts (encoder: cls +
+  visible patches; decoder: cls + every patch), each kernel's forward and backward time (flash, memory-efficient
+  and math SDPA backends, the explicit matmuls; pipeline.hardware.attention_timings) and the one the pipeline
+  runs there (pipeline.hardware.attention_kernel);
 - rows, one per method x measured precision: the real training step (engine.train_step: augmentation,
   masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
   timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
@@ -19,15 +24,25 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
   (against peak_gflops_here: the median GFLOP/s of one n x n matmul run after each timed step, in the same
   process; the shared CPU's speed drifts, so the step and its ceiling are measured under the same conditions);
-  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision). The rows of the default precision are
+  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision); breakdown: one more step under the
+  torch profiler, its time split into matmul, attention forward / backward, casts, optimizer and other
+  (pipeline.bench.breakdown; --no-breakdown leaves it out). The rows of the default precision are
   measured through `precision: auto` itself (setting "auto"); default_vs_fastest holds, per method, the default's
   images/s over the best images/s of any measured precision (target: >= 0.95 on every machine);
+- with --max-batch, on a GPU: per method, the largest per-GPU batch (8, 16, 32, ...) whose step fits, its peak
+  memory and images/s (max_batch);
 - data_loading: images/s of making the batches alone, as engine.train_step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
 - modes: MAE trained --curve-steps steps on the real train images in every measured precision and with
   torch.compile (--compile-backend, in the default precision), same init, batches and masks: step time (median
   after the first steps), first-step time (holds the compilation), loss curve, final-loss difference to fp32.
   A compile failure is recorded as its error message. The curves are overlaid in modes_loss.png.
+  Data loading and the modes need the preset's images: a streamed preset (imagenet) skips them (--no-modes too).
+
+Paper scale: --preset imagenet is MAE's ViT-B/16 at 224 px (57.4 GFLOP per trained MAE image); --batch-size sets
+the per-device batch (the preset's 4096 is a global batch), --depth cuts the encoder (and the decoders) to that
+many blocks at full width and token count (the test runs one block at batch 1), --warmup sets the untimed steps,
+--compile compiles every row's model. Every step runs on random images: no data folder is needed.
 
 Reading MFU (model FLOPs utilisation) = achieved GFLOP/s / the matmul peak of the precision the step runs in:
 the share of the machine's dense-matmul ceiling that the step turns into model FLOPs. Everything that is not a
@@ -37,8 +52,10 @@ patch embedding, heads and norms, so MFU slightly under-counts. A step ratio abo
 spends more time per FLOP than MAE (non-matmul work of its teacher or loss). Timings need an otherwise idle
 machine: on CPU cores shared with another job, torch's threads wait for each other and steps get 10-50x slower.
 
-Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out (default
-results/bench/<machine class>: cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class).
+Writes bench.json (`rows`: one dict per method x precision; `machine`: pipeline.hardware.describe_machine, with
+the load average at the end), bench.md and modes_loss.png under --out (default results/bench/<machine class>:
+cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class; a preset other than default in its own
+<preset>/ folder below it).
 """
 from __future__ import annotations
 
