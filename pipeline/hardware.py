@@ -216,10 +216,9 @@ def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 def attention_timings(device: str, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int,
                       head_dim: int, kernels=ATTENTION_KERNELS, backward: bool = True, reps: int = 3) -> dict:
     """{kernel: {"forward_s", "backward_s"} (the fastest of `reps` calls after one warm-up: on a shared machine the
-    least disturbed; backward_s only with
-    `backward`) or {"error": why it cannot run}} of one attention call of these shapes on `device`, its inputs
-    in `dtype` under that dtype's autocast, as the training step runs it. Seeded inputs from a generator of its
-    own: torch's global random stream is left as it was."""
+    least disturbed; backward_s only with `backward`) or {"error": why it cannot run}} of one attention call of
+    these shapes on `device`, its inputs in `dtype` under that dtype's autocast, as the training step runs it.
+    Seeded inputs from a generator of its own: torch's global random stream is left as it was."""
     import time
 
     kind = torch.device(device).type
