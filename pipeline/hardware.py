@@ -19,7 +19,9 @@ Attention (attention_kernels, entered with the autocast): each call of timm's At
 CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls take
 rule_kernel's choice; calls of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
 decoder at batch 8) take the faster of the two as measured on this device, in this precision, at the call's
-shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings.
+shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings. A process
+that resumes a run measures anew, so its large calls may run the other kernel than the first process's did: the
+same math, different rounding (bit-identical resumption holds below the threshold, e.g. every test preset).
 
 Each node records its Precision (`record()`: the precision used, the one asked for, and the reason with the
 capability seen) in its metrics.json and as MLflow tags.
