@@ -15,6 +15,14 @@ torch.cpu._is_avx512_bf16_supported(); bf16 also needs oneDNN, which does the ma
 (ONEDNN_MAX_CPU_ISA=AVX2 forbids it). So `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` on any x86 machine
 makes `auto` choose what an AVX2-only CPU gets. The device: `launch.device` auto (CUDA if there is one) | cpu | cuda.
 
+Attention (attention_kernels, entered with the autocast): each call of timm's Attention or the decoder's
+CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls take
+rule_kernel's choice; calls of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
+decoder at batch 8) take the faster of the two as measured on this device, in this precision, at the call's
+shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings. A process
+that resumes a run measures anew, so its large calls may run the other kernel than the first process's did: the
+same math, different rounding (bit-identical resumption holds below the threshold, e.g. every test preset).
+
 Each node records its Precision (`record()`: the precision used, the one asked for, and the reason with the
 capability seen) in its metrics.json and as MLflow tags.
 """
@@ -157,7 +165,7 @@ class Precision:
             with cast:
                 yield
         else:
-            with attention_kernels(module, kind, self.name != "fp32"), cast:
+            with attention_kernels(module, kind, self.name != "fp32", self.autocast_dtype), cast:
                 yield
 
 
@@ -180,22 +188,138 @@ def resolve(asked: str, dev: str = "cpu") -> Precision:
     return Precision(name, "auto", f"auto: {describe_cpu(f)} -> {name}{why}", dev)
 
 
+ATTENTION_KERNELS = ("flash", "efficient", "math", "explicit")   # what attention_timings measures
+MEASURED_ATTENTION_FLOPS = 32e6   # attention calls of at least this many forward FLOPs get their kernel measured
+ATTENTION_MARGIN = 1.1            # ... and leave the rule's kernel only for one this much faster (no noise flips)
+
+
+def attention_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> float:
+    """Forward FLOPs of one attention call: q k^T and (softmax) v, 2 x multiply-adds each."""
+    return 4.0 * batch * heads * queries * keys * head_dim
+
+
+def attend(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v through `kernel`: "explicit" (matmul, softmax, matmul: what timm's Attention and
+    the decoder's CrossAttention run with fused_attn False), "fused" (scaled_dot_product_attention, torch's own
+    choice of backend), or one SDPA backend ("flash", "efficient", "math"; RuntimeError where it cannot run)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kernel == "explicit":
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    if kernel == "fused":
+        return F.scaled_dot_product_attention(q, k, v)
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}[kernel]
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_timings(device: str, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int,
+                      head_dim: int, kernels=ATTENTION_KERNELS, backward: bool = True, reps: int = 3) -> dict:
+    """{kernel: {"forward_s", "backward_s"} (the fastest of `reps` calls after one warm-up: on a shared machine the
+    least disturbed; backward_s only with `backward`) or {"error": why it cannot run}} of one attention call of
+    these shapes on `device`, its inputs in `dtype` under that dtype's autocast, as the training step runs it.
+    Seeded inputs from a generator of its own: torch's global random stream is left as it was."""
+    import time
+
+    kind = torch.device(device).type
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    gen = torch.Generator(device).manual_seed(0)
+    shapes = ((batch, heads, queries, head_dim), (batch, heads, keys, head_dim), (batch, heads, keys, head_dim))
+    out = {}
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(kind, dtype=dtype,
+                                                                          enabled=dtype != torch.float32):
+        q, k, v = (torch.randn(s, device=device, generator=gen).to(dtype).requires_grad_(backward) for s in shapes)
+        grad = torch.randn(shapes[0], device=device, generator=gen).to(dtype)
+        for kernel in kernels:
+            fwd, bwd = [], []
+            try:
+                for _ in range(reps + 1):
+                    sync()
+                    start = time.perf_counter()
+                    y = attend(kernel, q, k, v)
+                    sync()
+                    mid = time.perf_counter()
+                    if backward:
+                        torch.autograd.grad(y, (q, k, v), grad)
+                        sync()
+                    fwd.append(mid - start)
+                    bwd.append(time.perf_counter() - mid)
+            except RuntimeError as e:            # a backend with no kernel for these shapes / this device
+                out[kernel] = {"error": str(e).splitlines()[0][:300]}
+                continue
+            out[kernel] = {"forward_s": min(fwd[1:]), **({"backward_s": min(bwd[1:])} if backward else {})}
+    return out
+
+
+def rule_kernel(device: str | torch.device, reduced: bool) -> str:
+    """The kernel attention runs without a measurement: fused SDPA (on CUDA: flash / memory-efficient), except on
+    the CPU under a reduced precision (bf16, fp16 autocast), where the explicit softmax(q k^T) v runs as plain
+    matmuls. Measured on a 2-core AMX Xeon: PyTorch's CPU flash-attention backward in bf16 took 21 ms a call at
+    13 tokens x 3 heads, 47% of a bf16 MAE step; without it the bf16 step is 1.8x faster. In fp32 both paths
+    took the same time there."""
+    return "fused" if torch.device(device).type != "cpu" or not reduced else "explicit"
+
+
+_CHOSEN: dict[tuple, str] = {}
+
+
+def attention_kernel(device: str, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int,
+                     head_dim: int, backward: bool) -> str:
+    """"fused" or "explicit" for one attention call of these shapes: below MEASURED_ATTENTION_FLOPS the rule's
+    kernel (rule_kernel: small calls weigh little in a step and their timings are noise); above, the faster of the
+    two by attention_timings (forward + backward when training), the rule's unless the other is at least
+    ATTENTION_MARGIN faster. Measured once per shape and process (a few ms at ViT-B token counts)."""
+    rule = rule_kernel(device, dtype != torch.float32)
+    if attention_flops(batch, heads, queries, keys, head_dim) < MEASURED_ATTENTION_FLOPS:
+        return rule
+    key = (str(device), dtype, batch, heads, queries, keys, head_dim, backward)
+    if key not in _CHOSEN:
+        times = {kernel: sum(t.values()) for kernel, t in attention_timings(
+            device, dtype, batch, heads, queries, keys, head_dim, ("fused", "explicit"), backward).items()
+            if "error" not in t}
+        other = "explicit" if rule == "fused" else "fused"
+        faster = other in times and (rule not in times or times[other] * ATTENTION_MARGIN < times[rule])
+        _CHOSEN[key] = other if faster else rule
+    return _CHOSEN[key]
+
+
+def _choose_attention(dtype: torch.dtype):
+    """A forward pre-hook for an attention module (timm's Attention: x; the decoder's CrossAttention: x, context)
+    that sets its fused_attn to attention_kernel's choice for the call's shapes. Under torch.compile it leaves the
+    flag as it is (no measurement inside a traced graph)."""
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling() or not args:
+            return
+        x = args[0]
+        keys = args[1].shape[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else x.shape[1]
+        heads = getattr(module, "num_heads", None) or module.heads
+        backward = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        module.fused_attn = attention_kernel(str(x.device), dtype, x.shape[0], heads, x.shape[1], keys,
+                                             x.shape[-1] // heads, backward) == "fused"
+    return hook
+
+
 @contextmanager
-def attention_kernels(module: torch.nn.Module, device: str | torch.device, reduced: bool):
+def attention_kernels(module: torch.nn.Module, device: str | torch.device, reduced: bool,
+                      dtype: torch.dtype | None = None):
     """Within the block, every attention of `module` (timm's Attention, the decoder's CrossAttention: their
-    `fused_attn`) runs fused scaled_dot_product_attention (on CUDA: flash / memory-efficient SDPA kernels),
-    except on the CPU under a reduced precision (bf16, fp16 autocast): there the explicit softmax(q k^T) v
-    runs as plain matmuls. The flags are restored after, so a k-NN probe in bf16 between fp32 training steps
-    leaves the training kernels as they were. Measured on a 2-core AMX Xeon: PyTorch's CPU flash-attention
-    backward in bf16 took 21 ms a call at 13 tokens x 3 heads, 47% of a bf16 MAE step; without it the bf16
-    step is 1.8x faster. In fp32 both paths took the same time there."""
-    fused = torch.device(device).type != "cpu" or not reduced
+    `fused_attn`) runs the kernel chosen for the device, the precision (`dtype`: the autocast dtype; by default
+    bf16 if `reduced`, else fp32) and the call's shapes: rule_kernel's on entry, then, per call, attention_kernel's
+    (measured for calls large enough to matter, e.g. ViT-B's). The flags are restored after, so a k-NN probe in
+    bf16 between fp32 training steps leaves the training kernels as they were."""
+    dtype = dtype or (torch.bfloat16 if reduced else torch.float32)
+    fused = rule_kernel(device, reduced) == "fused"
     attentions = [m for m in module.modules() if hasattr(m, "fused_attn")]
     before = [m.fused_attn for m in attentions]
+    hooks = [m.register_forward_pre_hook(_choose_attention(dtype)) for m in attentions]
     for m in attentions:
         m.fused_attn = fused
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, flag in zip(attentions, before):
             m.fused_attn = flag

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import config, hardware
-from pipeline.bench import throughput
+from pipeline.bench import breakdown, throughput
 from pipeline.methods import METHODS
 
 ROW_KEYS = {"method", "precision", "setting", "images_per_s", "step_s", "mfu", "step_ratio_to_mae",
@@ -111,3 +111,89 @@ def test_precisions_a_machine_lacks_are_skipped_unless_asked_for(monkeypatch, fe
     default, got, why = throughput.plan_precisions("cpu", asked)
     assert got == measured and set(why) == skipped and default.name in got
     assert all("not native here; --precisions" in text for text in why.values())
+
+
+def test_bench_at_paper_scale_measures_every_method_with_its_breakdown(workdir, one_thread):
+    """The imagenet preset's ViT-B/16 at 224 px (its width, heads and tokens), cut to one block and one image a
+    step: every method in every precision this machine runs natively, each row with its step breakdown, and the
+    attention kernels at the preset's token counts; no data folder is needed (random images, no modes)."""
+    result = throughput.main(["--preset", "imagenet", "--batch-size", "1", "--depth", "1", "--steps", "1",
+                              "--warmup", "0", "--device", "cpu", "--peak-size", "128", "--out", "out/vitb"])
+    written = json.loads((workdir / "out/vitb/bench.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    precisions = [p for p in ("fp32", "bf16") if hardware.native(p, "cpu")[0]]
+    assert written["measured_precisions"] == precisions
+    assert (written["batch_size"], written["img_size"], written["model"]["embed_dim"]) == (1, 224, 768)
+    assert (written["model"]["depth"], written["model"]["decoder_depth"]) == (1, 1)
+    assert {(r["method"], r["precision"]) for r in written["rows"]} == {(m, p) for m in METHODS for p in precisions}
+    for row in written["rows"]:
+        parts = row["breakdown"]
+        assert set(parts) == {"profiled_s", *breakdown.PARTS} and parts["profiled_s"] > 0
+        assert math.isclose(sum(parts[p] for p in breakdown.PARTS), 1.0) and parts["matmul"] > 0
+    # MAE at batch 1: the encoder on 1 + 49 tokens x 12 heads of 64, the decoder on 1 + 196 x 16 heads of 32
+    assert [(a["precision"], a["call"], a["shape"]) for a in written["attention"]] == [
+        (p, call, shape) for p in precisions
+        for call, shape in (("encoder", [1, 12, 50, 50, 64]), ("decoder", [1, 16, 197, 197, 32]))]
+    for a in written["attention"]:
+        assert a["chosen"] in ("fused", "explicit") and "error" in a["kernels"]["efficient"]   # CUDA-only backend
+        assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for k, t in a["kernels"].items() if k != "efficient")
+    assert written["modes"] is None and "stream" in written["modes_skipped"]
+    md = (workdir / "out/vitb/bench.md").read_text()
+    assert "Step breakdown" in md and "Attention kernels" in md and "encoder 1 x 768" in md
+    assert not (workdir / "out/vitb/modes_loss.png").exists()
+
+
+def _event(name: str, parent=None) -> SimpleNamespace:
+    return SimpleNamespace(name=name, cpu_parent=parent)
+
+
+@pytest.mark.parametrize("chain, expected", [
+    (["aten::mm", "aten::matmul", "aten::linear"], "matmul"),
+    (["aten::addmm", "aten::linear"], "matmul"),
+    (["aten::copy_", "aten::_to_copy", "aten::to", "aten::linear"], "casts"),
+    (["aten::copy_", "aten::_to_copy", "autograd::engine::evaluate_function: ToCopyBackward0"], "casts"),
+    (["aten::copy_", "aten::clone"], "other"),                           # a layout copy, not a cast
+    (["aten::bmm", "aten::matmul"], "attention_forward"),
+    (["aten::_softmax", "aten::softmax"], "attention_forward"),
+    (["aten::bmm", "BmmBackward0", "autograd::engine::evaluate_function: BmmBackward0"], "attention_backward"),
+    (["aten::empty", "aten::_scaled_dot_product_flash_attention_for_cpu"], "attention_forward"),
+    (["aten::_fused_adamw_", "Optimizer.step#AdamW.step"], "optimizer"),
+    (["aten::_foreach_norm"], "optimizer"),
+    (["aten::mul_", "Optimizer.step#AdamW.step"], "optimizer"),
+    (["aten::native_layer_norm", "aten::layer_norm"], "other"),
+])
+def test_breakdown_puts_each_op_in_its_part(chain, expected):
+    event = None
+    for name in reversed(chain):
+        event = _event(name, event)
+    assert breakdown.part(event) == expected
+
+
+def test_breakdown_of_a_profiled_step_sums_to_one():
+    a, w = torch.randn(64, 256, requires_grad=True), torch.randn(256, 256)
+
+    def step():
+        for _ in range(4):
+            (a @ w).sum().backward()
+    parts = breakdown.step_breakdown(step, "cpu")
+    assert parts["profiled_s"] > 0 and math.isclose(sum(parts[p] for p in breakdown.PARTS), 1.0)
+    assert parts["matmul"] > 0 and parts["casts"] == parts["optimizer"] == 0.0
+
+
+def test_max_batch_doubles_until_a_step_runs_out_of_memory(monkeypatch):
+    tried = []
+
+    def fake_measure(params, method, precision, steps, device, pool, peak_size, how):
+        batch = params["pretrain"]["batch_size"]
+        tried.append(batch)
+        if batch > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"step_s": 0.5, "peak_mem_mb": 100.0 * batch, "peak_gflops_here": 1.0}
+    monkeypatch.setattr(throughput, "measure", fake_measure)
+    params = config.load("tiny")
+    got = throughput.max_batch(params, "mae", "bf16", "cuda", 256)
+    assert tried == [8, 16, 32, 64] and params["pretrain"]["batch_size"] == 128      # the params are not changed
+    assert got == {"method": "mae", "precision": "bf16", "batch_size": 32, "peak_mem_mb": 3200.0,
+                   "images_per_s": 64.0, "failed_at": 64}
+    assert throughput.max_batch(params, "mae", "bf16", "cuda", 256, start=64)["batch_size"] is None
+    assert throughput.max_batch(params, "mae", "bf16", "cuda", 256, limit=16)["failed_at"] is None

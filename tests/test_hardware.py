@@ -117,3 +117,82 @@ def test_precision_values_are_checked():
     with pytest.raises(PipelineError, match="pretrain.precision: 'half' is not one of"):
         config.load("tiny", ["pretrain.precision=half"])
     assert config.load("default")["pretrain"]["precision"] == "auto"
+
+
+# ---- attention kernels: the rule below MEASURED_ATTENTION_FLOPS, measured above it --------------------------
+
+SMALL = (2, 2, 9, 9, 16)         # batch, heads, queries, keys, head dim: far below the measured size
+LARGE = (8, 16, 197, 197, 32)    # MAE ViT-B's decoder at batch 8
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """attention_timings replaced by given (forward + backward) seconds per kernel; its calls are counted."""
+    calls = []
+
+    def use(fused: float, explicit: float) -> list:
+        def fake(device, dtype, batch, heads, queries, keys, head_dim, kernels=hardware.ATTENTION_KERNELS,
+                 backward=True, reps=3):
+            calls.append((batch, heads, queries, keys, head_dim))
+            return {k: {"forward_s": {"fused": fused, "explicit": explicit}[k], "backward_s": 0.0} for k in kernels}
+        monkeypatch.setattr(hardware, "attention_timings", fake)
+        monkeypatch.setattr(hardware, "_CHOSEN", {})
+        return calls
+    return use
+
+
+def test_small_attention_calls_keep_the_rule_without_measuring(timings):
+    calls = timings(fused=1.0, explicit=0.001)
+    assert hardware.attention_flops(*SMALL) < hardware.MEASURED_ATTENTION_FLOPS <= hardware.attention_flops(*LARGE)
+    assert hardware.attention_kernel("cpu", torch.float32, *SMALL, backward=True) == "fused"
+    assert hardware.attention_kernel("cpu", torch.bfloat16, *SMALL, backward=True) == "explicit"
+    assert hardware.attention_kernel("cuda", torch.bfloat16, *SMALL, backward=True) == "fused"
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype, fused, explicit, chosen", [
+    (torch.bfloat16, 1.0, 2.0, "fused"),         # the rule's explicit, but fused is 2x faster: measured wins
+    (torch.bfloat16, 1.0, 1.05, "explicit"),     # within the margin: the rule's kernel stays
+    (torch.float32, 2.0, 1.0, "explicit"),
+    (torch.float32, 1.05, 1.0, "fused"),
+])
+def test_large_attention_calls_take_the_measured_faster_kernel_once(timings, dtype, fused, explicit, chosen):
+    calls = timings(fused, explicit)
+    assert hardware.attention_kernel("cpu", dtype, *LARGE, backward=True) == chosen
+    assert hardware.attention_kernel("cpu", dtype, *LARGE, backward=True) == chosen
+    assert calls == [LARGE]                        # measured once per shape and process
+
+
+def test_attention_kernels_sets_each_call_to_the_chosen_kernel_and_restores(monkeypatch):
+    from pipeline.models.encoder import build_encoder
+
+    enc = build_encoder(dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, num_heads=2), 8, 1,
+                        seed=0)
+    asked, seen = [], []
+    monkeypatch.setattr(hardware, "attention_kernel", lambda *a, **k: asked.append((a, k)) or "fused")
+    for m in enc.modules():
+        if hasattr(m, "fused_attn"):
+            m.register_forward_hook(lambda m, args, out: seen.append(m.fused_attn))
+    with hardware.attention_kernels(enc, "cpu", True):     # the rule: explicit on the CPU in bf16 ...
+        assert {m.fused_attn for m in enc.modules() if hasattr(m, "fused_attn")} == {False}
+        enc(torch.randn(3, 1, 8, 8))                      # ... the call: what attention_kernel chose
+    assert seen == [True, True]
+    assert asked[0] == (("cpu", torch.bfloat16, 3, 2, 17, 17, 16, True), {})
+    assert {m.fused_attn for m in enc.modules() if hasattr(m, "fused_attn")} == {True}     # restored, hooks gone
+    enc(torch.randn(3, 1, 8, 8))
+    assert len(asked) == 2
+
+
+def test_attention_timings_measure_every_kernel_on_the_same_math_without_touching_the_global_rng():
+    q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
+    reference = hardware.attend("explicit", q, k, v)
+    for kernel in ("fused", "flash", "math"):
+        assert torch.allclose(hardware.attend(kernel, q, k, v), reference, atol=1e-5)
+    state = torch.get_rng_state()
+    out = hardware.attention_timings("cpu", torch.float32, *SMALL, reps=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(out) == set(hardware.ATTENTION_KERNELS) and "error" in out["efficient"]    # CUDA only
+    assert all(t["forward_s"] > 0 and t["backward_s"] > 0 for name, t in out.items() if name != "efficient")
+    with torch.inference_mode():                          # a teacher's forward: still measurable
+        assert "backward_s" not in hardware.attention_timings("cpu", torch.bfloat16, *SMALL, ("explicit",),
+                                                              backward=False, reps=1)["explicit"]

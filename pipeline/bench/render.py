@@ -10,6 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
+from pipeline.bench.breakdown import PARTS
 from pipeline.checkpoint import atomic_write
 from pipeline.plots import save_png
 from pipeline.reporting.tables import markdown_table
@@ -42,6 +43,34 @@ def mode_line(mode: str, run: dict) -> str:
             f"({run['final_loss_diff_to_fp32']:+.2e} vs fp32)")
 
 
+def _kernel_ms(timing: dict) -> str:
+    if "error" in timing:
+        return "n/a"
+    return f"{1000 * timing['forward_s']:.2f} + {1000 * timing['backward_s']:.2f}"
+
+
+def attention_line(a: dict) -> str:
+    return (f"attention {a['precision']} {a['call']} {tuple(a['shape'])}: "
+            + ", ".join(f"{k} {_kernel_ms(t)} ms" for k, t in a["kernels"].items()) + f"; runs {a['chosen']}")
+
+
+def max_batch_line(m: dict) -> str:
+    if m["batch_size"] is None:
+        return f"largest batch {m['method']} {m['precision']}: none fits (from {m['failed_at']})"
+    return (f"largest batch {m['method']} {m['precision']}: {m['batch_size']} ({m['peak_mem_mb']:.0f} MB, "
+            f"{m['images_per_s']:.1f} img/s; {m['failed_at'] or 'no limit reached'} did not fit)")
+
+
+def _max_batch_table(largest: list[dict]) -> list[str]:
+    if not largest:
+        return []
+    rows = [[m["method"], m["precision"], m["batch_size"] or "none", f"{m['peak_mem_mb'] or 0:.0f}",
+             f"{m['images_per_s'] or 0:.1f}", m["failed_at"] or ""] for m in largest]
+    return ["## Largest per-device batch that fits (doubling from 8)", "",
+            *markdown_table(["method", "precision", "batch", "peak MB", "img/s", "first batch that did not fit"],
+                            rows, "llr"), ""]
+
+
 def loading_line(loading: dict) -> str:
     return (f"data loading: {loading['images_per_s']:.0f} img/s = {loading['ratio_to_mae_training']:.1f} x "
             f"MAE training ({loading['mae_precision']})")
@@ -59,6 +88,30 @@ def _rows_table(rows: list[dict]) -> list[str]:
                                     f"{r['peak_mem_mb']:.1f}", f"{r['step_ratio_to_mae']:.2f}",
                                     f"{r['step_ratio_at_equal_peak']:.2f}", f"{r['flop_ratio_to_mae']:.2f}"]
                                    for r in rows], "llr")
+
+
+def _breakdown_table(rows: list[dict]) -> list[str]:
+    """Per row with a breakdown: the profiled step's time and each part's share of it."""
+    rows = [r for r in rows if "breakdown" in r]
+    if not rows:
+        return []
+    head = ["method", "precision", "profiled step ms", *(f"{p.replace('_', ' ')} %" for p in PARTS)]
+    table = markdown_table(head, [[r["method"], _precision(r), f"{1000 * r['breakdown']['profiled_s']:.0f}",
+                                   *(f"{100 * r['breakdown'][p]:.1f}" for p in PARTS)] for r in rows], "llr")
+    return ["## Step breakdown (one more step under the torch profiler: each op's own time, "
+            "pipeline.bench.breakdown)", "", *table, ""]
+
+
+def _attention_table(attention: list[dict]) -> list[str]:
+    """Per precision and attention call of an MAE step: each kernel's forward + backward ms and the one run."""
+    if not attention:
+        return []
+    kernels = list(dict.fromkeys(k for a in attention for k in a["kernels"]))
+    rows = [[a["precision"], a["call"], " x ".join(map(str, a["shape"])),
+             *(_kernel_ms(a["kernels"][k]) for k in kernels), a["chosen"]] for a in attention]
+    return ["## Attention kernels: forward + backward ms of one call (batch x heads x queries x keys x head dim; "
+            "n/a: no such kernel here)", "",
+            *markdown_table(["precision", "call", "shape", *kernels, "pipeline runs"], rows, "lll"), ""]
 
 
 def _modes_table(modes: dict) -> list[str]:
@@ -86,16 +139,25 @@ def _default_lines(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     """bench.md: the default precision, the rows table, the modes table, the data-loading line and the peaks."""
-    peaks = result["peak_gflops"]
+    peaks, m = result["peak_gflops"], result["model"]
+    modes = ([f"## Modes: MAE, {result['curve_steps']} steps on the real train images (same init and batches)", "",
+              *_modes_table(result["modes"]), "",
+              loading_line(result["data_loading"]) + " (batches made as engine.train_step makes them)", ""]
+             if result["modes"] is not None else [f"Data loading and modes skipped: {result['modes_skipped']}.", ""])
+    load = result["machine"]["load_average"]
     return "\n".join([
         f"# Benchmark: preset {result['preset']} ({result['device']}: {result['device_name']}, {result['cpu']}, "
         f"{result['threads']} threads, batch {result['batch_size']}, median of {result['steps']} steps, "
         f"torch {result['torch']})", "",
+        f"Model: {m['arch']}, {result['img_size']} px, patch {m['patch_size']}, encoder {m['depth']} x "
+        f"{m['embed_dim']}, decoder {m['decoder_depth']} x {m['decoder_dim']}. Load average at the end "
+        f"(1, 5, 15 min): {', '.join(map(str, load))} on {result['machine']['cores']} cores.", "",
         *_default_lines(result),
         *_rows_table(result["rows"]), "",
-        f"## Modes: MAE, {result['curve_steps']} steps on the real train images (same init and batches)", "",
-        *_modes_table(result["modes"]), "",
-        loading_line(result["data_loading"]) + " (batches made as engine.train_step makes them)", "",
+        *_breakdown_table(result["rows"]),
+        *_attention_table(result["attention"]),
+        *_max_batch_table(result["max_batch"]),
+        *modes,
         f"Matmul peak (n = {result['peak_matmul_size']}) at the start: "
         + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())
         + ". MFU = GFLOP/s / the matmul peak of the row's precision measured in the row's own process between its "

@@ -2,6 +2,7 @@
 
     python -m pipeline.bench.throughput --preset default [--steps 20] [--curve-steps 30] [--precisions bf16 fp16]
         [--out DIR]
+    python -m pipeline.bench.throughput --preset imagenet --batch-size 8 --steps 2 --warmup 1   # ViT-B/16, 224 px
 
 One run measures, on this machine (--device auto: CUDA if available, else the CPU with all of torch's threads):
 
@@ -11,6 +12,10 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   on a GPU). A precision the machine only emulates is skipped with the reason printed (skipped_precisions), unless
   asked for with --precisions: an emulated bf16 step on an AVX2-only CPU takes ~17x the fp32 one;
 - peak_gflops: the matmul ceiling, the best of 5 square n x n matmuls (n = --peak-size), per measured precision;
+- attention: per measured precision, MAE's two attention calls at the preset's token counts (encoder: cls +
+  visible patches; decoder: cls + every patch), each kernel's forward and backward time (flash, memory-efficient
+  and math SDPA backends, the explicit matmuls; pipeline.hardware.attention_timings) and the one the pipeline
+  runs there (pipeline.hardware.attention_kernel);
 - rows, one per method x measured precision: the real training step (engine.train_step: augmentation,
   masking, forward, backward, clipping, AdamW) on random uint8 images of the preset's shape, median of --steps
   timed steps after 3 warm-up steps -> step_s, images_per_s; peak_mem_mb (MB = 2^20 bytes; CUDA:
@@ -19,15 +24,25 @@ One run measures, on this machine (--device auto: CUDA if available, else the CP
   forward + backward = 3 x forward, teacher forward, transformer-block matmuls only) -> gflops_per_s and mfu
   (against peak_gflops_here: the median GFLOP/s of one n x n matmul run after each timed step, in the same
   process; the shared CPU's speed drifts, so the step and its ceiling are measured under the same conditions);
-  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision). The rows of the default precision are
+  the step-time ratio to MAE next to the FLOP ratio to MAE (same precision); breakdown: one more step under the
+  torch profiler, its time split into matmul, attention forward / backward, casts, optimizer and other
+  (pipeline.bench.breakdown; --no-breakdown leaves it out). The rows of the default precision are
   measured through `precision: auto` itself (setting "auto"); default_vs_fastest holds, per method, the default's
   images/s over the best images/s of any measured precision (target: >= 0.95 on every machine);
+- with --max-batch, on a GPU: per method, the largest per-GPU batch (8, 16, 32, ...) whose step fits, its peak
+  memory and images/s (max_batch);
 - data_loading: images/s of making the batches alone, as engine.train_step does before the model (index the uint8
   train images, augment with the step's generator, normalise), and its ratio to MAE's training images/s;
 - modes: MAE trained --curve-steps steps on the real train images in every measured precision and with
   torch.compile (--compile-backend, in the default precision), same init, batches and masks: step time (median
   after the first steps), first-step time (holds the compilation), loss curve, final-loss difference to fp32.
   A compile failure is recorded as its error message. The curves are overlaid in modes_loss.png.
+  Data loading and the modes need the preset's images: a streamed preset (imagenet) skips them (--no-modes too).
+
+Paper scale: --preset imagenet is MAE's ViT-B/16 at 224 px (57.4 GFLOP per trained MAE image); --batch-size sets
+the per-device batch (the preset's 4096 is a global batch), --depth cuts the encoder (and the decoders) to that
+many blocks at full width and token count (the test runs one block at batch 1), --warmup sets the untimed steps,
+--compile compiles every row's model. Every step runs on random images: no data folder is needed.
 
 Reading MFU (model FLOPs utilisation) = achieved GFLOP/s / the matmul peak of the precision the step runs in:
 the share of the machine's dense-matmul ceiling that the step turns into model FLOPs. Everything that is not a
@@ -37,13 +52,17 @@ patch embedding, heads and norms, so MFU slightly under-counts. A step ratio abo
 spends more time per FLOP than MAE (non-matmul work of its teacher or loss). Timings need an otherwise idle
 machine: on CPU cores shared with another job, torch's threads wait for each other and steps get 10-50x slower.
 
-Writes bench.json (`rows`: one dict per method x precision), bench.md and modes_loss.png under --out (default
-results/bench/<machine class>: cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class).
+Writes bench.json (`rows`: one dict per method x precision; `machine`: pipeline.hardware.describe_machine, with
+the load average at the end), bench.md and modes_loss.png under --out (default results/bench/<machine class>:
+cpu-avx2, cpu-amx, gpu-<name>, ...; pipeline.hardware.machine_class; a preset other than default in its own
+<preset>/ folder below it).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -57,13 +76,14 @@ import torch
 
 from pipeline import config, hardware
 from pipeline.bench import render
+from pipeline.bench.breakdown import step_breakdown
 from pipeline.checkpoint import write_json
 from pipeline.data.datasets import prepare
 from pipeline.data.steps import batch_indices
 from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.models.encoder import build_encoder
-from pipeline.models.flops import flops_per_image
+from pipeline.models.flops import flops_per_image, token_counts
 from pipeline.models.teacher import FrozenTeacher
 from pipeline.train import engine
 
@@ -130,36 +150,57 @@ def build(params: dict, method: str, cfg: engine.TrainConfig, device: str, steps
 
 
 def train_steps(params: dict, method: str, cfg, device: str, images: torch.Tensor, mean: list, std: list,
-                steps: int, compile_backend: str | None = None, between=None) -> list[tuple[float, float]]:
+                steps: int, compile_backend: str | None = None, between=None,
+                profiled: dict | None = None) -> list[tuple[float, float]]:
     """(seconds, loss) of each of `steps` training steps (engine.train_step) of a fresh model on uint8 `images`;
     with compile_backend, the model is torch.compile'd first (so step 0 holds the compilation); `between()`,
-    if given, runs after each step, outside its time."""
-    model, opt = build(params, method, cfg, device, steps)
+    if given, runs after each step, outside its time; `profiled`, if given, receives the breakdown of one more
+    step run under the torch profiler (pipeline.bench.breakdown.step_breakdown)."""
+    model, opt = build(params, method, cfg, device, steps + (profiled is not None))
     if compile_backend:
         model.compile(backend=compile_backend)
     amp = hardware.resolve(cfg.precision, device)
     scaler = amp.grad_scaler()
     labels = torch.arange(len(images)) % 10
-    out = []
-    for step in range(steps):
+
+    def one(step: int) -> float:
         idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)
         batch_labels = {"labels": labels[idx]} if method in NEEDS_LABELS else {}
-        out.append(timed(lambda: engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device,  # noqa: B023
-                                              batch_labels, amp, scaler).item(), device))  # noqa: B023 (timed calls it now)
+        return engine.train_step(model, opt, images[idx], mean, std, cfg, cfg.lr, step, device, batch_labels, amp,
+                                 scaler).item()
+    out = []
+    for step in range(steps):
+        out.append(timed(lambda: one(step), device))  # noqa: B023 (timed calls it now)
         if between:
             between()
+    if profiled is not None:
+        profiled.update(step_breakdown(lambda: one(steps), device))
     return out
 
 
-def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How each method's step is timed: `warmup` untimed steps first; with `breakdown`, one more step under the
+    profiler (pipeline.bench.breakdown); with `compile_backend`, the model torch.compile'd (the warm-up steps
+    hold the compilation)."""
+    warmup: int = WARMUP
+    breakdown: bool = False
+    compile_backend: str | None = None
+
+
+def time_method(params: dict, method: str, precision: str, steps: int, device: str, probe: PeakProbe,
+                how: Timing = Timing()) -> dict:
     """{"step_s": seconds per training step of `method` on random images, "peak_gflops_here": the probe's
-    matmul peak between the steps}, medians over `steps` steps after warm-up."""
+    matmul peak between the steps}, medians over `steps` steps after how.warmup untimed ones; with
+    how.breakdown, also "breakdown": where the time of one more step went."""
     d, cfg = params["data"], train_config(params, precision)
     images = torch.randint(0, 256, (cfg.batch_size, d["channels"], d["img_size"], d["img_size"]), dtype=torch.uint8)
+    profiled = {} if how.breakdown else None
     out = train_steps(params, method, cfg, device, images, [0.5] * d["channels"], [0.25] * d["channels"],
-                      WARMUP + steps, between=probe)
-    return {"step_s": statistics.median(t for t, _ in out[WARMUP:]),
-            "peak_gflops_here": statistics.median(probe.gflops[WARMUP:])}
+                      how.warmup + steps, how.compile_backend, between=probe, profiled=profiled)
+    return {"step_s": statistics.median(t for t, _ in out[how.warmup:]),
+            "peak_gflops_here": statistics.median(probe.gflops[how.warmup:]),
+            **({"breakdown": profiled} if how.breakdown else {})}
 
 
 def _rss_mb() -> float:
@@ -174,7 +215,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
-def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int) -> dict:
+def _measure_child(params: dict, method: str, precision: str, steps: int, threads: int, peak_size: int,
+                   how: Timing) -> dict:
     """Run in a fresh process: step time and matmul peak between the steps (time_method), and the peak memory
     above the RSS before the model is built (the probe's matrices are allocated before that reading)."""
     torch.set_num_threads(threads)
@@ -184,21 +226,24 @@ def _measure_child(params: dict, method: str, precision: str, steps: int, thread
     except OSError:
         pass
     before = _rss_mb()
-    timing = time_method(params, method, precision, steps, "cpu", probe)
+    timing = time_method(params, method, precision, steps, "cpu", probe, how)
     return {**timing, "peak_mem_mb": _peak_rss_mb() - before}
 
 
-def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int) -> dict:
-    """{"step_s", "peak_gflops_here", "peak_mem_mb"} of one method and precision: CUDA in this process, CPU in
-    a fresh child. peak_gflops_here: the matmul peak measured between the steps, under the same conditions."""
+def measure(params: dict, method: str, precision: str, steps: int, device: str, pool, peak_size: int,
+            how: Timing = Timing()) -> dict:
+    """{"step_s", "peak_gflops_here", "peak_mem_mb"} (and with how.breakdown, "breakdown") of one method and
+    precision: CUDA in this process, CPU in a fresh child. peak_gflops_here: the matmul peak measured between the
+    steps, under the same conditions. The peak memory includes the profiled step (on the CPU the profiler's own
+    records add a few MB)."""
     if device == "cpu":
         return pool.submit(_measure_child, params, method, precision, steps, torch.get_num_threads(),
-                           peak_size).result()
+                           peak_size, how).result()
     gc.collect()
     torch.cuda.empty_cache()
     probe = PeakProbe(precision, peak_size, device)
     torch.cuda.reset_peak_memory_stats()
-    timing = time_method(params, method, precision, steps, device, probe)
+    timing = time_method(params, method, precision, steps, device, probe, how)
     return {**timing, "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
@@ -254,18 +299,39 @@ def plan_precisions(device: str, asked: list[str] | None) -> tuple[hardware.Prec
 
 
 def measure_rows(params: dict, steps: int, device: str, peaks: dict, peak_size: int, default: str,
-                 progress) -> list[dict]:
-    """One row per measured precision (the keys of `peaks`) x method; the default precision's rows say "auto"."""
+                 progress, how: Timing = Timing()) -> list[dict]:
+    """One row per measured precision (the keys of `peaks`) x method, timed as `how` says; the default
+    precision's rows say "auto"."""
     rows, mae = [], None
     with child_pool() as pool:
         for precision in peaks:
             for method in ["mae"] + [m for m in METHODS if m != "mae"]:        # MAE first: the ratios' base
                 setting = "auto" if precision == default else precision
-                measured = measure(params, method, setting, steps, device, pool, peak_size)
+                measured = measure(params, method, setting, steps, device, pool, peak_size, how)
                 mae = measured if method == "mae" else mae
                 rows.append(make_row(params, method, precision, measured, mae, peaks[precision], setting))
                 progress(render.row_line(rows[-1]))
     return rows
+
+
+def max_batch(params: dict, method: str, precision: str, device: str, peak_size: int, start: int = 8,
+              limit: int = 8192) -> dict:
+    """The largest per-device batch (start, 2 start, 4 start, ... up to `limit`) at which one training step of
+    `method` in `precision` fits in the GPU's memory: {"method", "precision", "batch_size" (None: not even
+    `start`), "peak_mem_mb", "images_per_s" (one step after one warm-up), "failed_at" (the first batch that did
+    not fit, None if `limit` fitted)}."""
+    best = {"method": method, "precision": precision, "batch_size": None, "peak_mem_mb": None,
+            "images_per_s": None, "failed_at": None}
+    batch = start
+    while batch <= limit:
+        try:
+            measured = measure(sized(params, batch, None), method, precision, 1, device, None, peak_size,
+                               Timing(warmup=1))
+        except torch.OutOfMemoryError:
+            return dict(best, failed_at=batch)
+        best.update(batch_size=batch, peak_mem_mb=measured["peak_mem_mb"], images_per_s=batch / measured["step_s"])
+        batch *= 2
+    return best
 
 
 def default_vs_fastest(rows: list[dict]) -> dict[str, float]:
@@ -347,10 +413,42 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                         help="precisions to measure besides fp32 and the default (default: those this device runs "
                              "natively; an emulated one is skipped, with the reason printed)")
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help=f"untimed steps before each method's timed ones (default {WARMUP})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per step on the device (default: the preset's pretrain.batch_size)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="encoder depth, and at most this many decoder blocks (default: the preset's; a small "
+                             "depth keeps the preset's width and tokens for a quick check)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every row's model (--compile-backend; the warm-up steps hold the "
+                             "compilation, so give --warmup >= 1)")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="on a GPU: per method, the largest batch (8, 16, 32, ...) whose step fits in memory, "
+                             "in the default precision, with its peak memory")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="no profiled step per row (default: one, for the step breakdown)")
+    parser.add_argument("--no-modes", action="store_true",
+                        help="skip data loading and the modes (skipped anyway for a streamed preset: its images "
+                             "are not on this machine)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.curve_steps < 2:
-        parser.error("--steps must be >= 1 and --curve-steps >= 2")
+    if args.steps < 1 or args.curve_steps < 2 or (args.batch_size or 1) < 1 or (args.depth or 1) < 1 or args.warmup < 0:
+        parser.error("--steps, --batch-size and --depth must be >= 1, --warmup >= 0 and --curve-steps >= 2")
     return args
+
+
+def sized(params: dict, batch_size: int | None, depth: int | None) -> dict:
+    """The params with pretrain.batch_size = `batch_size` and the encoder's depth = `depth` (every decoder: at
+    most `depth` blocks), each where given."""
+    params = copy.deepcopy(params)
+    if batch_size:
+        params["pretrain"]["batch_size"] = batch_size
+    if depth:
+        params["model"]["depth"] = depth
+        params["model"]["decoder_depth"] = min(params["model"]["decoder_depth"], depth)
+        if "decoder_depth" in params["bootmae"]:                  # BootMAE's own decoders (preset imagenet)
+            params["bootmae"]["decoder_depth"] = min(params["bootmae"]["decoder_depth"], depth)
+    return params
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -368,28 +466,74 @@ def setup(args) -> tuple[dict, str, int]:
     results/bench/<machine class>, so each kind of machine keeps its own numbers."""
     device = hardware.device(args.device)
     args.out = args.out or RESULTS / "bench" / hardware.machine_class(device)
-    return config.load(args.preset), device, args.peak_size or (8192 if device == "cuda" else 2048)
+    params = config.load(args.preset, check_paths=False)   # the steps run on random images: no data folder needed
+    return params, device, args.peak_size or (8192 if device == "cuda" else 2048)
+
+
+def attention_shapes(params: dict) -> dict[str, tuple[int, int, int, int, int]]:
+    """The self-attention calls of an MAE step at these params, (batch, heads, queries, keys, head_dim): the
+    encoder on the cls token + the visible patches, the decoder on the cls token + every patch."""
+    m, batch = params["model"], params["pretrain"]["batch_size"]
+    patches, visible, _ = token_counts(params)
+    return {"encoder": (batch, m["num_heads"], 1 + visible, 1 + visible, m["embed_dim"] // m["num_heads"]),
+            "decoder": (batch, m["decoder_heads"], 1 + patches, 1 + patches, m["decoder_dim"] // m["decoder_heads"])}
+
+
+def measure_attention(params: dict, device: str, precisions: list[str], progress) -> list[dict]:
+    """Per precision and attention call of an MAE step (attention_shapes): each kernel's forward and backward
+    time (hardware.attention_timings: flash, memory-efficient, math SDPA backends and the explicit matmuls) and the
+    kernel the pipeline runs there (hardware.attention_kernel)."""
+    out = []
+    for precision in precisions:
+        dtype = hardware.DTYPES[precision]
+        for where, shape in attention_shapes(params).items():
+            timings = hardware.attention_timings(device, dtype, *shape, reps=5)
+            chosen = hardware.attention_kernel(device, dtype, *shape, backward=True)
+            out.append({"precision": precision, "call": where, "shape": list(shape), "kernels": timings,
+                        "chosen": chosen})
+            progress(render.attention_line(out[-1]))
+    return out
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.out is None and args.preset != "default":     # results/bench/<machine class>/<preset>/
+        args.out = RESULTS / "bench" / hardware.machine_class(hardware.device(args.device)) / args.preset
     params, device, n = setup(args)
+    params = sized(params, args.batch_size, args.depth)
     default, measured, skipped = plan_precisions(device, args.precisions)
     print(f"default precision: {default.name} ({default.reason})", flush=True)
     for precision, why in skipped.items():
         print(f"skipped {precision}: {why}", flush=True)
-    progress = Progress(len(measured) * (1 + len(METHODS)) + 1 + len(measured) + 1)
+    streamed = params["data"]["format"] == "stream"
+    no_modes = ("--no-modes" if args.no_modes else
+                "a streamed preset (data.format stream): its images are not here" if streamed else None)
+    progress = Progress(len(measured) * (1 + len(METHODS) + 2) + (0 if no_modes else 1 + len(measured) + 1)
+                        + (len(METHODS) if args.max_batch and device == "cuda" else 0))
     peaks = {}
     for precision in measured:
         peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
-    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress)
-    data = prepare(params["data"], params["data"]["split_seed"])
-    mae = next(r for r in rows if r["method"] == "mae" and r["setting"] == "auto")
-    loading = data_loading(params, data, device, args.steps, mae["images_per_s"], default.name)
-    progress(render.loading_line(loading))
-    modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, measured, default.name,
-                          progress)
+    attention = measure_attention(params, device, measured, progress)
+    how = Timing(args.warmup, not args.no_breakdown, args.compile_backend if args.compile else None)
+    rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, how)
+    loading, modes = None, None
+    if no_modes:
+        print(f"skipped data loading and modes: {no_modes}", flush=True)
+    else:
+        data = prepare(params["data"], params["data"]["split_seed"])
+        mae = next(r for r in rows if r["method"] == "mae" and r["setting"] == "auto")
+        loading = data_loading(params, data, device, args.steps, mae["images_per_s"], default.name)
+        progress(render.loading_line(loading))
+        modes = measure_modes(params, data, args.curve_steps, device, args.compile_backend, measured, default.name,
+                              progress)
+    largest = []
+    if args.max_batch and device == "cuda":
+        for method in METHODS:
+            largest.append(max_batch(params, method, default.name, device, n))
+            progress(render.max_batch_line(largest[-1]))
+    elif args.max_batch:
+        print("skipped --max-batch: the largest batch is searched on a GPU only (a CPU swaps instead of failing)")
     ratios = default_vs_fastest(rows)
     result = {"default_precision": default.name, "default_precision_reason": default.reason,
               "cpu_capability": hardware.cpu_features()["capability"],
@@ -398,12 +542,20 @@ def main(argv=None) -> dict:
               "measured_precisions": measured, "skipped_precisions": skipped,
               "preset": args.preset, "device": device, "device_name": hardware.device_name(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "curve_steps": args.curve_steps,
-              "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "data_loading": loading, "modes": modes}
+              "batch_size": params["pretrain"]["batch_size"], "steps": args.steps, "warmup": args.warmup,
+              "compiled": args.compile_backend if args.compile else None,
+              "curve_steps": args.curve_steps,
+              "model": params["model"], "img_size": params["data"]["img_size"],
+              "machine": hardware.describe_machine(),     # with the load average at the end of the run
+              "peak_matmul_size": n, "peak_gflops": peaks, "rows": rows, "attention": attention,
+              "data_loading": loading, "modes": modes, "modes_skipped": no_modes, "max_batch": largest}
     write_json(args.out / "bench.json", result)
     render.write_markdown(result, args.out / "bench.md")
-    render.modes_loss(modes, args.out / "modes_loss.png")
-    print(json.dumps({"written": [str(args.out / f) for f in ("bench.json", "bench.md", "modes_loss.png")]}))
+    written = ["bench.json", "bench.md"]
+    if modes is not None:
+        render.modes_loss(modes, args.out / "modes_loss.png")
+        written.append("modes_loss.png")
+    print(json.dumps({"written": [str(args.out / f) for f in written]}))
     return result
 
 
