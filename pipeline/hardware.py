@@ -19,9 +19,9 @@ Attention (attention_kernels, entered with the autocast): each call of timm's At
 CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls take
 rule_kernel's choice; calls of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
 decoder at batch 8) take the faster of the two as measured on this device, in this precision, at the call's
-shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings. A process
-that resumes a run measures anew, so its large calls may run the other kernel than the first process's did: the
-same math, different rounding (bit-identical resumption holds below the threshold, e.g. every test preset).
+shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings. The choices are
+part of a run's resumable state, so a resumed run keeps its kernels and ends bit-identical to an uninterrupted one;
+two separate runs at such sizes may differ in rounding where their measurements picked different kernels.
 
 Each node records its Precision (`record()`: the precision used, the one asked for, and the reason with the
 capability seen) in its metrics.json and as MLflow tags.
@@ -262,7 +262,19 @@ def rule_kernel(device: str | torch.device, reduced: bool) -> str:
     return "fused" if torch.device(device).type != "cpu" or not reduced else "explicit"
 
 
-_CHOSEN: dict[tuple, str] = {}
+_CHOSEN: dict[str, str] = {}   # "device|dtype|batch|heads|queries|keys|head_dim|backward" -> kernel
+
+
+def attention_choices() -> dict[str, str]:
+    """The kernels this process measured and chose so far, by call shape: a training run keeps them in its
+    resumable state (pipeline.train.engine), so that a resumed process runs the kernels the run started with."""
+    return dict(_CHOSEN)
+
+
+def keep_attention_choices(saved: dict[str, str]) -> None:
+    """Take the choices of the process that saved a resumable state (attention_choices) over any measurement:
+    the same kernels, so the resumed run stays bit-identical to an uninterrupted one."""
+    _CHOSEN.update(saved)
 
 
 def attention_kernel(device: str, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int,
@@ -270,11 +282,12 @@ def attention_kernel(device: str, dtype: torch.dtype, batch: int, heads: int, qu
     """"fused" or "explicit" for one attention call of these shapes: below MEASURED_ATTENTION_FLOPS the rule's
     kernel (rule_kernel: small calls weigh little in a step and their timings are noise); above, the faster of the
     two by attention_timings (forward + backward when training), the rule's unless the other is at least
-    ATTENTION_MARGIN faster. Measured once per shape and process (a few ms at ViT-B token counts)."""
+    ATTENTION_MARGIN faster. Measured once per shape and process (a few ms at ViT-B token counts); a resumed run keeps
+    the choices it saved (keep_attention_choices)."""
     rule = rule_kernel(device, dtype != torch.float32)
     if attention_flops(batch, heads, queries, keys, head_dim) < MEASURED_ATTENTION_FLOPS:
         return rule
-    key = (str(device), dtype, batch, heads, queries, keys, head_dim, backward)
+    key = "|".join(map(str, (torch.device(device), dtype, batch, heads, queries, keys, head_dim, backward)))
     if key not in _CHOSEN:
         times = {kernel: sum(t.values()) for kernel, t in attention_timings(
             device, dtype, batch, heads, queries, keys, head_dim, ("fused", "explicit"), backward).items()

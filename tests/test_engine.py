@@ -119,6 +119,20 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
 
 
+def test_a_resumed_run_keeps_the_attention_kernels_it_measured(tmp_path, monkeypatch):
+    """Kernels chosen by measurement (hardware.attention_kernel, ViT-B-size calls) are part of the resumable state:
+    the resumed process runs them instead of measuring anew, which could pick the other kernel (other rounding)."""
+    from pipeline import hardware
+
+    chosen = {"cpu|torch.bfloat16|8|16|197|197|32|True": "fused"}
+    monkeypatch.setattr(hardware, "_CHOSEN", dict(chosen))
+    crash_at_step(Tiny(), 7, IMAGES, cfg(), tmp_path / "run.pt")
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["attention"] == chosen
+    hardware._CHOSEN.clear()                      # a new process: nothing measured yet
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(), engine.Run(tmp_path / "run.pt"))
+    assert hardware.attention_choices() == chosen
+
+
 def test_compiled_training_matches_eager(tmp_path):
     """TrainConfig.compile (params launch.compile) runs the forward through torch.compile; aot_eager generates no
     code, so the same steps give the same weights within float tolerance, and the saved keys stay the model's."""

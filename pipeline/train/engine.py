@@ -297,7 +297,8 @@ def _save(st: dict, state_path: Path, model: nn.Module, opt, scaler) -> None:
     if not torch.isfinite(st["loss_sum"]):
         return  # never overwrite the last good state with a diverged one
     checkpoint.save_state(state_path, dict(st, loss_sum=st["loss_sum"].cpu(), model=model.state_dict(),
-                                           optimizer=opt.state_dict(), scaler=scaler.state_dict()))
+                                           optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                                           attention=hardware.attention_choices()))
 
 
 def _resume(state_path: Path, cfg: TrainConfig, model, opt, scaler, extra: dict) -> dict:
@@ -314,6 +315,7 @@ def _resume(state_path: Path, cfg: TrainConfig, model, opt, scaler, extra: dict)
     opt.load_state_dict(saved.pop("optimizer"))
     if saved.get("scaler"):                # {} when the scaler was disabled (not fp16)
         scaler.load_state_dict(saved.pop("scaler"))
+    hardware.keep_attention_choices(saved.pop("attention", {}))   # the kernels the run measured and ran
     print(f"resuming {state_path} at step {saved['step']}", file=sys.stderr)
     return saved
 
