@@ -199,6 +199,12 @@ PINNED = {
           37, 38, 39, 40, 42, 43, 44, 45, 46],
          [2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 29, 30, 31, 32, 33, 35, 36,
           37, 38, 39, 40, 42, 43, 44, 45, 46]]),
+    "block_masking(2, 49, 0.75, seed 2)": (
+        lambda: block_masking(2, 49, 0.75, gen(2)).mask.bool(),
+        [[0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14, 15, 16, 17, 18, 21, 22, 23, 24, 25, 28, 29, 30, 31, 32, 33, 35, 36,
+          37, 38, 39, 40, 42, 43, 44, 45, 46],
+         [3, 4, 5, 9, 10, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36,
+          37, 38, 39, 40, 41, 42, 43, 44, 45, 46]]),
     "hybrid_masking(2, 49, 0.75, seed 3)": (
         lambda: hybrid_masking(2, 49, 0.75, gen(3)).mask.bool(),
         [[0, 1, 2, 5, 7, 8, 9, 10, 12, 14, 15, 16, 18, 19, 21, 22, 23, 25, 26, 27, 28, 29, 30, 32, 33, 34, 35, 36,
@@ -212,3 +218,11 @@ PINNED = {
 def test_the_masks_of_a_seed_are_pinned(name):
     draw, hidden = PINNED[name]
     assert [row.nonzero().flatten().tolist() for row in draw()] == hidden
+
+
+def test_a_mask_moves_to_a_device_whole_and_its_folds_follow_it():
+    """Every tensor of Mask.to lands on the device (the meta device stands in for a GPU here), and SdAE's folds of a
+    mask are on the mask's device though their order is drawn on the CPU generator."""
+    moved = random_masking(2, 16, 0.75, gen(0)).to("meta")
+    assert {t.device.type for t in (moved.ids_keep, moved.ids_restore, moved.mask)} == {"meta"}
+    assert multifold_split(moved, 3, gen(1)).device.type == "meta"
