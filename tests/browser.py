@@ -1,7 +1,8 @@
 """Headless Chromium for the tests that look at what a person looks at (the Snakemake report, the MLflow UI).
 
 Driven by Playwright's Python API over the system's Chromium (Debian's `chromium` package; Playwright's own
-browser downloads are not used). Tests skip with the reason where either is missing.
+browser downloads are not used). Tests skip with the reason where either is missing (fail with CI=true:
+conftest.cannot_start).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from conftest import cannot_start
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -27,7 +28,7 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    cannot_start("no Chromium on PATH (Debian: apt-get install chromium)")
 
 
 @contextmanager
@@ -37,7 +38,7 @@ def browser_page(width: int = 1600, height: int = 1000):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+        cannot_start("playwright is not installed (pip install -e '.[test]')")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:

@@ -21,7 +21,8 @@ def prepare(workdir):
 
 
 def kill_mid_epoch(state, steps_per_epoch=11, cmd=None):
-    """Run cmd (default: the tiny MAE node) and SIGKILL it once its saved state is past the first epoch, mid-epoch."""
+    """Run cmd (default: the tiny MAE node) and SIGKILL it once its saved state is past the first epoch, mid-epoch.
+    Returns the step of the state it left (what a rerun resumes at)."""
     cmd = cmd or [sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -33,7 +34,7 @@ def kill_mid_epoch(state, steps_per_epoch=11, cmd=None):
         if step > steps_per_epoch and step % steps_per_epoch:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            return step
+            return torch.load(state, weights_only=True)["step"]     # it may have saved once more meanwhile
         time.sleep(0.02)
     proc.kill()
     pytest.fail("the run ended before it could be killed mid-epoch")
@@ -44,7 +45,8 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory
     state = workdir / "results/.resume/pretrain@seed0-mae/state.pt"
     killed_at = kill_mid_epoch(state)
     assert not (workdir / "results/seed0/pretrain/mae/encoder.safetensors").exists()
-    run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS)
+    rerun = run_cli(sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS)
+    assert f"pretrain@seed0-mae/state.pt at step {killed_at}" in rerun.stderr, rerun.stderr[-2000:]
     resumed = load_file(workdir / "results/seed0/pretrain/mae/encoder.safetensors")
 
     os.rename(workdir / "results/seed0/pretrain", workdir / "results/seed0/pretrain_killed")
@@ -58,4 +60,5 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                               "attributes.run_name = 'pretrain@seed0-mae'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == list(range(12))
+    # every epoch logged once: the rerun trained only the epochs the killed run had not finished
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == list(range(12))

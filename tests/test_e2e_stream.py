@@ -42,7 +42,8 @@ def test_streamed_study_resumes_bit_identically_and_evaluates(workdir):
     killed_at = kill_mid_epoch(workdir / "results/.resume/pretrain@seed0-mae/state.pt", STEPS_PER_EPOCH,
                                pretrain(args, workers=2))
     assert not encoder.exists()
-    run_cli(*pretrain(args, workers=1))
+    rerun = run_cli(*pretrain(args, workers=1))
+    assert f"pretrain@seed0-mae/state.pt at step {killed_at}" in rerun.stderr, rerun.stderr[-2000:]
     resumed = load_file(encoder)
     os.rename(workdir / "results/seed0/pretrain", workdir / "results/seed0/pretrain_killed")
     run_cli(*pretrain(args, workers=0), env={"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/other.db"})

@@ -91,6 +91,18 @@ def crash_at_step(model, step: int, images, conf, state_path) -> None:
         engine.train(model, engine.TrainData(images, [0.5], [0.25]), conf, engine.Run(state_path))
 
 
+def record_steps(model) -> list[int]:
+    """The global step of every forward call `model` gets from here on (the engine passes it as third argument)."""
+    steps, original = [], model.forward
+
+    def recorded(x, gen, step, *args, **kw):
+        steps.append(step)
+        return original(x, gen, step, *args, **kw)
+
+    model.forward = recorded
+    return steps
+
+
 def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
     """The loop reads no tensor value (item, tolist, cpu: a host-device sync on a GPU) inside a step: the epoch
     loss is summed on the device and read once per epoch."""
@@ -105,8 +117,10 @@ def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
-    """In every precision; fp16's GradScaler (its scale and growth count) is part of the saved state."""
+def test_resume_from_any_step_is_bit_identical(tmp_path, capsys, precision):
+    """In every precision; fp16's GradScaler (its scale and growth count) is part of the saved state. The rerun
+    starts at the saved step and runs only the remaining steps (a restart from scratch would also end
+    bit-identical: training is deterministic)."""
     conf = cfg(precision=precision)
     ref = Tiny()
     engine.train(ref, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "ref.pt"))
@@ -115,8 +129,30 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, precision):
     assert saved["step"] == 7
     assert (saved["scaler"]["scale"] > 0) if precision == "fp16" else saved["scaler"] == {}
     resumed = Tiny()
+    steps = record_steps(resumed)
+    capsys.readouterr()
     result = engine.train(resumed, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
+    assert f"resuming {tmp_path / 'run.pt'} at step 7" in capsys.readouterr().err
+    assert steps == list(range(7, 15))                         # 3 epochs of 5 steps: only steps 7..14 ran
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
+    assert result.images_seen == 3 * 40 and [h["epoch"] for h in result.history] == [0, 1, 2]
+
+
+COMPILED_CALLS = []     # one entry per call of a graph compiled by the "counted_aot_eager" backend
+
+
+def counted_aot_eager(graph, example_inputs):
+    """torch.compile backend: aot_eager's compiled graph, each call of it counted in COMPILED_CALLS."""
+    compiled = torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    def run(*args):
+        COMPILED_CALLS.append(len(args))
+        return compiled(*args)
+
+    return run
+
+
+torch._dynamo.register_backend(counted_aot_eager, name="counted_aot_eager")
 
 
 def test_a_resumed_run_keeps_the_attention_kernels_it_measured(tmp_path, monkeypatch):
@@ -134,12 +170,15 @@ def test_a_resumed_run_keeps_the_attention_kernels_it_measured(tmp_path, monkeyp
 
 
 def test_compiled_training_matches_eager(tmp_path):
-    """TrainConfig.compile (params launch.compile) runs the forward through torch.compile; aot_eager generates no
-    code, so the same steps give the same weights within float tolerance, and the saved keys stay the model's."""
+    """TrainConfig.compile (params launch.compile) runs the forward through torch.compile: the compiled graph runs
+    at every step (counted by the backend); aot_eager generates no code, so the same steps give the same weights
+    within float tolerance, and the saved keys stay the model's."""
     eager, compiled = Tiny(), Tiny()
     engine.train(eager, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "eager.pt"))
-    engine.train(compiled, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, compile="aot_eager"),
+    COMPILED_CALLS.clear()
+    engine.train(compiled, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, compile="counted_aot_eager"),
                  engine.Run(tmp_path / "compiled.pt"))
+    assert len(COMPILED_CALLS) == 5                          # 40 images / batch 8: every step ran the graph
     assert torch.allclose(compiled.lin.weight, eager.lin.weight, atol=1e-6)
     assert set(torch.load(tmp_path / "compiled.pt", weights_only=True)["model"]) == {"lin.weight", "lin.bias"}
 
@@ -186,7 +225,9 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
     engine.train(ref, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "ref.pt"))
     crash_at_step(dbot(params), 6, DIGITS, conf, tmp_path / "run.pt")
     resumed = dbot(params)
+    steps = record_steps(resumed)
     engine.train(resumed, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
+    assert steps == list(range(6, 12))                         # 3 epochs of 4 steps: resumed at the saved step 6
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
     no_drop = dbot(config.load("tiny", ["model.decoder_depth=2", "dbot.drop_path=0.0", "dbot.decoder_drop_path=0.0"]))
     engine.train(no_drop, engine.TrainData(DIGITS, [0.5], [0.25]), conf, engine.Run(tmp_path / "no_drop.pt"))
@@ -242,6 +283,8 @@ def test_teacher_methods_compile(tmp_path, method):
     params = config.load("tiny")
     teacher = FrozenTeacher(build_encoder(params["model"], 8, 1, seed=0)) if method == "dbot" else None
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    COMPILED_CALLS.clear()
     result = engine.train(METHODS[method](params, 1, 0, teacher), engine.TrainData(images, [0.5], [0.25]),
-                          cfg(epochs=1, batch_size=16, compile="aot_eager"), engine.Run(tmp_path / "s.pt"))
+                          cfg(epochs=1, batch_size=16, compile="counted_aot_eager"), engine.Run(tmp_path / "s.pt"))
+    assert len(COMPILED_CALLS) >= 2                          # 2 steps through compiled graphs (a graph break: more)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)

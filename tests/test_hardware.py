@@ -2,6 +2,7 @@
 explicit precisions are kept and flagged when not native, the device setting, autocast and the GradScaler, and
 the old `bf16:` keys get a one-line error naming the new key."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,17 +92,35 @@ def test_autocast_and_scaler_follow_the_precision(name, dtype):
     assert scaler.is_enabled() == (name == "fp16")
 
 
-def test_the_real_machine_is_read_through_torch():
-    f = hardware.cpu_features()
+def cpuinfo_flags() -> set[str]:
+    """This CPU's feature flags as the kernel lists them (/proc/cpuinfo): what to check torch's reading against."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo to check torch's reading of the CPU against")
+    flags = next(line for line in info.read_text().splitlines() if line.startswith("flags"))
+    return set(flags.split(":", 1)[1].split())
+
+
+def bf16_units(flags: set[str]) -> bool:
+    """Native bf16 on this CPU, from the kernel's flags: AMX or AVX512-BF16 units, ATen at its AVX512 level."""
+    return bool({"amx_bf16", "avx512_bf16"} & flags) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def test_the_real_machine_is_read_through_torch(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    f, flags = hardware.cpu_features(), cpuinfo_flags()
     assert f["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert isinstance(f["amx"], bool) and isinstance(f["avx512_bf16"], bool)
-    assert hardware.resolve("auto", "cpu").name == ("bf16" if hardware.cpu_bf16_native(f) else "fp32")
+    assert f["amx"] == ("amx_tile" in flags) and f["avx512_bf16"] == ("avx512_bf16" in flags)
+    assert hardware.resolve("auto", "cpu").name == ("bf16" if bf16_units(flags) else "fp32")
 
 
-def test_the_machine_description_is_this_machines():
-    m = hardware.describe_machine()
-    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert m["class"] == hardware.machine_class("cpu")
+def test_the_machine_description_is_this_machines(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    m, flags = hardware.describe_machine(), cpuinfo_flags()
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert m["cpu_capability"] == capability
+    assert m["class"] == ("cpu-amx" if bf16_units(flags) and "amx_tile" in flags else
+                          "cpu-avx512-bf16" if bf16_units(flags) else f"cpu-{capability.lower()}")
     assert 1 <= m["cores"] <= (os.cpu_count() or 1) and len(m["load_average"]) == 3 and m["model"]
 
 

@@ -166,3 +166,63 @@ def test_folds_run_through_the_encoder_as_separate_sequences():
     x = torch.randn(2, 1, 8, 8)
     out = enc(x.repeat_interleave(2, dim=0), folds.flatten(0, 1))
     assert out.shape == (4, 1 + 4, 32)
+
+
+def test_mask_from_bool_of_a_single_row():
+    m = mask_from_bool(torch.tensor([[True, False, True, False, False]]))
+    assert m.ids_keep.tolist() == [[1, 3, 4]] and m.ids_restore.tolist() == [[3, 0, 4, 1, 2]]
+
+
+def test_multifold_split_into_one_fold_or_one_patch_per_fold():
+    m = random_masking(2, 16, 0.75, gen(0))                    # 12 masked
+    hidden = torch.argsort(m.ids_restore, dim=1)[:, 4:].sort(dim=1).values
+    for folds, per_fold in ((1, 12), (12, 1)):
+        split = multifold_split(m, folds, gen(1))
+        assert split.shape == (2, folds, per_fold) and torch.equal(split.flatten(1).sort(dim=1).values, hidden)
+    with pytest.raises(ValueError, match="12 masked patches cannot be split into 0 folds"):
+        multifold_split(m, 0, gen(1))
+
+
+# The masks a seed draws are pinned: a resumed run replays them and a study's numbers rest on them, so any change
+# to the draws (their order, dtype, block areas, aspect ratios, the block share) must be deliberate: then print
+# the new masks and update these lists.
+PINNED = {
+    "block_masking_grid(2, 7, 20, seed 0)": (
+        lambda: block_masking_grid(2, 7, 20, gen(0)),
+        [[14, 15, 16, 17, 18, 21, 22, 23, 24, 25, 28, 29, 30, 31, 32, 35, 36, 37, 38, 39],
+         [11, 18, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 35, 36, 37, 38, 39, 40]]),
+    "block_masking_grid(2, 4, 3, seed 0, min_block 1, exact)": (     # single patches, down to the last one
+        lambda: block_masking_grid(2, 4, 3, gen(0), min_block=1, max_attempts=None), [[0, 5, 6], [5, 9, 13]]),
+    "block_masking(2, 49, 0.75, seed 2, min_block 4)": (
+        lambda: block_masking(2, 49, 0.75, gen(2), min_block=4).mask.bool(),
+        [[0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14, 15, 16, 17, 18, 21, 22, 23, 24, 25, 28, 29, 30, 31, 32, 33, 35, 36,
+          37, 38, 39, 40, 42, 43, 44, 45, 46],
+         [2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 29, 30, 31, 32, 33, 35, 36,
+          37, 38, 39, 40, 42, 43, 44, 45, 46]]),
+    "block_masking(2, 49, 0.75, seed 2)": (
+        lambda: block_masking(2, 49, 0.75, gen(2)).mask.bool(),
+        [[0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14, 15, 16, 17, 18, 21, 22, 23, 24, 25, 28, 29, 30, 31, 32, 33, 35, 36,
+          37, 38, 39, 40, 42, 43, 44, 45, 46],
+         [3, 4, 5, 9, 10, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36,
+          37, 38, 39, 40, 41, 42, 43, 44, 45, 46]]),
+    "hybrid_masking(2, 49, 0.75, seed 3)": (
+        lambda: hybrid_masking(2, 49, 0.75, gen(3)).mask.bool(),
+        [[0, 1, 2, 5, 7, 8, 9, 10, 12, 14, 15, 16, 18, 19, 21, 22, 23, 25, 26, 27, 28, 29, 30, 32, 33, 34, 35, 36,
+          37, 38, 41, 42, 43, 44, 45, 47, 48],
+         [2, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
+          35, 36, 37, 38, 39, 40, 41, 43, 47]]),
+}
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_the_masks_of_a_seed_are_pinned(name):
+    draw, hidden = PINNED[name]
+    assert [row.nonzero().flatten().tolist() for row in draw()] == hidden
+
+
+def test_a_mask_moves_to_a_device_whole_and_its_folds_follow_it():
+    """Every tensor of Mask.to lands on the device (the meta device stands in for a GPU here), and SdAE's folds of a
+    mask are on the mask's device though their order is drawn on the CPU generator."""
+    moved = random_masking(2, 16, 0.75, gen(0)).to("meta")
+    assert {t.device.type for t in (moved.ids_keep, moved.ids_restore, moved.mask)} == {"meta"}
+    assert multifold_split(moved, 3, gen(1)).device.type == "meta"

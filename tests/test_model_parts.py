@@ -19,10 +19,16 @@ def test_encoder_visible_tokens_match_full_image_on_the_kept_positions():
     mask = random_masking(3, enc.num_patches, 0.75, torch.Generator().manual_seed(0))
     vis = enc(x, mask.ids_keep)
     assert vis.shape == (3, 1 + 4, 32)
-    # with one block, attention mixes tokens, so compare the patch embedding stage instead:
+    # the tokens entering the first block: cls, then the full image's patch tokens at ids_keep, in that order
     tokens = enc.vit.patch_embed(x) + enc.vit.pos_embed[:, 1:]
-    kept = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, 32))
-    assert torch.equal(kept[0, 0], tokens[0, mask.ids_keep[0, 0]])
+    embedded = enc.embed(x, mask.ids_keep)
+    for b in range(3):
+        for j, patch in enumerate(mask.ids_keep[b].tolist()):
+            assert torch.allclose(embedded[b, 1 + j], tokens[b, patch], atol=1e-5), (b, j, patch)
+    # the hidden patches' pixels never reach the visible tokens
+    hidden = mask.mask.bool().view(3, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]
+    assert torch.equal(enc(x.masked_fill(hidden, 0.0), mask.ids_keep), vis)
+    assert not torch.equal(enc(x.masked_fill(~hidden, 0.0), mask.ids_keep), vis)
 
 
 def test_patch_embedding_as_a_matmul_equals_timms_conv():
@@ -66,10 +72,23 @@ def test_same_seed_same_init_and_frozen_sincos_positions():
 
 
 def test_decoder_restores_grid_order():
-    dec = Decoder(grid=4, in_dim=32, dim=16, depth=1, heads=2, out_dim=12)
+    """Each visible token lands at its grid position (ids_keep), mask tokens at the others, positions added in
+    grid order: the decoder equals the same blocks run on tokens placed one by one."""
+    dec = Decoder(grid=4, in_dim=32, dim=16, depth=1, heads=2, out_dim=12).eval()
+    with torch.no_grad():
+        dec.mask_token.normal_(generator=torch.Generator().manual_seed(2))
     mask = random_masking(2, 16, 0.75, torch.Generator().manual_seed(1))
-    out = dec(torch.randn(2, 5, 32), mask.ids_restore)
+    latent = torch.randn(2, 5, 32)
+    out = dec(latent, mask.ids_restore)
     assert out.shape == (2, 17, 12)
+    for b in range(2):
+        grid = [dec.mask_token[0, 0]] * 16
+        for j, patch in enumerate(mask.ids_keep[b].tolist()):
+            grid[patch] = dec.embed(latent[b, 1 + j])
+        x = torch.stack([dec.embed(latent[b, 0]), *grid])[None] + dec.pos
+        for block in dec.blocks:
+            x = block(x)
+        assert torch.allclose(out[b], dec.head(dec.norm(x))[0], atol=1e-5), b
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])

@@ -121,10 +121,23 @@ def test_probe_learns_labels_carried_by_the_tokens_and_is_deterministic():
 
 
 def test_examples_figure_draws_ignored_pixels():
+    """Ignored pixels (255) in white, each class in its own colour (background black), in ground truth and
+    prediction alike."""
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     gt = torch.full((2, 8, 8), 255, dtype=torch.uint8)
-    fig = seg.examples_figure(images, gt, torch.zeros(2, 8, 8, dtype=torch.uint8), ["bg", "a", "b"], "t")
+    gt[:, :2], gt[:, 2:4] = 0, 2
+    pred = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    pred[:, :, 4:] = 1
+    fig = seg.examples_figure(images, gt, pred, ["bg", "a", "b"], "t")
     assert len(fig.axes) == 6 and len(seg.class_colours(3)) == 4 and len(seg.class_colours(40)) == 41
+    colours = seg.class_colours(3)
+    assert colours[0] == (0.0, 0.0, 0.0) and colours[-1] == (1.0, 1.0, 1.0) and len(set(colours)) == 4
+    for row in range(2):
+        for col, classes in ((1, gt[row]), (2, pred[row])):
+            image = fig.axes[3 * row + col].get_images()[0]
+            drawn = torch.tensor(image.to_rgba(image.get_array())[..., :3])
+            expected = torch.tensor([colours[3 if c == 255 else c] for c in classes.flatten().tolist()]).view(8, 8, 3)
+            assert torch.allclose(drawn.float(), expected.float(), atol=1e-6), (row, col)
 
 
 # ---- image/mask folders --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""On a real one-node Slurm cluster (tests/slurm_cluster.py, fixture slurm_cluster; skipped where it cannot start):
+"""On a real one-node Slurm cluster (tests/slurm_cluster.py, fixture slurm_cluster; skipped where it cannot start, a
+failure with CI=true):
 
 - a tiny pre-training node dispatched by pipeline/orchestration/launch.py with launch.executor=slurm ends bit-identical
   to the inline executor's run;
@@ -26,7 +27,7 @@ import time
 
 import pytest
 import torch
-from conftest import COPIED, ROOT, run_cli
+from conftest import COPIED, ROOT, cannot_start, run_cli
 from data_parallel import assert_close_states
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -256,7 +257,10 @@ def test_interrupted_job_requeues_and_resumes_bit_identical(how, workdir, prepar
 
 
 def test_snakemake_slurm_profile_runs_one_methods_report_inputs(workdir, slurm_cluster):
-    pytest.importorskip("snakemake_executor_plugin_slurm")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        cannot_start("snakemake-executor-plugin-slurm is not installed (pip install -e .)")
     targets = ["results/seed0/knn/mae/metrics.json", "results/seed0/linprobe/mae/metrics.json"]
     # the local test cluster: 2 CPUs, account root, partition debug; each rule asks for launch.slurm.mem_gb (a job
     # step needs ~1.4 GB: Snakemake + the stage) and timeout_min; status checks every second, not every 30 s

@@ -1,0 +1,99 @@
+"""Mutation testing of the core packages against the fast unit tests, within a time budget (docs/testing.md).
+
+    python scripts/mutation.py [--budget-min 60] [PATTERN ...]
+
+PATTERN: mutmut mutant-name globs, e.g. "pipeline.models.masking*" (default: every module that pyproject's
+[tool.mutmut] only_mutate names: models, methods, train, data, evaluation). Runs `mutmut run` on them for at most
+the budget (mutmut keeps its results in mutants/: a later run goes on where this one stopped), then prints the score
+of each module it has results for: mutants detected (killed by a test, or timed out) over those checked, less the
+equivalent ones. Equivalent mutants are listed in tests/mutation_equivalent.txt, one a line: the mutant's name, then
+a one-line reason. Exits 1 when a checked mutant survived that the file does not list.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+DETECTED = {1, 3, 36, -24, 24, 152, 255}          # mutmut's exit codes of a killed or timed-out mutant
+SURVIVED = 0
+
+
+def equivalent_mutants(path: Path = EQUIVALENT) -> dict[str, str]:
+    """{mutant name: reason} from the equivalents file (blank lines and # comments skipped)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.partition(" ")
+            if not reason.strip():
+                raise SystemExit(f"{path}: {name} has no reason")
+            found[name] = reason.strip()
+    return found
+
+
+def results(root: Path = ROOT) -> dict[str, dict[str, int | None]]:
+    """{module: {mutant name: exit code or None (not checked)}} from mutmut's meta files."""
+    return {str(meta.relative_to(root / "mutants").with_suffix("").with_suffix("")).replace("/", "."):
+            json.loads(meta.read_text())["exit_code_by_key"]
+            for meta in sorted((root / "mutants").rglob("*.py.meta"))}
+
+
+def score(modules: dict[str, dict[str, int | None]], equivalent: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """One row per module with checked mutants, and the names of the survivors not listed as equivalent."""
+    rows, unexplained = [], []
+    for module, codes in modules.items():
+        checked = {name: code for name, code in codes.items() if code is not None}
+        if not checked:
+            continue
+        survived = [name for name, code in checked.items() if code == SURVIVED]
+        listed = [name for name in survived if name in equivalent]
+        unexplained += [name for name in survived if name not in equivalent]
+        detected = sum(code in DETECTED for code in checked.values())
+        counts = Counter(checked.values())
+        rows.append({"module": module, "mutants": len(codes), "checked": len(checked), "detected": detected,
+                     "equivalent": len(listed), "survived": len(survived) - len(listed),
+                     "other": len(checked) - detected - counts[SURVIVED],     # e.g. no covering test, suspicious
+                     "score": detected / max(1, len(checked) - len(listed))})
+    return rows, unexplained
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| module | mutants | checked | detected | equivalent | survived | other | score |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['module']} | {r['mutants']} | {r['checked']} | {r['detected']} | {r['equivalent']} | "
+              f"{r['survived']} | {r['other']} | {r['score']:.1%} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("patterns", nargs="*", help="mutant-name globs (default: every core module)")
+    parser.add_argument("--budget-min", type=float, default=60.0, help="stop mutmut after this many minutes")
+    parser.add_argument("--report-only", action="store_true", help="only print the scores of the results so far")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        env = dict(os.environ, MIM_TEST_COLD="1")   # no fork server per pytest run (tests/conftest.py)
+        proc = subprocess.Popen([Path(sys.executable).parent / "mutmut", "run", "--max-children",
+                                 str(os.cpu_count() or 1), *args.patterns], cwd=ROOT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=60 * args.budget_min)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)      # mutmut and the test processes it started
+            proc.wait()
+            print(f"\nbudget of {args.budget_min:g} min spent: the scores below count the mutants checked so far")
+    rows, unexplained = score(results(), equivalent_mutants())
+    print(table(rows))
+    for name in unexplained:
+        print(f"survived: {name} (kill it with a test, or list it in {EQUIVALENT.relative_to(ROOT)} with a reason)")
+    return 1 if unexplained else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
