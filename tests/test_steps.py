@@ -46,3 +46,21 @@ def test_the_crops_of_a_seed_are_pinned():
 def test_a_bad_crop_scale_is_a_one_line_error(scale):
     with pytest.raises(PipelineError, match="crop_scale must satisfy 0 < min <= max <= 1"):
         augment(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.Generator().manual_seed(0), scale, False)
+
+
+def test_small_crops_keep_their_aspect_ratio_within_three_quarters_and_four_thirds():
+    """At crop scale (0.1, 0.3) the aspect ratio's bounds (3/4, 4/3) always bind: the crops of a seed are pinned."""
+    x = torch.arange(4 * 64).view(4, 1, 8, 8).remainder(251).to(torch.uint8)
+    out = (augment(x, torch.Generator().manual_seed(5), (0.1, 0.3), False) * 255).round().long()
+    assert out[:, 0, ::3, ::3].tolist() == [
+        [[9, 11, 12], [22, 23, 24], [34, 35, 36]], [[91, 93, 94], [103, 105, 107], [116, 117, 119]],
+        [[137, 138, 140], [148, 149, 150], [158, 159, 160]], [[219, 220, 221], [229, 230, 232], [239, 241, 242]]]
+
+
+def test_a_generator_off_the_cpu_is_refused():
+    class OnAnotherDevice:
+        device = torch.device("meta")
+
+    with pytest.raises(ValueError, match=r"^augment draws on a CPU generator \(its crop parameters are computed on the "
+                                         r"CPU\)$"):
+        augment(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), OnAnotherDevice(), (0.5, 1.0), False)
