@@ -450,13 +450,14 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_studys_outputs(node, stu
     assert reference, f"the study made no outputs for {node}"
     rng = random.Random(f"{node}-{os.environ.get('FAULT_SEED', '0')}")
     delay = rng.uniform(0.4, 0.95) * seconds
-    for _ in range(4):             # a warm node may finish before its study time's share: kill it sooner
-        remove_outputs(study, outputs)
+    for _ in range(4):             # a warm node may finish before its study time's share: then kill the next
+        remove_outputs(study, outputs)     # try at a random point of the run it just made
+        started = time.monotonic()
         proc = subprocess.Popen(node_argv(node), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, **env), start_new_session=True)
         try:
             proc.wait(timeout=delay)
-            delay /= 2
+            delay = rng.uniform(0.3, 0.8) * (time.monotonic() - started)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -85,6 +85,7 @@ from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.models.encoder import build_encoder
 from pipeline.models.flops import flops_per_image, token_counts
 from pipeline.models.teacher import FrozenTeacher
+from pipeline.settings import Geometry
 from pipeline.train import engine
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -474,7 +475,7 @@ def attention_shapes(params: dict) -> dict[str, tuple[int, int, int, int, int]]:
     """The self-attention calls of an MAE step at these params, (batch, heads, queries, keys, head_dim): the
     encoder on the cls token + the visible patches, the decoder on the cls token + every patch."""
     m, batch = params["model"], params["pretrain"]["batch_size"]
-    patches, visible, _ = token_counts(params)
+    patches, visible, _ = token_counts(Geometry.of(params))
     return {"encoder": (batch, m["num_heads"], 1 + visible, 1 + visible, m["embed_dim"] // m["num_heads"]),
             "decoder": (batch, m["decoder_heads"], 1 + patches, 1 + patches, m["decoder_dim"] // m["decoder_heads"])}
 
