@@ -16,8 +16,9 @@ torch.cpu._is_avx512_bf16_supported(); bf16 also needs oneDNN, which does the ma
 makes `auto` choose what an AVX2-only CPU gets. The device: `launch.device` auto (CUDA if there is one) | cpu | cuda.
 
 Attention (attention_kernels, entered with the autocast): each call of timm's Attention or the decoder's
-CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls take
-rule_kernel's choice; calls of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
+CrossAttention runs fused scaled_dot_product_attention or the explicit softmax(q k^T) v matmuls. Small calls and
+every evaluation call (no backward: features never depend on a timing) take rule_kernel's choice; training calls
+of at least MEASURED_ATTENTION_FLOPS (ViT-B's: 61 MFLOP in MAE's encoder, 636 in its
 decoder at batch 8) take the faster of the two as measured on this device, in this precision, at the call's
 shapes, once per process (attention_kernel); pipeline.bench.throughput records each kernel's timings. The choices are
 part of a run's resumable state, so a resumed run keeps its kernels and ends bit-identical to an uninterrupted one;
@@ -279,14 +280,15 @@ def keep_attention_choices(saved: dict[str, str]) -> None:
 
 def attention_kernel(device: str, dtype: torch.dtype, batch: int, heads: int, queries: int, keys: int,
                      head_dim: int, backward: bool) -> str:
-    """"fused" or "explicit" for one attention call of these shapes: below MEASURED_ATTENTION_FLOPS the rule's
-    kernel (rule_kernel: small calls weigh little in a step and their timings are noise); above, the faster of the
-    two by attention_timings (forward + backward when training), the rule's unless the other is at least
+    """"fused" or "explicit" for one attention call of these shapes: in evaluation (no backward) and below
+    MEASURED_ATTENTION_FLOPS the rule's kernel (rule_kernel: small calls weigh little in a step and their timings
+    are noise; an evaluation's features must not depend on a timing); in training above it, the faster of the
+    two by attention_timings (forward + backward), the rule's unless the other is at least
     ATTENTION_MARGIN faster. Measured once per shape and process (a few ms at ViT-B token counts); a resumed run keeps
     the choices it saved (keep_attention_choices)."""
     rule = rule_kernel(device, dtype != torch.float32)
-    if attention_flops(batch, heads, queries, keys, head_dim) < MEASURED_ATTENTION_FLOPS:
-        return rule
+    if not backward or attention_flops(batch, heads, queries, keys, head_dim) < MEASURED_ATTENTION_FLOPS:
+        return rule     # evaluation (no backward): never a timing, so a probe's numbers depend on nothing else
     key = "|".join(map(str, (torch.device(device), dtype, batch, heads, queries, keys, head_dim, backward)))
     if key not in _CHOSEN:
         times = {kernel: sum(t.values()) for kernel, t in attention_timings(

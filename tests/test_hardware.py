@@ -169,6 +169,15 @@ def test_small_attention_calls_keep_the_rule_without_measuring(timings):
     assert calls == []
 
 
+def test_evaluation_calls_keep_the_rule_without_measuring(timings):
+    """Without a backward (k-NN features, probes, online k-NN) even a large call runs the rule's kernel: an
+    evaluation's numbers never depend on a timing of the moment."""
+    calls = timings(fused=1.0, explicit=0.001)
+    assert hardware.attention_kernel("cpu", torch.float32, *LARGE, backward=False) == "fused"
+    assert hardware.attention_kernel("cpu", torch.bfloat16, *LARGE, backward=False) == "explicit"
+    assert calls == []
+
+
 @pytest.mark.parametrize("dtype, fused, explicit, chosen", [
     (torch.bfloat16, 1.0, 2.0, "fused"),         # the rule's explicit, but fused is 2x faster: measured wins
     (torch.bfloat16, 1.0, 1.05, "explicit"),     # within the margin: the rule's kernel stays
