@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 
 from pipeline import config, hardware
-from pipeline.bench import render
+from pipeline.bench import attention_calls, render
 from pipeline.bench.breakdown import step_breakdown
 from pipeline.checkpoint import write_json
 from pipeline.data.datasets import prepare
@@ -83,9 +83,8 @@ from pipeline.data.steps import batch_indices
 from pipeline.layout import RESULTS
 from pipeline.methods import METHODS, NEEDS_LABELS, NEEDS_TEACHER
 from pipeline.models.encoder import build_encoder
-from pipeline.models.flops import flops_per_image, token_counts
+from pipeline.models.flops import flops_per_image
 from pipeline.models.teacher import FrozenTeacher
-from pipeline.settings import Geometry
 from pipeline.train import engine
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -471,31 +470,6 @@ def setup(args) -> tuple[dict, str, int]:
     return params, device, args.peak_size or (8192 if device == "cuda" else 2048)
 
 
-def attention_shapes(params: dict) -> dict[str, tuple[int, int, int, int, int]]:
-    """The self-attention calls of an MAE step at these params, (batch, heads, queries, keys, head_dim): the
-    encoder on the cls token + the visible patches, the decoder on the cls token + every patch."""
-    m, batch = params["model"], params["pretrain"]["batch_size"]
-    patches, visible, _ = token_counts(Geometry.of(params))
-    return {"encoder": (batch, m["num_heads"], 1 + visible, 1 + visible, m["embed_dim"] // m["num_heads"]),
-            "decoder": (batch, m["decoder_heads"], 1 + patches, 1 + patches, m["decoder_dim"] // m["decoder_heads"])}
-
-
-def measure_attention(params: dict, device: str, precisions: list[str], progress) -> list[dict]:
-    """Per precision and attention call of an MAE step (attention_shapes): each kernel's forward and backward
-    time (hardware.attention_timings: flash, memory-efficient, math SDPA backends and the explicit matmuls) and the
-    kernel the pipeline runs there (hardware.attention_kernel)."""
-    out = []
-    for precision in precisions:
-        dtype = hardware.DTYPES[precision]
-        for where, shape in attention_shapes(params).items():
-            timings = hardware.attention_timings(device, dtype, *shape, reps=5)
-            chosen = hardware.attention_kernel(device, dtype, *shape, backward=True)
-            out.append({"precision": precision, "call": where, "shape": list(shape), "kernels": timings,
-                        "chosen": chosen})
-            progress(render.attention_line(out[-1]))
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.out is None and args.preset != "default":     # results/bench/<machine class>/<preset>/
@@ -515,7 +489,7 @@ def main(argv=None) -> dict:
     for precision in measured:
         peaks[precision] = matmul_gflops(hardware.DTYPES[precision], n, device)
         progress(f"matmul peak {precision} (n={n}): {peaks[precision]:.1f} GFLOP/s")
-    attention = measure_attention(params, device, measured, progress)
+    attention = attention_calls.measure(params, device, measured, progress)
     how = Timing(args.warmup, not args.no_breakdown, args.compile_backend if args.compile else None)
     rows = measure_rows(params, args.steps, device, peaks, n, default.name, progress, how)
     loading, modes = None, None
