@@ -1,6 +1,6 @@
 """Mutation testing of the core packages against the fast unit tests, within a time budget (docs/testing.md).
 
-    python scripts/mutation.py [--budget-min 60] [PATTERN ...]
+    python scripts/mutation.py [--budget-min 60] [--report-only] [--show] [PATTERN ...]
 
 PATTERN: mutmut mutant-name globs, e.g. "pipeline.models.masking*" (default: every module that pyproject's
 [tool.mutmut] only_mutate names: models, methods, train, data, evaluation). Runs `mutmut run` on them for at most
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("patterns", nargs="*", help="mutant-name globs (default: every core module)")
     parser.add_argument("--budget-min", type=float, default=60.0, help="stop mutmut after this many minutes")
     parser.add_argument("--report-only", action="store_true", help="only print the scores of the results so far")
+    parser.add_argument("--show", action="store_true", help="also print the diff of every unexplained survivor")
     args = parser.parse_args(argv)
     if not args.report_only:
         env = dict(os.environ, MIM_TEST_COLD="1")   # no fork server per pytest run (tests/conftest.py)
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     for name in unexplained:
         print(f"survived: {name} (kill it with a test, or list it in {EQUIVALENT.relative_to(ROOT)} with a reason)")
+        if args.show:
+            diff = subprocess.run([Path(sys.executable).parent / "mutmut", "show", name], cwd=ROOT,
+                                  capture_output=True, text=True).stdout
+            print("".join(f"    {line}\n" for line in diff.splitlines() if line[:2] in ("- ", "+ ")))
     return 1 if unexplained else 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run from the repository root (params/ and results/ are cwd-relative)."""
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +42,14 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(items):
     """Run the longest test files first, so that with the pytest-xdist workers (--dist loadfile) the
-    others fill the time around them instead of trailing after."""
+    others fill the time around them instead of trailing after. Under mutmut (scripts/mutation.py), the
+    fastest tests first instead: it runs a mutant's tests with -x, so a killed mutant stops at its first
+    failing test and most die in the fast unit tests (mutmut measured each test's time once, in its stats)."""
+    stats = ROOT / "mutmut-stats.json"                  # ROOT is mutants/ when mutmut runs the tests
+    if os.environ.get("MUTANT_UNDER_TEST") and stats.exists():
+        seconds = json.loads(stats.read_text())["duration_by_test"]
+        items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))
+        return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))
 
