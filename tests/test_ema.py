@@ -8,6 +8,7 @@ from torch import nn
 from pipeline.models.ema import (
     EMASchedule,
     EMATeacher,
+    momentum_from_tau,
     momentum_from_time_constant,
     momentum_schedule,
     piecewise_schedule,
@@ -90,6 +91,15 @@ def test_mismatches_are_value_errors():
         EMATeacher(nn.Linear(2, 2), init="random")
 
 
+def test_mismatch_errors_name_the_first_three_differences():
+    """The names that only one side has (not the shared ones), and the mismatched shapes, three at most."""
+    teacher = EMATeacher(nn.ParameterDict({k: nn.Parameter(torch.zeros(1)) for k in "abcdef"}))
+    with pytest.raises(ValueError, match=r"names differ: \['a', 'b', 'c'\]$"):
+        teacher.update(nn.ParameterDict({k: nn.Parameter(torch.zeros(1)) for k in "ef"}), 0.9)
+    with pytest.raises(ValueError, match=r"shapes differ: \['a', 'b', 'c'\]$"):
+        teacher.update(nn.ParameterDict({k: nn.Parameter(torch.zeros(2)) for k in "abcdef"}), 0.9)
+
+
 def test_state_dict_round_trip_restores_the_teacher_exactly():
     class Method(nn.Module):
         def __init__(self, seed):
@@ -128,6 +138,25 @@ def test_per_epoch_schedule_is_constant_within_an_epoch():
     m = momentum_schedule("cosine", 0.9, 1.0, epochs=4, steps_per_epoch=6, per_epoch=True).view(4, 6)
     assert (m == m[:, :1]).all()
     assert m[0, 0].item() == 0.9 and m[-1, 0].item() == 1.0 and (m[:, 0].diff() > 0).all()
+
+
+def test_two_steps_go_from_start_to_end():
+    assert momentum_schedule("linear", 0.9, 0.99, 1, 2).tolist() == [0.9, 0.99]
+    assert momentum_schedule("cosine", 0.9, 0.99, 2, 1, per_epoch=True).tolist() == [0.9, 0.99]
+
+
+def test_ema_schedule_per_epoch_update_counts_one_update_per_epoch():
+    """update "epoch": the time constants count epochs of one update each (m = exp(-1 / tau)), the momentum is the
+    epoch's, and it applies after the epoch's last step only; update "step": one update per step."""
+    spec = {"schedule": "linear", "tau_epochs": [1.0, 2.0]}
+    per_epoch = EMASchedule(dict(spec, update="epoch"))
+    per_epoch.start(steps_per_epoch=4, total_steps=8)
+    assert [per_epoch.momentum(s) for s in range(8)] == [None, None, None, math.exp(-1), None, None, None,
+                                                         math.exp(-1 / 2)]
+    per_step = EMASchedule(dict(spec, update="step"))
+    per_step.start(steps_per_epoch=4, total_steps=8)
+    assert per_step.momentum(0) == math.exp(-1 / 4) and per_step.momentum(7) == math.exp(-1 / 8)
+    assert momentum_from_tau(None, 4) == 1.0                   # no time constant: a frozen teacher
 
 
 def test_single_step_or_epoch_stays_at_start_and_unknown_kind_is_an_error():
@@ -180,6 +209,16 @@ def test_piecewise_schedule_is_bootmaes_official_decay(epochs):
         piecewise_schedule([0.9, 0.99], [0.1, 0.5], epochs, 1)
     with pytest.raises(ValueError, match="increase"):
         piecewise_schedule([0.9, 0.99, 0.999], [0.5, 0.5], epochs, 1)
+    with pytest.raises(ValueError, match=r"within \(0, 1\]"):
+        piecewise_schedule([0.9, 0.99, 0.999], [0.5, 1.5], epochs, 1)
+
+
+def test_piecewise_schedule_reaches_its_last_momentum_exactly():
+    """A breakpoint at 1 (the end of training) is allowed; from the last breakpoint on, the momentum is the last
+    one exactly, not the end of the interpolation (0.472 + (0.101 - 0.472) rounds to another float)."""
+    assert piecewise_schedule([0.9, 0.99], [1.0], 4, 1).tolist() == pytest.approx([0.9, 0.9225, 0.945, 0.9675])
+    assert 0.472 + (0.101 - 0.472) != 0.101
+    assert piecewise_schedule([0.472, 0.101], [0.5], 2, 1).tolist() == [0.472, 0.101]
 
 
 def test_bootmae_default_momentum_spec_gives_the_official_momenta_at_imagenet_steps_per_epoch():

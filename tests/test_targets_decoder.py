@@ -154,6 +154,10 @@ def test_per_channel_patch_norm():
     assert torch.allclose(per_channel[0, 0, :, 1], (block - block.mean()) / (block.var() + 1e-6) ** 0.5)
     g = torch.randn(2, 16, 4)
     assert torch.equal(losses.normalize_patches_per_channel(g, 1), losses.normalize_patches(g))
+    # eps reaches the per-channel standardisation (a large eps shrinks every patch by the same known factor)
+    big = losses.normalize_patches_per_channel(p, 3, eps=100.0).reshape(2, 16, 4, 3)
+    centred = p.reshape(2, 16, 4, 3) - p.reshape(2, 16, 4, 3).mean(2, keepdim=True)
+    assert torch.allclose(big, centred / (centred.var(2, keepdim=True) + 100.0) ** 0.5, atol=1e-6)
 
 
 def test_center_weights_hand_computed():
@@ -226,6 +230,7 @@ def test_epoch_ramp_is_bootmaes_official_feature_weight(epochs):
             official = min(w * (1 + epoch) / epochs * 4, w)
             assert losses.epoch_ramp(epoch, epochs, 0.25, end=w) == pytest.approx(official, rel=1e-12)
     assert losses.epoch_ramp(0, 10, 0.0, end=0.7) == 0.7
+    assert losses.epoch_ramp(0, 8, 0.25) == 0.5 and losses.epoch_ramp(7, 8, 0.25) == 1.0     # end defaults to 1
 
 
 def test_ramp_endpoints_and_midpoint():
@@ -234,6 +239,7 @@ def test_ramp_endpoints_and_midpoint():
     assert losses.ramp(25, 100, 0.25) == 1.0 and losses.ramp(99, 100, 0.25) == 1.0
     assert losses.ramp(5, 40, 0.25, start=0.2, end=0.6) == pytest.approx(0.4)
     assert losses.ramp(0, 100, 0.0) == 1.0 and losses.ramp(0, 100, 0.0, end=0.3) == 0.3
+    assert losses.ramp(0, 2, 0.5) == 0.0 and losses.ramp(1, 2, 0.5) == 1.0     # a ramp of a single step still ramps
 
 
 def test_cosine_loss_channels_axis():
