@@ -87,8 +87,17 @@ def test_mismatches_are_value_errors():
         EMATeacher(nn.Linear(2, 2)).update(nn.Sequential(nn.Linear(2, 2)), 0.9)
     with pytest.raises(ValueError, match="shapes differ"):
         EMATeacher(nn.Linear(2, 2), init="random", fresh=nn.Linear(2, 3))
-    with pytest.raises(ValueError, match="fresh"):
+    with pytest.raises(ValueError, match=r'^EMATeacher\(init="random"\) needs the freshly initialised module `fresh`$'):
         EMATeacher(nn.Linear(2, 2), init="random")
+    with pytest.raises(ValueError, match="unknown EMA teacher init 'swa'; known: \"copy\", \"random\""):
+        EMATeacher(nn.Linear(2, 2), init="swa")
+
+
+def test_the_teacher_starts_without_the_sources_gradients():
+    source = nn.Linear(2, 2)
+    source(torch.ones(1, 2)).sum().backward()
+    assert all(p.grad is not None for p in source.parameters())
+    assert all(p.grad is None for p in EMATeacher(source).parameters())
 
 
 def test_mismatch_errors_name_the_first_three_differences():
@@ -157,6 +166,19 @@ def test_ema_schedule_per_epoch_update_counts_one_update_per_epoch():
     per_step.start(steps_per_epoch=4, total_steps=8)
     assert per_step.momentum(0) == math.exp(-1 / 4) and per_step.momentum(7) == math.exp(-1 / 8)
     assert momentum_from_tau(None, 4) == 1.0                   # no time constant: a frozen teacher
+    piecewise = EMASchedule({"schedule": "piecewise", "tau_epochs": [1.0, 2.0], "breakpoints": [0.5],
+                             "update": "epoch"})
+    piecewise.start(steps_per_epoch=2, total_steps=4)
+    assert [piecewise.momentum(s) for s in range(4)] == [None, math.exp(-1), None, math.exp(-1 / 2)]
+    with pytest.raises(ValueError, match=r"schedule cosine takes tau_epochs \[start, end\], got 3"):
+        EMASchedule({"schedule": "cosine", "tau_epochs": [1.0, 2.0, 3.0], "update": "step"}).start(2, 4)
+
+
+def test_ema_schedule_repo_is_rcmaes_official_indexing():
+    repo = EMASchedule({"schedule": "repo", "tau_epochs": [1.0, 2.0], "update": "step"})
+    repo.start(steps_per_epoch=4, total_steps=12)
+    assert torch.equal(repo.momenta, repo_rcmae_schedule(math.exp(-1 / 4), math.exp(-1 / 8), 3, 4))
+    assert repo.momentum(4) == math.exp(-1 / 4)                       # restarts at every epoch
 
 
 def test_single_step_or_epoch_stays_at_start_and_unknown_kind_is_an_error():
@@ -180,8 +202,9 @@ def test_repo_rcmae_schedule_restarts_every_epoch_and_stays_near_start():
 def test_time_constant_helper():
     m = momentum_from_time_constant(2.5, 40)
     assert abs(m ** 100 - math.exp(-1)) < 1e-9
-    with pytest.raises(ValueError):
-        momentum_from_time_constant(0, 40)
+    for tau, steps in ((0, 40), (1.0, 0)):
+        with pytest.raises(ValueError, match=f"need tau_epochs > 0 and steps_per_epoch > 0, got {tau}, {steps}"):
+            momentum_from_time_constant(tau, steps)
 
 
 def official_bootmae_decay(epoch: int, dynamic: bool = True, start: float = 0.999) -> float:

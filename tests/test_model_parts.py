@@ -124,14 +124,20 @@ def test_losses_only_count_masked_tokens():
     assert losses.with_cls(mask).tolist() == [[1.0, 1, 0, 0, 1]]
     s = losses.standardize_tokens(torch.randn(2, 5, 8) * 3 + 1)
     assert torch.allclose(s.mean(-1), torch.zeros(2, 5), atol=1e-5)
+    t = torch.randn(2, 5, 8)                                  # eps reaches the layer norm
+    centred = t - t.mean(-1, keepdim=True)
+    assert torch.allclose(losses.standardize_tokens(t, eps=1.0),
+                          centred / (centred.pow(2).mean(-1, keepdim=True) + 1.0).sqrt(), atol=1e-6)
 
 
 def test_frozen_teacher_gets_no_gradient_and_stays_in_eval():
     teacher = FrozenTeacher(build_encoder(MODEL, 8, 1, seed=0))
     teacher.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    seen = []                                 # the teacher's forward runs under inference_mode (no autograd at all)
+    teacher.encoder.register_forward_hook(lambda *_: seen.append(torch.is_inference_mode_enabled()))
     t = teacher.targets(torch.randn(2, 1, 8, 8))
-    assert t.shape == (2, 17, 32) and not t.requires_grad and not t.is_inference()
+    assert t.shape == (2, 17, 32) and not t.requires_grad and not t.is_inference() and seen == [True]
 
 
 def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
@@ -214,6 +220,10 @@ def test_depth_zero_teacher_targets_are_the_embedded_tokens_and_depth_k_has_k_bl
     with torch.no_grad():
         _, blocks = full.eval()(x, return_blocks=(1,))
     assert len(two.vit.blocks) == 2 and torch.allclose(FrozenTeacher(two).targets(x), blocks[1], atol=1e-5)
+    with torch.no_grad():                                    # depth 3: the last block's output, or the normed one
+        normed, blocks = full.eval()(x, return_blocks=(0, 1, 2))
+    assert torch.equal(FrozenTeacher(full).targets(x), blocks[2]) and not torch.allclose(blocks[2], normed)
+    assert torch.equal(FrozenTeacher(full, final_norm=True).targets(x), normed)
     with pytest.raises(ValueError, match="cannot keep 4 of 3 blocks"):
         full.truncated(4)
 
