@@ -3,7 +3,6 @@ listed as "killed by NODEID" counts as detected only when that test kills it."""
 import importlib.util
 
 import pytest
-
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("mutation", ROOT / "scripts" / "mutation.py")
