@@ -6,10 +6,11 @@ PATTERN: mutmut mutant-name globs, e.g. "pipeline.models.masking*" (default: eve
 [tool.mutmut] only_mutate names: models, methods, train, data, evaluation). Runs `mutmut run` on them for at most
 the budget (mutmut keeps its results in mutants/: a later run goes on where this one stopped), then prints the score
 of each module it has results for: mutants detected (killed by a test, or timed out) over those checked, less the
-equivalent ones. Equivalent mutants are listed in tests/mutation_equivalent.txt, one a line: the mutant's name, then
-a one-line reason. A reason "killed by NODEID" names a test that pyproject leaves out of mutmut's run (seconds long:
-node processes, torch.compile): the script runs that test on the mutant and counts the mutant detected only if the
-test fails. Exits 1 when a checked mutant survived that the file does not list, or that its named test lets live.
+equivalent ones. The survivors are explained in tests/mutation_survivors.txt, one a line: the mutant's name, then
+a one-line reason why it is equivalent, or "killed by NODEID": a test that mutmut's run leaves out (seconds long: node
+processes, torch.compile) or cannot switch the mutant on for (code run at import). The script runs that test on the
+mutant in a fresh process and counts the mutant detected only if the test fails. Exits 1 when a checked mutant
+survived that the file does not explain, or that its named test lets live.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+SURVIVORS = ROOT / "tests" / "mutation_survivors.txt"
 DETECTED = {1, 3, 36, -24, 24, 152, 255}          # mutmut's exit codes of a killed or timed-out mutant
 SURVIVED = 0
 
 
-def equivalent_mutants(path: Path = EQUIVALENT) -> dict[str, str]:
+def equivalent_mutants(path: Path = SURVIVORS) -> dict[str, str]:
     """{mutant name: reason} from the equivalents file (blank lines and # comments skipped)."""
     found = {}
     for line in path.read_text().splitlines():
@@ -52,12 +53,13 @@ KILLED_BY = "killed by "
 
 def killed_by_named_test(name: str, reason: str, root: Path = ROOT) -> bool:
     """Whether the test a "killed by NODEID" reason names fails with the mutant switched on (mutmut's mutants/
-    copy, MUTANT_UNDER_TEST as mutmut sets it)."""
+    copy, MUTANT_UNDER_TEST as mutmut sets it), in a fresh process: it also kills the mutants of code that runs at
+    import, which mutmut's workers, forked after the import, never switch on."""
     nodeid = reason[len(KILLED_BY):].split()[0]
     env = dict(os.environ, MUTANT_UNDER_TEST=name, MIM_TEST_COLD="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:randomly",
                            "-p", "no:cacheprovider", nodeid], cwd=root / "mutants", env=env, capture_output=True)
-    return proc.returncode == 1                  # 1: a test failed (not 4/5: no such test, nothing collected)
+    return proc.returncode in (1, 2)     # a test failed, or the mutant broke the import (not 4/5: no such test)
 
 
 def score(modules: dict[str, dict[str, int | None]], equivalent: dict[str, str],
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, unexplained = score(results(), equivalent_mutants())
     print(table(rows))
     for name in unexplained:
-        print(f"survived: {name} (kill it with a test, or list it in {EQUIVALENT.relative_to(ROOT)} with a reason)")
+        print(f"survived: {name} (kill it with a test, or list it in {SURVIVORS.relative_to(ROOT)} with a reason)")
         if args.show:
             diff = subprocess.run([Path(sys.executable).parent / "mutmut", "show", name], cwd=ROOT,
                                   capture_output=True, text=True).stdout

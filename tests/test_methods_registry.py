@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import config, methods
 from pipeline.models.flops import flops_per_image
 
@@ -62,6 +64,15 @@ def test_every_method_declares_a_valid_spec_and_its_flops():
     assert methods.with_node("pretrain") == ("mae", "sdae", "rcmae", "bootmae")
     assert methods.NEEDS_TEACHER == {"dbot"} and methods.NEEDS_LABELS == {"supervised"}
     assert methods.EMA_METHODS == {"sdae", "rcmae", "bootmae"}
+
+
+def test_methods_are_built_once_on_first_use():
+    """METHODS (name -> build) is made on first use, then kept as the module's attribute; other names are errors."""
+    first = methods.METHODS
+    assert vars(methods)["METHODS"] is first and list(first) == list(methods.NAMES)
+    assert first["mae"] is methods.module("mae").build
+    with pytest.raises(AttributeError, match="module 'pipeline.methods' has no attribute 'BUILDERS'"):
+        methods.BUILDERS
 
 
 def test_a_new_method_module_reaches_the_dags_the_schema_and_the_report(workdir):
