@@ -72,7 +72,7 @@ def test_methods_are_built_once_on_first_use():
     assert vars(methods)["METHODS"] is first and list(first) == list(methods.NAMES)
     assert first["mae"] is methods.module("mae").build
     with pytest.raises(AttributeError, match="module 'pipeline.methods' has no attribute 'BUILDERS'"):
-        methods.BUILDERS
+        _ = methods.BUILDERS
 
 
 def test_a_new_method_module_reaches_the_dags_the_schema_and_the_report(workdir):
