@@ -71,3 +71,10 @@ def test_the_decoder_is_seeded_by_seed_plus_one_and_predicts_every_pixel_value(p
 def test_flops_are_the_visible_encoder_and_the_pixel_decoder(params):
     g = Geometry.of(params)
     assert mae.forward_flops(params) == (flops.visible_encoder(g) + flops.pixel_decoder(g), 0.0)
+
+
+def test_the_mask_follows_the_images_device():
+    """meta stands in for an accelerator: the mask is drawn on the CPU, then moved to the images' device."""
+    model = mae.build(config.load("tiny", check_paths=False), 1, seed=0).to("meta")
+    loss, out = model(torch.randn(4, 1, 8, 8, device="meta"), torch.Generator().manual_seed(0))
+    assert loss.device.type == out["mask"].device.type == out["pred"].device.type == "meta"
