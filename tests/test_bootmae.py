@@ -203,3 +203,11 @@ def test_flops_count_the_context_projection_of_cross_self_mlp(params):
         counted += counter.get_total_flops()
     student, _ = bootmae.forward_flops(p)
     assert student - encoder_flops(m["embed_dim"], m["depth"], 1 + visible) == counted
+
+
+def test_the_mask_follows_the_images_device(params):
+    """meta stands in for an accelerator: the mask is drawn on the CPU, then moved to the images' device."""
+    model, _ = build(params)
+    model = model.to("meta")
+    loss, out = model(torch.empty(4, 1, 8, 8, device="meta"), torch.Generator().manual_seed(0))
+    assert loss.device.type == out["mask"].device.type == "meta"
