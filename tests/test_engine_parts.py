@@ -5,7 +5,6 @@ precision and wraps it for that device, compiles it with cfg.compile's backend, 
 processes in an indivisible batch error, and notes (on stderr) only the parameters a carried optimizer state has no
 moments for; saved_extra returns the saved `extra` only for a matching config_hash, and the state holds the keys the
 engine documents. The train tests stop at distributed.wrap or at the first forward: no step runs."""
-import inspect
 
 import pytest
 import torch
@@ -76,8 +75,7 @@ class Stop(Exception):
 
 def setup_only(monkeypatch, model, conf, run) -> dict:
     """Run train's setup for `model` up to distributed.wrap, which raises Stop: what it was called with, the
-    devices of the model's parameters and of the running loss sum there, and the devices hardware.resolve was
-    asked for."""
+    devices of the model's parameters there, and the devices hardware.resolve was asked for."""
     seen = {"resolved": []}
     resolve = hardware.resolve
 
@@ -86,8 +84,7 @@ def setup_only(monkeypatch, model, conf, run) -> dict:
         return resolve(asked, *args, **kw)
 
     def wrap(m, device):
-        running = inspect.currentframe().f_back.f_locals["st"]["loss_sum"]     # train's running epoch loss sum
-        seen.update(device=device, params={p.device.type for p in m.parameters()}, loss_sum=running.device.type)
+        seen.update(device=device, params={p.device.type for p in m.parameters()})
         raise Stop
 
     monkeypatch.setattr(hardware, "resolve", resolving)
@@ -98,11 +95,10 @@ def setup_only(monkeypatch, model, conf, run) -> dict:
 
 
 def test_train_moves_the_model_to_the_run_device_and_resolves_precision_there(tmp_path, monkeypatch):
-    """The meta device stands in for an accelerator: the model and the running loss sum (summed on the device: no
-    host-device sync per step) are on it when the forward is wrapped for it, and the precision was resolved for it
-    (not for the CPU default)."""
+    """The meta device stands in for an accelerator: the model is on it when the forward is wrapped for it, and the
+    precision was resolved for it (not for the CPU default)."""
     seen = setup_only(monkeypatch, Tiny(), cfg(precision="auto"), engine.Run(tmp_path / "s.pt", device="meta"))
-    assert seen["device"] == "meta" and seen["params"] == {"meta"} and seen["loss_sum"] == "meta"
+    assert seen["device"] == "meta" and seen["params"] == {"meta"}
     assert seen["resolved"] == ["meta"]
 
 
