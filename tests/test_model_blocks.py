@@ -153,3 +153,10 @@ def test_decoder_layer_norms_use_maes_eps():
     assert len(norms) == 5 and all(type(m) is nn.LayerNorm and m.eps == 1e-6 for m in norms)
     x = torch.randn(3, 16) * 1e-3                          # eps matters at small variance
     assert torch.allclose(dec.norm(x), F.layer_norm(x, (16,), eps=1e-6), atol=1e-5)
+
+
+def test_decoder_mask_token_is_normal_with_std_0_02():
+    """MAE's init: torch.nn.init.normal_(mask_token, std=.02)."""
+    torch.manual_seed(0)
+    dec = Decoder(grid=4, in_dim=32, dim=512, depth=1, heads=2, out_dim=4)
+    assert abs(dec.mask_token.std().item() - 0.02) < 0.003
