@@ -34,6 +34,17 @@ LONGEST_FIRST = ("test_e2e_snakemake.py", "test_slurm.py", "test_e2e_dvc.py",   
                  "test_tracking_outage.py")
 
 
+def under_two_global_seeds(step, generator_seed: int = 3):
+    """A method's step run twice from the same generator state, after two different global seeds: (first, second)
+    outputs. Equal outputs show that its draws (masks, crops) come from the generator given, not the global RNG."""
+    import torch
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(step(torch.Generator().manual_seed(generator_seed)))
+    return runs
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one pytest-xdist worker per core plus one. A third of the suite's time on 2 cores is spent
     waiting (Slurm's queue, MLflow servers, lock timeouts, the browser), which the extra worker fills."""

@@ -3,6 +3,7 @@ mask comes from the generator given and follows the images' device, the FLOPs ar
 teacher at its own size on every patch, and building without a teacher is a one-line error."""
 import pytest
 import torch
+from conftest import under_two_global_seeds
 
 from pipeline import config
 from pipeline.methods import dbot
@@ -22,10 +23,7 @@ def model(seed=0):
 def test_the_mask_comes_from_the_generator_and_the_student_sees_only_the_visible_patches():
     m = model().eval()
     x = torch.randn(4, 1, 8, 8)
-    torch.manual_seed(1)
-    loss, out = m(x, torch.Generator().manual_seed(3))
-    torch.manual_seed(2)
-    again, _ = m(x, torch.Generator().manual_seed(3))
+    (loss, out), (again, _) = under_two_global_seeds(lambda gen: m(x, gen))
     assert torch.equal(loss, again)
     mask = random_masking(4, 16, 0.75, torch.Generator().manual_seed(3))
     assert torch.equal(out["mask"], mask.mask)

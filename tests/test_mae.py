@@ -4,6 +4,7 @@ squared error over the hidden patches, the decoder predicts patch_size**2 * chan
 seeded by seed + 1, and the FLOPs are the visible encoder's plus the pixel decoder's."""
 import pytest
 import torch
+from conftest import under_two_global_seeds
 
 from pipeline import config
 from pipeline.methods import mae
@@ -43,10 +44,7 @@ def test_the_mask_comes_from_the_generator_given():
     """The same generator state gives the same loss, whatever the global RNG did in between."""
     model = mae.build(config.load("tiny", check_paths=False), 1, seed=0)
     x = torch.randn(4, 1, 8, 8)
-    torch.manual_seed(1)
-    first, _ = model(x, torch.Generator().manual_seed(3))
-    torch.manual_seed(2)
-    second, _ = model(x, torch.Generator().manual_seed(3))
+    (first, _), (second, _) = under_two_global_seeds(lambda gen: model(x, gen))
     assert torch.equal(first, second)
 
 
