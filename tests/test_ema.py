@@ -98,6 +98,9 @@ def test_the_teacher_starts_without_the_sources_gradients():
     source(torch.ones(1, 2)).sum().backward()
     assert all(p.grad is not None for p in source.parameters())
     assert all(p.grad is None for p in EMATeacher(source).parameters())
+    fresh = nn.Linear(2, 2)
+    fresh(torch.ones(1, 2)).sum().backward()
+    assert all(p.grad is None for p in EMATeacher(source, init="random", fresh=fresh).parameters())
 
 
 def test_mismatch_errors_name_the_first_three_differences():

@@ -202,6 +202,12 @@ def test_weighted_mean_of_a_mask_is_the_masked_mean_and_losses_unchanged():
                                                                               abs=1e-6)
 
 
+def test_weighted_mean_divides_by_small_weight_sums_and_gives_zero_without_weights():
+    """Real-valued weights may sum to less than 1: they are divided by, not clamped; all-zero weights give 0."""
+    assert losses.weighted_mean(torch.full((1, 2), 3.0), torch.tensor([[0.25, 0.25]])).item() == 3.0
+    assert losses.weighted_mean(torch.full((1, 2), 3.0), torch.zeros(1, 2)).item() == 0.0
+
+
 def test_masked_count_denominator_is_bootmaes_official_pixel_loss():
     """run:L450 (pixels) and L459 (features): mean(weight * err) / mean(loss_mask), with the per-token weights
     and the 0/1 mask upsampled to pixels (nearest) = sum of weighted per-token errors / number of masked
