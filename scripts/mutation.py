@@ -29,8 +29,8 @@ DETECTED = {1, 3, 36, -24, 24, 152, 255}          # mutmut's exit codes of a kil
 SURVIVED = 0
 
 
-def equivalent_mutants(path: Path = SURVIVORS) -> dict[str, str]:
-    """{mutant name: reason} from the equivalents file (blank lines and # comments skipped)."""
+def explained_survivors(path: Path = SURVIVORS) -> dict[str, str]:
+    """{mutant name: reason} from the survivors file (blank lines and # comments skipped)."""
     found = {}
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGTERM)      # mutmut and the test processes it started
             proc.wait()
             print(f"\nbudget of {args.budget_min:g} min spent: the scores below count the mutants checked so far")
-    rows, unexplained = score(results(), equivalent_mutants())
+    rows, unexplained = score(results(), explained_survivors())
     print(table(rows))
     for name in unexplained:
         print(f"survived: {name} (kill it with a test, or list it in {SURVIVORS.relative_to(ROOT)} with a reason)")

@@ -26,8 +26,8 @@ def test_score_counts_equivalents_out_and_named_slow_kills_in():
 def test_equivalents_file_needs_a_reason_per_mutant(tmp_path):
     listed = tmp_path / "equivalent.txt"
     listed.write_text("# comment\n\nm.x_f__mutmut_2 argsort's default dim\n")
-    assert mutation.equivalent_mutants(listed) == {"m.x_f__mutmut_2": "argsort's default dim"}
+    assert mutation.explained_survivors(listed) == {"m.x_f__mutmut_2": "argsort's default dim"}
     listed.write_text("m.x_f__mutmut_2\n")
     with pytest.raises(SystemExit, match="has no reason"):
-        mutation.equivalent_mutants(listed)
-    assert all(reason for reason in mutation.equivalent_mutants().values())     # the repository's own file
+        mutation.explained_survivors(listed)
+    assert all(reason for reason in mutation.explained_survivors().values())     # the repository's own file
