@@ -15,6 +15,7 @@ survived that the file does not explain, or that its named test lets live.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -51,15 +52,27 @@ def results(root: Path = ROOT) -> dict[str, dict[str, int | None]]:
 KILLED_BY = "killed by "
 
 
+def _named_test(nodeid: str, mutant: str, root: Path) -> int:
+    """pytest's exit code for one test with `mutant` switched on (mutmut's mutants/ copy, MUTANT_UNDER_TEST as mutmut
+    sets it), in a fresh process."""
+    env = dict(os.environ, MUTANT_UNDER_TEST=mutant, MIM_TEST_COLD="1")
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:randomly",
+                           "-p", "no:cacheprovider", nodeid], cwd=root / "mutants", env=env,
+                          capture_output=True).returncode
+
+
+@functools.cache
+def _passes_unmutated(nodeid: str, root: Path) -> bool:
+    return _named_test(nodeid, "none", root) == 0
+
+
 def killed_by_named_test(name: str, reason: str, root: Path = ROOT) -> bool:
-    """Whether the test a "killed by NODEID" reason names fails with the mutant switched on (mutmut's mutants/
-    copy, MUTANT_UNDER_TEST as mutmut sets it), in a fresh process: it also kills the mutants of code that runs at
-    import, which mutmut's workers, forked after the import, never switch on."""
+    """Whether the test a "killed by NODEID" reason names passes without the mutant and fails with it, in a fresh
+    process: it also kills the mutants of code that runs at import, which mutmut's workers, forked after the
+    import, never switch on. Failing counts in any form: a failed assertion, or a mutant that breaks the import
+    (pytest then reports no such test, exit 4, which is why the test must first pass without it)."""
     nodeid = reason[len(KILLED_BY):].split()[0]
-    env = dict(os.environ, MUTANT_UNDER_TEST=name, MIM_TEST_COLD="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:randomly",
-                           "-p", "no:cacheprovider", nodeid], cwd=root / "mutants", env=env, capture_output=True)
-    return proc.returncode in (1, 2)     # a test failed, or the mutant broke the import (not 4/5: no such test)
+    return _passes_unmutated(nodeid, root) and _named_test(nodeid, name, root) != 0
 
 
 def score(modules: dict[str, dict[str, int | None]], equivalent: dict[str, str],

@@ -8,6 +8,7 @@ from conftest import under_two_global_seeds
 from pipeline import config
 from pipeline.methods import dbot
 from pipeline.models import flops, losses
+from pipeline.models.decoder import build_decoder
 from pipeline.models.encoder import build_encoder
 from pipeline.models.masking import random_masking
 from pipeline.models.teacher import FrozenTeacher
@@ -45,8 +46,23 @@ def test_flops_count_the_teacher_at_its_own_size():
     assert dbot.forward_flops(PARAMS, wide) == (flops.visible_encoder(g) + flops.pixel_decoder(g),
                                                  flops.full_encoder(g, wide))
     assert flops.full_encoder(g, wide) > flops.full_encoder(g)
+    per_image = flops.flops_per_image(PARAMS, "dbot", wide)          # the teacher's config reaches the method
+    assert per_image["teacher_forward"] == flops.full_encoder(g, wide)
 
 
 def test_building_without_a_teacher_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"^dbot needs a teacher \(made by the teacher_swap node\)$"):
         dbot.build(PARAMS, 1, 0)
+
+
+def test_the_student_is_built_from_seed_and_the_decoder_from_seed_plus_one_with_their_own_drop_paths():
+    params = config.merge(PARAMS, {"dbot": {"drop_path": 0.1, "decoder_drop_path": 0.3}, "model": {"decoder_depth": 2}})
+    teacher = FrozenTeacher(build_encoder(PARAMS["model"], 8, 1, seed=7))
+    m = dbot.build(params, 1, 5, teacher)
+    g = Geometry.of(params)
+    encoder = build_encoder(g.model, g.img_size, 1, 5, drop_path=0.1)
+    decoder = build_decoder(encoder, g.model, teacher.width, 6, drop_path=0.3)
+    for built, expected in ((m.encoder, encoder), (m.decoder, decoder)):
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values()))
+        assert [type(x).__name__ for x in built.modules()] == [type(x).__name__ for x in expected.modules()]
+    assert m.decoder.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)       # 0 -> decoder_drop_path

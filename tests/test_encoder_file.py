@@ -1,0 +1,72 @@
+"""pipeline.models.encoder_file's pure parts by their contracts: the config read from a bare timm ViT state dict's
+shapes (infer_model), the written-out layout's refusals (plain_vit_state) and the kept blocks (truncated). The
+numpy load and save beside the torch path are tests/test_startup.py's."""
+import pytest
+import torch
+
+from pipeline.models import encoder_file
+
+STUDY = {"arch": "vit_tiny_patch16_224", "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2,
+         "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+
+
+def bare_vit(width: int, depth: int = 3, patch: int = 4, grid: int = 3, chans: int = 3) -> dict:
+    """The shapes infer_model reads, as tensors: patch embedding (D, C, p, p), positions (1, 1 + grid^2, D), blocks."""
+    tensors = {"patch_embed.proj.weight": torch.empty(width, chans, patch, patch),
+               "pos_embed": torch.empty(1, 1 + grid ** 2, width), "cls_token": torch.empty(1, 1, width)}
+    return tensors | {f"blocks.{i}.norm1.weight": torch.empty(width) for i in range(depth)}
+
+
+def test_the_sizes_come_from_the_shapes_not_from_the_study():
+    got = encoder_file.infer_model(bare_vit(128, depth=3, patch=4, grid=3, chans=3), STUDY, img_size=8, in_chans=1)
+    assert got == dict(STUDY, embed_dim=128, depth=3, patch_size=4, img_size=12, in_chans=3, num_heads=2)
+
+
+@pytest.mark.parametrize("grid", [1, 2, 4])
+def test_the_image_size_is_the_position_grid_times_the_patch(grid):
+    got = encoder_file.infer_model(bare_vit(64, patch=4, grid=grid), STUDY, img_size=99, in_chans=1)
+    assert got["img_size"] == 4 * grid
+
+
+def test_heads_are_the_studys_at_its_width_else_timms_64_wide_ones():
+    at_study_width = encoder_file.infer_model(bare_vit(32), STUDY, img_size=8, in_chans=1)
+    assert at_study_width["num_heads"] == 2                  # not max(1, 32 // 64) = 1
+    for width, heads in ((128, 2), (192, 3), (768, 12), (48, 1)):
+        got = encoder_file.infer_model(bare_vit(width), STUDY, img_size=8, in_chans=1)["num_heads"]
+        assert got == heads and type(got) is int
+
+
+def test_an_unknown_layout_is_the_studys_encoder_for_the_data():
+    got = encoder_file.infer_model({"weight": torch.empty(3, 3)}, STUDY, img_size=12, in_chans=3)
+    assert got == dict(STUDY, img_size=12, in_chans=3)
+
+
+def test_a_plain_vit_with_a_size_that_is_not_an_int_has_no_written_out_layout():
+    model = dict(STUDY, img_size=8, in_chans=1)
+    assert encoder_file.plain_vit_state(model) is not None
+    for key in ("embed_dim", "img_size", "in_chans"):
+        assert encoder_file.plain_vit_state(dict(model, **{key: float(model[key])})) is None
+    assert encoder_file.plain_vit_state(dict(model, arch="vit_base_patch16_clip_224")) is None
+
+
+def test_sizes_the_encoder_would_refuse_have_no_written_out_layout():
+    model = dict(STUDY, img_size=8, in_chans=1)
+    assert encoder_file.plain_vit_state(dict(model, embed_dim=36, num_heads=4)) is not None
+    for bad in ({"embed_dim": 36, "num_heads": 8},          # heads do not divide the width (36 % 4 == 0)
+                {"embed_dim": 30, "num_heads": 2},          # the width is not a multiple of 4 (2 heads divide it)
+                {"img_size": 1},                             # an image smaller than one patch
+                {"depth": -1}, {"num_heads": 0}, {"in_chans": 0}):
+        assert encoder_file.plain_vit_state(dict(model, **bad)) is None, bad
+
+
+def test_truncating_keeps_zero_to_all_blocks_and_names_a_depth_out_of_range():
+    config = dict(STUDY, img_size=8, in_chans=1)
+    arrays = {k: torch.empty(shape) for k, shape in encoder_file.plain_vit_state(config).items()}
+    kept, same = encoder_file.truncated(arrays, config, 2)
+    assert kept.keys() == arrays.keys() and same == config
+    kept, one = encoder_file.truncated(arrays, config, 1)
+    assert one["depth"] == 1 and {k for k in kept if k.startswith("blocks.")} == {
+        k for k in arrays if k.startswith("blocks.0.")}
+    for depth in (3, -1):
+        with pytest.raises(ValueError, match=rf"^cannot keep {depth} of 2 blocks$"):
+            encoder_file.truncated(arrays, config, depth)
