@@ -314,6 +314,9 @@ def test_a_global_pool_fc_norm_is_refused_unless_used_as_the_final_norm():
     assert same(tensors, encoder_state())
     assert record["renamed"] == 2 and record["kept"] == len(encoder_state()) and record["dropped"] == 0
     assert record["notes"] == ["fc_norm (norm after average pooling) used as norm (the final norm of every token)"]
+    wrapped = {(k if k.startswith("fc_norm.") else f"module.{k}"): v for k, v in gap_model().items()}
+    tensors, record = wi.map_state(wrapped, "timm", "gap.pth", fc_norm_as_norm=True)
+    assert same(tensors, encoder_state()) and record["renamed"] == len(wrapped)      # each key renamed once
 
 
 def test_an_fc_norm_beside_a_norm_is_dropped():
@@ -348,8 +351,8 @@ def test_infer_config_reads_the_sizes_from_the_shapes():
 
 def test_infer_config_of_a_standard_width_names_timms_arch_and_head_count():
     state = encoder_state(embed_dim=192, patch_size=16, img_size=16, depth=1, num_heads=3)
-    config, source = wi.infer_config(state, "x", STUDY)
-    assert config["arch"] == "vit_tiny_patch16_224" and config["num_heads"] == 3
+    config, source = wi.infer_config(state, "x", dict(STUDY, arch="deit_small_patch16_224"))
+    assert config["arch"] == "vit_tiny_patch16_224" and config["num_heads"] == 3      # timm's, not the study's
     assert source == "timm's ViT-tiny for width 192"
     assert wi.infer_config(state, "x", STUDY, num_heads=1) == (dict(config, num_heads=1), "--num-heads")
     # a patch size timm has no plain arch of: the study's arch (the family), sizes passed
@@ -410,6 +413,13 @@ def test_a_pos_embed_that_is_not_a_class_token_and_a_square_grid(shape):
     with refused(f"x.pth: pos_embed {shape} is not a class token plus a square grid of patch positions "
                  "(1, 1 + n*n, embed_dim)") as e:
         wi.infer_config(encoder_state() | {"pos_embed": torch.zeros(shape)}, "x.pth", STUDY)
+    one_line_error(e)
+
+
+def test_a_pos_embed_of_the_class_token_alone_describes_no_image():
+    # a grid of no patches (0 px images): no encoder can be built for it
+    with refused("x.pth: cannot build the encoder its metadata describes (") as e:
+        wi.infer_config(encoder_state() | {"pos_embed": torch.zeros(1, 1, 32)}, "x.pth", STUDY)
     one_line_error(e)
 
 
