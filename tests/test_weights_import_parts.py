@@ -317,6 +317,9 @@ def test_a_global_pool_fc_norm_is_refused_unless_used_as_the_final_norm():
     wrapped = {(k if k.startswith("fc_norm.") else f"module.{k}"): v for k, v in gap_model().items()}
     tensors, record = wi.map_state(wrapped, "timm", "gap.pth", fc_norm_as_norm=True)
     assert same(tensors, encoder_state()) and record["renamed"] == len(wrapped)      # each key renamed once
+    wrapped = {f"module.{k}": v for k, v in gap_model().items()}                   # fc_norm.* under the prefix too
+    tensors, record = wi.map_state(wrapped, "timm", "gap.pth", fc_norm_as_norm=True)
+    assert same(tensors, encoder_state()) and record["renamed"] == len(wrapped)
 
 
 def test_an_fc_norm_beside_a_norm_is_dropped():

@@ -129,8 +129,8 @@ def map_state(state: dict, fmt: str, path, drop_dist_token: bool = False,
     counts of kept / renamed / dropped keys, the dropped groups, the prefixes removed, notes)."""
     import torch
 
-    renamed, prefixes, dropped, notes = 0, {}, {}, []
-    out = {}
+    prefixes, dropped, notes = {}, {}, []
+    out, origin = {}, {}                     # origin: the file's key of each name in out
     for key, value in state.items():
         name = key
         stripped = True
@@ -146,8 +146,7 @@ def map_state(state: dict, fmt: str, path, drop_dist_token: bool = False,
             continue
         if name in out:
             raise PipelineError(f"{path}: two keys map to {name} once prefixes are removed ({key})")
-        renamed += name != key
-        out[name] = value
+        out[name], origin[name] = value, key
     if "dist_token" in out:
         if not drop_dist_token:
             raise PipelineError(f"{path} is a distilled model (dist_token, {tuple(out['dist_token'].shape)}): this "
@@ -173,11 +172,12 @@ def map_state(state: dict, fmt: str, path, drop_dist_token: bool = False,
                                 "to use it as the final norm (the features then differ)")
         else:
             for k in fc:
-                out["norm." + k.removeprefix("fc_norm.")] = out.pop(k)
-            renamed += len(fc)
+                name = "norm." + k.removeprefix("fc_norm.")
+                out[name], origin[name] = out.pop(k), origin.pop(k)
             notes.append("fc_norm (norm after average pooling) used as norm (the final norm of every token)")
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in out.values()})
     tensors = {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in out.items()}
+    renamed = sum(name != origin[name] for name in out)      # a key renamed twice (prefix, fc_norm) counts once
     record = {"kept": len(tensors), "renamed": renamed, "dropped": sum(dropped.values()),
               "dropped_groups": dropped, "prefixes_removed": prefixes, "source_dtypes": dtypes, "notes": notes}
     return tensors, record
