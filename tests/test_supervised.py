@@ -15,12 +15,12 @@ PARAMS = config.load("tiny", ["supervised.label_smoothing=0.2"], check_paths=Fal
 
 def test_the_loss_is_smoothed_cross_entropy_of_a_linear_head_on_the_cls_token():
     model = supervised.build(PARAMS, 1, seed=3, num_classes=5)
-    x, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 0])
     loss, out = model(x, torch.Generator().manual_seed(0), labels=labels)
     logits = model.head(model.encoder(x)[:, 0])
     assert torch.equal(out["logits"], logits)
     assert torch.allclose(loss, F.cross_entropy(logits, labels, label_smoothing=0.2), atol=1e-6)
-    assert not torch.allclose(loss, F.cross_entropy(logits, labels), atol=1e-3)
+    assert not torch.allclose(loss, F.cross_entropy(logits, labels), atol=1e-5)   # small logits: close, not equal
 
 
 def test_the_head_is_seeded_by_seed_plus_one_with_std_0_02():
