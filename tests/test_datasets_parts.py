@@ -1,6 +1,7 @@
 """pipeline.data.datasets' readers, each against its docstring: an image folder's train and val tensors both mapped
 from files in scratch, and the CIFAR reader's Python 2 pickles (the real files: str keys read as bytes), class names
 of either kind, and its one-line errors naming the file and what is wrong with it. Tiny inputs."""
+import os
 import pickle
 
 import numpy as np
@@ -9,6 +10,8 @@ from PIL import Image
 
 from pipeline.data import datasets
 from pipeline.errors import PipelineError
+
+on_linux = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
 
 
 def mapped_from(t) -> str:
@@ -22,6 +25,7 @@ def mapped_from(t) -> str:
     raise AssertionError("no mapping holds the tensor")
 
 
+@on_linux
 def test_an_image_folders_train_and_val_are_both_mapped_from_scratch(tmp_path):
     for c, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
         (tmp_path / "root" / c).mkdir(parents=True)

@@ -94,6 +94,9 @@ def test_palette_transparency_goes_through_rgba_without_pillows_warning():
 
 # ---- mapped_empty and read_images: a tensor mapped from a reserved file in scratch ---------------------------
 
+on_linux = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+
+
 def backing_file(t: torch.Tensor) -> tuple[str, int]:
     """The file the tensor's memory is mapped from (its /proc/self/maps name) and that file's size."""
     ptr = t.data_ptr()
@@ -114,6 +117,7 @@ def backing_file(t: torch.Tensor) -> tuple[str, int]:
     return name, -1
 
 
+@on_linux
 def test_mapped_empty_is_uint8_mapped_from_an_unnamed_file_of_its_size_in_scratch(tmp_path):
     scratch = tmp_path / "a" / "b"                   # missing parents are made
     t = folders.mapped_empty((2, 3, 5, 7), scratch)
@@ -127,6 +131,7 @@ def test_mapped_empty_is_uint8_mapped_from_an_unnamed_file_of_its_size_in_scratc
     assert again.shape == (4,) and backing_file(again)[0].startswith(f"{scratch}/")
 
 
+@on_linux
 def test_mapped_empty_without_scratch_uses_the_system_temp_folder():
     t = folders.mapped_empty((3, 4), None)
     assert t.shape == (3, 4) and t.dtype == torch.uint8
@@ -157,6 +162,7 @@ def test_a_failed_reservation_names_the_size_and_the_folder(tmp_path, monkeypatc
     assert str(e.value).startswith(f"cannot make a 3 MB temporary image file in {tempfile.gettempdir()}: ")
 
 
+@on_linux
 def test_read_images_fills_the_scratch_mapped_tensor_in_the_channels_asked(tmp_path):
     red = tmp_path / "red.png"
     Image.new("RGB", (6, 4), (255, 0, 0)).save(red)
