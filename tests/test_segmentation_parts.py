@@ -575,3 +575,24 @@ def test_examples_figure_text_and_layout():
     im = grey.axes[0].get_images()[0]
     assert im.get_cmap().name == "gray" and im.get_clim() == (0, 255) and grey._suptitle is None
     assert grey.legends[0]._ncols == 3
+
+
+def test_fit_crops_the_centre_of_a_two_pixel_excess():
+    tall = Image.fromarray(np.arange(6 * 4, dtype=np.uint8).reshape(6, 4))      # 4 wide, 6 high, to 4: top 1
+    assert np.array_equal(np.asarray(seg._fit(tall, 4, Image.Resampling.NEAREST)), np.asarray(tall)[1:5])
+
+
+def test_masks_that_are_all_ignore_hold_no_class(tmp_path):
+    root = write_dataset(tmp_path, 3, classes_of=lambda i: 255)
+    for mask in (root / "masks").iterdir():
+        Image.fromarray(np.full((4, 6), 255, dtype=np.uint8)).save(mask)
+    with pytest.raises(PipelineError, match="the masks hold fewer than 2 classes"):
+        seg.folder_dataset(root, None, 4, 1, 0, 0.3)
+
+
+def test_32_bit_integer_masks_are_read(tmp_path):
+    save(tmp_path / "i.png", np.zeros((2, 2), dtype=np.uint8))
+    Image.fromarray(np.array([[0, 1], [2, 255]], dtype=np.int32)).save(tmp_path / "m.tif")
+    assert Image.open(tmp_path / "m.tif").mode.startswith("I")
+    _, m = seg._read_pair(tmp_path / "i.png", tmp_path / "m.tif", "L", 2, 3)
+    assert m.tolist() == [[0, 1], [2, 255]]
