@@ -596,3 +596,11 @@ def test_32_bit_integer_masks_are_read(tmp_path):
     assert Image.open(tmp_path / "m.tif").mode.startswith("I")
     _, m = seg._read_pair(tmp_path / "i.png", tmp_path / "m.tif", "L", 2, 3)
     assert m.tolist() == [[0, 1], [2, 255]]
+
+
+def test_big_endian_16_bit_masks_are_read(tmp_path):
+    save(tmp_path / "i.png", np.zeros((1, 2), dtype=np.uint8))
+    Image.frombytes("I;16B", (2, 1), np.array([1, 2], dtype=">u2").tobytes()).save(tmp_path / "m.tif")
+    assert Image.open(tmp_path / "m.tif").mode == "I;16B"
+    _, m = seg._read_pair(tmp_path / "i.png", tmp_path / "m.tif", "L", 1, 3)
+    assert m.tolist() == [[1]] or m.tolist() == [[2]]
