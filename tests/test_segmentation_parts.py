@@ -260,7 +260,7 @@ def test_read_pair_resizes_the_image_bicubic_and_the_mask_nearest(tmp_path):
     ref = np.asarray(seg._fit(Image.fromarray(rgb), 5, Image.Resampling.BICUBIC))
     assert x.shape == (3, 5, 5) and x.dtype == torch.uint8 and np.array_equal(x.numpy(), ref.transpose(2, 0, 1))
     mref = np.asarray(seg._fit(Image.fromarray(mask), 5, Image.Resampling.NEAREST))
-    assert m.shape == (5, 5) and np.array_equal(m.numpy(), mref)
+    assert m.shape == (5, 5) and m.dtype == torch.uint8 and np.array_equal(m.numpy(), mref)
     grey, _ = seg._read_pair(tmp_path / "i.png", tmp_path / "m.png", "L", 5, 3)
     gref = np.asarray(seg._fit(Image.fromarray(rgb).convert("L"), 5, Image.Resampling.BICUBIC))
     assert grey.shape == (1, 5, 5) and np.array_equal(grey[0].numpy(), gref)
