@@ -12,12 +12,7 @@ MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=2, n
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: torch on one thread
 
 
 @pytest.fixture

@@ -26,12 +26,7 @@ SETTINGS = dict(epochs=2, batch_size=8, blr=0.02, layer_decay=0.5, weight_decay=
                 precision="fp32")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: torch on one thread
 
 
 def prep(n=24, channels=1, size=8, classes=3, seed=0):

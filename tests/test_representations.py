@@ -15,12 +15,7 @@ from pipeline.models.encoder import build_encoder
 MODEL = dict(arch="vit_tiny_patch16_224", patch_size=2, embed_dim=32, depth=3, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: torch on one thread
 
 
 @pytest.fixture

@@ -19,13 +19,7 @@ from pipeline.data.datasets import Prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation import segmentation as seg
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: torch on one thread
 
 
 # ---- digit canvases ------------------------------------------------------------------------------------
