@@ -137,7 +137,8 @@ class SlurmCluster:
     def _start(self, name: str, *cmd) -> None:
         out = open(self.root / "log" / f"{name}.out", "w")
         self._procs[name] = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                                             cwd=self.root / "run")      # a daemon's core dump lands there
         out.close()
         self._pidfile(name).write_text(str(self._procs[name].pid))
 

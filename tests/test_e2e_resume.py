@@ -24,7 +24,10 @@ def kill_mid_epoch(state, steps_per_epoch=11, cmd=None):
     """Run cmd (default: the tiny MAE node) and SIGKILL it once its saved state is past the first epoch, mid-epoch.
     Returns the step of the state it left (what a rerun resumes at)."""
     cmd = cmd or [sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cold (no warm fork server): the SIGKILL must hit the process that trains. A warm node's child outlives the node
+    # process until the server kills it, and may save once more after the step read below.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, MIM_FORKSERVER=""))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:

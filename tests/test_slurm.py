@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,7 +204,14 @@ def preempt(job: str, seconds: float = 120) -> None:
         elif state.startswith("RUNNING") and any(s.startswith("PENDING") for s in seen) or state == "":
             return                                # running again after its requeue, or already ended
         time.sleep(0.2)
-    pytest.fail(f"job {job} did not run again within {seconds} s of its requeue: {sorted(set(seen))}")
+    # Seen once in many runs (a loaded 2-core machine): the killed batch step's slurmstepd dumped core, and the
+    # released job stayed "PENDING None". What Slurm says of the job and the node, for whoever meets it next:
+    said = [subprocess.run(cmd, capture_output=True, text=True).stdout for cmd in (
+        ["scontrol", "show", "job", job], ["sinfo", "-N", "-o", "%N %T %E"])]
+    log = Path(os.environ["SLURM_CONF"]).parents[1] / "log" / "slurmctld.log"
+    said.append("\n".join(log.read_text().splitlines()[-40:]) if log.exists() else f"{log}: none")
+    pytest.fail(f"job {job} did not run again within {seconds} s of its requeue: {sorted(set(seen))}\n" +
+                "\n".join(said))
 
 
 @pytest.mark.parametrize("how", ["timeout", "preempt"])
