@@ -54,6 +54,21 @@ def up_to_date(params: dict) -> list[str]:
     return out
 
 
+def commit_stages(repo, names: set[str]) -> None:
+    """What `repo.commit(name, force=True, relink=False)` does for each stage named, in one pass and one write of
+    dvc.lock (dvc.repo.commit's own loop, over the stages chosen): a commit per stage reads dvc.yaml and dvc.lock
+    again and writes dvc.lock, about 1.5 s a stage for the tiny study's 91."""
+    from dvc.repo import lock_repo
+
+    with lock_repo(repo):
+        chosen = [stage for stage in repo.index.stages if stage.name in names]
+        for stage in chosen:
+            stage.save()
+            stage.commit(relink=False)
+        if chosen:
+            chosen[0].dvcfile.dump_stages(chosen, update_pipeline=False)
+
+
 def commit_built(preset: str, params: dict | None = None) -> bool:
     """Commit every up-to-date node (up_to_date) to DVC (dvc.lock and the cache), files untouched; True if it did."""
     if not Path(".dvc").is_dir():
@@ -75,9 +90,8 @@ def commit_built(preset: str, params: dict | None = None) -> bool:
         with Repo(".") as repo:
             if everything:                  # one pass, one write of dvc.lock
                 repo.commit(None, force=True, relink=False)
-            else:                           # a run that stopped early: its up-to-date nodes only
-                for stage in [DVC_STAGE, *stages]:
-                    repo.commit(stage, force=True, relink=False)
+            else:                           # a run that stopped early or built a part: its up-to-date nodes only
+                commit_stages(repo, {DVC_STAGE, *stages})
     except Exception as e:                  # noqa: BLE001  (a DVC lock held, a broken dvc.yaml: the results stay)
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         print(f"record: DVC did not record the results ({why}); they are intact: record them with "
