@@ -30,8 +30,15 @@ def copy_dag(dst: Path) -> Path:
     return dst
 
 
-LONGEST_FIRST = ("test_e2e_snakemake.py", "test_slurm.py", "test_e2e_dvc.py",    # minutes each: start them first
-                 "test_tracking_outage.py")
+# The test files of 30 s and more, longest first (seconds on 2 cores, 3 workers: pytest --durations=0 summed per file)
+LONGEST_FIRST = ("test_e2e_snakemake.py",     # 450: the tiny study's build, then the tests that read and rerun it
+                 "test_slurm.py",             # 300, mostly waiting on Slurm
+                 "test_e2e_dvc.py",           # 180
+                 "test_tracking_outage.py",   # 115
+                 "test_mlflow_concurrency.py", "test_write_failures.py", "test_evaluation.py", "test_bad_images.py",
+                 "test_dag.py", "test_bench.py", "test_e2e_swap.py", "test_distributed.py", "test_engine.py",
+                 "test_forkserver.py", "test_dag_table.py", "test_tracking.py", "test_import_weights.py",
+                 "test_bench_stream.py")     # 85 to 30
 
 
 def under_two_global_seeds(step, generator_seed: int = 3):
@@ -53,9 +60,11 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(items):
     """Run the longest test files first, so that with the pytest-xdist workers (--dist loadfile) the
-    others fill the time around them instead of trailing after. Under mutmut (scripts/mutation.py), the
-    fastest tests first instead: it runs a mutant's tests with -x, so a killed mutant stops at its first
-    failing test and most die in the fast unit tests (mutmut measured each test's time once, in its stats)."""
+    others fill the time around them instead of trailing after (pyproject's --no-loadscope-reorder: by default
+    pytest-xdist hands out the files with the most tests first, whatever this order). Under mutmut
+    (scripts/mutation.py), the fastest tests first instead: it runs a mutant's tests with -x, so a killed mutant
+    stops at its first failing test and most die in the fast unit tests (mutmut measured each test's time once,
+    in its stats)."""
     stats = ROOT / "mutmut-stats.json"                  # ROOT is mutants/ when mutmut runs the tests
     if os.environ.get("MUTANT_UNDER_TEST") and stats.exists():
         seconds = json.loads(stats.read_text())["duration_by_test"]
