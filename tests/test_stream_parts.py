@@ -236,3 +236,22 @@ def test_jpegs_are_decoded_by_torchvision(tmp_path, monkeypatch):
     assert calls == [1] and x.shape == (3, 8, 8) and abs(int(x[0, 4, 4]) - 200) <= 3
     read(tmp_path / "x.png", "RGB")
     assert calls == [1]
+
+
+def test_a_jpeg_is_decoded_exif_rotated_and_in_the_mode_asked(tmp_path):
+    """torchvision's path too: a JPEG whose EXIF orientation says "rotate 90" (6) comes out rotated, as Pillow's
+    path turns it (exif_transpose), and mode L gives one channel, Pillow's grey."""
+    from PIL import ImageOps
+
+    pixels = np.zeros((4, 8, 3), dtype=np.uint8)
+    pixels[:, :4] = (250, 250, 250)                                   # left half white, right half black
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                  # Orientation: rotate 90 CW to display
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", quality=95, exif=exif)
+    x = read(tmp_path / "r.jpg", "RGB")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "r.jpg")))
+    assert x.shape == (3, 8, 4) and upright.shape == (8, 4, 3)       # 4 x 8 stored, 8 x 4 shown
+    assert (x.permute(1, 2, 0).int() - torch.from_numpy(upright).int()).abs().max() <= 8
+    g = read(tmp_path / "r.jpg", "L")
+    grey = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "r.jpg")).convert("L"))
+    assert g.shape == (1, 8, 4) and (g[0].int() - torch.from_numpy(grey).int()).abs().max() <= 8
