@@ -126,3 +126,45 @@ def test_patch_tokens_run_in_batches_of_at_most_256_images():
     got = seg.patch_tokens(enc, x, [0.2], [0.3], "fp32")
     assert [n for n, _ in enc.seen] == [256, 1]
     torch.testing.assert_close(got, expected_tokens(enc, x))
+
+
+def test_grey_of_one_channel_is_the_channel_itself():
+    """grey: a one-channel image's grey values are its own (luma weighting them would move 35 of the 256 values
+    by float rounding); three channels are weighted by LUMA."""
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(seg.grey(x), x[:, 0].float())
+    rgb = torch.stack([x[:, 0], torch.zeros_like(x[:, 0]), 255 - x[:, 0]], 1)
+    torch.testing.assert_close(seg.grey(rgb), seg.LUMA[0] * x[:, 0].float() + seg.LUMA[2] * (255 - x[:, 0].float()))
+
+
+def test_examples_figure_shows_grey_pixels_on_the_full_0_255_scale():
+    """A grey canvas is drawn as its pixel values on 0..255 (vmin 0, vmax 255), not stretched to its own range:
+    a uniformly light canvas stays light."""
+    light = torch.full((1, 1, 4, 4), 200, dtype=torch.uint8)
+    masks = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    im = seg.examples_figure(light, masks, masks, ["bg", "a"]).axes[0].get_images()[0]
+    assert im.get_clim() == (0, 255) and im.get_cmap().name == "gray"
+    assert np.array_equal(np.asarray(im.get_array()), light[0, 0].numpy())
+
+
+def test_a_sharp_digit_is_resized_into_its_quadrant_clamped_not_wrapped():
+    """Bicubic resizing overshoots at a 0|255 edge (about -3 and 258 from 8 to 4 px): the canvas holds those pixels
+    clamped to 0..255, so the edge stays a monotone ramp from black to white (no 253 on the black side, no 2 or 0 on
+    the white side, as uint8 wrap-around would give)."""
+    digit = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    digit[..., 4:] = 255                                              # left half black, right half white
+    canvases, _ = seg.make_canvases(digit, torch.zeros(1, dtype=torch.long), np.zeros((1, 4), dtype=int))
+    for quadrant in (canvases[0, 0, :4, :4], canvases[0, 0, 4:, 4:]):
+        for row in quadrant.int():
+            assert row[0] == 0 and row[-1] == 255 and bool((row.diff() >= 0).all()), row
+
+
+def test_the_legend_shows_each_class_in_its_mask_colour():
+    images = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    masks = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    names = ["bg", "a", "b"]
+    legend, = seg.examples_figure(images, masks, masks, names).legends
+    from matplotlib.colors import to_rgb
+
+    assert [to_rgb(h.get_facecolor()) for h in legend.legend_handles] == \
+        [to_rgb(c) for c in seg.class_colours(len(names))[:len(names)]]
