@@ -6,6 +6,9 @@ evaluates and resolves its precision on its device (hardware.device() when none 
 attention kernels in the autocast, and sums the epoch's loss there; fp16 gradients are unscaled before clipping;
 the progress bar counts the run's images to a total, so it shows a percentage and an ETA. The collaborators are
 wrapped to observe what finetune passes them."""
+import random
+
+import numpy as np
 import pytest
 import torch
 from test_finetune_parts import SETTINGS, encoder, prep
@@ -177,3 +180,13 @@ def test_randaugment_fills_with_the_train_mean_as_8_bit_pixel_values():
     assert {op.hparams["img_mean"] for op in rgb.ops} == {(204, 76, 5)}          # 255 * mean, rounded
     grey = finetune.randaug_transform(RANDAUG, 8, [0.8])
     assert {op.kwargs["fillcolor"] for op in grey.ops} == {(204, 204, 204)}
+
+
+def test_seed_step_takes_any_seed_and_step():
+    """seed_step seeds numpy too, whose seeds stop below 2**32: the step's stream key is folded into that range, for
+    seeds whose key passes it (seed 4295: 4,295,012,885) as for small ones; the same (seed, step), the same draws."""
+    for seed, step in ((0, 0), (4295, 0), (4295, 7), (10**6, 123)):
+        finetune.seed_step(seed, step)
+        first = (random.random(), np.random.rand(), torch.rand(1).item())
+        finetune.seed_step(seed, step)
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
