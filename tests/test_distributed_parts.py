@@ -39,7 +39,8 @@ def job(monkeypatch):
     for key in TORCH_ENV:
         monkeypatch.setenv(key, "7")                       # stale: the job's own values replace them
     monkeypatch.setenv("MASTER_PORT", "29517")             # submitit keeps a port it is given
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")         # recorded as it was (unset), so the value the GPU test's
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")             # job sets is undone too (a delenv of an unset one is not)
     calls = []
     monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
     assert not dist.is_initialized()
