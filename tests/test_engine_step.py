@@ -88,3 +88,31 @@ def test_a_sub_second_epochs_throughput_is_its_images_over_its_seconds():
                           scaler=None, on_epoch=None)
         assert st["history"][0]["images_per_s"] == rate
         assert st["history"][0]["seconds"] == seconds
+
+
+def test_train_step_sets_every_groups_lr_and_calls_the_models_after_step():
+    """The step's lr reaches every parameter group, and a model with an after_step hook (the EMA teacher's
+    update) has it called once with the step, after the optimiser has stepped."""
+    model, calls = Recorder(), []
+    model.after_step = lambda step: calls.append((step, model.lin.weight.detach().clone()))
+    conf, amp = cfg(), hardware.resolve("fp32", "cpu")
+    opt = engine.make_optimizer(model, conf)
+    before = model.lin.weight.detach().clone()
+    engine.train_step(model, opt, BATCH, MEAN, STD, conf, 0.0123, 4, "cpu", {}, amp, amp.grad_scaler())
+    assert [g["lr"] for g in opt.param_groups] == [0.0123] * len(opt.param_groups)
+    assert [step for step, _ in calls] == [4] and not torch.equal(calls[0][1], before)
+
+
+def test_drop_path_draws_from_the_steps_generator_during_the_forward():
+    """Within the forward, DropPath's generator (models.encoder.step_draws) is the step's own generator."""
+    from pipeline.models import encoder
+
+    class Seen(Recorder):
+        def forward(self, x, gen, step=0):
+            self.drop_path_generator, self.step_gen = encoder._STEP_GENERATOR, gen
+            return super().forward(x, gen, step)
+
+    model, conf, amp = Seen(), cfg(), hardware.resolve("fp32", "cpu")
+    engine.train_step(model, engine.make_optimizer(model, conf), BATCH, MEAN, STD, conf, 1e-3, 2, "cpu", {}, amp,
+                      amp.grad_scaler())
+    assert model.drop_path_generator is model.step_gen and encoder._STEP_GENERATOR is None
