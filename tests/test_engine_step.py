@@ -116,3 +116,48 @@ def test_drop_path_draws_from_the_steps_generator_during_the_forward():
     engine.train_step(model, engine.make_optimizer(model, conf), BATCH, MEAN, STD, conf, 1e-3, 2, "cpu", {}, amp,
                       amp.grad_scaler())
     assert model.drop_path_generator is model.step_gen and encoder._STEP_GENERATOR is None
+
+
+def test_the_step_runs_the_attention_kernel_of_its_precision():
+    """Under bf16 on the CPU the step's forward runs attention as explicit matmuls (hardware.rule_kernel: PyTorch's
+    CPU flash-attention backward in bf16 is many times slower), and the module's own flag is back after the step."""
+
+    class WithAttention(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.fused_attn = True        # timm's Attention flag; not called here, so no per-call measurement
+            self.flags = []
+
+        def forward(self, x, gen, step=0):
+            self.flags.append(self.attn.fused_attn)
+            return super().forward(x, gen, step)
+
+    for precision, fused in (("bf16", False), ("fp32", True)):
+        model, conf, amp = WithAttention(), cfg(), hardware.resolve(precision, "cpu")
+        engine.train_step(model, engine.make_optimizer(model, conf), BATCH, MEAN, STD, conf, 1e-3, 0, "cpu", {}, amp,
+                          amp.grad_scaler())
+        assert model.flags == [fused] and model.attn.fused_attn is True, precision
+
+
+def test_a_parameter_the_steps_loss_does_not_reach_stays_put():
+    """A parameter that had a gradient in step 0 but none in step 1 (its gradient is set to None, not zeroed) is not
+    moved by step 1: AdamW skips it, neither its momentum nor its weight decay applies."""
+
+    class SometimesUsed(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Parameter(torch.ones(4))
+
+        def forward(self, x, gen, step=0):
+            loss, out = super().forward(x, gen, step)
+            return (loss + self.extra.pow(2).sum() if step == 0 else loss), out
+
+    model, conf, amp = SometimesUsed(), cfg(), hardware.resolve("fp32", "cpu")
+    opt = engine.make_optimizer(model, conf)
+    engine.train_step(model, opt, BATCH, MEAN, STD, conf, 1e-2, 0, "cpu", {}, amp, amp.grad_scaler())
+    after_0, weight_0 = model.extra.detach().clone(), model.lin.weight.detach().clone()
+    assert not torch.equal(after_0, torch.ones(4))
+    engine.train_step(model, opt, BATCH, MEAN, STD, conf, 1e-2, 1, "cpu", {}, amp, amp.grad_scaler())
+    assert model.extra.grad is None and torch.equal(model.extra, after_0)
+    assert not torch.equal(model.lin.weight, weight_0)
