@@ -94,3 +94,21 @@ def test_a_new_method_module_reaches_the_dags_the_schema_and_the_report(workdir)
 
     dvc_yaml = run([sys.executable, "-m", "pipeline.orchestration.dvc_yaml", "--preset", "tiny"], workdir)
     assert "method: toy" in dvc_yaml and "results/seed${item.seed}/pretrain/${item.method}" in dvc_yaml
+
+
+def test_a_method_section_that_is_not_a_mapping_or_lacks_a_key_is_a_one_line_error():
+    """Every method's section is checked by its module's schema: a scalar in its place, or any key of its SPEC's
+    params left out, is named in one line before any work."""
+    import copy
+
+    from pipeline.errors import PipelineError
+    params = config.load("tiny")
+    for name in methods.NAMES:
+        bad = dict(params, **{name: 5})
+        with pytest.raises(PipelineError, match=rf"^invalid params \(params\): {name}: 5 is not of type 'object'$"):
+            config.validate(bad, check_paths=False)
+        for key in methods.spec(name)["params"]:
+            bad = copy.deepcopy(params)
+            del bad[name][key]
+            with pytest.raises(PipelineError, match=rf"^invalid params \(params\): {name}: '{key}' is a required"):
+                config.validate(bad, check_paths=False)
