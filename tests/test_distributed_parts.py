@@ -208,3 +208,19 @@ def test_a_worker_is_killed_when_its_parent_is():
         os.waitpid(parent, 0)
         assert select.select([pipe], [], [], 10)[0], "the worker outlived its parent"
         assert pipe.read() == b""                           # every writer is gone: the worker is dead too
+
+
+def test_wrap_gives_ddp_the_model_its_device_and_the_documented_flags(monkeypatch):
+    """One process: the model itself. Several: DistributedDataParallel over the model with the device it trains on
+    (none on the CPU; cuda:N -> [N]; plain cuda -> the current device), without buffer syncs in the forward and with
+    gradients as views of the buckets (recorded: a real multi-GPU DDP needs the GPUs; tests/test_distributed.py
+    trains through a real two-process one on the CPU)."""
+    made = []
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, **kw: made.append((module, kw)) or "ddp")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    model = nn.Linear(2, 2)
+    assert distributed.wrap(model, "cpu") is model and not made
+    monkeypatch.setattr(distributed, "world", lambda: World(0, 2))
+    for device, ids in (("cpu", None), ("cuda:1", [1]), ("cuda", [3])):
+        assert distributed.wrap(model, device) == "ddp"
+        assert made[-1] == (model, {"device_ids": ids, "forward_sync_buffers": False, "gradient_as_bucket_view": True})
