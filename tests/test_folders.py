@@ -2,6 +2,7 @@
 (convert_pil_mode), the file-backed image tensor (mapped_empty, read_images), the resize and centre crop
 (_center_crop) and the words for the skipped files (skipped_note). Tiny images, no dataset."""
 import os
+import re
 import tempfile
 import warnings
 
@@ -226,3 +227,68 @@ def test_skipped_note_orders_kinds_by_count_then_name():
     assert folders.skipped_note({".a": 1, ".b": 2}) == "3 non-image files skipped (.b 2, .a 1)"
     assert folders.skipped_note({".z": 1, ".a": 1}) == "2 non-image files skipped (.a 1, .z 1)"
     assert folders.skipped_note({}) == "0 non-image files skipped"
+
+
+# ---- split_folder, image_files, _split_files: which files are train and val ----------------------------------
+
+def make_tree(root, files) -> None:
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def test_train_and_val_folders_are_the_split_and_every_folders_non_images_are_counted(tmp_path):
+    make_tree(tmp_path, ["train/a/1.png", "train/a/notes.txt", "train/b/2.jpg", "val/a/3.png", "val/b/4.png",
+                         "val/b/README", "val/b/x.txt"])
+    skipped = {}
+    train, val = folders.split_folder(tmp_path, 0.5, 0, skipped)
+    assert {c: [f.name for f in fs] for c, fs in train.items()} == {"a": ["1.png"], "b": ["2.jpg"]}
+    assert {c: [f.name for f in fs] for c, fs in val.items()} == {"a": ["3.png"], "b": ["4.png"]}
+    assert skipped == {".txt": 2, "no extension": 1}
+    assert folders.split_folder(tmp_path, 0.5, 0)[0].keys() == {"a", "b"}      # no skipped dict: one of its own
+
+
+@pytest.mark.parametrize("only", ["train", "val"])
+def test_only_one_of_train_and_val_is_an_error(tmp_path, only):
+    make_tree(tmp_path, [f"{only}/a/1.png", "c/2.png"])
+    root = re.escape(str(tmp_path))
+    with pytest.raises(PipelineError, match=rf"^{root} has only one of train/ and val/; give both or neither$"):
+        folders.split_folder(tmp_path, 0.5, 0)
+
+
+def test_train_and_val_with_other_classes_name_the_differing_ones(tmp_path):
+    make_tree(tmp_path, ["train/a/1.png", *[f"train/t{i}/1.png" for i in range(4)], "val/a/1.png",
+                         *[f"val/v{i}/1.png" for i in range(4)]])
+    with pytest.raises(PipelineError) as err:
+        folders.split_folder(tmp_path, 0.5, 0)
+    assert str(err.value) == f"{tmp_path}: train/ and val/ have different class folders (e.g. t0, t1, t2, t3, v0)"
+
+
+def test_class_folders_are_the_visible_folders_and_their_visible_image_files(tmp_path):
+    make_tree(tmp_path, ["b/2.png", "b/.hidden.png", "a/1.png", ".git/x.png", "top.png"])
+    skipped = {}
+    found = folders.image_files(tmp_path, skipped)
+    assert {c: [f.name for f in fs] for c, fs in found.items()} == {"a": ["1.png"], "b": ["2.png"]}
+    assert list(found) == ["a", "b"] and skipped == {}
+
+
+def test_a_folder_without_class_folders_or_with_an_empty_one_is_a_one_line_error(tmp_path):
+    make_tree(tmp_path, ["top.png"])
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(tmp_path))} holds no class folders$"):
+        folders.image_files(tmp_path, {})
+    make_tree(tmp_path, ["a/1.png", "b/x.txt", "b/y.txt"])
+    b = re.escape(str(tmp_path / "b"))
+    with pytest.raises(PipelineError, match=rf"^empty class folder: {b} \(2 non-image files\)$"):
+        folders.image_files(tmp_path, {})
+    (tmp_path / "b" / "x.txt").unlink(), (tmp_path / "b" / "y.txt").unlink()
+    with pytest.raises(PipelineError, match=rf"^empty class folder: {b}$"):
+        folders.image_files(tmp_path, {})
+
+
+def test_a_split_keeps_at_least_one_file_of_each_class_in_train():
+    files = {"a": ["1", "2", "3"], "b": ["4"]}
+    train, val = folders._split_files(files, 1.0, 0)
+    assert {c: len(f) for c, f in train.items()} == {"a": 1, "b": 1}
+    assert {c: len(f) for c, f in val.items()} == {"a": 2, "b": 0}
+    train, val = folders._split_files(files, 0.5, 0)
+    assert sorted(train["a"] + val["a"]) == ["1", "2", "3"] and len(val["a"]) == 2    # round(1.5) = 2 (+0.5, floor)
