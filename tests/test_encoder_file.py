@@ -70,3 +70,21 @@ def test_truncating_keeps_zero_to_all_blocks_and_names_a_depth_out_of_range():
     for depth in (3, -1):
         with pytest.raises(ValueError, match=rf"^cannot keep {depth} of 2 blocks$"):
             encoder_file.truncated(arrays, config, depth)
+
+
+def test_a_file_of_an_unknown_layout_is_checked_against_the_studys_encoder_for_the_data(tmp_path):
+    """A bare file without blocks (no layout to read sizes from) is checked against the study's encoder at the data's
+    image size and channels: here its patch embedding and positions fit a 1-channel 8-px study, so only the missing
+    blocks and final norm are named, in one line."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pipeline.errors import PipelineError
+    path = tmp_path / "bare.safetensors"
+    save_file({"cls_token": np.zeros((1, 1, 32), np.float32), "pos_embed": np.zeros((1, 17, 32), np.float32),
+               "patch_embed.proj.weight": np.zeros((32, 1, 2, 2), np.float32),
+               "patch_embed.proj.bias": np.zeros(32, np.float32)}, str(path))
+    with pytest.raises(PipelineError) as err:
+        encoder_file.load(path, STUDY, in_chans=1, img_size=8)
+    assert str(err.value) == (f"{path} does not fit the encoder architecture: missing: blocks.0.norm1.weight, "
+                              "blocks.0.norm1.bias, blocks.0.attn.qkv.weight (+23 more)")
