@@ -1,6 +1,8 @@
 """pipeline.models.encoder_file's pure parts by their contracts: the config read from a bare timm ViT state dict's
 shapes (infer_model), the written-out layout's refusals (plain_vit_state) and the kept blocks (truncated). The
 numpy load and save beside the torch path are tests/test_startup.py's."""
+import re
+
 import pytest
 import torch
 
@@ -55,8 +57,10 @@ def test_sizes_the_encoder_would_refuse_have_no_written_out_layout():
     for bad in ({"embed_dim": 36, "num_heads": 8},          # heads do not divide the width (36 % 4 == 0)
                 {"embed_dim": 30, "num_heads": 2},          # the width is not a multiple of 4 (2 heads divide it)
                 {"img_size": 1},                             # an image smaller than one patch
-                {"depth": -1}, {"num_heads": 0}, {"in_chans": 0}):
+                {"depth": -1}, {"num_heads": 0}, {"in_chans": 0}, {"embed_dim": 0}, {"patch_size": 0}):
         assert encoder_file.plain_vit_state(dict(model, **bad)) is None, bad
+    one_patch = encoder_file.plain_vit_state(dict(model, img_size=2))     # an image of exactly one patch
+    assert one_patch["pos_embed"] == (1, 2, 32)
 
 
 def test_truncating_keeps_zero_to_all_blocks_and_names_a_depth_out_of_range():
@@ -88,3 +92,52 @@ def test_a_file_of_an_unknown_layout_is_checked_against_the_studys_encoder_for_t
         encoder_file.load(path, STUDY, in_chans=1, img_size=8)
     assert str(err.value) == (f"{path} does not fit the encoder architecture: missing: blocks.0.norm1.weight, "
                               "blocks.0.norm1.bias, blocks.0.attn.qkv.weight (+23 more)")
+
+
+def plain_file(path, chans: int = 3, meta: dict | None = None) -> dict:
+    """A plain ViT file of STUDY's sizes at 8 px and `chans` channels (zeros; with `meta`: a verified sidecar)."""
+    import numpy as np
+
+    from pipeline.checkpoint import save_arrays
+    arrays = {k: np.zeros(shape, np.float32)
+              for k, shape in encoder_file.plain_vit_state(dict(STUDY, img_size=8, in_chans=chans)).items()}
+    if meta is None:
+        from safetensors.numpy import save_file
+        save_file(arrays, str(path))
+    else:
+        save_arrays(path, arrays, meta)
+    return arrays
+
+
+def test_a_plain_vit_file_is_checked_without_building_an_encoder(tmp_path, monkeypatch):
+    """The plain layouts are written out (plain_vit_state): no Encoder (torch, timm) is built to check them, which
+    keeps teacher_swap's start-up light; floating arrays come back float32, others as they are."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pipeline.models import encoder
+
+    def refuse(*args):
+        raise AssertionError("built an Encoder")
+
+    monkeypatch.setattr(encoder, "encoder_for", refuse)
+    arrays = plain_file(tmp_path / "a.safetensors")
+    arrays.update(pos_embed=arrays["pos_embed"].astype(np.float16), cls_token=arrays["cls_token"].astype(np.int32))
+    save_file(arrays, str(tmp_path / "a.safetensors"))
+    got, config, meta = encoder_file.load(tmp_path / "a.safetensors", STUDY, in_chans=3, img_size=8)
+    assert list(got) == list(arrays) and meta == {} and (config["in_chans"], config["img_size"]) == (3, 8)
+    assert got["pos_embed"].dtype == np.float32 and got["cls_token"].dtype == np.int32
+
+
+def test_a_file_for_other_images_or_an_encoder_that_cannot_be_built_is_one_line_naming_the_file(tmp_path):
+    from pipeline.errors import PipelineError
+    path = tmp_path / "rgb.safetensors"
+    plain_file(path, chans=3)
+    with pytest.raises(PipelineError) as err:
+        encoder_file.load(path, STUDY, in_chans=1, img_size=8)
+    assert str(err.value) == (f"{path} takes 3-channel 8px images, but the data has 1-channel 8px images "
+                              "(data.channels, data.img_size)")
+    other = tmp_path / "other.safetensors"
+    plain_file(other, meta={"model": dict(STUDY, arch="no_such_vit", img_size=8, in_chans=3)})
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(other))}: cannot build the encoder its metadata"):
+        encoder_file.load(other, STUDY, in_chans=3, img_size=8)
