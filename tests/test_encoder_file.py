@@ -141,3 +141,11 @@ def test_a_file_for_other_images_or_an_encoder_that_cannot_be_built_is_one_line_
     plain_file(other, meta={"model": dict(STUDY, arch="no_such_vit", img_size=8, in_chans=3)})
     with pytest.raises(PipelineError, match=rf"^{re.escape(str(other))}: cannot build the encoder its metadata"):
         encoder_file.load(other, STUDY, in_chans=3, img_size=8)
+
+
+def test_a_mismatch_names_three_keys_of_each_kind_and_counts_the_rest():
+    expected = {k: (2,) for k in "abcd"} | {"w": (3, 4)}
+    assert encoder_file.state_mismatch(expected, {"d": (2,), "w": (3, 4)}) == "missing: a, b, c"
+    assert encoder_file.state_mismatch(expected, {"w": (4, 3), "x": (1,)}) == (
+        "missing: a, b, c (+1 more); unexpected: x; shape: w (4, 3) != (3, 4)")
+    assert encoder_file.state_mismatch(expected, dict(expected)) == ""
