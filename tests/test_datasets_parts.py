@@ -169,3 +169,29 @@ def test_a_streams_images_go_through_its_own_reader_and_eval_tensor(monkeypatch)
     assert torch.equal(datasets.head(Images(), 3), torch.full((3, 1, 2, 2), 7, dtype=torch.uint8))
     x = torch.arange(5, dtype=torch.uint8)
     assert torch.equal(datasets.head(x, 2), x[:2])
+
+
+GOOD = {"train_x": torch.zeros(4, 1, 2, 2, dtype=torch.uint8), "train_y": torch.tensor([0, 1, 0, 1]),
+        "val_x": torch.zeros(2, 1, 2, 2, dtype=torch.uint8), "val_y": torch.tensor([1, 0])}
+
+
+@pytest.mark.parametrize("change, mean, what", [
+    ({"val_x": torch.zeros(2, 1, 2, 2)}, [0.5], "val_x torch.float32 [2, 1, 2, 2] and val_y torch.int64 [2]"),
+    ({"val_x": torch.zeros(2, 2, 2, dtype=torch.uint8)}, [0.5], "val_x torch.uint8 [2, 2, 2] and val_y"),
+    ({"val_x": torch.zeros(2, 1, 3, 3, dtype=torch.uint8)}, [0.5], "val_x torch.uint8 [2, 1, 3, 3] and val_y"),
+    ({}, [0.5, 0.5], "train_x torch.uint8 [4, 1, 2, 2] and train_y torch.int64 [4] are not uint8 images (N, 2, H, W)"),
+    ({"val_y": torch.tensor([1, 0], dtype=torch.int32)}, [0.5], "val_x torch.uint8 [2, 1, 2, 2] and val_y torch.int32"),
+    ({"val_y": torch.tensor([1, 0, 1])}, [0.5], "val_x torch.uint8 [2, 1, 2, 2] and val_y torch.int64 [3]"),
+])
+def test_prepared_tensors_of_another_type_or_shape_are_named_in_one_line(tmp_path, change, mean, what):
+    """Each check alone: images not uint8, not 4-D, val of another size than train, a mean per channel missing, labels
+    not int64, one label per image."""
+    from pipeline import checkpoint
+    path = tmp_path / "d.safetensors"
+    checkpoint.save_tensors(path, GOOD | change, {"class_names": ["a", "b"], "mean": mean, "std": mean})
+    with pytest.raises(PipelineError) as err:
+        datasets.load_prepared(path)
+    assert str(err.value).startswith(f"{path}: {what}")
+    assert str(err.value).endswith(f"(N, {len(mean)}, H, W) and int64 labels (N,); rerun prepare_data")
+    checkpoint.save_tensors(path, GOOD, {"class_names": ["a", "b"], "mean": [0.5], "std": [0.5]})
+    assert datasets.load_prepared(path).class_names == ["a", "b"]
