@@ -195,3 +195,15 @@ def test_prepared_tensors_of_another_type_or_shape_are_named_in_one_line(tmp_pat
     assert str(err.value).endswith(f"(N, {len(mean)}, H, W) and int64 labels (N,); rerun prepare_data")
     checkpoint.save_tensors(path, GOOD, {"class_names": ["a", "b"], "mean": [0.5], "std": [0.5]})
     assert datasets.load_prepared(path).class_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("labels", [[0, -1], [2, 0]])
+def test_a_label_outside_the_named_classes_is_named_in_one_line(tmp_path, labels):
+    """Below 0, or equal to the number of class names (2 here: labels 0 and 1)."""
+    from pipeline import checkpoint
+    path = tmp_path / "d.safetensors"
+    checkpoint.save_tensors(path, GOOD | {"val_y": torch.tensor(labels)}, {"class_names": ["a", "b"], "mean": [0.5],
+                                                                           "std": [0.5]})
+    with pytest.raises(PipelineError) as err:
+        datasets.load_prepared(path)
+    assert str(err.value) == f"{path}: val labels outside [0, 2) (it names 2 classes); rerun prepare_data"
