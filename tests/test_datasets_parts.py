@@ -194,7 +194,8 @@ def test_prepared_tensors_of_another_type_or_shape_are_named_in_one_line(tmp_pat
     assert str(err.value).startswith(f"{path}: {what}")
     assert str(err.value).endswith(f"(N, {len(mean)}, H, W) and int64 labels (N,); rerun prepare_data")
     checkpoint.save_tensors(path, GOOD, {"class_names": ["a", "b"], "mean": [0.5], "std": [0.5]})
-    assert datasets.load_prepared(path).class_names == ["a", "b"]
+    good = datasets.load_prepared(path)
+    assert good.class_names == ["a", "b"] and good.source == str(path)        # a sidecar without a source: the file
 
 
 @pytest.mark.parametrize("labels", [[0, -1], [2, 0]])
@@ -207,3 +208,20 @@ def test_a_label_outside_the_named_classes_is_named_in_one_line(tmp_path, labels
     with pytest.raises(PipelineError) as err:
         datasets.load_prepared(path)
     assert str(err.value) == f"{path}: val labels outside [0, 2) (it names 2 classes); rerun prepare_data"
+
+
+def test_an_empty_split_converts_to_the_studys_shape():
+    """No images in a split still gives (0, channels, size, size): a split of another shape would fail load_prepared's
+    check that train and val images match."""
+    for (c_in, size_in), (c_out, size_out) in (((1, 8), (3, 4)), ((3, 8), (1, 8))):
+        got = datasets._convert(torch.zeros(0, c_in, size_in, size_in, dtype=torch.uint8), c_out, size_out)
+        assert got.shape == (0, c_out, size_out, size_out) and got.dtype == torch.uint8
+
+
+def test_a_streams_batches_come_from_its_own_reader_at_the_size_asked():
+    class Images:
+        def batches(self, batch_size):
+            return f"batches of {batch_size}"
+
+    assert datasets.batches(Images(), 5) == "batches of 5"
+    assert [b.tolist() for b in datasets.batches(torch.arange(5), 2)] == [[0, 1], [2, 3], [4]]

@@ -120,8 +120,9 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, data: dict, seed: int) -> tuple:
 
 
 def _convert(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """uint8 (N, 1|3, h, w) -> uint8 (N, channels, size, size): grey replicated or RGB -> luma; bicubic resize."""
-    return torch.cat([_convert_chunk(c, channels, size) for c in x.split(2048)]) if len(x) else x
+    """uint8 (N, 1|3, h, w) -> uint8 (N, channels, size, size): grey replicated or RGB -> luma; bicubic resize (N = 0
+    too: an empty tensor of the converted shape). Chunks of 2,048 images bound the float copies' memory."""
+    return torch.cat([_convert_chunk(c, channels, size) for c in x.split(2048)])
 
 
 def _convert_chunk(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
