@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data import datasets
@@ -225,3 +226,29 @@ def test_a_streams_batches_come_from_its_own_reader_at_the_size_asked():
 
     assert datasets.batches(Images(), 5) == "batches of 5"
     assert [b.tolist() for b in datasets.batches(torch.arange(5), 2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_rgb_becomes_its_rounded_luma_and_grey_is_replicated():
+    rgb = torch.tensor([[255, 10, 0, 255], [0, 200, 0, 255], [0, 30, 255, 255]], dtype=torch.uint8).view(1, 3, 2, 2)
+    grey = datasets._convert_chunk(rgb, 1, 2)
+    # 0.299 R + 0.587 G + 0.114 B, rounded: 76.245 -> 76, 123.81 -> 124, 29.07 -> 29, 255
+    assert grey.dtype == torch.uint8 and grey.flatten().tolist() == [76, 124, 29, 255]
+    three = datasets._convert_chunk(grey, 3, 2)
+    assert three.shape == (1, 3, 2, 2) and all(torch.equal(three[:, c], grey[:, 0]) for c in range(3))
+
+
+def test_a_resize_is_antialiased_bicubic_with_half_pixel_centres_rounded_and_clamped_to_bytes():
+    """Upsampling a black | white edge overshoots below 0 and above 255 (clamped, not wrapped) and keeps the flat
+    black at 0; downsampling a checkerboard averages it (antialias) instead of picking pixels."""
+    edge = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    edge[..., 4:] = 255
+    up = datasets._convert_chunk(edge, 1, 16)
+    want = F.interpolate(edge.float(), size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    assert want.min() < -1 and want.max() > 256                        # the overshoot the clamp must catch
+    assert up.dtype == torch.uint8 and torch.equal(up, want.round().clamp(0, 255).to(torch.uint8))
+    assert up[0, 0, 0, 0] == 0 and up[0, 0, 0, -1] == 255
+    board = ((torch.arange(8)[:, None] + torch.arange(8)) % 2 * 255).to(torch.uint8).view(1, 1, 8, 8)
+    down = datasets._convert_chunk(board, 1, 4)
+    assert ((down.float() - 127.5).abs() <= 8).all()                   # antialiased: grey, not 0 / 255 pixels
+    same = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(datasets._convert_chunk(same, 1, 8), same)
