@@ -252,3 +252,9 @@ def test_a_resize_is_antialiased_bicubic_with_half_pixel_centres_rounded_and_cla
     assert ((down.float() - 127.5).abs() <= 8).all()                   # antialiased: grey, not 0 / 255 pixels
     same = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     assert torch.equal(datasets._convert_chunk(same, 1, 8), same)
+
+
+def test_an_unknown_dataset_is_named_with_the_known_ones():
+    with pytest.raises(PipelineError) as err:
+        datasets.prepare({"dataset": "mnist60k"}, 0)
+    assert str(err.value) == "unknown dataset 'mnist60k'; known: mnist5k, digits, imagefolder, cifar"
