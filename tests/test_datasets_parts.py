@@ -258,3 +258,14 @@ def test_an_unknown_dataset_is_named_with_the_known_ones():
     with pytest.raises(PipelineError) as err:
         datasets.prepare({"dataset": "mnist60k"}, 0)
     assert str(err.value) == "unknown dataset 'mnist60k'; known: mnist5k, digits, imagefolder, cifar"
+
+
+@pytest.mark.parametrize("split, bad", [("train", -1), ("train", 2), ("val", -1), ("val", 2)])
+def test_a_reader_whose_labels_leave_its_classes_is_named_in_one_line(monkeypatch, split, bad):
+    x, ok = torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1])
+    labels = {"train": ok, "val": ok, split: torch.tensor([0, bad])}
+    read = lambda data, seed: (x, labels["train"], x, labels["val"], ["a", "b"], "src")
+    monkeypatch.setattr(datasets, "_digits", read)
+    with pytest.raises(PipelineError) as err:
+        datasets.prepare({"dataset": "digits"}, 0)
+    assert str(err.value) == f"src: {split} labels outside [0, 2)"
