@@ -269,3 +269,16 @@ def test_a_reader_whose_labels_leave_its_classes_is_named_in_one_line(monkeypatc
     with pytest.raises(PipelineError) as err:
         datasets.prepare({"dataset": "digits"}, 0)
     assert str(err.value) == f"src: {split} labels outside [0, 2)"
+
+
+def test_a_class_without_train_images_or_an_empty_val_split_is_named_in_one_line(monkeypatch):
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    for names, val_y, message in ((["a", "b", "c"], torch.tensor([0, 1]), "src: no train images for class(es) c"),
+                                  (["a", "b"], torch.tensor([], dtype=torch.int64),
+                                   "src: the val split is empty (too few images per class for val_fraction)")):
+        read = lambda data, seed, names=names, val_y=val_y: (x, torch.tensor([0, 1]), x[:len(val_y)], val_y, names,
+                                                             "src")
+        monkeypatch.setattr(datasets, "_digits", read)
+        with pytest.raises(PipelineError) as err:
+            datasets.prepare({"dataset": "digits"}, 0)
+        assert str(err.value) == message
