@@ -282,3 +282,21 @@ def test_a_class_without_train_images_or_an_empty_val_split_is_named_in_one_line
         with pytest.raises(PipelineError) as err:
             datasets.prepare({"dataset": "digits"}, 0)
         assert str(err.value) == message
+
+
+def test_ten_classes_without_train_images_are_named_of_more(monkeypatch):
+    x, names = torch.zeros(2, 1, 2, 2, dtype=torch.uint8), [f"c{i}" for i in range(13)]
+    monkeypatch.setattr(datasets, "_digits", lambda data, seed: (x, torch.tensor([0, 1]), x, torch.tensor([0, 1]),
+                                                                 names, "src"))
+    with pytest.raises(PipelineError) as err:
+        datasets.prepare({"dataset": "digits"}, 0)
+    assert str(err.value) == f"src: no train images for class(es) {', '.join(names[2:12])}"
+
+
+def test_channel_stats_are_summed_in_float64():
+    """Mean and std per channel of x / 255 as float64 gives them (a float32 sum would be off in the 8th digit)."""
+    x = torch.randint(0, 256, (5000, 2, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = datasets.tensor_channel_stats(x)
+    v = x.double().div(255).transpose(0, 1).reshape(2, -1)
+    assert mean == pytest.approx(v.mean(1).tolist(), rel=1e-12, abs=0)
+    assert std == pytest.approx(v.std(1, correction=0).tolist(), rel=1e-10, abs=0)
