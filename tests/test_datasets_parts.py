@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.data import datasets
+from pipeline import checkpoint
+from pipeline.data import datasets, stream
 from pipeline.errors import PipelineError
 
 on_linux = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
@@ -140,7 +141,6 @@ def test_the_sidecar_counts_every_named_class_even_one_without_images(tmp_path):
 
 
 def test_a_file_without_the_prepared_tensors_or_metadata_names_what_it_lacks(tmp_path):
-    from pipeline import checkpoint
     path = tmp_path / "d.safetensors"
     checkpoint.save_tensors(path, {"train_x": torch.zeros(1, 1, 2, 2, dtype=torch.uint8)}, {"mean": [0.5]})
     with pytest.raises(PipelineError) as err:
@@ -150,7 +150,6 @@ def test_a_file_without_the_prepared_tensors_or_metadata_names_what_it_lacks(tmp
 
 
 def test_a_streams_images_go_through_its_own_reader_and_eval_tensor(monkeypatch):
-    from pipeline.data import stream
     seen = []
     monkeypatch.setattr(stream, "load", lambda images: seen.append(images) or "manifest")
     assert datasets.load_dataset(images="the node's stream settings") == "manifest"
@@ -187,7 +186,6 @@ GOOD = {"train_x": torch.zeros(4, 1, 2, 2, dtype=torch.uint8), "train_y": torch.
 def test_prepared_tensors_of_another_type_or_shape_are_named_in_one_line(tmp_path, change, mean, what):
     """Each check alone: images not uint8, not 4-D, val of another size than train, a mean per channel missing, labels
     not int64, one label per image."""
-    from pipeline import checkpoint
     path = tmp_path / "d.safetensors"
     checkpoint.save_tensors(path, GOOD | change, {"class_names": ["a", "b"], "mean": mean, "std": mean})
     with pytest.raises(PipelineError) as err:
@@ -202,7 +200,6 @@ def test_prepared_tensors_of_another_type_or_shape_are_named_in_one_line(tmp_pat
 @pytest.mark.parametrize("labels", [[0, -1], [2, 0]])
 def test_a_label_outside_the_named_classes_is_named_in_one_line(tmp_path, labels):
     """Below 0, or equal to the number of class names (2 here: labels 0 and 1)."""
-    from pipeline import checkpoint
     path = tmp_path / "d.safetensors"
     checkpoint.save_tensors(path, GOOD | {"val_y": torch.tensor(labels)}, {"class_names": ["a", "b"], "mean": [0.5],
                                                                            "std": [0.5]})

@@ -1,12 +1,17 @@
 """pipeline.models.encoder_file's pure parts by their contracts: the config read from a bare timm ViT state dict's
-shapes (infer_model), the written-out layout's refusals (plain_vit_state) and the kept blocks (truncated). The
-numpy load and save beside the torch path are tests/test_startup.py's."""
+shapes (infer_model), the written-out layout's refusals (plain_vit_state), the kept blocks (truncated), the mismatch
+words (state_mismatch) and load's checks and one-line errors on small files. That the numpy load gives what the torch
+path gives is tests/test_startup.py's."""
 import re
 
+import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
-from pipeline.models import encoder_file
+from pipeline.checkpoint import save_arrays
+from pipeline.errors import PipelineError
+from pipeline.models import encoder, encoder_file
 
 STUDY = {"arch": "vit_tiny_patch16_224", "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2,
          "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
@@ -80,10 +85,6 @@ def test_a_file_of_an_unknown_layout_is_checked_against_the_studys_encoder_for_t
     """A bare file without blocks (no layout to read sizes from) is checked against the study's encoder at the data's
     image size and channels: here its patch embedding and positions fit a 1-channel 8-px study, so only the missing
     blocks and final norm are named, in one line."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from pipeline.errors import PipelineError
     path = tmp_path / "bare.safetensors"
     save_file({"cls_token": np.zeros((1, 1, 32), np.float32), "pos_embed": np.zeros((1, 17, 32), np.float32),
                "patch_embed.proj.weight": np.zeros((32, 1, 2, 2), np.float32),
@@ -96,13 +97,9 @@ def test_a_file_of_an_unknown_layout_is_checked_against_the_studys_encoder_for_t
 
 def plain_file(path, chans: int = 3, meta: dict | None = None) -> dict:
     """A plain ViT file of STUDY's sizes at 8 px and `chans` channels (zeros; with `meta`: a verified sidecar)."""
-    import numpy as np
-
-    from pipeline.checkpoint import save_arrays
     arrays = {k: np.zeros(shape, np.float32)
               for k, shape in encoder_file.plain_vit_state(dict(STUDY, img_size=8, in_chans=chans)).items()}
     if meta is None:
-        from safetensors.numpy import save_file
         save_file(arrays, str(path))
     else:
         save_arrays(path, arrays, meta)
@@ -112,11 +109,6 @@ def plain_file(path, chans: int = 3, meta: dict | None = None) -> dict:
 def test_a_plain_vit_file_is_checked_without_building_an_encoder(tmp_path, monkeypatch):
     """The plain layouts are written out (plain_vit_state): no Encoder (torch, timm) is built to check them, which
     keeps teacher_swap's start-up light; floating arrays come back float32, others as they are."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from pipeline.models import encoder
-
     def refuse(*args):
         raise AssertionError("built an Encoder")
 
@@ -130,7 +122,6 @@ def test_a_plain_vit_file_is_checked_without_building_an_encoder(tmp_path, monke
 
 
 def test_a_file_for_other_images_or_an_encoder_that_cannot_be_built_is_one_line_naming_the_file(tmp_path):
-    from pipeline.errors import PipelineError
     path = tmp_path / "rgb.safetensors"
     plain_file(path, chans=3)
     with pytest.raises(PipelineError) as err:

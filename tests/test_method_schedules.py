@@ -6,7 +6,7 @@ from argparse import Namespace
 
 import pytest
 
-from pipeline import config, dag, layout
+from pipeline import config, dag, layout, methods
 from pipeline.errors import PipelineError
 from pipeline.orchestration import dvc_yaml, params_reads
 from pipeline.stages.training import prepare_data, pretrain
@@ -82,7 +82,6 @@ def test_a_bad_own_schedule_is_a_one_line_error_naming_the_key(override, message
 def test_a_method_without_a_params_section_has_no_own_schedule():
     """A method module whose params section is absent (a new method before its section is written) or null sets no
     pretrain key of its own: the study's pretrain.* apply."""
-    from pipeline import methods
     for params in ({}, {"mae": None}, {"mae": {"mask_ratio": 0.75}}):
         assert methods.own_pretrain(params, "mae") == {}
     assert methods.own_pretrain({"mae": {"pretrain": {"epochs": 3}}}, "mae") == {"epochs": 3}

@@ -1,6 +1,7 @@
 """A method is one module (pipeline/methods/<name>.py: SPEC, build, forward_flops) plus its params section and
 its entry in NAMES: a toy method added to a copy of the repository reaches both DAGs, the schema and checks,
 FLOPs, plots and the report, with nothing else edited."""
+import copy
 import json
 import math
 import re
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from pipeline import config, methods
+from pipeline.errors import PipelineError
 from pipeline.models.flops import flops_per_image
 
 
@@ -99,9 +101,6 @@ def test_a_new_method_module_reaches_the_dags_the_schema_and_the_report(workdir)
 def test_a_method_section_that_is_not_a_mapping_or_lacks_a_key_is_a_one_line_error():
     """Every method's section is checked by its module's schema: a scalar in its place, or any key of its SPEC's
     params left out, is named in one line before any work."""
-    import copy
-
-    from pipeline.errors import PipelineError
     params = config.load("tiny")
     for name in methods.NAMES:
         bad = dict(params, **{name: 5})
