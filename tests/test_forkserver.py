@@ -88,6 +88,18 @@ def test_a_warm_node_exits_with_its_status_and_error_line(server):
     assert "starts cold" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_child_starts_with_the_preloaded_heap_frozen_and_what_every_node_imports(server, tmp_path):
+    """What keeps a warm node cheap (measured on the tiny study: docs/performance.md): the server's heap is out of the
+    child's garbage collections (gc.freeze), and what nodes import at exit (tabulate, by torch._dynamo) is loaded."""
+    _, warm = server
+    (tmp_path / "heap_probe.py").write_text("import gc, sys\nprint(gc.get_freeze_count(), 'tabulate' in sys.modules)\n")
+    ask = "import sys; from pipeline.orchestration import forkserver; sys.exit(forkserver.delegate('heap_probe', []))"
+    proc = run_cli(sys.executable, "-c", ask, cwd=tmp_path, env=warm)
+    assert "starts cold" not in proc.stderr
+    frozen, tabulate = proc.stdout.split()
+    assert int(frozen) > 100_000 and tabulate == "True", proc.stdout
+
+
 def test_a_node_whose_start_up_environment_differs_runs_cold(server):
     _, warm = server
     proc = node("knn", "--help", env={**warm, "ATEN_CPU_CAPABILITY": "default"})
