@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run from the repository root (params/ and results/ are cwd-relative)."""
+import gc
 import json
 import os
 import shutil
@@ -56,6 +57,13 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one pytest-xdist worker per core plus one. A third of the suite's time on 2 cores is spent
     waiting (Slurm's queue, MLflow servers, lock timeouts, the browser), which the extra worker fills."""
     return len(os.sched_getaffinity(0)) + 1
+
+
+def pytest_collection_finish(session):
+    """Once the test modules are imported (torch, timm, MLflow, pandas and the pipeline with them), their objects
+    leave the cyclic garbage collector's reach: collections during the tests then walk only what the tests allocate
+    (~10-15% of the in-process tests' time on a 2-core CPU; the fork server does the same for warm nodes)."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(items):
