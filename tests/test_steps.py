@@ -1,5 +1,6 @@
 """pipeline.data.steps by values: the stream key of each seed, the seeded epoch order cut in full batches, and the
-batched crop and flip (identity at crop scale 1, pinned draws of a seed, its params checked)."""
+batched crop and flip (identity at crop scale 1, pinned draws of a seed, its params checked, run on the images'
+device)."""
 import pytest
 import torch
 
@@ -64,3 +65,11 @@ def test_a_generator_off_the_cpu_is_refused():
     with pytest.raises(ValueError, match=r"^augment draws on a CPU generator \(its crop parameters are computed on the "
                                          r"CPU\)$"):
         augment(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), OnAnotherDevice(), (0.5, 1.0), False)
+
+
+def test_images_on_another_device_are_augmented_there():
+    """The crop parameters are drawn on the CPU, the warp runs where the images are (the meta device stands in for a
+    GPU: a grid left on the CPU fails there as it would on CUDA)."""
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8, device="meta")
+    out = augment(x, torch.Generator().manual_seed(0), (0.5, 1.0), True)
+    assert out.device.type == "meta" and out.shape == (2, 1, 8, 8) and out.dtype == torch.float32
