@@ -164,6 +164,26 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
         load_encoder(tmp_path / "pickle.safetensors", params["model"], 1, params["data"]["img_size"])
 
 
+def test_an_encoder_file_that_does_not_fit_is_a_one_line_error_naming_it(tmp_path):
+    """load_encoder's errors start with the file's path: an unknown layout is measured against the study's encoder
+    for the images given, a recorded encoder that cannot be built and images it was not made for are refused."""
+    from pipeline.checkpoint import save_tensors
+    from safetensors.torch import save_file
+
+    enc = build_encoder(MODEL, 8, 1, seed=3)
+    path = tmp_path / "no_positions.safetensors"            # no pos_embed: a layout whose sizes cannot be read
+    save_file({k: v for k, v in enc.vit.state_dict().items() if k != "pos_embed"}, str(path))
+    with pytest.raises(PipelineError, match=rf"^{path} does not fit the encoder architecture: missing: pos_embed$"):
+        load_encoder(path, MODEL, 1, 8)
+    path = tmp_path / "unbuildable.safetensors"
+    save_tensors(path, enc.vit.state_dict(), {"model": dict(enc.config, num_heads=3)})      # 32 wide, 3 heads
+    with pytest.raises(PipelineError, match=rf"^{path}: cannot build the encoder its metadata describes"):
+        load_encoder(path, MODEL, 1, 8)
+    save_encoder(path, enc, {})
+    with pytest.raises(PipelineError, match=rf"^{path} takes 1-channel 8px images, but the data has 3-channel 8px"):
+        load_encoder(path, MODEL, 3, 8)
+
+
 def test_drop_path_rises_over_the_blocks_draws_from_the_step_and_is_off_in_eval():
     """Stochastic depth: rates 0 -> p over the blocks (timm's rule, dBOT's and SdAE's); the same init as without it;
     in training, draws from the step's generator (step_draws), the same global-batch draw cut to a rank's rows;
