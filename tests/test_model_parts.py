@@ -266,3 +266,28 @@ def test_timm_init_has_learnable_positions_and_timms_weights():
     assert mae.vit.blocks[0].attn.qkv.weight.std().item() > 0.1                     # MAE: xavier-uniform (fan 32 + 96)
     with pytest.raises(ValueError, match="unknown encoder init"):
         build_encoder(MODEL, 8, 1, seed=0, init="jax")
+
+
+def test_cls_token_starts_normal_with_std_0_02_under_both_inits():
+    """MAE: normal(std 0.02); timm 0.3.2 (SdAE's teacher): trunc-normal(std 0.02). 512 values per init."""
+    wide = dict(MODEL, embed_dim=512, num_heads=8)
+    for init in ("mae", "timm"):
+        cls = build_encoder(wide, 8, 1, seed=0, init=init).vit.cls_token
+        assert abs(cls.std().item() - 0.02) < 0.003 and abs(cls.mean().item()) < 0.003, init
+
+
+def test_sincos_positions_are_maes_2d_embedding():
+    """MAE's util/pos_embed.py get_2d_sincos_pos_embed, written out in numpy: per axis, sin then cos of
+    position x 1 / 10000^(i / (D/4)), the first half of the width from the column (w), the second from the row (h);
+    a zero row for cls. A width not divisible by 4 is refused."""
+    import numpy as np
+
+    dim, grid = 8, 3
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    w, h = np.meshgrid(np.arange(grid), np.arange(grid))           # w varies along a row, as in MAE's grid[0]
+    half = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)
+    expected = np.concatenate([np.zeros((1, dim)), np.concatenate([half(w), half(h)], 1)])
+    assert np.allclose(sincos_2d(dim, grid).numpy(), expected, atol=1e-6)
+    assert np.allclose(sincos_2d(dim, grid, cls_token=False).numpy(), expected[1:], atol=1e-6)
+    with pytest.raises(ValueError, match=r"^sin-cos positions need a width divisible by 4, got 6$"):
+        sincos_2d(6, grid)
