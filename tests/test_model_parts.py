@@ -279,15 +279,16 @@ def test_cls_token_starts_normal_with_std_0_02_under_both_inits():
 def test_sincos_positions_are_maes_2d_embedding():
     """MAE's util/pos_embed.py get_2d_sincos_pos_embed, written out in numpy: per axis, sin then cos of
     position x 1 / 10000^(i / (D/4)), the first half of the width from the column (w), the second from the row (h);
-    a zero row for cls. A width not divisible by 4 is refused."""
+    a zero row for cls. Computed in float64 and rounded once to float32: the same bits. A width not divisible by 4
+    is refused."""
     import numpy as np
 
-    dim, grid = 8, 3
-    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
-    w, h = np.meshgrid(np.arange(grid), np.arange(grid))           # w varies along a row, as in MAE's grid[0]
-    half = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)
-    expected = np.concatenate([np.zeros((1, dim)), np.concatenate([half(w), half(h)], 1)])
-    assert np.allclose(sincos_2d(dim, grid).numpy(), expected, atol=1e-6)
-    assert np.allclose(sincos_2d(dim, grid, cls_token=False).numpy(), expected[1:], atol=1e-6)
+    for dim, grid in ((8, 3), (64, 8)):
+        omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+        w, h = np.meshgrid(np.arange(grid), np.arange(grid))       # w varies along a row, as in MAE's grid[0]
+        half = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)
+        expected = torch.from_numpy(np.concatenate([np.zeros((1, dim)), np.concatenate([half(w), half(h)], 1)])).float()
+        assert torch.equal(sincos_2d(dim, grid), expected)
+        assert torch.equal(sincos_2d(dim, grid, cls_token=False), expected[1:])
     with pytest.raises(ValueError, match=r"^sin-cos positions need a width divisible by 4, got 6$"):
         sincos_2d(6, grid)
