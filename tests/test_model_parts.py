@@ -167,8 +167,9 @@ def test_encoder_save_load_roundtrip_and_architecture_errors(tmp_path):
 def test_an_encoder_file_that_does_not_fit_is_a_one_line_error_naming_it(tmp_path):
     """load_encoder's errors start with the file's path: an unknown layout is measured against the study's encoder
     for the images given, a recorded encoder that cannot be built and images it was not made for are refused."""
-    from pipeline.checkpoint import save_tensors
     from safetensors.torch import save_file
+
+    from pipeline.checkpoint import save_tensors
 
     enc = build_encoder(MODEL, 8, 1, seed=3)
     path = tmp_path / "no_positions.safetensors"            # no pos_embed: a layout whose sizes cannot be read
@@ -286,9 +287,26 @@ def test_sincos_positions_are_maes_2d_embedding():
     for dim, grid in ((8, 3), (64, 8)):
         omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
         w, h = np.meshgrid(np.arange(grid), np.arange(grid))       # w varies along a row, as in MAE's grid[0]
-        half = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)
-        expected = torch.from_numpy(np.concatenate([np.zeros((1, dim)), np.concatenate([half(w), half(h)], 1)])).float()
+        angles = [pos.reshape(-1, 1) * omega for pos in (w, h)]
+        expected = np.concatenate([np.concatenate([np.sin(a), np.cos(a)], 1) for a in angles], 1)
+        expected = torch.from_numpy(np.concatenate([np.zeros((1, dim)), expected])).float()
         assert torch.equal(sincos_2d(dim, grid), expected)
         assert torch.equal(sincos_2d(dim, grid, cls_token=False), expected[1:])
     with pytest.raises(ValueError, match=r"^sin-cos positions need a width divisible by 4, got 6$"):
         sincos_2d(6, grid)
+
+
+def test_mae_init_zeroes_every_bias_and_draws_the_patch_projection_as_a_linear_layer():
+    """MAE's init (models_mae.py initialize_weights): xavier-uniform for every Linear and for the patch conv viewed as
+    (D, C*p*p), so its bound is sqrt(6 / (D + C*p*p)); zero biases; LayerNorms (1, 0)."""
+    import math
+
+    enc = build_encoder(MODEL, 8, 1, seed=0)
+    for name, m in enc.vit.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)):
+            assert m.bias is not None and not m.bias.any(), name
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+    w = enc.vit.patch_embed.proj.weight                              # (32, 1, 2, 2): 128 draws
+    bound = math.sqrt(6 / (32 + 1 * 2 * 2))
+    assert 0.9 * bound < w.abs().max().item() <= bound
