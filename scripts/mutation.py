@@ -10,7 +10,8 @@ equivalent ones. The survivors are explained in tests/mutation_survivors.txt, on
 a one-line reason why it is equivalent, or "killed by NODEID": a test that mutmut's run leaves out (seconds long: node
 processes, torch.compile) or cannot switch the mutant on for (code run at import). The script runs that test on the
 mutant in a fresh process and counts the mutant detected only if the test fails. Exits 1 when a checked mutant
-survived that the file does not explain, or that its named test lets live.
+survived that the file does not explain, or that its named test lets live, or when the file names a mutant that
+mutmut no longer makes (the code changed under its reason).
 """
 from __future__ import annotations
 
@@ -98,6 +99,15 @@ def score(modules: dict[str, dict[str, int | None]], equivalent: dict[str, str],
     return rows, unexplained
 
 
+def stale_entries(modules: dict[str, dict[str, int | None]], equivalent: dict[str, str]) -> list[str]:
+    """Names the survivors file lists in a module mutmut has generated, that are no longer among its mutants: the
+    code changed, so the name now points at no mutant or (numbers shift) at another; the reason must be read again."""
+    prefixes = {module: tuple(module.removesuffix(".__init__") + f".x{mark}" for mark in "_ǁ")   # x_func, xǁClass
+                for module in modules}
+    return [name for name in equivalent
+            if any(name.startswith(prefixes[module]) and name not in names for module, names in modules.items())]
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| module | mutants | checked | detected | equivalent | survived | other | score |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -123,15 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGTERM)      # mutmut and the test processes it started
             proc.wait()
             print(f"\nbudget of {args.budget_min:g} min spent: the scores below count the mutants checked so far")
-    rows, unexplained = score(results(), explained_survivors())
+    modules, equivalent = results(), explained_survivors()
+    rows, unexplained = score(modules, equivalent)
+    stale = stale_entries(modules, equivalent)
     print(table(rows))
+    for name in stale:
+        print(f"stale: {name} is listed in {SURVIVORS.relative_to(ROOT)} but mutmut no longer makes it (the code "
+              "changed): find the mutant its reason describes and list that one, or drop the line")
     for name in unexplained:
         print(f"survived: {name} (kill it with a test, or list it in {SURVIVORS.relative_to(ROOT)} with a reason)")
         if args.show:
             diff = subprocess.run([Path(sys.executable).parent / "mutmut", "show", name], cwd=ROOT,
                                   capture_output=True, text=True).stdout
             print("".join(f"    {line}\n" for line in diff.splitlines() if line[:2] in ("- ", "+ ")))
-    return 1 if unexplained else 0
+    return 1 if unexplained or stale else 0
 
 
 if __name__ == "__main__":

@@ -245,6 +245,12 @@ def test_normalize_per_channel():
     assert out.dtype == torch.float32 and out[:, 0].eq(1).all() and out[:, 1].eq(1).all() and out[:, 2].eq(0).all()
 
 
+def test_normalize_runs_where_the_images_are():
+    """mean and std are put on the images' device (the meta device stands in for a GPU)."""
+    out = datasets.normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta"), [0.5] * 3, [0.5] * 3)
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+
+
 def test_augment_shapes_determinism_and_identity():
     x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     a = steps.augment(x, torch.Generator().manual_seed(5), (0.3, 1.0), True)

@@ -291,8 +291,9 @@ def test_ten_classes_without_train_images_are_named_of_more(monkeypatch):
 
 
 def test_channel_stats_are_summed_in_float64():
-    """Mean and std per channel of x / 255 as float64 gives them (a float32 sum would be off in the 8th digit)."""
-    x = torch.randint(0, 256, (5000, 2, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    """Mean and std per channel of x / 255 as float64 gives them (a float32 sum would be off in the 8th digit), over
+    N x H x W values (images 3 x 5: height and width not interchangeable)."""
+    x = torch.randint(0, 256, (5000, 2, 3, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = datasets.tensor_channel_stats(x)
     v = x.double().div(255).transpose(0, 1).reshape(2, -1)
     assert mean == pytest.approx(v.mean(1).tolist(), rel=1e-12, abs=0)

@@ -31,3 +31,15 @@ def test_equivalents_file_needs_a_reason_per_mutant(tmp_path):
     with pytest.raises(SystemExit, match="has no reason"):
         mutation.explained_survivors(listed)
     assert all(reason for reason in mutation.explained_survivors().values())     # the repository's own file
+
+
+def test_a_listed_mutant_the_code_no_longer_makes_is_stale():
+    """A survivors-file name in a module mutmut has generated, but not among its mutants, is stale; names in modules
+    without results (not generated here) and a package's __init__ mutants (named without __init__) are judged right."""
+    modules = {"p.m": {"p.m.x_f__mutmut_1": 0, "p.m.xǁC.g__mutmut_1": 0},
+               "p.__init__": {"p.x_h__mutmut_1": None}}
+    equivalent = {"p.m.x_f__mutmut_1": "r", "p.m.x_f__mutmut_2": "r", "p.m.xǁC.g__mutmut_1": "r",
+                  "p.m.xǁC.g__mutmut_9": "r", "p.x_h__mutmut_1": "r", "p.x_h__mutmut_2": "r",
+                  "p.other.x_k__mutmut_1": "r"}
+    assert mutation.stale_entries(modules, equivalent) == ["p.m.x_f__mutmut_2", "p.m.xǁC.g__mutmut_9",
+                                                           "p.x_h__mutmut_2"]
