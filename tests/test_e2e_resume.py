@@ -65,3 +65,24 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(workdir, tmp_path_factory
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     # every epoch logged once: the rerun trained only the epochs the killed run had not finished
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == list(range(12))
+
+
+def test_a_killed_node_rerun_after_an_edit_of_its_code_starts_fresh(workdir):
+    """The resumable state is keyed by the node's code (its fingerprint's modules) as well as its params: after an
+    edit of a module the node runs (here a statement added to the copy's MAE module, which the node imports from the
+    working directory), the rerun trains from step 0 in a new MLflow run, not on from weights the old code trained."""
+    prepare(workdir)
+    args = ["--preset", "tiny", "--set", "pretrain.epochs=2", "--set", "pretrain.checkpoint_every_min=0"]
+    cmd = [sys.executable, "-m", "pipeline.stages.training.pretrain", "--method", "mae", *args]
+    state = workdir / "results/.resume/pretrain@seed0-mae/state.pt"
+    killed_at = kill_mid_epoch(state, cmd=cmd)
+    mae = workdir / "pipeline/methods/mae.py"
+    mae.write_text(mae.read_text() + "\nEDITED = True\n")
+    rerun = run_cli(*cmd)
+    assert killed_at > 0 and "not resuming" in rerun.stderr and "at step" not in rerun.stderr, rerun.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              "attributes.run_name = 'pretrain@seed0-mae'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(runs) == 2 and len(finished) == 1         # the killed run's, and the fresh one
+    assert sorted(m.step for m in client.get_metric_history(finished[0].info.run_id, "loss")) == [0, 1]

@@ -67,6 +67,22 @@ def test_the_closure_follows_lazy_imports_but_not_type_checking_ones(package):
         fingerprints.closure(["pipeline.nowhere"])
 
 
+def test_a_nodes_code_hash_follows_its_own_code_only(package):
+    """code_hash (what a training node keys its resumable state with) changes with a statement of a module the node
+    runs, and neither with another method's module nor with a docstring."""
+    before = fingerprints.code_hash("pretrain@seed0-mae")
+    assert before == fingerprints.code_hash("pretrain@seed1-mae")            # the seed is not code
+    assert before != fingerprints.code_hash("pretrain@seed0-sdae")
+    sdae, mae = package / "methods/sdae.py", package / "methods/mae.py"
+    sdae.write_text(sdae.read_text() + "\nEDITED = True\n")
+    mae.write_text(mae.read_text().replace('"""', '"""Reworded. ', 1))
+    fingerprints.forget()
+    assert fingerprints.code_hash("pretrain@seed0-mae") == before
+    mae.write_text(mae.read_text() + "\nEDITED = True\n")
+    fingerprints.forget()
+    assert fingerprints.code_hash("pretrain@seed0-mae") != before
+
+
 def test_a_method_module_is_in_its_own_nodes_code_only():
     params = config.load("tiny", check_paths=False)
     holders = {node.node_id(inst) for node, inst in dag.instances(params)

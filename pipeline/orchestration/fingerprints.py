@@ -167,6 +167,14 @@ def code(node: dag.Node, instance: dict) -> dict[str, str]:
     return {m: module_hash(m) for m in closure(node.code_roots(instance))}
 
 
+def code_hash(node_id: str) -> str:
+    """A hash of the node's code as it is on disk now (its fingerprint's "code": every module of its import closure).
+    A training node keys its resumable state with it, so a rerun after an edit of its code starts fresh instead of
+    going on from weights the old code trained."""
+    node, instance = dag.parse_node_id(node_id)
+    return hashlib.sha256(json.dumps(code(node, instance), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _value(params: dict, dotted: str):
     value = params
     for part in dotted.split("."):

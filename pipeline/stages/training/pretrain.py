@@ -9,7 +9,8 @@ checkpoints/epoch<k>.safetensors every pretrain.keep_every_epochs
 AdamW state by parameter name) and stage k > 0 starts from stage k-1's (a declared input). Every node seeds its
 init, masks and augmentation with its own seed (pipeline.config.node_seed). Resumable:
 state in results/.resume/<node>/ is saved every epoch and every pretrain.checkpoint_every_min minutes;
-rerunning a killed node continues from it (only if its params are unchanged) and ends bit-identical.
+rerunning a killed node continues from it (only if its params, data, teacher and code are unchanged: the state is keyed
+by them) and ends bit-identical.
 With launch.tasks N > 1 (executor local or slurm) the node trains in N processes (pipeline.train.distributed).
 Tiny runs: python -m pipeline.stages.training.pretrain --preset tiny --method mae
            python -m pipeline.stages.training.pretrain_dbot --preset tiny --stage random_stage0
@@ -25,7 +26,7 @@ from pipeline.checkpoint import load_plain, read_json, save_state, sha256_file, 
 from pipeline.config import method_params, node_seed, section_hash
 from pipeline.errors import PipelineError
 from pipeline.methods import NAMES, NEEDS_LABELS, NEEDS_TEACHER
-from pipeline.orchestration import params_reads
+from pipeline.orchestration import fingerprints, params_reads
 from pipeline.orchestration.cli import dbot_key, stage_main
 from pipeline.orchestration.tracking import tracked
 
@@ -111,13 +112,15 @@ def work(params: dict, args) -> None:
     s = settings(params, args)
     device = hardware.device(params["launch"]["device"])
     amp = hardware.resolve(s["precision"], device)
+    hashes = {"params_hash": section_hash(logged, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8]
+              + (sha256_file(carried)[:8] if carried else ""),
+              "code_hash": fingerprints.code_hash(node_id(args))}     # what a resumable state must be made with
     cfg = engine.TrainConfig(
         epochs=s["epochs"], batch_size=s["batch_size"], lr=s["blr"] * s["batch_size"] / 256, min_lr=s["min_lr"],
         warmup_epochs=s["warmup_epochs"], weight_decay=s["weight_decay"], clip_grad=s["clip_grad"], precision=amp.name,
         crop_scale=s["crop_scale"], hflip=s["hflip"], checkpoint_every_min=s["checkpoint_every_min"], seed=seed,
-        config_hash=section_hash(logged, sections) + dataset_hash[:8] + str(teacher_meta.get("sha256"))[:8]
-        + (sha256_file(carried)[:8] if carried else ""),
-        desc=node_id(args), compile=params["launch"]["compile"])
+        config_hash=hashes["params_hash"] + hashes["code_hash"], desc=node_id(args),
+        compile=params["launch"]["compile"])
     state = layout.resume_dir(node_id(args)) / "state.pt"
     data = engine.TrainData(prep.train_x, prep.mean, prep.std, prep.train_y)
     if not ranks.world().is_main:    # another process of a launch.tasks job: it only computes gradients
@@ -131,7 +134,7 @@ def work(params: dict, args) -> None:
                  engine.saved_extra(state, cfg.config_hash).get("run_id")) as run:
         on_epoch = _epoch_end(params, args, model, prep, s["epochs"], state.parent / "checkpoints", run)
         result = engine.train(model, data, cfg, engine.Run(state, on_epoch, {"run_id": run.run_id}, device, initial))
-        final = _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated, params, amp)
+        final = _write_outputs(out, model, result, args, cfg, hashes, teacher_meta, evaluated, params, amp)
         if hasattr(model, "picture"):         # what the model predicts for hidden patches, on val images
             shown = reconstruction_grid(model, datasets.head(prep.val_x, 8), prep.mean, prep.std,
                                         node_seed(params, "pictures"), out / "reconstruction.png",
@@ -191,14 +194,14 @@ def _promote_checkpoints(kept_dir, out_dir, epochs: list[int]) -> None:
             src.replace(out_dir / src.name)
 
 
-def _write_outputs(out, model, result, args, cfg, teacher_meta, evaluated: str, params: dict,
+def _write_outputs(out, model, result, args, cfg, hashes: dict, teacher_meta, evaluated: str, params: dict,
                    amp: Precision) -> dict:
     from pipeline.data.stream import bad_record
     from pipeline.models.encoder import save_encoder
     from pipeline.models.flops import flops_per_image
 
     meta = {"node": node_id(args).split("@")[0], "method": args.method, "stage": stage_number(args),
-            "weights": weights_id(args), "evaluated": evaluated, "params_hash": cfg.config_hash, "seed": args.seed,
+            "weights": weights_id(args), "evaluated": evaluated, **hashes, "seed": args.seed,
             "init_seed": cfg.seed,
             "teacher": teacher_meta.get("source"), "teacher_sha256": teacher_meta.get("sha256")}
     save_encoder(out / "encoder.safetensors", _evaluated(model), meta)
