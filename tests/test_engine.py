@@ -1,4 +1,6 @@
 """The training engine: schedule, weight-decay groups, resume bit-identical, non-finite loss handling."""
+import math
+
 import pytest
 import torch
 from test_dbot_options import first_step_moments
@@ -39,6 +41,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert (lrs[:10].diff() > 0).all() and (lrs[10:].diff() <= 0).all()
 
 
+def test_lr_schedule_is_maes_per_step_in_float64():
+    """MAE's adjust_learning_rate (util/lr_sched.py) per global step, in Python floats: linear warm-up while
+    step < warm, then the half-cosine over the steps after it; the schedule's float64 values within 1e-13."""
+    conf = cfg(epochs=7, warmup_epochs=2, lr=3e-3, min_lr=1e-5)
+    spe, lrs = 3, engine.lr_schedule(conf, steps_per_epoch=3)
+    warm, total = 2 * spe, 7 * spe
+    mae = [conf.lr * t / warm if t < warm else
+           conf.min_lr + (conf.lr - conf.min_lr) * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+           for t in range(total)]
+    assert lrs.dtype == torch.float64 and lrs.tolist() == pytest.approx(mae, rel=1e-13, abs=0)
+
+
+def test_adamw_has_maes_betas_and_fused_steps():
+    opt = engine.make_optimizer(nn.Linear(2, 2), cfg())
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"] is True
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     decay, no_decay = engine.param_groups(model, 0.05)
@@ -70,6 +89,96 @@ def test_history_and_images_seen(tmp_path):
                           engine.Run(tmp_path / "s.pt", on_epoch=seen.append))
     assert [h["epoch"] for h in result.history] == [0, 1, 2] == [m["epoch"] for m in seen]
     assert result.images_seen == 3 * 40 and result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_epoch_metrics_are_the_mean_step_loss_and_the_epochs_last_lr(tmp_path):
+    """An epoch's loss is the mean of its steps' losses, its lr the lr of its last step (lr_schedule), and the run's
+    wall time the sum of its epochs' seconds (a fresh run starts at 0)."""
+    model, losses = Tiny(), []
+    original = model.forward
+
+    def recorded(x, gen, step):
+        loss, out = original(x, gen, step)
+        losses.append(loss.item())
+        return loss, out
+
+    model.forward = recorded
+    conf = cfg()
+    result = engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "s.pt"))
+    lrs = engine.lr_schedule(conf, steps_per_epoch=5).tolist()
+    assert [h["loss"] for h in result.history] == pytest.approx([sum(losses[e * 5:e * 5 + 5]) / 5 for e in range(3)],
+                                                                rel=1e-6)
+    assert [h["lr"] for h in result.history] == [lrs[4], lrs[9], lrs[14]]
+    assert result.wall_s == sum(h["seconds"] for h in result.history)
+
+
+def test_each_step_trains_on_the_images_its_seed_and_step_pick(tmp_path):
+    """Step s trains on batch_indices(n, batch, cfg.seed, s): with the identity crop and no flip, the model's input is
+    exactly those images, normalised."""
+    from pipeline.data.datasets import normalize
+    from pipeline.data.steps import batch_indices
+
+    model, inputs = Tiny(), []
+    original = model.forward
+    model.forward = lambda x, gen, step: inputs.append(x) or original(x, gen, step)
+    conf = cfg(epochs=2, crop_scale=(1.0, 1.0), hflip=False, seed=7)
+    engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "s.pt"))
+    assert len(inputs) == 10
+    for step, x in enumerate(inputs):
+        expected = normalize(IMAGES[batch_indices(40, 8, 7, step)], [0.5], [0.25])
+        assert torch.allclose(x, expected, atol=1e-4), step
+
+
+@pytest.mark.parametrize(("step_s", "saved_at"), [(60.0, [2, 4, 5]), (61.0, [1, 2, 3, 4, 5])])
+def test_saves_every_checkpoint_every_min_and_at_the_epoch_end(tmp_path, monkeypatch, step_s, saved_at):
+    """By the engine's clock (here one that a step advances by step_s): a save once more than
+    checkpoint_every_min minutes have passed since the last one, and one at the epoch's end, whose seconds it
+    records (5 steps)."""
+    from types import SimpleNamespace
+
+    clock = [1000.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    saves, save = [], engine._save
+    monkeypatch.setattr(engine, "_save", lambda st, *a: saves.append(st["step"]) or save(st, *a))
+    model = Tiny()
+    original = model.forward
+
+    def one_step_of_time(x, gen, step):
+        clock[0] += step_s
+        return original(x, gen, step)
+
+    model.forward = one_step_of_time
+    result = engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, checkpoint_every_min=1.0),
+                          engine.Run(tmp_path / "s.pt"))
+    assert saves == saved_at and result.history[0]["seconds"] == 5 * step_s == result.wall_s
+    assert result.history[0]["images_per_s"] == 40 / (5 * step_s)
+
+
+class Cropped:
+    """A stream's interface as the engine reads it (pipeline.data.stream.StreamImages): its shape, and batches that its
+    workers have cropped already, here the plain images of batch_indices."""
+    shape = IMAGES.shape
+
+    def train_batches(self, indices, batch_size, seed, rows, start, total):
+        for step in range(start, total):
+            yield IMAGES[indices(len(IMAGES), batch_size, seed, step)[rows]], None
+
+
+def test_a_streamed_batch_is_not_augmented_again(tmp_path):
+    """Batches from a stream arrive cropped: the model sees them only normalised, whatever crop_scale and hflip say."""
+    from pipeline.data.datasets import normalize
+    from pipeline.data.steps import batch_indices
+
+    model, inputs = Tiny(), []
+    original = model.forward
+    model.forward = lambda x, gen, step: inputs.append(x) or original(x, gen, step)
+    conf = cfg(epochs=1, crop_scale=(0.3, 0.6), hflip=True)
+    engine.train(model, engine.TrainData(Cropped(), [0.5], [0.25]), conf, engine.Run(tmp_path / "s.pt"))
+    plain = [normalize(IMAGES[batch_indices(40, 8, 1, step)], [0.5], [0.25]) for step in range(5)]
+    assert len(inputs) == 5 and all(torch.equal(x, p) for x, p in zip(inputs, plain))
+    inputs.clear()                                               # the same images as a tensor: cropped by the engine
+    engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "t.pt"))
+    assert len(inputs) == 5 and not any(torch.allclose(x, p, atol=0.1) for x, p in zip(inputs, plain))
 
 
 class Crash(Exception):
@@ -132,7 +241,9 @@ def test_resume_from_any_step_is_bit_identical(tmp_path, capsys, precision):
     steps = record_steps(resumed)
     capsys.readouterr()
     result = engine.train(resumed, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
-    assert f"resuming {tmp_path / 'run.pt'} at step 7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"resuming {tmp_path / 'run.pt'} at step 7" in err
+    assert "120/120 [" in err and "img/s]" in err          # the progress bar went on from step 7's images, in img/s
     assert steps == list(range(7, 15))                         # 3 epochs of 5 steps: only steps 7..14 ran
     assert torch.equal(resumed.lin.weight, ref.lin.weight) and len(result.history) == 3
     assert result.images_seen == 3 * 40 and [h["epoch"] for h in result.history] == [0, 1, 2]
@@ -187,7 +298,19 @@ def test_state_with_other_params_is_not_resumed(tmp_path, capsys):
     engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1), engine.Run(tmp_path / "s.pt"))
     engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(epochs=1, config_hash="other"),
                  engine.Run(tmp_path / "s.pt"))
-    assert "not resuming" in capsys.readouterr().err
+    assert "not resuming" in (err := capsys.readouterr().err) and "(h != other); starting fresh" in err
+
+
+def test_fp16_resumes_the_saved_gradient_scale(tmp_path):
+    """A run whose loss scale had backed off (here 1024, set in the saved state) goes on at that scale, not at a
+    fresh GradScaler's 65536 (the scale only grows after 2,000 clean steps)."""
+    conf = cfg(precision="fp16")
+    crash_at_step(Tiny(), 7, IMAGES, conf, tmp_path / "run.pt")
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    saved["scaler"]["scale"] = 1024.0
+    torch.save(saved, tmp_path / "run.pt")
+    engine.train(Tiny(), engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "run.pt"))
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["scaler"]["scale"] == 1024.0
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path):
