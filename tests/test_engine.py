@@ -323,6 +323,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path):
     assert kept["step"] == good["step"] and torch.isfinite(kept["loss_sum"])
 
 
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path):
+    """A step whose loss was finite can still leave non-finite weights (here its after_step hook, at the 7th step):
+    no state is saved from then on, the epoch's non-finite loss stops the run, and the state kept on disk is the
+    last one with finite weights (saved after 6 steps), which a rerun can resume."""
+
+    class Diverges(Tiny):
+        def after_step(self, step):
+            if step == 6:
+                self.lin.weight.data.fill_(float("inf"))
+
+    with pytest.raises(PipelineError, match="non-finite loss"):
+        engine.train(Diverges(), engine.TrainData(IMAGES, [0.5], [0.25]), cfg(), engine.Run(tmp_path / "s.pt"))
+    kept = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert kept["step"] == 6 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
 DIGITS = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 
 

@@ -14,15 +14,15 @@ GradScaler, whose scale is part of the saved state.
 
 The state (model incl. teacher, optimiser, grad scaler, step, running epoch sums, history, tracking run id) is
 saved atomically at every epoch end and at least every `checkpoint_every_min` minutes, only while the
-loss is finite. A non-finite loss stops the run with an error; the last good state stays on disk.
+loss and the weights are finite. A non-finite loss stops the run with an error; the last good state stays on disk.
 
 In a multi-process job (pipeline.train.distributed) `batch_size` is the global batch: each process trains on its
 rows through DistributedDataParallel (`distributed.wrap`), which averages the gradients over the processes in
 buckets all-reduced while backward still runs; clipping and the optimiser step then see the averaged
 gradients. Each process sums its own losses; the sums are averaged once per epoch, at its end, so every
 process logs the same epoch loss and stops alike on a non-finite one. Only rank 0 shows progress, calls
-on_epoch and saves the state (the unwrapped model's state dict: the same keys as a one-process run); before a
-save in the middle of an epoch it also checks the weights, which a non-finite loss on another rank reaches.
+on_epoch and saves the state (the unwrapped model's state dict: the same keys as a one-process run); the weights it
+checks before a save are where a non-finite loss on another rank shows.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class TrainConfig:
     hflip: bool
     checkpoint_every_min: float
     seed: int
-    config_hash: str            # a saved state is only resumed if it was made with the same hash
+    config_hash: str            # a saved state is only resumed if it was made with the same hash (params, code)
     desc: str = "train"         # progress bar label
     compile: str | None = None  # torch.compile backend for the model's forward (e.g. inductor); None = eager
 
@@ -242,8 +242,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, run: Run) -> Trai
             _end_epoch(st, epoch, spe, bs, lrs[step - 1], time.monotonic() - t_epoch, state_path, model, opt, scaler,
                        on_epoch if world.is_main else None)
             t_epoch = last_save = time.monotonic()
-        elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min \
-                and (world.size == 1 or distributed.weights_finite(model)):   # other ranks' losses: in the weights
+        elif world.is_main and time.monotonic() - last_save > 60 * cfg.checkpoint_every_min:
             _save(st, state_path, model, opt, scaler)
             last_save = time.monotonic()
     batches.close()
@@ -294,8 +293,11 @@ def _end_epoch(st, epoch, spe, bs, lr, seconds, state_path, model, opt, scaler, 
 
 
 def _save(st: dict, state_path: Path, model: nn.Module, opt, scaler) -> None:
-    if not torch.isfinite(st["loss_sum"]):
-        return  # never overwrite the last good state with a diverged one
+    """Never overwrite the last good state with a diverged one: not when this process's losses since the epoch began
+    are not finite, nor when the weights are not (the last step's update can make them so from a finite loss, and in
+    a multi-process job another rank's non-finite loss reaches rank 0 only through them)."""
+    if not torch.isfinite(st["loss_sum"]) or not distributed.weights_finite(model):
+        return
     checkpoint.save_state(state_path, dict(st, loss_sum=st["loss_sum"].cpu(), model=model.state_dict(),
                                            optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                                            attention=hardware.attention_choices()))
@@ -308,14 +310,14 @@ def _resume(state_path: Path, cfg: TrainConfig, model, opt, scaler, extra: dict)
     if saved is None:
         return fresh
     if saved.get("config_hash") != cfg.config_hash:
-        print(f"note: not resuming {state_path}: it was made with other params "
+        print(f"note: not resuming {state_path}: it was made with other params or code "
               f"({saved.get('config_hash')} != {cfg.config_hash}); starting fresh", file=sys.stderr)
         return fresh
     model.load_state_dict(saved.pop("model"))
     opt.load_state_dict(saved.pop("optimizer"))
     if saved.get("scaler"):                # {} when the scaler was disabled (not fp16)
         scaler.load_state_dict(saved.pop("scaler"))
-    hardware.keep_attention_choices(saved.pop("attention", {}))   # the kernels the run measured and ran
+    hardware.keep_attention_choices(saved.pop("attention"))   # the kernels the run measured and ran
     print(f"resuming {state_path} at step {saved['step']}", file=sys.stderr)
     return saved
 
