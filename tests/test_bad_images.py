@@ -7,6 +7,7 @@ test_node_skips_and_names_them.
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,6 +104,24 @@ def test_more_than_the_limit_stop_in_one_line(folder):
     assert "\n" not in message and message.startswith(f"3 unreadable images in {d['path']}, more than "
                                                       "data.max_bad_images (2): class0/notes.jpg, ")
     assert "raise the limit" in message
+
+
+def test_the_limit_counts_distinct_files_and_its_error_names_three_and_the_first_reason(monkeypatch):
+    """count_bad, which every batch's skipped files go through: a file counts once, with its first reason (the rest of
+    its line after the tab, whatever that holds); more than max_bad distinct files is one error naming the first
+    three (sorted), ", ..." when there are more, and the first one's reason."""
+    monkeypatch.setattr(stream, "_bad", {})
+    files = SimpleNamespace(max_bad=2, root="/data")
+    stream._Files.count_bad(files, ["b c/1.jpg\tnot an image\tat all\na/0.jpg\ttruncated", ""])
+    stream._Files.count_bad(files, ["a/0.jpg\tanother reason"])                  # the same file: still 2
+    assert stream._bad == {"b c/1.jpg": "not an image\tat all", "a/0.jpg": "truncated"}
+    with pytest.raises(PipelineError) as err:
+        stream._Files.count_bad(files, ["d/3.jpg\tempty"])
+    assert str(err.value) == ("3 unreadable images in /data, more than data.max_bad_images (2): a/0.jpg, b c/1.jpg, "
+                              "d/3.jpg (truncated); remove or replace them, or raise the limit")
+    with pytest.raises(PipelineError) as err:
+        stream._Files.count_bad(files, ["e/4.jpg\tempty"])
+    assert "(2): a/0.jpg, b c/1.jpg, d/3.jpg, ... (truncated); remove" in str(err.value)
 
 
 @pytest.mark.e2e

@@ -74,6 +74,26 @@ def test_channel_stats_count_each_train_image_once(tmp_path, capsys):
     assert "\rprepare_data channel stats: " in capsys.readouterr().err         # its progress bar, named
 
 
+def test_tensor_decodes_every_image_in_its_place_in_chunks_with_a_progress_bar(tmp_path, capsys):
+    """tensor(): every image of the split, in order, as uint8, filled 256 images a chunk (524 train images: three
+    chunks); with a desc, a progress bar of images against the split's size; without one, no output."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "im" / f"c{c}").mkdir(parents=True)
+        for i in range(350):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "im" / f"c{c}" / f"{i}.png")
+    d = dict(DATA, path=str(tmp_path / "im"))
+    man = stream.scan(d, 0)
+    train = stream.split_images(man, "train", Stream.folder(d))
+    capsys.readouterr()
+    x = train.tensor()
+    assert capsys.readouterr().err == ""
+    expected = torch.stack([train.files[i][0] for i in range(len(man.paths["train"]))])     # item by item
+    assert x.dtype == torch.uint8 and len(x) == 524 and torch.equal(x, expected)
+    train.tensor(desc="decode")
+    assert "decode: 100%" in (err := capsys.readouterr().err) and "524/524 [" in err and "img/s]" in err
+
+
 def test_channel_stats_sample_is_a_fixed_seeded_choice(tmp_path, monkeypatch):
     d = dict(DATA, path=str(constant_folder(tmp_path / "im", n_per_class=8)))
     man = stream.scan(d, 0)
