@@ -2,6 +2,7 @@
 16-bit, palette, EXIF-rotated) converted as the tensor format converts, and channel_stats' fixed seeded sample of
 distinct train images, with its progress bar. Tiny PNG folders, no workers."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from pipeline import checkpoint, layout
 from pipeline.data import stream
 from pipeline.data.datasets import tensor_channel_stats
 from pipeline.errors import PipelineError
-from pipeline.settings import Stream
+from pipeline.settings import Loader, Stream
 
 
 def read(path, mode):
@@ -184,6 +185,41 @@ def test_an_item_is_in_the_datasets_channels(tmp_path):
     man = stream.scan(d, 0)
     x, y, skipped = stream.split_images(man, "train", Stream.folder(d)).files[0]
     assert x.shape == (1, 16, 16) and int(y) == 0 and skipped == ""
+    x, _, _ = stream.split_images(man, "train", Stream.folder(dict(d, channels=3))).files[0]
+    assert x.shape == (3, 16, 16) and x[0].eq(200).all() and x[2].eq(0).all()          # RGB, as saved
+
+
+def test_the_loader_gets_the_launchs_settings_and_the_workers_guard(tmp_path):
+    """The DataLoader of a streamed split: workers (never more than batches), prefetch and pinned memory from the
+    launch (settings.Loader), persistent workers, and each worker ending with this process (_die_with_parent)."""
+    d = dict(DATA, path=str(constant_folder(tmp_path / "im")))
+    images = stream.split_images(stream.scan(d, 0), "train", Stream.folder(d, Loader(workers=3, prefetch=5, pin=True)))
+    loader = images._loader([[0, 1], [2, 3]])
+    assert loader.num_workers == 2 and loader.prefetch_factor == 5 and loader.persistent_workers
+    assert loader.pin_memory is True
+    assert loader.worker_init_fn.func is stream._die_with_parent and loader.worker_init_fn.args == (os.getpid(),)
+    in_process = stream.split_images(stream.scan(d, 0), "train", Stream.folder(d))._loader([[0, 1]])
+    assert in_process.num_workers == 0 and in_process.pin_memory is False
+
+
+def test_a_manifest_keeps_its_dtypes_for_an_empty_split():
+    man = stream.Manifest.of({"train": [("a/0.png", 10, 1)], "val": []}, ["a", "b"], {})
+    for split in ("train", "val"):
+        assert man.paths[split].dtype.kind == "S" and man.sizes[split].dtype == np.int64
+        assert man.labels[split].dtype == torch.int64
+    assert man.paths["train"].tolist() == [b"a/0.png"] and man.sizes["train"].tolist() == [10]
+
+
+def test_scan_lists_with_a_progress_bar_and_needs_a_val_split(tmp_path, capsys):
+    d = dict(DATA, path=str(constant_folder(tmp_path / "im")))
+    capsys.readouterr()
+    stream.scan(d, 0)
+    err = capsys.readouterr().err
+    assert "prepare_data listing: 100%" in err and "8/8 [" in err and "file/s]" in err
+    few = constant_folder(tmp_path / "few", n_per_class=1)
+    with pytest.raises(PipelineError) as e:
+        stream.scan(dict(d, path=str(few)), 0)
+    assert str(e.value) == f"{few}: the val split is empty (too few images per class for val_fraction)"
 
 
 def bad_folder(root, names):
