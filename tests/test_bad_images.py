@@ -65,6 +65,20 @@ def test_stop_names_the_file_in_one_line_and_cmyk_decodes(folder):
     assert stream.bad_images() == []
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stop_names_a_file_whose_name_looks_like_an_error_in_full(tmp_path, workers):
+    """The one-line error is the decoder's own message, whether a worker process raised it (the DataLoader re-raises
+    it with the worker's traceback) or this one: a file named like an exception's prefix is named in full."""
+    name = "class0/PipelineError: UnreadableImage: odd.jpg"
+    d = dict(DATA, path=str(image_folder(tmp_path / "images", classes=2, per_class=6, extras=False)), val_fraction=0.2)
+    (tmp_path / "images" / name).write_bytes(b"")
+    man = stream.scan(d, 0)
+    split, i = where(man, name)
+    with pytest.raises(PipelineError) as err:
+        stream.split_images(man, split, Stream.folder(d, Loader(workers=workers)))[torch.tensor([i])].tensor()
+    assert str(err.value).startswith(f"cannot read image {tmp_path / 'images' / name}: ") and "\n" not in str(err.value)
+
+
 def test_skip_replaces_each_by_the_next_readable_image_and_names_it(folder):
     d, man = folder
     d = dict(d, bad_images="skip")

@@ -426,5 +426,7 @@ def _iterate(loader, files: _Files):
             files.count_bad(skipped)
             yield x, y
     except PipelineError as e:
-        last = str(e).rstrip().splitlines()[-1]
-        raise PipelineError(last.split("PipelineError: ", 1)[-1].split("UnreadableImage: ", 1)[-1]) from None
+        message = str(e)
+        if "\nOriginal Traceback" in message:     # a worker's, re-raised by the DataLoader with the worker's traceback:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]   # its last line, "<module>.<class>: <it>"
+        raise PipelineError(message) from None
