@@ -138,6 +138,34 @@ def test_the_limit_counts_distinct_files_and_its_error_names_three_and_the_first
     assert "(2): a/0.jpg, b c/1.jpg, d/3.jpg, ... (truncated); remove" in str(err.value)
 
 
+def test_the_record_and_its_log_name_every_file_once(monkeypatch, capsys):
+    """bad_record: the files met here and those an earlier attempt met, once each, sorted, with their count ({} when
+    none); log_bad_images: the count as MLflow metric, the names as tag (cut at MLflow's 5,000 characters), one note
+    line naming the first five."""
+    monkeypatch.setattr(stream, "_bad", {})
+    logged = {}
+    run = SimpleNamespace(log_metrics=lambda m: logged.update(metrics=m), set_tags=lambda t: logged.update(tags=t))
+    assert stream.bad_record() == {}
+    stream.log_bad_images(run, {})
+    assert logged == {} and capsys.readouterr().err == ""
+    stream._bad.update({f"c/{i}.jpg": "empty" for i in range(6)})
+    names = ["b/9.jpg"] + [f"c/{i}.jpg" for i in range(6)]
+    record = stream.bad_record(["c/0.jpg", "b/9.jpg"])
+    assert record == {"bad_images": {"count": 7, "files": names}}
+    stream.log_bad_images(run, record)
+    assert logged == {"metrics": {"bad_images": 7}, "tags": {"bad_images": ", ".join(names)}}
+    assert capsys.readouterr().err == ("note: 7 unreadable images skipped (data.bad_images: skip): "
+                                       "b/9.jpg, c/0.jpg, c/1.jpg, c/2.jpg, c/3.jpg, ...\n")
+    five = {"bad_images": {"count": 5, "files": names[:5]}}
+    stream.log_bad_images(run, five)
+    assert capsys.readouterr().err.endswith(": b/9.jpg, c/0.jpg, c/1.jpg, c/2.jpg, c/3.jpg\n")
+    stream.log_bad_images(run, {"bad_images": {"count": 6, "files": names[:6]}})
+    assert capsys.readouterr().err.endswith(": b/9.jpg, c/0.jpg, c/1.jpg, c/2.jpg, c/3.jpg, ...\n")
+    long = [f"folder/{'x' * 50}{i:03d}.jpg" for i in range(100)]
+    stream.log_bad_images(run, {"bad_images": {"count": 100, "files": long}})
+    assert logged["tags"]["bad_images"] == ", ".join(long)[:5000] and len(logged["tags"]["bad_images"]) == 5000
+
+
 @pytest.mark.e2e
 def test_node_skips_and_names_them(workdir):
     """prepare_data and a pre-training node on the folder under skip: exit 0, the files named in metrics.json, in

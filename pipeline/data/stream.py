@@ -187,7 +187,7 @@ def split_images(man: Manifest, split: str, images: Stream) -> StreamImages:
 class _Files(torch.utils.data.Dataset):
     """Item i -> (uint8 (C, S, S) with the eval transform, label); item (seed, epoch, i) -> the train transform."""
 
-    def __init__(self, root, paths, sizes, labels, mode, size, crop_scale, hflip, skip_bad=False, max_bad=None):
+    def __init__(self, root, paths, sizes, labels, mode, size, crop_scale, hflip, skip_bad, max_bad):
         self.root, self.paths, self.sizes, self.labels = root, paths, sizes, labels
         self.mode, self.size, self.crop_scale, self.hflip = mode, size, crop_scale, hflip
         self.skip_bad, self.max_bad = skip_bad, max_bad
