@@ -209,8 +209,11 @@ def test_missing_masks_are_counted(tmp_path):
     with pytest.raises(PipelineError, match=rf"^no mask {root / 'masks' / 'b.png'} for image "
                                             rf"{root / 'images' / 'b'}\.\*$"):
         seg.folder_pairs(root)
-    (root / "masks" / "d.png").unlink()
     (root / "masks" / "c.png").unlink()
+    with pytest.raises(PipelineError, match=rf"^no mask {root / 'masks' / 'b.png'} for image "
+                                            rf"{root / 'images' / 'b'}\.\* \(\+1 more\)$"):
+        seg.folder_pairs(root)
+    (root / "masks" / "d.png").unlink()
     with pytest.raises(PipelineError, match=rf"^no mask {root / 'masks' / 'b.png'} for image "
                                             rf"{root / 'images' / 'b'}\.\* \(\+2 more\)$"):
         seg.folder_pairs(root)
@@ -530,6 +533,31 @@ def test_a_batch_without_valid_pixels_adds_no_loss():
     ref = reference_probe(train_t, train_m, val_t, val_m, 3, 2, 2, 1, 0.05, 0.0, 0, 1)
     assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in ref[2]], rel=1e-5)
     assert all(math.isfinite(h["train_loss"]) for h in history)
+
+
+def test_one_valid_pixel_is_its_own_mean():
+    """The loss is the sum over valid pixels divided by their count, also when a batch (and the epoch) has one."""
+    train_t, train_m = tokens_and_masks(3)
+    train_m[:] = 255
+    train_m[1, 2, 3] = 1
+    val_t, val_m = tokens_and_masks(2, seed=1)
+    _, _, history, _ = seg.train_probe(train_t, train_m, val_t, val_m, 3, 2, 2, 1, 0.05, 0.0, seed=0, stride=1)
+    ref = reference_probe(train_t, train_m, val_t, val_m, 3, 2, 2, 1, 0.05, 0.0, 0, 1)
+    assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in ref[2]], rel=1e-5)
+
+
+@pytest.mark.parametrize(("src", "dst"), [(2, 4), (3, 50), (7, 98), (14, 224)])
+def test_the_upsampling_matrix_is_linear_interpolation_in_float64_rounded_once(src, dst):
+    """Row i: the weights of 1-D linear interpolation (align_corners=False) at x = (i + 1/2) src / dst - 1/2 (clamped
+    to the first sample), computed in float64 and rounded to float32 once: bit for bit."""
+    want = torch.zeros(dst, src, dtype=torch.float64)
+    for i in range(dst):
+        x = max((i + 0.5) * src / dst - 0.5, 0.0)
+        lo = min(int(x), src - 1)
+        hi, frac = min(lo + 1, src - 1), x - lo
+        want[i, lo] += 1 - frac
+        want[i, hi] += frac
+    assert torch.equal(seg.interpolation_matrix(src, dst), want.float())
 
 
 # ---- the figure ----------------------------------------------------------------------------------------
