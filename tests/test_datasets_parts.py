@@ -290,6 +290,27 @@ def test_ten_classes_without_train_images_are_named_of_more(monkeypatch):
     assert str(err.value) == f"src: no train images for class(es) {', '.join(names[2:12])}"
 
 
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 1, 8, 8), 4096), ((2, 3, 224, 224), 445), ((1, 1, 8192, 8193), 1)])
+def test_channel_stats_hold_at_most_512_mib_of_float64_at_a_time(monkeypatch, shape, chunk):
+    """The chunk (images per float64 copy) is 4,096 images, fewer when they pass 512 MiB at 8 bytes a value, and at
+    least one image: read from the split the statistics make, which stops them there (no large copy is made)."""
+    class Chunked(Exception):
+        pass
+
+    def split(x, size, *args, **kw):
+        raise Chunked(size)
+
+    monkeypatch.setattr(torch.Tensor, "split", split)
+    with pytest.raises(Chunked) as got:
+        datasets.tensor_channel_stats(torch.empty(shape, dtype=torch.uint8))
+    assert got.value.args == (chunk,)
+
+
+def test_channel_stats_of_no_images_make_no_chunk_from_a_missing_first_image():
+    mean, std = datasets.tensor_channel_stats(torch.zeros(0, 2, 8, 8, dtype=torch.uint8))
+    assert len(mean) == len(std) == 2
+
+
 def test_channel_stats_are_summed_in_float64():
     """Mean and std per channel of x / 255 as float64 gives them (a float32 sum would be off in the 8th digit), over
     N x H x W values (images 3 x 5: height and width not interchangeable)."""
