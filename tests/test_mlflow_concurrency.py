@@ -32,6 +32,18 @@ PRELOAD = ["pytest", "jsonschema", "yaml", "mlflow.tracking", "mlflow.store.trac
            "mlflow.store.tracking.rest_store"]    # site-packages only: a 3.11 forkserver has no tests/ on its path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def own_fork_server():
+    """multiprocessing has one fork server per process, whose preload is fixed when it starts: stop the one these
+    tests start (PRELOAD, no torch), or a later test of the same worker that forks from it (the benchmarks' child
+    pools, pipeline.bench.throughput.child_pool) gets a server without its own preload, and every child imports torch
+    anew (the scaling test after one of these tests in one process: 133 s, against 11 s with the server stopped)."""
+    yield
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver._forkserver._stop()       # the method CPython keeps for its own tests
+
+
 @pytest.fixture
 def params(workdir):
     return config.load("tiny", overrides=OVERRIDES)
