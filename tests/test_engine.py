@@ -118,9 +118,8 @@ def test_each_step_trains_on_the_images_its_seed_and_step_pick(tmp_path):
     from pipeline.data.datasets import normalize
     from pipeline.data.steps import batch_indices
 
-    model, inputs = Tiny(), []
-    original = model.forward
-    model.forward = lambda x, gen, step: inputs.append(x) or original(x, gen, step)
+    model = Tiny()
+    inputs = record_inputs(model)
     conf = cfg(epochs=2, crop_scale=(1.0, 1.0), hflip=False, seed=7)
     engine.train(model, engine.TrainData(IMAGES, [0.5], [0.25]), conf, engine.Run(tmp_path / "s.pt"))
     assert len(inputs) == 10
@@ -169,9 +168,8 @@ def test_a_streamed_batch_is_not_augmented_again(tmp_path):
     from pipeline.data.datasets import normalize
     from pipeline.data.steps import batch_indices
 
-    model, inputs = Tiny(), []
-    original = model.forward
-    model.forward = lambda x, gen, step: inputs.append(x) or original(x, gen, step)
+    model = Tiny()
+    inputs = record_inputs(model)
     conf = cfg(epochs=1, crop_scale=(0.3, 0.6), hflip=True)
     engine.train(model, engine.TrainData(Cropped(), [0.5], [0.25]), conf, engine.Run(tmp_path / "s.pt"))
     plain = [normalize(IMAGES[batch_indices(40, 8, 1, step)], [0.5], [0.25]) for step in range(5)]
@@ -210,6 +208,13 @@ def record_steps(model) -> list[int]:
 
     model.forward = recorded
     return steps
+
+
+def record_inputs(model) -> list[torch.Tensor]:
+    """The batch every forward call of `model` gets from here on (after the engine's augmentation and normalisation)."""
+    inputs, original = [], model.forward
+    model.forward = lambda x, gen, step: inputs.append(x) or original(x, gen, step)
+    return inputs
 
 
 def test_no_tensor_is_read_back_per_step(tmp_path, monkeypatch):
