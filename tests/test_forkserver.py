@@ -118,6 +118,27 @@ def test_a_broken_request_leaves_the_server_serving(server):
     assert "usage:" in proc.stdout and "starts cold" not in proc.stderr
 
 
+def test_a_node_process_gone_before_the_reply_leaves_no_child_running(server, tmp_path):
+    """A node process killed between its request and the server's reply (a SIGKILL right after it starts) never
+    learns its child's pid: the server kills that child, which would otherwise run on, unseen, holding the node's
+    lock and writing its outputs."""
+    proc, warm = server
+    (tmp_path / "late_probe.py").write_text("import time\ntime.sleep(1.5)\nopen('ran', 'w').close()\n")
+    ask = ("import json, os, socket; from pipeline.orchestration import forkserver\n"
+           "request = {'module': 'late_probe', 'argv': [], 'cwd': os.getcwd(), 'path0': os.getcwd(),\n"
+           "           'env': {k: v for k, v in os.environ.items() if k != forkserver.ENV},\n"
+           "           'identity': forkserver.identity()}\n"
+           "conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+           "conn.connect(os.environ[forkserver.ENV])\n"
+           "socket.send_fds(conn, [(json.dumps(request) + '\\n').encode()], [0, 1, 2])\n"
+           "conn.close()   # gone before the reply\n")
+    run_cli(sys.executable, "-c", ask, cwd=tmp_path, env=warm)
+    time.sleep(3.0)                                      # the probe's child would have written by now
+    assert not (tmp_path / "ran").exists(), "the child of a request whose node process was gone ran on"
+    assert not children(proc.pid)
+    assert "usage:" in node("knn", "--help", env=warm).stdout
+
+
 def start_long_node(warm: dict) -> subprocess.Popen:
     """A pre-training node that runs for minutes (SdAE: its resume state stays apart from the MAE node's), as a
     process of its own: the fork server's client."""

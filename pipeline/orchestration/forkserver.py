@@ -202,7 +202,12 @@ def _fork_child(conn: socket.socket, server: dict, listener: socket.socket, pipe
         pass
     for fd in fds:
         os.close(fd)
-    _send(conn, {"pid": pid})
+    try:
+        _send(conn, {"pid": pid})
+    except OSError:                                      # its node process died before it heard of its child:
+        _kill_group(pid, signal.SIGKILL)                 # nothing would stop the child (it holds the node's lock)
+        os.waitpid(pid, 0)
+        raise
     return pid
 
 
