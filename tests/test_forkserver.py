@@ -124,13 +124,10 @@ def test_a_node_process_gone_before_the_reply_leaves_no_child_running(server, tm
     lock and writing its outputs."""
     proc, warm = server
     (tmp_path / "late_probe.py").write_text("import time\ntime.sleep(1.5)\nopen('ran', 'w').close()\n")
-    ask = ("import json, os, socket; from pipeline.orchestration import forkserver\n"
-           "request = {'module': 'late_probe', 'argv': [], 'cwd': os.getcwd(), 'path0': os.getcwd(),\n"
-           "           'env': {k: v for k, v in os.environ.items() if k != forkserver.ENV},\n"
-           "           'identity': forkserver.identity()}\n"
+    ask = ("import os, socket; from pipeline.orchestration import forkserver\n"
            "conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
            "conn.connect(os.environ[forkserver.ENV])\n"
-           "socket.send_fds(conn, [(json.dumps(request) + '\\n').encode()], [0, 1, 2])\n"
+           "forkserver._send(conn, forkserver._request('late_probe', []), fds=[0, 1, 2])\n"
            "conn.close()   # gone before the reply\n")
     run_cli(sys.executable, "-c", ask, cwd=tmp_path, env=warm)
     time.sleep(3.0)                                      # the probe's child would have written by now

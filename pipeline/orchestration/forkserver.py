@@ -73,10 +73,8 @@ def delegate(module: str, argv: list[str]) -> int | None:
         conn.connect(path)
     except OSError:
         return None                                      # no server (any more): run cold
-    request = {"module": module, "argv": argv, "cwd": os.getcwd(), "path0": sys.path[0],
-               "env": {k: v for k, v in os.environ.items() if k != ENV}, "identity": identity()}
     with conn:
-        _send(conn, request, fds=[0, 1, 2])
+        _send(conn, _request(module, argv), fds=[0, 1, 2])
         reader = conn.makefile("r")
         reply = json.loads(reader.readline() or "{}")
         if "pid" not in reply:                           # refused: this node differs from the server
@@ -99,6 +97,12 @@ def delegate(module: str, argv: list[str]) -> int | None:
         os.kill(os.getpid(), sig)
         return 128 + sig
     return os.waitstatus_to_exitcode(status)
+
+
+def _request(module: str, argv: list[str]) -> dict:
+    """What a node process sends the server (with its stdin, stdout and stderr): run `python -m module argv` as me."""
+    return {"module": module, "argv": argv, "cwd": os.getcwd(), "path0": sys.path[0],
+            "env": {k: v for k, v in os.environ.items() if k != ENV}, "identity": identity()}
 
 
 def _kill_group(pid: int, sig: int) -> None:
